@@ -318,4 +318,18 @@ mod tests {
             "{k:02x?}"
         );
     }
+
+    #[test]
+    fn counter_never_wraps() {
+        let a = StaticSecret::random_from_rng(rand_core::OsRng);
+        let b = PublicKey::from(&StaticSecret::random_from_rng(rand_core::OsRng)).to_bytes();
+        let mut s = Session::new(1, &a, &b, &mut rand_core::OsRng).unwrap();
+        s.send_counter = u64::MAX - 1;
+        let mut buf = [0u8; ENCRYPTED_OVERHEAD + 8];
+        assert_eq!(s.seal(&mut buf, 8), Ok(ENCRYPTED_OVERHEAD + 8));
+        assert_eq!(s.send_counter(), u64::MAX);
+        assert_eq!(s.seal(&mut buf, 8), Err(SealError::CounterExhausted));
+        assert_eq!(s.seal(&mut buf, 8), Err(SealError::CounterExhausted));
+        assert_eq!(s.send_counter(), u64::MAX);
+    }
 }
