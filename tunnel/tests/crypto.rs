@@ -1,6 +1,8 @@
 //! Tunnel crypto: golden frames computed with an independent implementation (Python
 //! `cryptography`), interoperation of two sessions, and every refusal.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 mod common;
 
 use common::{hex, FixedRng};

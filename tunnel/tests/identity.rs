@@ -1,5 +1,7 @@
 //! The identity file: v1 compatibility, atomic 0600 writes, and clear errors naming the path.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
@@ -95,11 +97,14 @@ fn write_0600(path: &std::path::Path, contents: &[u8]) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Whether a format error is the expected one.
+type Expect = fn(&IdentityFormatError) -> bool;
+
 #[test]
 fn corrupt_and_truncated_files_are_refused_with_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("identity.json");
-    let cases: Vec<(Vec<u8>, fn(&IdentityFormatError) -> bool)> = vec![
+    let cases: Vec<(Vec<u8>, Expect)> = vec![
         (V1_FILE.as_bytes()[..60].to_vec(), |e| {
             matches!(e, IdentityFormatError::Json(_))
         }),

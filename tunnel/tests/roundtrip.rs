@@ -1,5 +1,7 @@
 //! Property tests: every codec round-trips, and no parser panics on arbitrary input.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use proptest::prelude::*;
 use rand_core::OsRng;
 use tunnel::crypto::Session;
