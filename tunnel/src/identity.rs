@@ -118,8 +118,8 @@ impl IdentityError {
     }
 }
 
+/// The file's JSON object. Unknown fields are ignored, as v1's decoder ignores them.
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct IdentityFile {
     private_key: String,
     public_key: String,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what building and testing pilot needs on a fresh Debian machine with a Rust
+# toolchain (rustup). Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: $1 needs root; run as root or install it yourself" >&2
+        return 1
+    fi
+}
+
+# Debian packages used by the tests (kept in one list as later tests add to it).
+APT_PACKAGES=(pkg-config)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    need_root "apt-get install ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+for c in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+        rustup component add "$c"
+    fi
+done
