@@ -13,6 +13,7 @@
 pub mod addr;
 pub mod crypto;
 pub mod identity;
+pub mod stream;
 pub mod ula;
 pub mod wire;
 

@@ -1,0 +1,433 @@
+//! The connection table: routes each received packet to its connection in O(1), answers SYNs
+//! for listening ports, keeps accept queues, enforces connection limits, and allocates
+//! ephemeral ports.
+//!
+//! A connection is identified by (local port, remote address, remote port) (v1 wire §3.2).
+//! The destination address of a packet is not checked: v1 peers may send an unexpected one
+//! (v1 wire §11.5 item 3); binding the source to the authenticated tunnel peer is the
+//! caller's job.
+//!
+//! Calling order: [`Endpoint::handle`] for each decrypted packet; then drive the connection it
+//! names (see [`super::Connection`]) and [`Endpoint::poll_transmit`] for the endpoint's own
+//! replies (RSTs); [`Endpoint::accept`] takes established connections off a listener's queue;
+//! [`Endpoint::release`] drops a connection once it is drained.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use slab::Slab;
+
+use super::{Config, Connection, Segment, State};
+use crate::addr::{port, Addr, SocketAddr};
+use crate::wire::header::{Flags, HeaderError, Packet, PacketRepr, Protocol, HEADER_LEN};
+
+/// Table-wide settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointConfig {
+    /// Settings for every connection.
+    pub stream: Config,
+    /// Most connections on one local port (v1: 1024).
+    pub max_conns_per_port: usize,
+    /// Most connections in total (v1: 4096).
+    pub max_conns: usize,
+    /// Accept-queue length of a listener when none is given (v1: 64).
+    pub default_backlog: usize,
+    /// Most endpoint replies (RSTs) queued; more are dropped.
+    pub max_pending_replies: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            stream: Config::default(),
+            max_conns_per_port: 1024,
+            max_conns: 4096,
+            default_backlog: 64,
+            max_pending_replies: 256,
+        }
+    }
+}
+
+/// A connection's key in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnHandle(pub usize);
+
+/// Why `listen` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    /// Another listener has the port.
+    #[error("port {0} already bound")]
+    AlreadyBound(u16),
+}
+
+/// Why `connect` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// Every ephemeral port is in use.
+    #[error("no free ephemeral port")]
+    NoPorts,
+    /// The connection limit is reached.
+    #[error("too many connections ({0})")]
+    TooMany(usize),
+}
+
+/// A received datagram (protocol 0x02), borrowing the packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// Sender.
+    pub src: SocketAddr,
+    /// Destination port.
+    pub dst_port: u16,
+    /// Payload.
+    pub data: &'a [u8],
+}
+
+/// What [`Endpoint::handle`] did with a packet.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// Routed to (or created) this connection: drive it.
+    Stream(ConnHandle),
+    /// A datagram for the application.
+    Datagram(Datagram<'a>),
+    /// A control packet (protocol 0x03) for the caller.
+    Control(PacketRepr, &'a [u8]),
+    /// A SYN was refused with RST (no listener, or a limit reached).
+    Refused,
+    /// Dropped: malformed, an unknown connection, or an unknown protocol.
+    Dropped(DropReason),
+}
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Header malformed or checksum wrong.
+    Malformed(HeaderError),
+    /// A stream segment for no known connection.
+    UnknownConnection,
+    /// A datagram with no payload (v1 drops those too).
+    EmptyDatagram,
+    /// A protocol byte this implementation does not know.
+    UnknownProtocol(u8),
+}
+
+type Tuple = (u16, Addr, u16);
+
+#[derive(Debug)]
+struct Listener {
+    backlog: usize,
+    /// Established, not yet accepted.
+    ready: VecDeque<ConnHandle>,
+    /// Handshake in progress.
+    embryonic: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    conn: Connection,
+    tuple: Tuple,
+    /// Passive connection not yet on its listener's ready queue.
+    embryonic: bool,
+}
+
+/// The connection table of one node.
+#[derive(Debug)]
+pub struct Endpoint {
+    local: Addr,
+    config: EndpointConfig,
+    conns: Slab<Entry>,
+    by_tuple: HashMap<Tuple, ConnHandle>,
+    listeners: HashMap<u16, Listener>,
+    port_use: HashMap<u16, usize>,
+    next_ephemeral: u16,
+    replies: VecDeque<PacketRepr>,
+}
+
+impl Endpoint {
+    /// An empty table for the node at `local`.
+    pub fn new(local: Addr, config: EndpointConfig) -> Self {
+        Endpoint {
+            local,
+            config,
+            conns: Slab::new(),
+            by_tuple: HashMap::new(),
+            listeners: HashMap::new(),
+            port_use: HashMap::new(),
+            next_ephemeral: port::EPHEMERAL_START,
+            replies: VecDeque::new(),
+        }
+    }
+
+    /// Our address.
+    pub fn local(&self) -> Addr {
+        self.local
+    }
+
+    /// Changes our address (after a re-registration); existing connections keep theirs.
+    pub fn set_local(&mut self, local: Addr) {
+        self.local = local;
+    }
+
+    /// Number of connections in the table.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// The connection behind a handle.
+    pub fn connection(&mut self, h: ConnHandle) -> Option<&mut Connection> {
+        self.conns.get_mut(h.0).map(|e| &mut e.conn)
+    }
+
+    /// Every handle in the table.
+    pub fn handles(&self) -> impl Iterator<Item = ConnHandle> + '_ {
+        self.conns.iter().map(|(k, _)| ConnHandle(k))
+    }
+
+    /// Starts listening on `port`, queueing at most `backlog` established connections
+    /// (`None`: the configured default).
+    pub fn listen(&mut self, port: u16, backlog: Option<usize>) -> Result<(), ListenError> {
+        if self.listeners.contains_key(&port) {
+            return Err(ListenError::AlreadyBound(port));
+        }
+        self.listeners.insert(
+            port,
+            Listener {
+                backlog: backlog.unwrap_or(self.config.default_backlog).max(1),
+                ready: VecDeque::new(),
+                embryonic: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops listening; queued connections that were never accepted are reset.
+    pub fn unlisten(&mut self, now: Instant, port: u16) {
+        if let Some(l) = self.listeners.remove(&port) {
+            for h in l.ready {
+                if let Some(e) = self.conns.get_mut(h.0) {
+                    e.conn.abort(now);
+                }
+            }
+        }
+    }
+
+    /// True when something listens on `port`.
+    pub fn is_listening(&self, port: u16) -> bool {
+        self.listeners.contains_key(&port)
+    }
+
+    /// Takes the next established connection of a listener.
+    pub fn accept(&mut self, port: u16) -> Option<ConnHandle> {
+        self.listeners.get_mut(&port)?.ready.pop_front()
+    }
+
+    fn allocate_port(&mut self) -> Option<u16> {
+        let span = u32::from(port::EPHEMERAL_END - port::EPHEMERAL_START) + 1;
+        for _ in 0..span {
+            let p = self.next_ephemeral;
+            // Wraps within the ephemeral range, never into reserved ports.
+            self.next_ephemeral = if p == port::EPHEMERAL_END {
+                port::EPHEMERAL_START
+            } else {
+                p + 1
+            };
+            if !self.port_use.contains_key(&p) && !self.listeners.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Opens a connection to `remote` from a fresh ephemeral port.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+    ) -> Result<ConnHandle, ConnectError> {
+        if self.conns.len() >= self.config.max_conns {
+            return Err(ConnectError::TooMany(self.config.max_conns));
+        }
+        let local_port = self.allocate_port().ok_or(ConnectError::NoPorts)?;
+        let local = SocketAddr::new(self.local, local_port);
+        let conn = Connection::connect(now, self.config.stream, local, remote);
+        Ok(self.insert(conn, (local_port, remote.addr, remote.port), false))
+    }
+
+    fn insert(&mut self, conn: Connection, tuple: Tuple, embryonic: bool) -> ConnHandle {
+        let h = ConnHandle(self.conns.insert(Entry {
+            conn,
+            tuple,
+            embryonic,
+        }));
+        self.by_tuple.insert(tuple, h);
+        *self.port_use.entry(tuple.0).or_insert(0) += 1;
+        h
+    }
+
+    /// Removes a connection (normally once [`Connection::is_drained`]). Returns it.
+    pub fn release(&mut self, h: ConnHandle) -> Option<Connection> {
+        let e = self.conns.try_remove(h.0)?;
+        if self.by_tuple.get(&e.tuple) == Some(&h) {
+            self.by_tuple.remove(&e.tuple);
+        }
+        if let Some(n) = self.port_use.get_mut(&e.tuple.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.port_use.remove(&e.tuple.0);
+            }
+        }
+        if let Some(l) = self.listeners.get_mut(&e.tuple.0) {
+            if e.embryonic {
+                l.embryonic = l.embryonic.saturating_sub(1);
+            }
+            l.ready.retain(|x| *x != h);
+        }
+        Some(e.conn)
+    }
+
+    fn refuse(&mut self, repr: &PacketRepr) {
+        if self.replies.len() >= self.config.max_pending_replies {
+            return;
+        }
+        // v1 wire §3.3: RST with seq 0, ack 0, window 0.
+        self.replies.push_back(PacketRepr {
+            flags: Flags::RST,
+            protocol: Protocol::Stream,
+            src: SocketAddr::new(self.local, repr.dst.port),
+            dst: repr.src,
+            seq: 0,
+            ack: 0,
+            window: 0,
+            payload_len: 0,
+        });
+    }
+
+    /// Writes the next endpoint reply (an RST) into `buf`; returns its length and destination.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        if buf.len() < HEADER_LEN {
+            return None;
+        }
+        let repr = self.replies.pop_front()?;
+        repr.emit(buf).ok().map(|n| (n, repr.dst))
+    }
+
+    /// Routes one decrypted packet (header and payload).
+    pub fn handle<'a>(&mut self, now: Instant, packet: &'a [u8]) -> Incoming<'a> {
+        let parsed =
+            Packet::new_checked(packet).and_then(|p| PacketRepr::parse(&p).map(|r| (p, r)));
+        let (p, repr) = match parsed {
+            Ok(x) => x,
+            Err(e) => return Incoming::Dropped(DropReason::Malformed(e)),
+        };
+        let payload = &packet[HEADER_LEN..p.total_len()];
+        match repr.protocol {
+            Protocol::Stream => self.handle_stream(now, &repr, payload),
+            Protocol::Datagram => {
+                if payload.is_empty() {
+                    return Incoming::Dropped(DropReason::EmptyDatagram);
+                }
+                Incoming::Datagram(Datagram {
+                    src: repr.src,
+                    dst_port: repr.dst.port,
+                    data: payload,
+                })
+            }
+            Protocol::Control => Incoming::Control(repr, payload),
+            Protocol::Unknown(v) => Incoming::Dropped(DropReason::UnknownProtocol(v)),
+        }
+    }
+
+    fn handle_stream<'a>(
+        &mut self,
+        now: Instant,
+        repr: &PacketRepr,
+        payload: &'a [u8],
+    ) -> Incoming<'a> {
+        let tuple = (repr.dst.port, repr.src.addr, repr.src.port);
+        let seg = Segment::new(repr, payload);
+        if let Some(&h) = self.by_tuple.get(&tuple) {
+            if let Some(e) = self.conns.get_mut(h.0) {
+                e.conn.handle_segment(now, &seg);
+                self.after_segment(now, h);
+            }
+            return Incoming::Stream(h);
+        }
+        let is_syn = repr.flags.contains(Flags::SYN) && !repr.flags.contains(Flags::ACK);
+        if !is_syn || repr.flags.contains(Flags::RST) {
+            return Incoming::Dropped(DropReason::UnknownConnection);
+        }
+        let port = repr.dst.port;
+        let Some(l) = self.listeners.get(&port) else {
+            self.refuse(repr);
+            return Incoming::Refused;
+        };
+        let on_port = self.port_use.get(&port).copied().unwrap_or(0);
+        if l.embryonic + l.ready.len() >= l.backlog
+            || on_port >= self.config.max_conns_per_port
+            || self.conns.len() >= self.config.max_conns
+        {
+            self.refuse(repr);
+            return Incoming::Refused;
+        }
+        let local = SocketAddr::new(self.local, port);
+        let conn = Connection::accept(now, self.config.stream, local, repr.src, &seg);
+        let h = self.insert(conn, tuple, true);
+        if let Some(l) = self.listeners.get_mut(&port) {
+            l.embryonic += 1;
+        }
+        Incoming::Stream(h)
+    }
+
+    /// Moves a passive connection onto its listener's queue once established.
+    fn after_segment(&mut self, now: Instant, h: ConnHandle) {
+        let Some(e) = self.conns.get_mut(h.0) else {
+            return;
+        };
+        if !e.embryonic || matches!(e.conn.state(), State::SynReceived) {
+            return;
+        }
+        e.embryonic = false;
+        let port = e.tuple.0;
+        let established = e.conn.state() != State::Closed;
+        match self.listeners.get_mut(&port) {
+            Some(l) => {
+                l.embryonic = l.embryonic.saturating_sub(1);
+                if established {
+                    l.ready.push_back(h);
+                }
+            }
+            None => e.conn.abort(now),
+        }
+    }
+
+    /// Builds a datagram whose payload (`len` bytes) the caller placed at
+    /// `buf[HEADER_LEN..]`. Without `src_port`, a fresh ephemeral port is used, as v1 does.
+    pub fn emit_datagram(
+        &mut self,
+        dst: SocketAddr,
+        src_port: Option<u16>,
+        len: usize,
+        buf: &mut [u8],
+    ) -> Result<usize, HeaderError> {
+        let src_port = match src_port {
+            Some(p) => p,
+            None => self.allocate_port().unwrap_or(port::EPHEMERAL_START),
+        };
+        let payload_len = u16::try_from(len).map_err(|_| HeaderError::PayloadTooLong(len))?;
+        PacketRepr {
+            flags: Flags::empty(),
+            protocol: Protocol::Datagram,
+            src: SocketAddr::new(self.local, src_port),
+            dst,
+            seq: 0,
+            ack: 0,
+            window: 0,
+            payload_len,
+        }
+        .emit(buf)
+    }
+}
