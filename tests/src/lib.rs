@@ -1,2 +1,6 @@
-//! Placeholder: this crate has no code yet. Its scope is described in the
-//! workspace README and in the open issues.
+//! Test support for the Pilot workspace: the deterministic network simulator and transfer
+//! drivers built on it. The scenario tests live in `tests/tests/`, the transport benchmark in
+//! `tests/benches/`.
+
+pub mod sim;
+pub mod transfer;

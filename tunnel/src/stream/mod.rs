@@ -100,6 +100,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Time spent in TIME_WAIT.
     pub time_wait: Duration,
+    /// How long a closed connection waits in FIN_WAIT_2 for the peer's FIN (a v1 peer never
+    /// sends one after answering ours).
+    pub fin_wait2: Duration,
     /// Consecutive retransmission timeouts without progress before the connection fails.
     pub max_retransmits: u8,
     /// SYN (or SYN-ACK) retransmissions before the handshake fails.
@@ -119,6 +122,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             time_wait: Duration::from_secs(10),
+            fin_wait2: Duration::from_secs(60),
             max_retransmits: 8,
             syn_retries: 6,
         }
@@ -273,6 +277,41 @@ const MAX_PERSIST: Duration = Duration::from_secs(30);
 /// Duplicate ACKs that trigger fast retransmit.
 const DUP_THRESH: u32 = 3;
 
+/// HyStart++ (RFC 9406) delay-increase detection: leave slow start when the minimum RTT of a
+/// round grows by more than an eighth (clamped to 4..16 ms) over the previous round's.
+#[derive(Debug, Clone, Copy, Default)]
+struct HyStart {
+    round_end: u64,
+    round_min: Option<Duration>,
+    last_round_min: Option<Duration>,
+    samples: u32,
+}
+
+impl HyStart {
+    /// RFC 9406 §4.3 N_RTT_SAMPLE.
+    const MIN_SAMPLES: u32 = 8;
+
+    fn new_round(&mut self, end: u64) {
+        if self.round_min.is_some() {
+            self.last_round_min = self.round_min;
+        }
+        self.round_end = end;
+        self.round_min = None;
+        self.samples = 0;
+    }
+
+    /// Takes an RTT sample; true when slow start should end.
+    fn on_sample(&mut self, r: Duration) -> bool {
+        self.round_min = Some(self.round_min.map_or(r, |m| m.min(r)));
+        self.samples += 1;
+        let (Some(cur), Some(last)) = (self.round_min, self.last_round_min) else {
+            return false;
+        };
+        let eta = (last / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
+        self.samples >= Self::MIN_SAMPLES && cur >= last + eta
+    }
+}
+
 /// One reliable stream.
 pub struct Connection {
     config: Config,
@@ -297,6 +336,7 @@ pub struct Connection {
     dup_acks: u32,
     rto_backoff: u32,
     consecutive_timeouts: u8,
+    hystart: HyStart,
     persist_probe: bool,
 
     timers: [Option<Instant>; TIMERS],
@@ -402,6 +442,7 @@ impl Connection {
             dup_acks: 0,
             rto_backoff: 1,
             consecutive_timeouts: 0,
+            hystart: HyStart::default(),
             persist_probe: false,
             timers: [None; TIMERS],
             handshake_sent: None,
@@ -630,7 +671,10 @@ impl Connection {
         }
         self.shutdown = true;
         match self.state {
-            State::SynSent => self.finish(now, None),
+            // Nothing written yet: there is nothing to deliver, so stop now. Otherwise the
+            // data and then the FIN go out once the handshake completes.
+            State::SynSent if self.send.end() == 0 => self.finish(now, None),
+            State::SynSent => {}
             State::SynReceived | State::Established => self.state = State::FinWait1,
             State::CloseWait => self.state = State::LastAck,
             _ => {}
@@ -744,7 +788,12 @@ impl Connection {
         } else {
             ConnError::Reset
         };
-        let clean = matches!(self.state, State::TimeWait);
+        // Everything we sent was acknowledged before our FIN went out: a reset after both
+        // sides finished loses nothing.
+        let clean = matches!(
+            self.state,
+            State::TimeWait | State::LastAck | State::Closing
+        ) || (self.state == State::FinWait2 && self.closed_by_app);
         self.finish(now, (!clean).then_some(error));
     }
 
@@ -866,20 +915,23 @@ impl Connection {
         self.fin_pending = false;
         match self.state {
             State::FinWait1 => {
+                self.state = State::FinWait2;
                 if self.closed_by_app {
-                    // A v1 peer never sends its own FIN after answering ours; a closed
-                    // socket does not wait for one.
-                    self.state = State::TimeWait;
-                    self.enter_time_wait(now);
-                } else {
-                    self.state = State::FinWait2;
+                    // A v1 peer never sends its own FIN after answering ours: a closed
+                    // connection waits for one only so long.
+                    self.set_timer(Timer::TimeWait, Some(now + self.config.fin_wait2));
                 }
             }
             State::Closing => {
                 self.state = State::TimeWait;
                 self.enter_time_wait(now);
             }
-            State::LastAck => self.finish(now, None),
+            // Linger in TIME_WAIT as well: if our FIN|ACK answering the peer's FIN was lost,
+            // the peer resends its FIN and must get an answer.
+            State::LastAck => {
+                self.state = State::TimeWait;
+                self.enter_time_wait(now);
+            }
             _ => {}
         }
     }
@@ -912,14 +964,22 @@ impl Connection {
                 self.send.pipe() + u64::from(self.config.mss) >= self.cc.window();
             let (newly, sample) = self.send.ack_to(off);
             if let Some(sent) = sample {
-                self.rtt.update(now.saturating_duration_since(sent));
+                let r = now.saturating_duration_since(sent);
+                self.rtt.update(r);
+                if self.cc.in_slow_start() && self.hystart.on_sample(r) {
+                    self.cc.exit_slow_start();
+                }
+            }
+            if off >= self.hystart.round_end {
+                self.hystart.new_round(self.send.nxt());
             }
             self.dup_acks = 0;
             self.rto_backoff = 1;
             if self.recovery != Recovery::Open && off >= self.recovery_point {
                 self.recovery = Recovery::Open;
             }
-            if self.recovery == Recovery::Open && newly > 0 {
+            // No growth during fast recovery; after a timeout, slow start rebuilds the window.
+            if self.recovery != Recovery::Fast && newly > 0 {
                 self.cc.on_ack(now, newly, &self.rtt, !was_cwnd_limited);
             }
             // RFC 6298 §5.3: restart the timer on new acknowledgments.
@@ -948,9 +1008,16 @@ impl Connection {
             }
         }
 
-        let mss = u64::from(self.config.mss);
-        let mut lost = self.send.detect_losses(u64::from(DUP_THRESH) * mss) > 0;
-        if self.dup_acks >= DUP_THRESH && self.recovery == Recovery::Open {
+        // RACK's reordering window: a quarter of the minimum RTT (RFC 8985 §6.2).
+        let reorder =
+            (self.rtt.min_rtt().unwrap_or(rtt::INITIAL_RTO) / 4).max(Duration::from_millis(1));
+        let mut lost = self.send.detect_losses(reorder) > 0;
+        lost |= self.send.detect_lost_retransmissions(reorder) > 0;
+        // Without SACK, three duplicate ACKs mean the first segment is lost (RFC 5681 §3.2).
+        if self.stats.sack_blocks_received == 0
+            && self.dup_acks >= DUP_THRESH
+            && self.recovery == Recovery::Open
+        {
             if let Some(i) = self.send.first_unsacked() {
                 lost |= self.send.mark_lost(i);
             }

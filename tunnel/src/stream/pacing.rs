@@ -50,7 +50,7 @@ impl Pacer {
         let burst = (MIN_BURST_SEGMENTS * mss).max(rate / 1000);
         let refill = match self.last {
             Some(last) => {
-                let ns = now.saturating_duration_since(last).as_nanos() as u128;
+                let ns = now.saturating_duration_since(last).as_nanos();
                 (ns * rate as u128 / 1_000_000_000).min(u64::MAX as u128) as u64
             }
             None => burst,

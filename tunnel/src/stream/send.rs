@@ -57,6 +57,10 @@ pub(crate) struct SendBuffer {
     highest_sacked: u64,
     /// Segments below this offset were already checked by the loss scan.
     loss_scanned: u64,
+    /// Retransmissions in the order they were sent: (offset, time).
+    retransmitted: VecDeque<(u64, Instant)>,
+    /// Latest send time of any segment known delivered (acknowledged or SACKed).
+    delivered_sent: Option<Instant>,
 }
 
 impl SendBuffer {
@@ -71,6 +75,8 @@ impl SendBuffer {
             lost_bytes: 0,
             highest_sacked: 0,
             loss_scanned: 0,
+            retransmitted: VecDeque::new(),
+            delivered_sent: None,
         }
     }
 
@@ -187,6 +193,42 @@ impl SendBuffer {
         s.state = SegState::Outstanding;
         s.sent = now;
         s.transmissions = s.transmissions.saturating_add(1);
+        let offset = s.offset;
+        self.retransmitted.push_back((offset, now));
+    }
+
+    fn note_delivered(&mut self, sent: Instant) {
+        self.delivered_sent = Some(self.delivered_sent.map_or(sent, |d| d.max(sent)));
+    }
+
+    /// Marks lost every retransmission sent more than `reorder` before the latest-sent
+    /// segment known delivered and still unacknowledged: the retransmission itself was lost
+    /// (the time-based rule of RACK, RFC 8985, applied to retransmissions, which the
+    /// SACK-distance rule cannot judge). Returns the bytes newly marked.
+    pub fn detect_lost_retransmissions(&mut self, reorder: core::time::Duration) -> u64 {
+        let Some(delivered) = self.delivered_sent else {
+            return 0;
+        };
+        let mut newly = 0;
+        while let Some(&(offset, sent)) = self.retransmitted.front() {
+            if sent + reorder >= delivered {
+                break;
+            }
+            self.retransmitted.pop_front();
+            if offset < self.una {
+                continue;
+            }
+            let i = self.segments.partition_point(|s| s.offset < offset);
+            if let Some(s) = self.segments.get_mut(i) {
+                if s.offset == offset && s.state == SegState::Outstanding && s.sent == sent {
+                    s.state = SegState::Lost;
+                    self.pipe -= u64::from(s.len);
+                    self.lost_bytes += u64::from(s.len);
+                    newly += u64::from(s.len);
+                }
+            }
+        }
+        newly
     }
 
     /// Cumulative acknowledgment up to `offset` (`una < offset <= nxt`). Returns the bytes
@@ -195,15 +237,18 @@ impl SendBuffer {
     pub fn ack_to(&mut self, offset: u64) -> (u64, Option<Instant>) {
         let mut sample = None;
         let mut newly = 0;
+        let mut delivered = None;
         while let Some(s) = self.segments.front() {
             if s.end() > offset {
                 break;
             }
+            let sent = s.sent;
             match s.state {
                 SegState::Outstanding => {
                     self.pipe -= u64::from(s.len);
                     newly += u64::from(s.len);
                     sample = (s.transmissions == 1).then_some(s.sent);
+                    delivered = Some(delivered.map_or(sent, |d: Instant| d.max(sent)));
                 }
                 SegState::Lost => {
                     self.lost_bytes -= u64::from(s.len);
@@ -213,6 +258,9 @@ impl SendBuffer {
                 SegState::Sacked => sample = None,
             }
             self.segments.pop_front();
+        }
+        if let Some(d) = delivered {
+            self.note_delivered(d);
         }
         let drained = (offset - self.una) as usize;
         self.data.drain(..drained.min(self.data.len()));
@@ -227,6 +275,7 @@ impl SendBuffer {
         }
         let start = self.segments.partition_point(|s| s.offset < left);
         let mut newly = 0;
+        let mut delivered: Option<Instant> = None;
         for s in self.segments.range_mut(start..) {
             if s.end() > right {
                 break;
@@ -235,6 +284,7 @@ impl SendBuffer {
                 SegState::Outstanding => {
                     self.pipe -= u64::from(s.len);
                     newly += u64::from(s.len);
+                    delivered = Some(delivered.map_or(s.sent, |d| d.max(s.sent)));
                 }
                 SegState::Lost => {
                     self.lost_bytes -= u64::from(s.len);
@@ -245,27 +295,29 @@ impl SendBuffer {
             s.state = SegState::Sacked;
             self.highest_sacked = self.highest_sacked.max(s.end());
         }
+        if let Some(d) = delivered {
+            self.note_delivered(d);
+        }
         newly
     }
 
-    /// Marks as lost every outstanding segment that ends at least `threshold` bytes below
-    /// the highest SACKed byte (RFC 6675 §4 IsLost with DupThresh segments, as FACK).
-    /// Returns how many bytes were newly marked.
-    pub fn detect_losses(&mut self, threshold: u64) -> u64 {
-        let Some(limit) = self.highest_sacked.checked_sub(threshold) else {
+    /// Marks lost every original transmission sent more than `reorder` before the latest-sent
+    /// segment known delivered (RACK, RFC 8985 §6.2, with a fixed reordering window): a
+    /// segment that later ones overtook by more than the window is not merely reordered.
+    /// Retransmissions are judged by [`SendBuffer::detect_lost_retransmissions`]. Returns the
+    /// bytes newly marked.
+    pub fn detect_losses(&mut self, reorder: core::time::Duration) -> u64 {
+        let Some(delivered) = self.delivered_sent else {
             return 0;
         };
         let from = self.loss_scanned.max(self.una);
-        if limit <= from {
-            return 0;
-        }
         let start = self.segments.partition_point(|s| s.offset < from);
         let mut newly = 0;
         for s in self.segments.range_mut(start..) {
-            if s.end() > limit {
+            if s.transmissions == 1 && s.sent + reorder >= delivered {
                 break;
             }
-            if s.state == SegState::Outstanding {
+            if s.transmissions == 1 && s.state == SegState::Outstanding {
                 s.state = SegState::Lost;
                 self.pipe -= u64::from(s.len);
                 self.lost_bytes += u64::from(s.len);
@@ -317,8 +369,13 @@ mod tests {
         // Segments 2..=5 SACKed: 4000 bytes leave the pipe.
         assert_eq!(b.sack(2000, 6000), 4000);
         assert_eq!(b.pipe(), 6000);
-        // Three segments' worth above segment 0 and 1 => both lost.
-        assert_eq!(b.detect_losses(3000), 2000);
+        // Segments 2..=5 were delivered; 0 and 1, sent no later, count as lost at once
+        // with a zero reordering window.
+        assert_eq!(b.detect_losses(core::time::Duration::ZERO), 0);
+        let later = now + core::time::Duration::from_millis(1);
+        b.segments[2].sent = later;
+        b.delivered_sent = Some(later);
+        assert_eq!(b.detect_losses(core::time::Duration::ZERO), 2000);
         assert_eq!((b.pipe(), b.lost_bytes()), (4000, 2000));
         assert_eq!(b.first_lost(), Some(0));
         b.on_retransmit(0, now);

@@ -119,6 +119,10 @@ impl Controller for Cubic {
         self.window = self.mss;
     }
 
+    fn exit_slow_start(&mut self) {
+        self.ssthresh = self.window;
+    }
+
     fn window(&self) -> u64 {
         self.window
     }

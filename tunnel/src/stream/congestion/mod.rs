@@ -25,6 +25,8 @@ pub trait Controller: Debug + Send {
     fn on_congestion_event(&mut self, now: Instant, bytes_in_flight: u64);
     /// The retransmission timer fired for a new loss event.
     fn on_timeout(&mut self, now: Instant, bytes_in_flight: u64);
+    /// Leaves slow start at the current window (HyStart++, RFC 9406, saw the queue grow).
+    fn exit_slow_start(&mut self);
     /// Current congestion window in bytes.
     fn window(&self) -> u64;
     /// Slow-start threshold in bytes.

@@ -58,6 +58,10 @@ impl Controller for NewReno {
         self.acked_in_ca = 0;
     }
 
+    fn exit_slow_start(&mut self) {
+        self.ssthresh = self.window;
+    }
+
     fn window(&self) -> u64 {
         self.window
     }

@@ -1,0 +1,386 @@
+//! Transport scenarios in the deterministic simulator. Each checks that the bytes arrive
+//! intact (SHA-256 of what was written equals that of what was read) and that the connection
+//! ends cleanly.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::time::Duration;
+
+use pilot_tests::sim::{LinkConfig, Sim};
+use pilot_tests::transfer::BulkTransfer;
+use tunnel::stream::{ConnError, EndpointConfig, ReadError, State};
+use tunnel::{Addr, SocketAddr};
+
+const MIB: u64 = 1 << 20;
+
+fn pair(seed: u64, link: LinkConfig, config: EndpointConfig) -> (Sim, usize, usize) {
+    let mut sim = Sim::new(seed);
+    let a = sim.add_node(Addr::new(0, 1), config);
+    let b = sim.add_node(Addr::new(0, 2), config);
+    sim.connect(a, b, link);
+    (sim, a, b)
+}
+
+/// Runs a bulk transfer to completion and a clean close; returns it and the simulator.
+fn bulk(seed: u64, link: LinkConfig, total: u64, limit: Duration) -> (BulkTransfer, Sim) {
+    let (mut sim, a, b) = pair(seed, link, EndpointConfig::default());
+    let mut t = BulkTransfer::start(&mut sim, a, b, 1001, total);
+    let ok = sim.run_until(limit, |sim| {
+        t.drive(sim);
+        t.complete() && t.closed_cleanly(sim)
+    });
+    let (tx, rx) = t.hashes();
+    let stats = sim.node(a).ep.connection(t.client_conn).map(|c| c.stats());
+    eprintln!(
+        "seed {seed}: {} of {} bytes in {:?} virtual; link {:?}; sender {:?}",
+        t.received,
+        total,
+        t.finished_at.map(|f| f - (sim.now() - sim.elapsed())),
+        sim.link_stats(a, b),
+        stats
+    );
+    if !ok {
+        for (n, h) in [(a, Some(t.client_conn)), (b, t.server_conn)] {
+            if let Some(c) = h.and_then(|h| sim.node(n).ep.connection(h)) {
+                eprintln!("node {n}: {:?} {:?} {:?}", c.state(), c.error(), c.stats());
+            }
+        }
+    }
+    assert!(
+        ok,
+        "transfer did not finish cleanly within {limit:?}: {t:?}"
+    );
+    assert_eq!(tx, rx, "data corrupted");
+    (t, sim)
+}
+
+#[test]
+fn small_transfer_clean_link() {
+    bulk(
+        1,
+        LinkConfig::new(100, Duration::from_millis(50)),
+        100_000,
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn bulk_64mib_no_loss() {
+    let (t, _) = bulk(
+        2,
+        LinkConfig::new(100, Duration::from_millis(50)),
+        64 * MIB,
+        Duration::from_secs(60),
+    );
+    assert!(t.complete());
+}
+
+#[test]
+fn bulk_64mib_1pct_loss_with_reordering_and_duplication() {
+    let link = LinkConfig::new(100, Duration::from_millis(50))
+        .loss(0.01)
+        .reorder(0.02, Duration::from_millis(5))
+        .duplicate(0.01);
+    bulk(3, link, 64 * MIB, Duration::from_secs(300));
+}
+
+#[test]
+fn bulk_64mib_5pct_loss() {
+    let link = LinkConfig::new(100, Duration::from_millis(50)).loss(0.05);
+    bulk(4, link, 64 * MIB, Duration::from_secs(900));
+}
+
+#[test]
+fn bulk_64mib_10pct_loss_with_reordering_duplication_corruption() {
+    let link = LinkConfig::new(100, Duration::from_millis(50))
+        .loss(0.10)
+        .reorder(0.05, Duration::from_millis(10))
+        .duplicate(0.02)
+        .corrupt(0.001);
+    bulk(5, link, 64 * MIB, Duration::from_secs(1800));
+}
+
+#[test]
+fn slow_reader_zero_window_8mib() {
+    let mut config = EndpointConfig::default();
+    config.stream.recv_buffer = 256 * 1024;
+    let (mut sim, a, b) = pair(6, LinkConfig::new(100, Duration::from_millis(20)), config);
+    let mut t = BulkTransfer::start(&mut sim, a, b, 1001, 8 * MIB);
+    // The reader takes 64 KiB every 50 ms at most: ~1.3 MB/s against a 100 Mbit/s link.
+    t.read_limit = Some(0);
+    let mut last_read = sim.now();
+    let mut saw_zero_window = false;
+    let ok = sim.run_until(Duration::from_secs(120), |sim| {
+        if sim.now() >= last_read + Duration::from_millis(50) {
+            t.read_limit = Some(64 * 1024);
+            last_read = sim.now();
+        } else {
+            t.read_limit = Some(0);
+        }
+        sim.wake_at(last_read + Duration::from_millis(50));
+        t.drive(sim);
+        if let Some(h) = t.server_conn {
+            if let Some(c) = sim.node(b).ep.connection(h) {
+                saw_zero_window |= c.readable() >= 256 * 1024 - 4096;
+            }
+        }
+        t.complete() && t.closed_cleanly(sim)
+    });
+    let (tx, rx) = t.hashes();
+    for (n, h) in [(a, Some(t.client_conn)), (b, t.server_conn)] {
+        if let Some(c) = h.and_then(|h| sim.node(n).ep.connection(h)) {
+            eprintln!("node {n}: {:?} {:?} {:?}", c.state(), c.error(), c.stats());
+        }
+    }
+    assert!(ok, "slow reader transfer did not finish: {t:?}");
+    assert_eq!(tx, rx);
+    assert!(saw_zero_window, "the receive buffer never filled");
+}
+
+#[test]
+fn simultaneous_close() {
+    let (mut sim, a, b) = pair(
+        7,
+        LinkConfig::new(10, Duration::from_millis(30)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(80, None).unwrap();
+    let now = sim.now();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
+        .unwrap();
+    let mut cb = None;
+    assert!(sim.run_until(Duration::from_secs(5), |sim| {
+        cb = cb.or_else(|| sim.node(b).ep.accept(80));
+        cb.is_some() && sim.node(a).ep.connection(ca).unwrap().state() == State::Established
+    }));
+    let cb = cb.unwrap();
+    sim.node(a)
+        .ep
+        .connection(ca)
+        .unwrap()
+        .write(b"from a")
+        .unwrap();
+    sim.node(b)
+        .ep
+        .connection(cb)
+        .unwrap()
+        .write(b"from b")
+        .unwrap();
+    // Both close at the same instant, with their data still in flight.
+    let now = sim.now();
+    sim.node(a).ep.connection(ca).unwrap().shutdown(now);
+    sim.node(b).ep.connection(cb).unwrap().shutdown(now);
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    let done = sim.run_until(Duration::from_secs(30), |sim| {
+        let mut buf = [0u8; 64];
+        for (node, h, got) in [(a, ca, &mut got_a), (b, cb, &mut got_b)] {
+            let c = sim.node(node).ep.connection(h).unwrap();
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        [(a, ca), (b, cb)].iter().all(|&(n, h)| {
+            let c = sim.node(n).ep.connection(h).unwrap();
+            c.state() == State::Closed && c.error().is_none()
+        })
+    });
+    assert!(done, "simultaneous close did not finish");
+    assert_eq!(got_a, b"from b");
+    assert_eq!(got_b, b"from a");
+}
+
+#[test]
+fn vanished_peer_gives_the_writer_an_error_within_the_retry_budget() {
+    let (mut sim, a, b) = pair(
+        8,
+        LinkConfig::new(100, Duration::from_millis(50)),
+        EndpointConfig::default(),
+    );
+    let mut t = BulkTransfer::start(&mut sim, a, b, 1001, 64 * MIB);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        t.drive(sim);
+        t.received > MIB
+    }));
+    sim.set_link_up(a, b, false);
+    let cut = sim.now();
+    let mut failed_at = None;
+    sim.run_until(Duration::from_secs(200), |sim| {
+        t.drive(sim);
+        let c = sim.node(a).ep.connection(t.client_conn).unwrap();
+        if c.error().is_some() {
+            failed_at = Some(sim.now());
+            return true;
+        }
+        false
+    });
+    let failed_at = failed_at.expect("the writer never saw an error");
+    let c = sim.node(a).ep.connection(t.client_conn).unwrap();
+    assert_eq!(c.error(), Some(ConnError::TimedOut));
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        c.read(&mut buf),
+        Err(ReadError::Failed(ConnError::TimedOut))
+    );
+    // 8 retries at an RTO doubled once (about 2 x 300 ms here), well under the idle timeout.
+    let took = failed_at - cut;
+    eprintln!("writer failed {took:?} after the peer vanished");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+fn one_byte_writes(nodelay: bool) -> u64 {
+    let (mut sim, a, b) = pair(
+        9,
+        LinkConfig::new(100, Duration::from_millis(20)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(7, None).unwrap();
+    let now = sim.now();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 7))
+        .unwrap();
+    sim.node(a).ep.connection(ca).unwrap().set_nodelay(nodelay);
+    let mut cb = None;
+    let mut written = 0u32;
+    let mut got = Vec::new();
+    let mut next_write = sim.now();
+    let ok = sim.run_until(Duration::from_secs(60), |sim| {
+        cb = cb.or_else(|| sim.node(b).ep.accept(7));
+        let now = sim.now();
+        let c = sim.node(a).ep.connection(ca).unwrap();
+        // One byte every 100 us of virtual time, from the moment the connection is open.
+        if c.state() != State::Established {
+            next_write = now;
+        }
+        while written < 10_000 && now >= next_write && c.state() == State::Established {
+            let byte = [(written % 251) as u8];
+            assert_eq!(c.write(&byte), Ok(1));
+            written += 1;
+            next_write += Duration::from_micros(100);
+        }
+        if written < 10_000 {
+            sim.wake_at(next_write);
+        }
+        let c = sim.node(a).ep.connection(ca).unwrap();
+        if written == 10_000 && c.state() == State::Established {
+            c.close(now);
+        }
+        if let Some(h) = cb {
+            let s = sim.node(b).ep.connection(h).unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        got.len() == 10_000
+    });
+    assert!(ok, "only {} of 10000 bytes arrived", got.len());
+    assert!(got.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+    sim.node(a).ep.connection(ca).unwrap().stats().segments_sent
+}
+
+#[test]
+fn ten_thousand_one_byte_writes_nagle_on_and_off() {
+    let with_nagle = one_byte_writes(false);
+    let without = one_byte_writes(true);
+    eprintln!("segments sent: Nagle {with_nagle}, no-delay {without}");
+    // Nagle coalesces while a segment is unacknowledged; no-delay sends almost every byte.
+    assert!(without > 5_000, "{without}");
+    assert!(with_nagle * 10 < without, "{with_nagle} vs {without}");
+}
+
+#[test]
+fn thousand_concurrent_connections_through_one_table() {
+    let (mut sim, a, b) = pair(
+        10,
+        LinkConfig::new(1000, Duration::from_millis(10)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(80, Some(1024)).unwrap();
+    let now = sim.now();
+    let clients: Vec<_> = (0..1000)
+        .map(|_| {
+            sim.node(a)
+                .ep
+                .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
+                .unwrap()
+        })
+        .collect();
+    let message = |i: usize| format!("request {i} ").repeat(50).into_bytes();
+    let mut sent = vec![false; 1000];
+    let mut servers = Vec::new();
+    let mut echoed = std::collections::HashSet::new();
+    let mut replies: Vec<Vec<u8>> = vec![Vec::new(); 1000];
+    let ok = sim.run_until(Duration::from_secs(60), |sim| {
+        let now = sim.now();
+        for (i, &h) in clients.iter().enumerate() {
+            let c = sim.node(a).ep.connection(h).unwrap();
+            while c.poll_event().is_some() {}
+            if !sent[i] && c.state() == State::Established {
+                let m = message(i);
+                assert_eq!(c.write(&m), Ok(m.len()));
+                c.shutdown(now);
+                sent[i] = true;
+            }
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                replies[i].extend_from_slice(&buf[..n]);
+            }
+        }
+        while let Some(h) = sim.node(b).ep.accept(80) {
+            servers.push(h);
+        }
+        // Servers echo everything, then close after the client's FIN.
+        for &h in &servers {
+            let c = sim.node(b).ep.connection(h).unwrap();
+            let mut buf = [0u8; 2048];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) => {
+                        if echoed.insert(h) {
+                            c.close(now);
+                        }
+                        break;
+                    }
+                    Ok(n) => {
+                        assert_eq!(c.write(&buf[..n]), Ok(n));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        replies
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.len() == message(i).len())
+            && clients.iter().all(|&h| {
+                matches!(
+                    sim.node(a).ep.connection(h).unwrap().state(),
+                    State::TimeWait | State::Closed
+                )
+            })
+    });
+    assert!(ok, "not every connection finished");
+    assert_eq!(servers.len(), 1000);
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r, &message(i), "connection {i}");
+    }
+    for &h in &clients {
+        let c = sim.node(a).ep.connection(h).unwrap();
+        assert_eq!(c.error(), None);
+    }
+}
