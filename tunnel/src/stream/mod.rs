@@ -1001,10 +1001,16 @@ impl Connection {
 
         if let Some(blocks) = sack {
             self.stats.sack_blocks_received += blocks.len() as u64;
+            let mut newly_sacked = 0;
             for b in blocks.iter() {
                 if let (Some(l), Some(r)) = (self.ack_offset(b.left), self.ack_offset(b.right)) {
-                    self.send.sack(l, r);
+                    newly_sacked += self.send.sack(l, r);
                 }
+            }
+            // Newly SACKed data shows the path delivers: the retransmission timer is for
+            // when nothing comes back at all, so it restarts (as on a cumulative ACK).
+            if newly_sacked > 0 && self.timers[Timer::Retransmit as usize].is_some() {
+                self.set_timer(Timer::Retransmit, Some(now + self.current_rto()));
             }
         }
 
