@@ -1,0 +1,433 @@
+//! The stream transport as a v1 peer sees it on the wire: exact header fields of the
+//! handshake, refusals, FIN exchange, SACK placement, and the strict checks on RST and FIN.
+//! Packets are built and parsed with the header codec; no simulator.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::time::{Duration, Instant};
+
+use tunnel::stream::{ConnHandle, Endpoint, EndpointConfig, Incoming, State, WriteError};
+use tunnel::wire::{Flags, Packet, PacketRepr, Protocol, HEADER_LEN};
+use tunnel::{Addr, SocketAddr};
+
+const A: Addr = Addr::new(0, 1);
+const B: Addr = Addr::new(0, 2);
+
+fn parse(p: &[u8]) -> (PacketRepr, Vec<u8>) {
+    let pk = Packet::new_checked(p).unwrap();
+    let r = PacketRepr::parse(&pk).unwrap();
+    (r, pk.payload().to_vec())
+}
+
+/// Everything a connection wants to send now.
+fn drain(ep: &mut Endpoint, h: ConnHandle, now: Instant) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; HEADER_LEN + 65_536];
+    let c = ep.connection(h).unwrap();
+    while let Some(n) = c.poll_transmit(now, &mut buf) {
+        out.push(buf[..n].to_vec());
+    }
+    out
+}
+
+/// A packet as a v1 peer would build it.
+fn v1_packet(
+    flags: Flags,
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = PacketRepr {
+        flags,
+        protocol: Protocol::Stream,
+        src,
+        dst,
+        seq,
+        ack,
+        window,
+        payload_len: payload.len() as u16,
+    };
+    let mut buf = vec![0u8; HEADER_LEN + payload.len()];
+    repr.emit_with_payload(&mut buf, payload).unwrap();
+    buf
+}
+
+/// Our endpoint at A dials a v1 peer at B:port and completes the handshake the v1 way.
+/// Returns the endpoint, handle, and our local socket address.
+fn dial_v1(now: Instant, port: u16, peer_window: u16) -> (Endpoint, ConnHandle, SocketAddr) {
+    let mut ep = Endpoint::new(A, EndpointConfig::default());
+    let h = ep.connect(now, SocketAddr::new(B, port)).unwrap();
+    let syn = drain(&mut ep, h, now);
+    let (r, _) = parse(&syn[0]);
+    let local = r.src;
+    let synack = v1_packet(
+        Flags::SYN | Flags::ACK,
+        SocketAddr::new(B, port),
+        local,
+        0,
+        1,
+        peer_window,
+        &[],
+    );
+    ep.handle(now, &synack);
+    assert_eq!(ep.connection(h).unwrap().state(), State::Established);
+    let ack = drain(&mut ep, h, now);
+    let (r, p) = parse(&ack[0]);
+    assert_eq!((r.flags, r.seq, r.ack, p.len()), (Flags::ACK, 1, 1, 0));
+    (ep, h, local)
+}
+
+#[test]
+fn syn_and_final_ack_have_v1_fields() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(A, EndpointConfig::default());
+    let h = ep.connect(now, SocketAddr::new(B, 1000)).unwrap();
+    let out = drain(&mut ep, h, now);
+    assert_eq!(out.len(), 1);
+    let (r, p) = parse(&out[0]);
+    assert_eq!(out[0][0], 0x11, "version 1, SYN");
+    assert_eq!(r.protocol, Protocol::Stream);
+    assert_eq!(r.src, SocketAddr::new(A, 49152));
+    assert_eq!(r.dst, SocketAddr::new(B, 1000));
+    assert_eq!((r.seq, r.ack), (0, 0));
+    // 8 MiB receive buffer = 2048 free 4,096-byte slots.
+    assert_eq!(r.window, 2048);
+    assert!(p.is_empty());
+    // Retransmitted after 1 s, identical.
+    let later = now + Duration::from_secs(1);
+    let c = ep.connection(h).unwrap();
+    assert_eq!(c.poll_timeout(), Some(later));
+    c.handle_timeout(later);
+    let again = drain(&mut ep, h, later);
+    assert_eq!(again, out);
+    dial_v1(now, 7, 512);
+}
+
+#[test]
+fn syn_to_a_closed_port_gets_v1_rst() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(B, EndpointConfig::default());
+    let syn = v1_packet(
+        Flags::SYN,
+        SocketAddr::new(A, 49152),
+        SocketAddr::new(B, 80),
+        0,
+        0,
+        512,
+        &[],
+    );
+    assert!(matches!(ep.handle(now, &syn), Incoming::Refused));
+    let mut buf = [0u8; 64];
+    let (n, dst) = ep.poll_transmit(&mut buf).unwrap();
+    let (r, _) = parse(&buf[..n]);
+    assert_eq!(dst, SocketAddr::new(A, 49152));
+    assert_eq!(buf[0], 0x18, "version 1, RST");
+    assert_eq!((r.seq, r.ack, r.window), (0, 0, 0));
+    assert_eq!(r.src, SocketAddr::new(B, 80));
+}
+
+#[test]
+fn rst_refuses_our_dial() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(A, EndpointConfig::default());
+    let h = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+    drain(&mut ep, h, now);
+    let rst = v1_packet(
+        Flags::RST,
+        SocketAddr::new(B, 80),
+        SocketAddr::new(A, 49152),
+        0,
+        0,
+        0,
+        &[],
+    );
+    ep.handle(now, &rst);
+    let c = ep.connection(h).unwrap();
+    assert_eq!(c.state(), State::Closed);
+    assert_eq!(c.error(), Some(tunnel::stream::ConnError::Refused));
+    assert!(c.is_drained());
+}
+
+#[test]
+fn accepting_a_v1_dial_and_duplicate_syn() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(B, EndpointConfig::default());
+    ep.listen(1000, None).unwrap();
+    let peer = SocketAddr::new(A, 49152);
+    let syn = v1_packet(Flags::SYN, peer, SocketAddr::new(B, 1000), 0, 0, 512, &[]);
+    let Incoming::Stream(h) = ep.handle(now, &syn) else {
+        panic!("SYN not accepted")
+    };
+    let out = drain(&mut ep, h, now);
+    let (r, _) = parse(&out[0]);
+    assert_eq!(out[0][0], 0x13, "SYN|ACK");
+    assert_eq!((r.seq, r.ack), (0, 1));
+    // The SYN again (our SYN-ACK was lost): the same SYN-ACK again.
+    ep.handle(now, &syn);
+    assert_eq!(drain(&mut ep, h, now), out);
+    // Not accepted before the handshake completes.
+    assert_eq!(ep.accept(1000), None);
+    // v1's third ACK, then data from seq 1.
+    ep.handle(
+        now,
+        &v1_packet(Flags::ACK, peer, SocketAddr::new(B, 1000), 1, 1, 512, &[]),
+    );
+    assert_eq!(ep.accept(1000), Some(h));
+    ep.handle(
+        now,
+        &v1_packet(
+            Flags::ACK,
+            peer,
+            SocketAddr::new(B, 1000),
+            1,
+            1,
+            512,
+            b"hello",
+        ),
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(ep.connection(h).unwrap().read(&mut buf), Ok(5));
+    assert_eq!(&buf[..5], b"hello");
+}
+
+#[test]
+fn accept_queue_limit_refuses_with_rst() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(B, EndpointConfig::default());
+    ep.listen(80, Some(2)).unwrap();
+    for port in 0..3u16 {
+        let syn = v1_packet(
+            Flags::SYN,
+            SocketAddr::new(A, 50000 + port),
+            SocketAddr::new(B, 80),
+            0,
+            0,
+            512,
+            &[],
+        );
+        let r = ep.handle(now, &syn);
+        if port < 2 {
+            assert!(matches!(r, Incoming::Stream(_)));
+        } else {
+            assert!(matches!(r, Incoming::Refused));
+        }
+    }
+    assert!(ep.listen(80, None).is_err(), "a port has one listener");
+}
+
+#[test]
+fn first_data_byte_is_seq_1_and_fin_is_v1() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    let c = ep.connection(h).unwrap();
+    c.write(b"abc").unwrap();
+    c.close(now);
+    let out = drain(&mut ep, h, now);
+    let (r, p) = parse(&out[0]);
+    assert_eq!(
+        (r.flags, r.seq, r.ack, p.as_slice()),
+        (Flags::ACK, 1, 1, &b"abc"[..])
+    );
+    // No FIN while data is unacknowledged (a v1 receiver would discard it).
+    assert_eq!(out.len(), 1);
+    ep.handle(now, &v1_packet(Flags::ACK, peer, local, 1, 4, 512, &[]));
+    let out = drain(&mut ep, h, now);
+    let (r, _) = parse(&out[0]);
+    assert_eq!(out[0][0], 0x14, "bare FIN");
+    assert_eq!((r.seq, r.ack, r.window), (4, 0, 0));
+    // v1 answers FIN|ACK with ack = seq + 1; we do not answer that.
+    ep.handle(
+        now,
+        &v1_packet(Flags::FIN | Flags::ACK, peer, local, 1, 5, 0, &[]),
+    );
+    assert!(
+        drain(&mut ep, h, now).is_empty(),
+        "FIN|ACK must not be answered"
+    );
+    assert_eq!(ep.connection(h).unwrap().state(), State::FinWait2);
+}
+
+#[test]
+fn peer_fin_is_answered_with_fin_ack_and_reads_as_end() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    ep.handle(now, &v1_packet(Flags::ACK, peer, local, 1, 1, 512, b"bye"));
+    ep.handle(now, &v1_packet(Flags::FIN, peer, local, 4, 0, 0, &[]));
+    let out = drain(&mut ep, h, now);
+    let fin_ack = out
+        .iter()
+        .map(|p| parse(p).0)
+        .find(|r| r.flags.contains(Flags::FIN))
+        .unwrap();
+    assert_eq!(fin_ack.flags, Flags::FIN | Flags::ACK);
+    assert_eq!((fin_ack.ack, fin_ack.window), (5, 0));
+    let c = ep.connection(h).unwrap();
+    assert_eq!(c.state(), State::CloseWait);
+    let mut buf = [0u8; 8];
+    assert_eq!(c.read(&mut buf), Ok(3));
+    assert_eq!(c.read(&mut buf), Ok(0), "end of stream");
+}
+
+#[test]
+fn rst_and_fin_outside_the_window_are_ignored() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    ep.handle(
+        now,
+        &v1_packet(Flags::ACK, peer, local, 1, 1, 512, b"0123456789"),
+    );
+    // Blind injections with guessed sequence numbers.
+    ep.handle(now, &v1_packet(Flags::RST, peer, local, 0, 0, 0, &[]));
+    ep.handle(
+        now,
+        &v1_packet(Flags::RST, peer, local, 0x4000_0000, 0, 0, &[]),
+    );
+    ep.handle(now, &v1_packet(Flags::FIN, peer, local, 5, 0, 0, &[]));
+    ep.handle(
+        now,
+        &v1_packet(Flags::FIN, peer, local, 0x8000_0000, 0, 0, &[]),
+    );
+    assert_eq!(ep.connection(h).unwrap().state(), State::Established);
+    // In window: accepted.
+    ep.handle(now, &v1_packet(Flags::RST, peer, local, 11, 0, 0, &[]));
+    let c = ep.connection(h).unwrap();
+    assert_eq!(c.state(), State::Closed);
+    assert_eq!(c.error(), Some(tunnel::stream::ConnError::Reset));
+}
+
+#[test]
+fn sack_travels_only_in_pure_acks() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    ep.connection(h).unwrap().write(b"our data").unwrap();
+    // Bytes 1..=5 missing; 6..=10 arrive.
+    ep.handle(
+        now,
+        &v1_packet(Flags::ACK, peer, local, 6, 1, 512, b"fghij"),
+    );
+    let out: Vec<_> = drain(&mut ep, h, now).iter().map(|p| parse(p)).collect();
+    let (ack, payload) = out.iter().find(|(_, p)| p.starts_with(b"SACK")).unwrap();
+    assert_eq!(ack.flags, Flags::ACK);
+    assert_eq!(ack.ack, 1);
+    assert_eq!(
+        payload.as_slice(),
+        b"SACK\x01\x00\x00\x00\x06\x00\x00\x00\x0b"
+    );
+    // The data segment carries our bytes only.
+    assert!(out.iter().any(|(_, p)| p.as_slice() == b"our data"));
+}
+
+#[test]
+fn data_that_looks_like_sack_is_cut_so_v1_cannot_swallow_it() {
+    let now = Instant::now();
+    let (mut ep, h, _) = dial_v1(now, 1000, 512);
+    let c = ep.connection(h).unwrap();
+    c.set_nodelay(true);
+    let evil = b"SACK\x01\x00\x00\x00\x01\x00\x00\x00\x02 and more";
+    c.write(evil).unwrap();
+    let out = drain(&mut ep, h, now);
+    let (r, p) = parse(&out[0]);
+    assert_eq!((r.seq, p.as_slice()), (1, &b"SACK"[..]));
+    let (r, p) = parse(&out[1]);
+    assert_eq!((r.seq, p.as_slice()), (5, &evil[4..]));
+}
+
+#[test]
+fn zero_window_stops_sending_and_a_one_byte_probe_follows() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 1);
+    let peer = SocketAddr::new(B, 1000);
+    let c = ep.connection(h).unwrap();
+    c.set_nodelay(true);
+    c.write(&[7u8; 10_000]).unwrap();
+    // A one-slot window: 4,096 bytes. Three full segments go; the 637-byte rest would be a
+    // silly window and waits.
+    let sent: usize = drain(&mut ep, h, now)
+        .iter()
+        .map(|p| parse(p).1.len())
+        .sum();
+    assert_eq!(sent, 3 * 1153);
+    // The peer acknowledges everything and advertises a zero window (its buffer is full).
+    ep.handle(now, &v1_packet(Flags::ACK, peer, local, 1, 3460, 0, &[]));
+    assert!(drain(&mut ep, h, now).is_empty());
+    let t = ep.connection(h).unwrap().poll_timeout().unwrap();
+    ep.connection(h).unwrap().handle_timeout(t);
+    let probe = drain(&mut ep, h, t);
+    assert_eq!(probe.len(), 1);
+    let (r, p) = parse(&probe[0]);
+    assert_eq!((r.seq, p.len()), (3460, 1));
+    // The window opens to two slots: the remaining bytes go.
+    ep.handle(t, &v1_packet(Flags::ACK, peer, local, 1, 3461, 2, &[]));
+    let resumed: usize = drain(&mut ep, h, t).iter().map(|p| parse(p).1.len()).sum();
+    assert_eq!(resumed, 10_000 - 3460);
+}
+
+#[test]
+fn ephemeral_ports_wrap_inside_their_range() {
+    let now = Instant::now();
+    let mut cfg = EndpointConfig::default();
+    cfg.max_conns = 100_000;
+    let mut ep = Endpoint::new(A, cfg);
+    let mut last = 0;
+    for i in 0..16_384u32 {
+        let h = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+        let port = ep.connection(h).unwrap().local().port;
+        assert!(port >= 49152, "port {port}");
+        last = port;
+        if i % 2 == 0 {
+            ep.release(h);
+        }
+    }
+    assert_eq!(last, 65535);
+    // Released ports are found again after the wrap; the rest stay taken.
+    let h = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+    assert_eq!(ep.connection(h).unwrap().local().port, 49152);
+    let h = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+    assert_eq!(ep.connection(h).unwrap().local().port, 49154);
+}
+
+#[test]
+fn writes_after_shutdown_fail() {
+    let now = Instant::now();
+    let (mut ep, h, _) = dial_v1(now, 1000, 512);
+    let c = ep.connection(h).unwrap();
+    c.shutdown(now);
+    assert_eq!(c.write(b"x"), Err(WriteError::Closed));
+}
+
+#[test]
+fn datagrams_round_trip_with_v1_fields() {
+    let now = Instant::now();
+    let mut a = Endpoint::new(A, EndpointConfig::default());
+    let mut b = Endpoint::new(B, EndpointConfig::default());
+    let mut buf = vec![0u8; HEADER_LEN + 5];
+    buf[HEADER_LEN..].copy_from_slice(b"hello");
+    let n = a
+        .emit_datagram(SocketAddr::new(B, 1001), None, 5, &mut buf)
+        .unwrap();
+    let (r, _) = parse(&buf[..n]);
+    assert_eq!(buf[0], 0x10, "no flags");
+    assert_eq!(
+        (r.protocol, r.seq, r.ack, r.window),
+        (Protocol::Datagram, 0, 0, 0)
+    );
+    assert!(r.src.port >= 49152);
+    match b.handle(now, &buf[..n]) {
+        Incoming::Datagram(d) => {
+            assert_eq!((d.src.addr, d.dst_port, d.data), (A, 1001, &b"hello"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    // An empty datagram is dropped, as v1 does.
+    let n = a
+        .emit_datagram(SocketAddr::new(B, 1001), Some(5), 0, &mut buf)
+        .unwrap();
+    assert!(matches!(b.handle(now, &buf[..n]), Incoming::Dropped(_)));
+}
