@@ -259,6 +259,21 @@ impl SendBuffer {
             }
             self.segments.pop_front();
         }
+        // An acknowledgment inside a segment (a peer that re-segments, or a hostile one):
+        // what is acknowledged leaves the segment, the rest keeps its place.
+        if let Some(s) = self.segments.front_mut() {
+            if s.offset < offset {
+                let cut = (offset - s.offset) as u32;
+                match s.state {
+                    SegState::Outstanding => self.pipe -= u64::from(cut),
+                    SegState::Lost => self.lost_bytes -= u64::from(cut),
+                    SegState::Sacked => {}
+                }
+                newly += u64::from(cut);
+                s.offset = offset;
+                s.len -= cut;
+            }
+        }
         if let Some(d) = delivered {
             self.note_delivered(d);
         }
@@ -405,5 +420,23 @@ mod tests {
         b.copy_out(10, &mut out);
         assert_eq!(out[..2], [1, 1]);
         assert_eq!(out[2..], (0..14).collect::<Vec<u8>>()[..]);
+    }
+
+    #[test]
+    fn ack_inside_a_segment_trims_it() {
+        let now = Instant::now();
+        let mut b = SendBuffer::new(1000);
+        b.write(&(0..100).collect::<Vec<u8>>());
+        b.on_new_segment(60, now);
+        b.on_new_segment(40, now);
+        assert_eq!(b.ack_to(30), (30, None));
+        assert_eq!(b.pipe(), 70);
+        assert_eq!((b.segment(0).offset, b.segment(0).len), (30, 30));
+        let mut out = [0u8; 30];
+        b.copy_out(30, &mut out);
+        assert_eq!(out[0], 30);
+        b.mark_all_lost();
+        assert_eq!(b.ack_to(70).0, 40);
+        assert_eq!((b.pipe(), b.lost_bytes()), (0, 30));
     }
 }
