@@ -372,8 +372,10 @@ fn zero_window_stops_sending_and_a_one_byte_probe_follows() {
 #[test]
 fn ephemeral_ports_wrap_inside_their_range() {
     let now = Instant::now();
-    let mut cfg = EndpointConfig::default();
-    cfg.max_conns = 100_000;
+    let cfg = EndpointConfig {
+        max_conns: 100_000,
+        ..EndpointConfig::default()
+    };
     let mut ep = Endpoint::new(A, cfg);
     let mut last = 0;
     for i in 0..16_384u32 {
