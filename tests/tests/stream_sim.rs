@@ -384,3 +384,176 @@ fn thousand_concurrent_connections_through_one_table() {
         assert_eq!(c.error(), None);
     }
 }
+
+#[test]
+fn simultaneous_open() {
+    let (mut sim, a, b) = pair(
+        11,
+        LinkConfig::new(10, Duration::from_millis(40)),
+        EndpointConfig::default(),
+    );
+    let now = sim.now();
+    // Both dial each other's first ephemeral port at the same instant: the tuples match.
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 49152))
+        .unwrap();
+    let cb = sim
+        .node(b)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 1), 49152))
+        .unwrap();
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        [(a, ca), (b, cb)]
+            .iter()
+            .all(|&(n, h)| sim.node(n).ep.connection(h).unwrap().state() == State::Established)
+    }));
+    sim.node(a)
+        .ep
+        .connection(ca)
+        .unwrap()
+        .write(b"ping")
+        .unwrap();
+    let mut got = [0u8; 8];
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        sim.node(b).ep.connection(cb).unwrap().read(&mut got) == Ok(4)
+    }));
+    assert_eq!(&got[..4], b"ping");
+}
+
+#[test]
+fn lost_syns_are_retransmitted() {
+    let (mut sim, a, b) = pair(
+        12,
+        LinkConfig::new(10, Duration::from_millis(40)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(80, None).unwrap();
+    sim.set_link_up(a, b, false);
+    let now = sim.now();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
+        .unwrap();
+    // The first SYNs (t = 0, 1, 3 s) are lost; the link comes back at 5 s.
+    sim.run_until(Duration::from_secs(5), |_| false);
+    sim.set_link_up(a, b, true);
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        sim.node(a).ep.connection(ca).unwrap().state() == State::Established
+    }));
+    // The SYN at t = 7 s got through.
+    assert!(sim.elapsed() >= Duration::from_secs(7));
+    assert!(sim.elapsed() < Duration::from_secs(8));
+}
+
+#[test]
+fn idle_connection_stays_up_with_keepalives_and_a_silent_peer_is_detected() {
+    let (mut sim, a, b) = pair(
+        13,
+        LinkConfig::new(10, Duration::from_millis(40)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(80, None).unwrap();
+    let now = sim.now();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
+        .unwrap();
+    let mut cb = None;
+    assert!(sim.run_until(Duration::from_secs(5), |sim| {
+        cb = cb.or_else(|| sim.node(b).ep.accept(80));
+        cb.is_some()
+    }));
+    let cb = cb.unwrap();
+    // Five idle minutes: keepalives flow both ways and nothing fails.
+    let before = sim.link_stats(a, b).delivered;
+    sim.run_until(Duration::from_secs(300), |_| false);
+    assert!(
+        sim.link_stats(a, b).delivered >= before + 5,
+        "no keepalives"
+    );
+    for (n, h) in [(a, ca), (b, cb)] {
+        let c = sim.node(n).ep.connection(h).unwrap();
+        assert_eq!((c.state(), c.error()), (State::Established, None));
+    }
+    // The peer goes silent: the idle timeout (120 s without receiving) fails the connection.
+    sim.set_link_up(a, b, false);
+    let cut = sim.now();
+    let mut failed = None;
+    sim.run_until(Duration::from_secs(200), |sim| {
+        let c = sim.node(a).ep.connection(ca).unwrap();
+        if c.error().is_some() && failed.is_none() {
+            failed = Some(sim.now() - cut);
+        }
+        failed.is_some()
+    });
+    let took = failed.expect("the silent peer was never detected");
+    assert_eq!(
+        sim.node(a).ep.connection(ca).unwrap().error(),
+        Some(ConnError::Idle)
+    );
+    assert!(took <= Duration::from_secs(121), "{took:?}");
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    let (mut sim, a, b) = pair(
+        14,
+        LinkConfig::new(10, Duration::from_millis(40)),
+        EndpointConfig::default(),
+    );
+    sim.node(b).ep.listen(80, None).unwrap();
+    let now = sim.now();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
+        .unwrap();
+    sim.node(a)
+        .ep
+        .connection(ca)
+        .unwrap()
+        .write(b"request")
+        .unwrap();
+    sim.node(a).ep.connection(ca).unwrap().shutdown(now);
+    let mut cb = None;
+    let mut request = Vec::new();
+    // The server reads the request to its end, then answers on the still-open direction.
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        cb = cb.or_else(|| sim.node(b).ep.accept(80));
+        let Some(h) = cb else { return false };
+        let c = sim.node(b).ep.connection(h).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+                Err(_) => return false,
+            }
+        }
+    }));
+    assert_eq!(request, b"request");
+    let now = sim.now();
+    let s = sim.node(b).ep.connection(cb.unwrap()).unwrap();
+    assert_eq!(s.state(), State::CloseWait);
+    s.write(b"response").unwrap();
+    s.close(now);
+    let mut response = Vec::new();
+    let mut eof = false;
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        let c = sim.node(a).ep.connection(ca).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            response.extend_from_slice(&buf[..n]);
+        }
+        eof
+    }));
+    assert_eq!(response, b"response");
+}

@@ -360,6 +360,11 @@ pub struct Connection {
     fin_ack_pending: bool,
     rst_pending: bool,
     keepalive_pending: bool,
+    /// A keepalive probe went out and nothing has arrived since.
+    probe_outstanding: bool,
+    /// The peer answered a keepalive probe, so silence from it means it is gone. A v1 peer
+    /// never answers probes; for it, as in v1, an idle connection is never timed out.
+    peer_answers_probes: bool,
 
     last_recv: Instant,
     last_activity: Instant,
@@ -463,6 +468,8 @@ impl Connection {
             fin_ack_pending: false,
             rst_pending: false,
             keepalive_pending: false,
+            probe_outstanding: false,
+            peer_answers_probes: false,
             last_recv: now,
             last_activity: now,
             blocked_writer: false,
@@ -730,6 +737,10 @@ impl Connection {
             return;
         }
         self.stats.segments_received += 1;
+        if self.probe_outstanding {
+            self.probe_outstanding = false;
+            self.peer_answers_probes = true;
+        }
         let f = seg.flags;
         if f.contains(Flags::RST) {
             self.handle_rst(now, seg);
@@ -764,6 +775,10 @@ impl Connection {
             _ => {}
         }
         let sack = sack::parse(seg.payload);
+        if seg.payload.is_empty() && self.rcv_offset(seg.seq) < self.recv.nxt() as i64 {
+            // A keepalive probe (seq below what we expect): answer at once.
+            self.ack_now = true;
+        }
         self.handle_ack(now, seg, sack.as_ref());
         if sack.is_none() && !seg.payload.is_empty() {
             self.handle_data(now, seg);
@@ -1103,8 +1118,8 @@ impl Connection {
         }
         let mut next = self.timers.iter().flatten().min().copied();
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if !matches!(self.state, State::TimeWait) {
-            consider(self.last_recv + self.config.idle_timeout);
+        if let Some(t) = self.idle_deadline() {
+            consider(t);
         }
         if matches!(
             self.state,
@@ -1115,12 +1130,21 @@ impl Connection {
         next
     }
 
+    /// When silence from the peer fails the connection: after the idle timeout without any
+    /// packet, if the peer is known to answer keepalive probes or owes us acknowledgments.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let watch = self.peer_answers_probes
+            || !self.send.all_acked()
+            || matches!(self.state, State::SynSent | State::SynReceived);
+        (watch && self.state != State::TimeWait).then(|| self.last_recv + self.config.idle_timeout)
+    }
+
     /// Runs whatever timers are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.state == State::Closed {
             return;
         }
-        if now >= self.last_recv + self.config.idle_timeout && self.state != State::TimeWait {
+        if self.idle_deadline().is_some_and(|t| now >= t) {
             self.fail(now, ConnError::Idle);
             return;
         }
@@ -1309,8 +1333,18 @@ impl Connection {
             self.last_activity = now;
             return Some(self.emit(buf, Flags::FIN | Flags::ACK, seq, ack, 0, 0));
         }
-        if self.ack_now || self.window_update || self.keepalive_pending {
+        if self.keepalive_pending {
+            // A probe one byte below our next sequence number: our peers answer it at once
+            // (v1 ignores it, and only refreshes its idle timer).
             self.keepalive_pending = false;
+            self.probe_outstanding = true;
+            let window = self.window_slots();
+            let seq = Self::snd_seq(self.send.nxt()).wrapping_sub(1);
+            let ack = self.rcv_seq(self.recv.nxt());
+            self.acked(now, window);
+            return Some(self.emit(buf, Flags::ACK, seq, ack, window, 0));
+        }
+        if self.ack_now || self.window_update {
             return Some(self.emit_ack(now, buf));
         }
         None
