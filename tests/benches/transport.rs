@@ -10,7 +10,8 @@
 //!    the default segment size and for 4,096-byte segments.
 //!
 //! `cargo bench -p pilot-tests --bench transport`. `PILOT_BENCH_SCALE` (default 1) scales the
-//! simulated durations; `cargo test --benches` runs a tiny version as a smoke test.
+//! simulated durations; `PILOT_BENCH_ONLY=goodput` or `raw` runs one table;
+//! `cargo test --benches` runs a tiny version as a smoke test.
 
 #![allow(clippy::unwrap_used)] // benchmark code: a panic is a failed run
 
@@ -147,6 +148,7 @@ fn main() {
         .filter(|s: &f64| *s > 0.0)
         .unwrap_or(if test_mode { 0.02 } else { 1.0 });
 
+    let only = std::env::var("PILOT_BENCH_ONLY").unwrap_or_default();
     let cases = [
         GoodputCase {
             mbit: 1000,
@@ -167,7 +169,7 @@ fn main() {
         "{:<22} {:>8} {:>10} {:>10} {:>12}",
         "link", "loss", "NewReno", "CUBIC", "sim seconds"
     );
-    for case in &cases {
+    for case in cases.iter().filter(|_| only != "raw") {
         for loss in [0.0, 0.001, 0.01] {
             let t = Instant::now();
             let reno = goodput(case, loss, Algorithm::NewReno, 11);
@@ -187,7 +189,10 @@ fn main() {
     let budget = Duration::from_secs_f64((1.0 * scale).max(0.05));
     println!("\nraw state machine, one core, no crypto, infinitely fast lossless link");
     println!("{:<10} {:>12}", "segment", "MB/s");
-    for mss in [DEFAULT_MSS, 4096] {
+    for mss in [DEFAULT_MSS, 4096]
+        .into_iter()
+        .filter(|_| only != "goodput")
+    {
         let bps = raw_speed(mss, budget);
         println!("{:<10} {:>12.0}", mss, bps / 1e6);
     }

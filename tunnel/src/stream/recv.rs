@@ -171,26 +171,50 @@ impl RecvBuffer {
         n
     }
 
-    /// Up to `max` out-of-order ranges `[start, end)` as stream offsets: the range holding the
-    /// most recent arrival first (RFC 2018 §4), then the others from the lowest up.
+    /// Up to `out.len()` out-of-order ranges `[start, end)` as stream offsets: the range
+    /// holding the most recent arrival first (RFC 2018 §4), then the others from the lowest up.
     pub fn sack_ranges(&self, out: &mut [(u64, u64)]) -> usize {
+        if out.is_empty() {
+            return 0;
+        }
         let mut n = 0;
-        let mut push = |range: (u64, u64), out: &mut [(u64, u64)]| {
-            if n < out.len() && !out[..n].contains(&range) {
-                out[n] = range;
+        if let Some(last) = self.last_ooo {
+            out[0] = self.range_around(last);
+            n = 1;
+        }
+        for r in self.merged_ranges() {
+            if n == out.len() {
+                break;
+            }
+            if !out[..n].contains(&r) {
+                out[n] = r;
                 n += 1;
             }
-        };
-        let ranges = self.merged_ranges();
-        if let Some(last) = self.last_ooo {
-            if let Some(r) = self.merged_ranges().find(|r| r.0 <= last && last < r.1) {
-                push(r, out);
-            }
-        }
-        for r in ranges {
-            push(r, out);
         }
         n
+    }
+
+    /// The merged range of stored data around the entry starting at `key`.
+    fn range_around(&self, key: u64) -> (u64, u64) {
+        let mut start = key;
+        let mut end = key;
+        // Entries never overlap, so neighbours touch exactly when they are contiguous.
+        for (&k, v) in self.ooo.range(..=key).rev() {
+            if k + v.len() as u64 != start && k != key {
+                break;
+            }
+            start = k;
+            if k == key {
+                end = k + v.len() as u64;
+            }
+        }
+        for (&k, v) in self.ooo.range(key + 1..) {
+            if k != end {
+                break;
+            }
+            end = k + v.len() as u64;
+        }
+        (start, end)
     }
 
     fn merged_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
