@@ -3,6 +3,7 @@
 //! Each format has a view over a byte buffer (`new_checked` for input from the network) and,
 //! where useful, a `Repr` with `parse`/`emit`. Parsers never panic on any input.
 
+pub mod beacon;
 pub mod frame;
 pub mod header;
 
