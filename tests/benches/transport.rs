@@ -164,14 +164,16 @@ fn main() {
             seconds: 30.0 * scale,
         },
     ];
-    println!(
-        "goodput in the simulator, % of link capacity (segment {DEFAULT_MSS} B, queue = 1 BDP, \
-         best possible 97.1 %)"
-    );
-    println!(
-        "{:<22} {:>8} {:>10} {:>10} {:>12}",
-        "link", "loss", "NewReno", "CUBIC", "sim seconds"
-    );
+    if only != "raw" {
+        println!(
+            "goodput in the simulator, % of link capacity (segment {DEFAULT_MSS} B, queue = 1 \
+             BDP, best possible 97.1 %)"
+        );
+        println!(
+            "{:<22} {:>8} {:>10} {:>10} {:>12}",
+            "link", "loss", "NewReno", "CUBIC", "sim seconds"
+        );
+    }
     for case in cases.iter().filter(|_| only != "raw") {
         for loss in [0.0, 0.001, 0.01] {
             let t = Instant::now();
@@ -190,8 +192,10 @@ fn main() {
     }
 
     let budget = Duration::from_secs_f64((1.0 * scale).max(0.05));
-    println!("\nraw state machine, one core, no crypto, infinitely fast lossless link");
-    println!("{:<10} {:>12}", "segment", "MB/s");
+    if only != "goodput" {
+        println!("\nraw state machine, one core, no crypto, infinitely fast lossless link");
+        println!("{:<10} {:>12}", "segment", "MB/s");
+    }
     for mss in [DEFAULT_MSS, 4096]
         .into_iter()
         .filter(|_| only != "goodput")
