@@ -557,3 +557,70 @@ fn half_close_keeps_the_other_direction_open() {
     }));
     assert_eq!(response, b"response");
 }
+
+/// Runs one lossy transfer with the given buffers; both ends must close cleanly.
+fn lossy_close(
+    seed: u64,
+    mbit: u64,
+    rtt_ms: u64,
+    loss: f64,
+    reorder: f64,
+    dup: f64,
+    size: u64,
+    recv_buffer: usize,
+    reno: bool,
+) {
+    let mut cfg = EndpointConfig::default();
+    cfg.stream.recv_buffer = recv_buffer;
+    cfg.stream.pacing = false;
+    if reno {
+        cfg.stream.congestion = tunnel::stream::congestion::Algorithm::NewReno;
+    }
+    let link = LinkConfig::new(mbit, Duration::from_millis(rtt_ms))
+        .loss(loss)
+        .reorder(reorder, Duration::from_millis(rtt_ms / 2 + 1))
+        .duplicate(dup);
+    let (mut sim, a, b) = pair(seed, link, cfg);
+    let mut t = BulkTransfer::start(&mut sim, a, b, 1001, size);
+    let ok = sim.run_until(Duration::from_secs(4 * 3600), |sim| {
+        t.drive(sim);
+        t.complete() && t.closed_cleanly(sim)
+    });
+    assert!(ok, "{t:?}");
+    let (tx, rx) = t.hashes();
+    assert_eq!(tx, rx);
+}
+
+/// Found by the property test: a late duplicate ACK after our FIN cancelled the FIN's
+/// retransmission timer, so a lost FIN was never resent.
+#[test]
+fn lost_fin_is_resent_after_a_late_ack() {
+    lossy_close(
+        12044418354191290856,
+        10,
+        272,
+        0.187,
+        0.052,
+        0.0997,
+        498_097,
+        316_545,
+        false,
+    );
+}
+
+/// Found by the property test: the peer's FIN|ACK was lost after we had already closed, and
+/// its resent FIN reached a connection that no longer answered.
+#[test]
+fn resent_fin_after_close_is_answered() {
+    lossy_close(
+        12044418342973346060,
+        10,
+        272,
+        0.187,
+        0.052,
+        0.0997,
+        529_228,
+        316_545,
+        false,
+    );
+}

@@ -433,3 +433,36 @@ fn datagrams_round_trip_with_v1_fields() {
         .unwrap();
     assert!(matches!(b.handle(now, &buf[..n]), Incoming::Dropped(_)));
 }
+
+#[test]
+fn fin_for_a_forgotten_connection_gets_fin_ack_not_rst() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(B, EndpointConfig::default());
+    let fin = v1_packet(
+        Flags::FIN,
+        SocketAddr::new(A, 49152),
+        SocketAddr::new(B, 80),
+        77,
+        0,
+        0,
+        &[],
+    );
+    assert!(matches!(ep.handle(now, &fin), Incoming::Dropped(_)));
+    let mut buf = [0u8; 64];
+    let (n, dst) = ep.poll_transmit(&mut buf).unwrap();
+    let (r, _) = parse(&buf[..n]);
+    assert_eq!(dst, SocketAddr::new(A, 49152));
+    assert_eq!((r.flags, r.ack, r.window), (Flags::FIN | Flags::ACK, 78, 0));
+    // FIN|ACK itself is never answered.
+    let fin_ack = v1_packet(
+        Flags::FIN | Flags::ACK,
+        SocketAddr::new(A, 49152),
+        SocketAddr::new(B, 80),
+        1,
+        1,
+        0,
+        &[],
+    );
+    ep.handle(now, &fin_ack);
+    assert!(ep.poll_transmit(&mut buf).is_none());
+}

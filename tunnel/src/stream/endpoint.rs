@@ -290,17 +290,22 @@ impl Endpoint {
     }
 
     fn refuse(&mut self, repr: &PacketRepr) {
+        // v1 wire §3.3: RST with seq 0, ack 0, window 0.
+        self.reply(repr, Flags::RST, 0);
+    }
+
+    /// Queues a header-only answer to `repr` (bounded; beyond the bound replies are dropped).
+    fn reply(&mut self, repr: &PacketRepr, flags: Flags, ack: u32) {
         if self.replies.len() >= self.config.max_pending_replies {
             return;
         }
-        // v1 wire §3.3: RST with seq 0, ack 0, window 0.
         self.replies.push_back(PacketRepr {
-            flags: Flags::RST,
+            flags,
             protocol: Protocol::Stream,
             src: SocketAddr::new(self.local, repr.dst.port),
             dst: repr.src,
             seq: 0,
-            ack: 0,
+            ack,
             window: 0,
             payload_len: 0,
         });
@@ -355,6 +360,12 @@ impl Endpoint {
                 self.after_segment(now, h);
             }
             return Incoming::Stream(h);
+        }
+        if repr.flags == Flags::FIN {
+            // A FIN for a connection we no longer hold: the peer missed our FIN|ACK. Answering
+            // (FIN|ACK is never answered back) lets it finish instead of timing out.
+            self.reply(repr, Flags::FIN | Flags::ACK, repr.seq.wrapping_add(1));
+            return Incoming::Dropped(DropReason::UnknownConnection);
         }
         let is_syn = repr.flags.contains(Flags::SYN) && !repr.flags.contains(Flags::ACK);
         if !is_syn || repr.flags.contains(Flags::RST) {

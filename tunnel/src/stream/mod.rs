@@ -521,7 +521,7 @@ impl Connection {
 
     /// True when the connection is closed and has nothing left to send: it can be dropped.
     pub fn is_drained(&self) -> bool {
-        self.state == State::Closed && !self.rst_pending
+        self.state == State::Closed && !self.rst_pending && !self.fin_ack_pending
     }
 
     /// Statistics, with the live congestion figures.
@@ -734,6 +734,11 @@ impl Connection {
     /// Processes one segment of this connection.
     pub fn handle_segment(&mut self, now: Instant, seg: &Segment<'_>) {
         if self.state == State::Closed {
+            // A closed connection still answers a resent FIN it already accepted, so a peer
+            // whose FIN|ACK was lost can finish.
+            if seg.flags == Flags::FIN && self.peer_fin.is_some() && seg.seq == self.peer_fin_seq {
+                self.fin_ack_pending = true;
+            }
             return;
         }
         self.stats.segments_received += 1;
@@ -895,6 +900,13 @@ impl Connection {
             }
             return;
         }
+        if self.state == State::TimeWait {
+            // RFC 9293 §3.10.7.4: a FIN in TIME_WAIT is answered and restarts the timer.
+            self.peer_fin_seq = seg.seq;
+            self.fin_ack_pending = true;
+            self.set_timer(Timer::TimeWait, Some(now + self.config.time_wait));
+            return;
+        }
         if matches!(self.state, State::SynSent | State::SynReceived) {
             return;
         }
@@ -1050,7 +1062,8 @@ impl Connection {
             self.cc
                 .on_congestion_event(now, self.send.pipe() + self.send.lost_bytes());
         }
-        if self.send.all_acked() && self.state != State::Closed {
+        // Everything acknowledged: nothing to time out, unless our FIN is still unanswered.
+        if self.send.all_acked() && !(self.fin_sent && self.fin_pending) {
             self.set_timer(Timer::Retransmit, None);
         }
     }
@@ -1301,7 +1314,15 @@ impl Connection {
             return Some(self.emit(buf, Flags::RST, seq, ack, 0, 0));
         }
         match self.state {
-            State::Closed => return None,
+            State::Closed => {
+                if !self.fin_ack_pending {
+                    return None;
+                }
+                self.fin_ack_pending = false;
+                let seq = Self::snd_seq(self.send.nxt());
+                let ack = self.peer_fin_seq.wrapping_add(1);
+                return Some(self.emit(buf, Flags::FIN | Flags::ACK, seq, ack, 0, 0));
+            }
             State::SynSent | State::SynReceived => return self.poll_handshake(now, buf),
             _ => {}
         }
