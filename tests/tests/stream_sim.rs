@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pilot_tests::sim::{LinkConfig, Sim};
 use pilot_tests::transfer::BulkTransfer;
-use tunnel::stream::{ConnError, EndpointConfig, ReadError, State};
+use tunnel::stream::{ConnError, ConnHandle, EndpointConfig, ReadError, State};
 use tunnel::{Addr, SocketAddr};
 
 const MIB: u64 = 1 << 20;
@@ -19,6 +19,25 @@ fn pair(seed: u64, link: LinkConfig, config: EndpointConfig) -> (Sim, usize, usi
     let b = sim.add_node(Addr::new(0, 2), config);
     sim.connect(a, b, link);
     (sim, a, b)
+}
+
+/// Listens on `port` at `b`, dials it from `a`, and runs until the server accepted and the
+/// client is established. Returns (client, server).
+fn open(sim: &mut Sim, a: usize, b: usize, port: u16) -> (ConnHandle, ConnHandle) {
+    sim.node(b).ep.listen(port, None).unwrap();
+    let now = sim.now();
+    let server_addr = sim.node(b).ep.local();
+    let ca = sim
+        .node(a)
+        .ep
+        .connect(now, SocketAddr::new(server_addr, port))
+        .unwrap();
+    let mut cb = None;
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        cb = cb.or_else(|| sim.node(b).ep.accept(port));
+        cb.is_some() && sim.node(a).ep.connection(ca).unwrap().state() == State::Established
+    }));
+    (ca, cb.unwrap())
 }
 
 /// Runs a bulk transfer to completion and a clean close; returns it and the simulator.
@@ -144,19 +163,7 @@ fn simultaneous_close() {
         LinkConfig::new(10, Duration::from_millis(30)),
         EndpointConfig::default(),
     );
-    sim.node(b).ep.listen(80, None).unwrap();
-    let now = sim.now();
-    let ca = sim
-        .node(a)
-        .ep
-        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
-        .unwrap();
-    let mut cb = None;
-    assert!(sim.run_until(Duration::from_secs(5), |sim| {
-        cb = cb.or_else(|| sim.node(b).ep.accept(80));
-        cb.is_some() && sim.node(a).ep.connection(ca).unwrap().state() == State::Established
-    }));
-    let cb = cb.unwrap();
+    let (ca, cb) = open(&mut sim, a, b, 80);
     sim.node(a)
         .ep
         .connection(ca)
@@ -455,19 +462,7 @@ fn idle_connection_stays_up_with_keepalives_and_a_silent_peer_is_detected() {
         LinkConfig::new(10, Duration::from_millis(40)),
         EndpointConfig::default(),
     );
-    sim.node(b).ep.listen(80, None).unwrap();
-    let now = sim.now();
-    let ca = sim
-        .node(a)
-        .ep
-        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
-        .unwrap();
-    let mut cb = None;
-    assert!(sim.run_until(Duration::from_secs(5), |sim| {
-        cb = cb.or_else(|| sim.node(b).ep.accept(80));
-        cb.is_some()
-    }));
-    let cb = cb.unwrap();
+    let (ca, cb) = open(&mut sim, a, b, 80);
     // Five idle minutes: keepalives flow both ways and nothing fails.
     let before = sim.link_stats(a, b).delivered;
     sim.run_until(Duration::from_secs(300), |_| false);
