@@ -166,4 +166,37 @@ mod tests {
         w.record(u64::MAX).unwrap();
         assert_eq!(w.check(u64::MAX), Err(ReplayError::Replayed(u64::MAX)));
     }
+
+    proptest::proptest! {
+        /// Differential test against a model that remembers every counter: a counter is
+        /// accepted iff it is non-zero, not seen, and less than WINDOW below the highest.
+        #[test]
+        fn matches_a_model_that_remembers_everything(
+            steps in proptest::collection::vec((0u8..5, 0u64..6000, proptest::bool::ANY), 1..400)
+        ) {
+            let mut w = ReplayWindow::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut highest = 0u64;
+            for (kind, x, record) in steps {
+                // Near the top, far below, at the edge, and big jumps.
+                let counter = match kind {
+                    0 => highest.saturating_sub(x % 64),
+                    1 => highest.saturating_sub(x),
+                    2 => highest + x % 100,
+                    3 => highest + x * 1000,
+                    // Exactly at the window's edge.
+                    _ => highest.saturating_sub(WINDOW - 1 + x % 3),
+                };
+                let model_ok = counter != 0
+                    && !seen.contains(&counter)
+                    && (counter > highest || highest - counter < WINDOW);
+                proptest::prop_assert_eq!(w.check(counter).is_ok(), model_ok, "counter {}", counter);
+                if record && model_ok {
+                    w.record(counter).unwrap();
+                    seen.insert(counter);
+                    highest = highest.max(counter);
+                }
+            }
+        }
+    }
 }
