@@ -289,13 +289,24 @@ impl Identity {
             .to_string_lossy();
         let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
         let result = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(FILE_MODE)
-                .open(&tmp)
-                .map_err(|e| IdentityError::io(&tmp, "create", e))?;
+            // O_EXCL: never write the key through a file (or symlink) someone else put at
+            // the temporary path; a stale one from a crash is removed first.
+            let create = || {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(FILE_MODE)
+                    .open(&tmp)
+            };
+            let mut f = match create() {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    fs::remove_file(&tmp)
+                        .map_err(|e| IdentityError::io(&tmp, "remove stale", e))?;
+                    create()
+                }
+                other => other,
+            }
+            .map_err(|e| IdentityError::io(&tmp, "create", e))?;
             // The mode given to open is filtered by the umask; set it exactly.
             f.set_permissions(fs::Permissions::from_mode(FILE_MODE))
                 .map_err(|e| IdentityError::io(&tmp, "chmod", e))?;

@@ -163,3 +163,19 @@ fn directory_in_place_of_file_is_an_io_error() {
     assert!(matches!(err, IdentityError::Io { .. }), "{err:?}");
     assert!(err.to_string().contains(&path.display().to_string()));
 }
+
+#[test]
+fn save_never_writes_through_a_planted_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("identity.json");
+    let target = dir.path().join("elsewhere");
+    fs::write(&target, b"untouched").unwrap();
+    let tmp = dir
+        .path()
+        .join(format!(".identity.json.tmp.{}", std::process::id()));
+    std::os::unix::fs::symlink(&target, &tmp).unwrap();
+    let id = Identity::generate(&mut OsRng);
+    id.save(&path).unwrap();
+    assert_eq!(fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(Identity::load(&path).unwrap().public_key(), id.public_key());
+}
