@@ -1,2 +1,5 @@
-//! Placeholder: this crate has no code yet. Its scope is described in the
-//! workspace README and in the open issues.
+//! The Pilot registry. Built so far: the wire protocol ([`proto`]): frame codec, typed request
+//! catalogue and v1 challenge strings. The server (state, storage, authentication, rate
+//! limits) is not built yet; see the open issues.
+
+pub mod proto;
