@@ -466,3 +466,35 @@ fn fin_for_a_forgotten_connection_gets_fin_ack_not_rst() {
     ep.handle(now, &fin_ack);
     assert!(ep.poll_transmit(&mut buf).is_none());
 }
+
+#[test]
+fn three_duplicate_acks_without_sack_trigger_fast_retransmit() {
+    let now = Instant::now();
+    let (mut ep, h, local) = dial_v1(now, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    let c = ep.connection(h).unwrap();
+    c.write(&[1u8; 5 * 1153]).unwrap();
+    let sent = drain(&mut ep, h, now);
+    assert_eq!(sent.len(), 5);
+    // The first segment is lost; a peer without SACK answers each later one with a
+    // duplicate pure ACK of seq 1.
+    let t = now + Duration::from_millis(30);
+    for _ in 0..2 {
+        ep.handle(t, &v1_packet(Flags::ACK, peer, local, 1, 1, 512, &[]));
+        assert!(drain(&mut ep, h, t).is_empty());
+    }
+    ep.handle(t, &v1_packet(Flags::ACK, peer, local, 1, 1, 512, &[]));
+    let out = drain(&mut ep, h, t);
+    let (r, p) = parse(&out[0]);
+    assert_eq!(
+        (r.seq, p.len()),
+        (1, 1153),
+        "the first segment again, at once"
+    );
+    let st = ep.connection(h).unwrap().stats();
+    assert_eq!(
+        (st.duplicate_acks, st.fast_retransmits, st.retransmissions),
+        (3, 1, 1)
+    );
+    assert_eq!(st.recovery, tunnel::stream::Recovery::Fast);
+}
