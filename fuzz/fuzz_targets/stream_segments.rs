@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let n = repr.emit_with_payload(&mut buf, payload).unwrap();
         if let Incoming::Stream(h) = ep.handle(now, &buf[..n]) {
-            if let Some(c) = ep.connection(h) {
+            if let Some(mut c) = ep.connection(h) {
                 let _ = c.write(payload);
                 let mut sink = [0u8; 256];
                 let _ = c.read(&mut sink);
@@ -56,6 +56,6 @@ fuzz_target!(|data: &[u8]| {
                 assert!(st.bytes_in_flight <= c.unacked());
             }
         }
-        while ep.poll_transmit(&mut out).is_some() {}
+        while ep.poll_transmit(now, &mut out).is_some() {}
     }
 });

@@ -60,7 +60,7 @@ fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> f64 {
     let mut received = 0u64;
     let limit = Duration::from_secs_f64(case.seconds);
     sim.run_until(limit, |sim| {
-        if let Some(c) = sim.node(a).ep.connection(client) {
+        if let Some(mut c) = sim.node(a).ep.connection(client) {
             while c.writable() > 0 {
                 let n = c.writable().min(chunk.len());
                 if c.write(&chunk[..n]).is_err() {
@@ -70,7 +70,7 @@ fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> f64 {
         }
         server = server.or_else(|| sim.node(b).ep.accept(5001));
         if let Some(h) = server {
-            if let Some(c) = sim.node(b).ep.connection(h) {
+            if let Some(mut c) = sim.node(b).ep.connection(h) {
                 loop {
                     match c.read(&mut sink) {
                         Ok(0) | Err(ReadError::Blocked) | Err(ReadError::Failed(_)) => break,
@@ -111,27 +111,30 @@ fn raw_speed(mss: u16, budget: Duration) -> f64 {
             }
         }
         // Sender: the application hands over up to 64 KiB per round, and everything the
-        // connection allows goes out.
-        let c = a.connection(client).unwrap();
-        let n = c.writable().min(chunk.len());
-        if n > 0 {
-            c.write(&chunk[..n]).unwrap();
+        // table has ready goes out.
+        {
+            let mut c = a.connection(client).unwrap();
+            let n = c.writable().min(chunk.len());
+            if n > 0 {
+                c.write(&chunk[..n]).unwrap();
+            }
         }
-        while let Some(n) = c.poll_transmit(now, &mut buf) {
+        while let Some((n, _)) = a.poll_transmit(now, &mut buf) {
             if let Incoming::Stream(h) = b.handle(now, &buf[..n]) {
                 server = Some(h);
             }
         }
         // Receiver: read everything, acknowledge.
         if let Some(h) = server {
-            let s = b.connection(h).unwrap();
+            let mut s = b.connection(h).unwrap();
             while let Ok(n) = s.read(&mut sink) {
                 if n == 0 {
                     break;
                 }
                 received += n as u64;
             }
-            while let Some(n) = s.poll_transmit(now, &mut buf) {
+            drop(s);
+            while let Some((n, _)) = b.poll_transmit(now, &mut buf) {
                 a.handle(now, &buf[..n]);
             }
             if measured_from.is_none() && received > 0 {

@@ -50,8 +50,8 @@ fn run() -> Result<(), String> {
         t.drive(sim);
         if sim.elapsed() >= next {
             next += tick;
-            if let Some(c) = sim.node(a).ep.connection(t.client_conn) {
-                let st = c.stats();
+            let stats = sim.node(a).ep.connection(t.client_conn).map(|c| c.stats());
+            if let Some(st) = stats {
                 println!(
                     "{:>7.2}s {:>7.1} Mbit/s cwnd {:>8} in-flight {:>8} srtt {:>6.1} ms {:?} \
                      rtx {} loss-events {} timeouts {}",

@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
-use tunnel::stream::{ConnHandle, Endpoint, EndpointConfig, Incoming};
+use tunnel::stream::{Endpoint, EndpointConfig, Incoming};
 use tunnel::wire::HEADER_LEN;
 use tunnel::Addr;
 
@@ -336,23 +336,10 @@ impl Sim {
     /// Sends everything every node has ready now.
     pub fn pump(&mut self) {
         let mut buf = std::mem::take(&mut self.buf);
+        let now = self.now;
         for i in 0..self.nodes.len() {
-            while let Some((n, dst)) = self.nodes[i].ep.poll_transmit(&mut buf) {
+            while let Some((n, dst)) = self.nodes[i].ep.poll_transmit(now, &mut buf) {
                 self.send(i, &buf[..n], dst.addr);
-            }
-            let handles: Vec<ConnHandle> = self.nodes[i].ep.handles().collect();
-            for h in handles {
-                loop {
-                    let now = self.now;
-                    let Some(conn) = self.nodes[i].ep.connection(h) else {
-                        break;
-                    };
-                    let dst = conn.remote().addr;
-                    let Some(n) = conn.poll_transmit(now, &mut buf) else {
-                        break;
-                    };
-                    self.send(i, &buf[..n], dst);
-                }
             }
         }
         self.buf = buf;
@@ -373,11 +360,8 @@ impl Sim {
             next = Some(next.map_or(w, |n| n.min(w)));
         }
         for node in &mut self.nodes {
-            let handles: Vec<ConnHandle> = node.ep.handles().collect();
-            for h in handles {
-                if let Some(t) = node.ep.connection(h).and_then(|c| c.poll_timeout()) {
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                }
+            if let Some(t) = node.ep.poll_timeout() {
+                next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
         next
@@ -404,14 +388,7 @@ impl Sim {
             }
         }
         for node in &mut self.nodes {
-            let handles: Vec<ConnHandle> = node.ep.handles().collect();
-            for h in handles {
-                if let Some(c) = node.ep.connection(h) {
-                    if c.poll_timeout().is_some_and(|t| t <= now) {
-                        c.handle_timeout(now);
-                    }
-                }
-            }
+            node.ep.handle_timeout(now);
         }
         true
     }

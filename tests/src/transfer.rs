@@ -100,7 +100,7 @@ impl BulkTransfer {
     pub fn drive(&mut self, sim: &mut Sim) {
         let now = sim.now();
         // Client side: write the stream, then close.
-        if let Some(c) = sim.node(self.client).ep.connection(self.client_conn) {
+        if let Some(mut c) = sim.node(self.client).ep.connection(self.client_conn) {
             while c.poll_event().is_some() {}
             while self.written < self.total && c.writable() > 0 {
                 let n = (self.total - self.written)
@@ -138,7 +138,7 @@ impl BulkTransfer {
         let Some(h) = self.server_conn else {
             return;
         };
-        let Some(c) = sim.node(self.server).ep.connection(h) else {
+        let Some(mut c) = sim.node(self.server).ep.connection(h) else {
             return;
         };
         while c.poll_event().is_some() {}

@@ -185,7 +185,7 @@ fn simultaneous_close() {
     let done = sim.run_until(Duration::from_secs(30), |sim| {
         let mut buf = [0u8; 64];
         for (node, h, got) in [(a, ca, &mut got_a), (b, cb, &mut got_b)] {
-            let c = sim.node(node).ep.connection(h).unwrap();
+            let mut c = sim.node(node).ep.connection(h).unwrap();
             while let Ok(n) = c.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -220,15 +220,20 @@ fn vanished_peer_gives_the_writer_an_error_within_the_retry_budget() {
     let mut failed_at = None;
     sim.run_until(Duration::from_secs(200), |sim| {
         t.drive(sim);
-        let c = sim.node(a).ep.connection(t.client_conn).unwrap();
-        if c.error().is_some() {
+        let failed = sim
+            .node(a)
+            .ep
+            .connection(t.client_conn)
+            .unwrap()
+            .error()
+            .is_some();
+        if failed {
             failed_at = Some(sim.now());
-            return true;
         }
-        false
+        failed
     });
     let failed_at = failed_at.expect("the writer never saw an error");
-    let c = sim.node(a).ep.connection(t.client_conn).unwrap();
+    let mut c = sim.node(a).ep.connection(t.client_conn).unwrap();
     assert_eq!(c.error(), Some(ConnError::TimedOut));
     let mut buf = [0u8; 8];
     assert_eq!(
@@ -262,7 +267,7 @@ fn one_byte_writes(nodelay: bool) -> u64 {
     let ok = sim.run_until(Duration::from_secs(60), |sim| {
         cb = cb.or_else(|| sim.node(b).ep.accept(7));
         let now = sim.now();
-        let c = sim.node(a).ep.connection(ca).unwrap();
+        let mut c = sim.node(a).ep.connection(ca).unwrap();
         // One byte every 100 us of virtual time, from the moment the connection is open.
         if c.state() != State::Established {
             next_write = now;
@@ -273,15 +278,17 @@ fn one_byte_writes(nodelay: bool) -> u64 {
             written += 1;
             next_write += Duration::from_micros(100);
         }
+        drop(c);
         if written < 10_000 {
             sim.wake_at(next_write);
         }
-        let c = sim.node(a).ep.connection(ca).unwrap();
+        let mut c = sim.node(a).ep.connection(ca).unwrap();
         if written == 10_000 && c.state() == State::Established {
             c.close(now);
         }
+        drop(c);
         if let Some(h) = cb {
-            let s = sim.node(b).ep.connection(h).unwrap();
+            let mut s = sim.node(b).ep.connection(h).unwrap();
             let mut buf = [0u8; 4096];
             while let Ok(n) = s.read(&mut buf) {
                 if n == 0 {
@@ -294,7 +301,8 @@ fn one_byte_writes(nodelay: bool) -> u64 {
     });
     assert!(ok, "only {} of 10000 bytes arrived", got.len());
     assert!(got.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
-    sim.node(a).ep.connection(ca).unwrap().stats().segments_sent
+    let sent = sim.node(a).ep.connection(ca).unwrap().stats().segments_sent;
+    sent
 }
 
 #[test]
@@ -332,7 +340,7 @@ fn thousand_concurrent_connections_through_one_table() {
     let ok = sim.run_until(Duration::from_secs(60), |sim| {
         let now = sim.now();
         for (i, &h) in clients.iter().enumerate() {
-            let c = sim.node(a).ep.connection(h).unwrap();
+            let mut c = sim.node(a).ep.connection(h).unwrap();
             while c.poll_event().is_some() {}
             if !sent[i] && c.state() == State::Established {
                 let m = message(i);
@@ -353,7 +361,7 @@ fn thousand_concurrent_connections_through_one_table() {
         }
         // Servers echo everything, then close after the client's FIN.
         for &h in &servers {
-            let c = sim.node(b).ep.connection(h).unwrap();
+            let mut c = sim.node(b).ep.connection(h).unwrap();
             let mut buf = [0u8; 2048];
             loop {
                 match c.read(&mut buf) {
@@ -479,8 +487,8 @@ fn idle_connection_stays_up_with_keepalives_and_a_silent_peer_is_detected() {
     let cut = sim.now();
     let mut failed = None;
     sim.run_until(Duration::from_secs(200), |sim| {
-        let c = sim.node(a).ep.connection(ca).unwrap();
-        if c.error().is_some() && failed.is_none() {
+        let error = sim.node(a).ep.connection(ca).unwrap().error();
+        if error.is_some() && failed.is_none() {
             failed = Some(sim.now() - cut);
         }
         failed.is_some()
@@ -520,7 +528,7 @@ fn half_close_keeps_the_other_direction_open() {
     assert!(sim.run_until(Duration::from_secs(10), |sim| {
         cb = cb.or_else(|| sim.node(b).ep.accept(80));
         let Some(h) = cb else { return false };
-        let c = sim.node(b).ep.connection(h).unwrap();
+        let mut c = sim.node(b).ep.connection(h).unwrap();
         let mut buf = [0u8; 64];
         loop {
             match c.read(&mut buf) {
@@ -532,14 +540,15 @@ fn half_close_keeps_the_other_direction_open() {
     }));
     assert_eq!(request, b"request");
     let now = sim.now();
-    let s = sim.node(b).ep.connection(cb.unwrap()).unwrap();
+    let mut s = sim.node(b).ep.connection(cb.unwrap()).unwrap();
     assert_eq!(s.state(), State::CloseWait);
     s.write(b"response").unwrap();
     s.close(now);
+    drop(s);
     let mut response = Vec::new();
     let mut eof = false;
     assert!(sim.run_until(Duration::from_secs(10), |sim| {
-        let c = sim.node(a).ep.connection(ca).unwrap();
+        let mut c = sim.node(a).ep.connection(ca).unwrap();
         let mut buf = [0u8; 64];
         while let Ok(n) = c.read(&mut buf) {
             if n == 0 {

@@ -7,12 +7,15 @@
 //! (v1 wire §11.5 item 3); binding the source to the authenticated tunnel peer is the
 //! caller's job.
 //!
-//! Calling order: [`Endpoint::handle`] for each decrypted packet; then drive the connection it
-//! names (see [`super::Connection`]) and [`Endpoint::poll_transmit`] for the endpoint's own
-//! replies (RSTs); [`Endpoint::accept`] takes established connections off a listener's queue;
-//! [`Endpoint::release`] drops a connection once it is drained.
+//! Calling order: [`Endpoint::handle`] for each decrypted packet; the application works on
+//! connections through [`Endpoint::connection`] and takes new ones with [`Endpoint::accept`];
+//! then [`Endpoint::poll_transmit`] until `None` sends everything any connection (or the table
+//! itself: RST, FIN|ACK) has ready, and at [`Endpoint::poll_timeout`] the driver calls
+//! [`Endpoint::handle_timeout`]. Both cost O(log n) per connection that needs them, not a scan
+//! of the table. [`Endpoint::release`] drops a connection once it is drained.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
 use slab::Slab;
@@ -127,6 +130,70 @@ struct Entry {
     tuple: Tuple,
     /// Passive connection not yet on its listener's ready queue.
     embryonic: bool,
+    /// The one live timer-heap entry of this connection.
+    scheduled: Option<Instant>,
+    /// On the queue of connections that may have something to send.
+    dirty: bool,
+}
+
+/// Which connections need the driver: a min-heap of timer deadlines (one live entry per
+/// connection, stale ones skipped when popped) and a queue of connections that may have
+/// something to send.
+#[derive(Debug, Default)]
+struct Schedule {
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    dirty: VecDeque<usize>,
+}
+
+impl Schedule {
+    /// Keeps the connection's earliest deadline in the heap.
+    fn reschedule(&mut self, key: usize, e: &mut Entry) {
+        if let Some(d) = e.conn.poll_timeout() {
+            if e.scheduled.is_none_or(|s| d < s) {
+                self.timers.push(Reverse((d, key)));
+                e.scheduled = Some(d);
+            }
+        }
+    }
+
+    /// After anything touched a connection: keep its earliest deadline in the heap and queue
+    /// it for transmission.
+    fn touched(&mut self, key: usize, e: &mut Entry) {
+        self.reschedule(key, e);
+        if !e.dirty {
+            e.dirty = true;
+            self.dirty.push_back(key);
+        }
+    }
+}
+
+/// A connection borrowed from the table. When it is dropped the table notes that the
+/// connection may have new deadlines and something to send, so [`Endpoint::poll_timeout`] and
+/// [`Endpoint::poll_transmit`] see every change made through it.
+#[derive(Debug)]
+pub struct ConnMut<'a> {
+    key: usize,
+    entry: &'a mut Entry,
+    schedule: &'a mut Schedule,
+}
+
+impl core::ops::Deref for ConnMut<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.entry.conn
+    }
+}
+
+impl core::ops::DerefMut for ConnMut<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.entry.conn
+    }
+}
+
+impl Drop for ConnMut<'_> {
+    fn drop(&mut self) {
+        self.schedule.touched(self.key, self.entry);
+    }
 }
 
 /// The connection table of one node.
@@ -140,6 +207,7 @@ pub struct Endpoint {
     port_use: HashMap<u16, usize>,
     next_ephemeral: u16,
     replies: VecDeque<PacketRepr>,
+    schedule: Schedule,
 }
 
 impl Endpoint {
@@ -154,6 +222,7 @@ impl Endpoint {
             port_use: HashMap::new(),
             next_ephemeral: port::EPHEMERAL_START,
             replies: VecDeque::new(),
+            schedule: Schedule::default(),
         }
     }
 
@@ -177,9 +246,56 @@ impl Endpoint {
         self.conns.is_empty()
     }
 
-    /// The connection behind a handle.
-    pub fn connection(&mut self, h: ConnHandle) -> Option<&mut Connection> {
-        self.conns.get_mut(h.0).map(|e| &mut e.conn)
+    /// The connection behind a handle, borrowed through a guard that tells the table, when
+    /// dropped, to look at the connection's timers and transmissions again.
+    pub fn connection(&mut self, h: ConnHandle) -> Option<ConnMut<'_>> {
+        let entry = self.conns.get_mut(h.0)?;
+        Some(ConnMut {
+            key: h.0,
+            entry,
+            schedule: &mut self.schedule,
+        })
+    }
+
+    /// The earliest time a connection needs [`Endpoint::handle_timeout`].
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, key))) = self.schedule.timers.peek() {
+            let Some(e) = self.conns.get_mut(key) else {
+                self.schedule.timers.pop();
+                continue;
+            };
+            if e.scheduled != Some(t) {
+                // Stale: a newer, earlier entry superseded it.
+                self.schedule.timers.pop();
+                continue;
+            }
+            let current = e.conn.poll_timeout();
+            if current == Some(t) {
+                return Some(t);
+            }
+            // The deadline moved: replace the live entry.
+            self.schedule.timers.pop();
+            e.scheduled = None;
+            if let Some(c) = current {
+                self.schedule.timers.push(Reverse((c, key)));
+                e.scheduled = Some(c);
+            }
+        }
+        None
+    }
+
+    /// Runs the timers of every connection due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while self.poll_timeout().is_some_and(|t| t <= now) {
+            let Some(Reverse((_, key))) = self.schedule.timers.pop() else {
+                break;
+            };
+            if let Some(e) = self.conns.get_mut(key) {
+                e.scheduled = None;
+                e.conn.handle_timeout(now);
+                self.schedule.touched(key, e);
+            }
+        }
     }
 
     /// Every handle in the table.
@@ -208,8 +324,8 @@ impl Endpoint {
     pub fn unlisten(&mut self, now: Instant, port: u16) {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.ready {
-                if let Some(e) = self.conns.get_mut(h.0) {
-                    e.conn.abort(now);
+                if let Some(mut c) = self.connection(h) {
+                    c.abort(now);
                 }
             }
         }
@@ -258,11 +374,17 @@ impl Endpoint {
     }
 
     fn insert(&mut self, conn: Connection, tuple: Tuple, embryonic: bool) -> ConnHandle {
-        let h = ConnHandle(self.conns.insert(Entry {
+        let key = self.conns.insert(Entry {
             conn,
             tuple,
             embryonic,
-        }));
+            scheduled: None,
+            dirty: false,
+        });
+        if let Some(e) = self.conns.get_mut(key) {
+            self.schedule.touched(key, e);
+        }
+        let h = ConnHandle(key);
         self.by_tuple.insert(tuple, h);
         *self.port_use.entry(tuple.0).or_insert(0) += 1;
         h
@@ -311,13 +433,30 @@ impl Endpoint {
         });
     }
 
-    /// Writes the next endpoint reply (an RST) into `buf`; returns its length and destination.
-    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    /// Writes the next packet of the table (its own replies, then the connections that may
+    /// have something to send) into `buf`; returns its length and destination. `buf` must hold
+    /// a header plus one segment.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
         if buf.len() < HEADER_LEN {
             return None;
         }
-        let repr = self.replies.pop_front()?;
-        repr.emit(buf).ok().map(|n| (n, repr.dst))
+        if let Some(repr) = self.replies.pop_front() {
+            return repr.emit(buf).ok().map(|n| (n, repr.dst));
+        }
+        while let Some(&key) = self.schedule.dirty.front() {
+            let Some(e) = self.conns.get_mut(key) else {
+                self.schedule.dirty.pop_front();
+                continue;
+            };
+            if let Some(n) = e.conn.poll_transmit(now, buf) {
+                return Some((n, e.conn.remote()));
+            }
+            // Nothing more to send: off the queue; sending may have armed timers.
+            self.schedule.dirty.pop_front();
+            e.dirty = false;
+            self.schedule.reschedule(key, e);
+        }
+        None
     }
 
     /// Routes one decrypted packet (header and payload).
@@ -357,6 +496,7 @@ impl Endpoint {
         if let Some(&h) = self.by_tuple.get(&tuple) {
             if let Some(e) = self.conns.get_mut(h.0) {
                 e.conn.handle_segment(now, &seg);
+                self.schedule.touched(h.0, e);
                 self.after_segment(now, h);
             }
             return Incoming::Stream(h);
@@ -411,7 +551,10 @@ impl Endpoint {
                     l.ready.push_back(h);
                 }
             }
-            None => e.conn.abort(now),
+            None => {
+                e.conn.abort(now);
+                self.schedule.touched(h.0, e);
+            }
         }
     }
 
