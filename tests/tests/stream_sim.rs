@@ -21,17 +21,21 @@ fn pair(seed: u64, link: LinkConfig, config: EndpointConfig) -> (Sim, usize, usi
     (sim, a, b)
 }
 
-/// Listens on `port` at `b`, dials it from `a`, and runs until the server accepted and the
-/// client is established. Returns (client, server).
-fn open(sim: &mut Sim, a: usize, b: usize, port: u16) -> (ConnHandle, ConnHandle) {
+/// Listens on `port` at `b` and dials it from `a`; returns the client connection.
+fn dial(sim: &mut Sim, a: usize, b: usize, port: u16) -> ConnHandle {
     sim.node(b).ep.listen(port, None).unwrap();
     let now = sim.now();
     let server_addr = sim.node(b).ep.local();
-    let ca = sim
-        .node(a)
+    sim.node(a)
         .ep
         .connect(now, SocketAddr::new(server_addr, port))
-        .unwrap();
+        .unwrap()
+}
+
+/// Dials like [`dial`] and runs until the server accepted and the client is established.
+/// Returns (client, server).
+fn open(sim: &mut Sim, a: usize, b: usize, port: u16) -> (ConnHandle, ConnHandle) {
+    let ca = dial(sim, a, b, port);
     let mut cb = None;
     assert!(sim.run_until(Duration::from_secs(10), |sim| {
         cb = cb.or_else(|| sim.node(b).ep.accept(port));
@@ -252,13 +256,7 @@ fn one_byte_writes(nodelay: bool) -> u64 {
         LinkConfig::new(100, Duration::from_millis(20)),
         EndpointConfig::default(),
     );
-    sim.node(b).ep.listen(7, None).unwrap();
-    let now = sim.now();
-    let ca = sim
-        .node(a)
-        .ep
-        .connect(now, SocketAddr::new(Addr::new(0, 2), 7))
-        .unwrap();
+    let ca = dial(&mut sim, a, b, 7);
     sim.node(a).ep.connection(ca).unwrap().set_nodelay(nodelay);
     let mut cb = None;
     let mut written = 0u32;
@@ -508,19 +506,14 @@ fn half_close_keeps_the_other_direction_open() {
         LinkConfig::new(10, Duration::from_millis(40)),
         EndpointConfig::default(),
     );
-    sim.node(b).ep.listen(80, None).unwrap();
-    let now = sim.now();
-    let ca = sim
-        .node(a)
-        .ep
-        .connect(now, SocketAddr::new(Addr::new(0, 2), 80))
-        .unwrap();
+    let ca = dial(&mut sim, a, b, 80);
     sim.node(a)
         .ep
         .connection(ca)
         .unwrap()
         .write(b"request")
         .unwrap();
+    let now = sim.now();
     sim.node(a).ep.connection(ca).unwrap().shutdown(now);
     let mut cb = None;
     let mut request = Vec::new();
