@@ -1,13 +1,29 @@
 //! The Pilot beacon: endpoint discovery, hole-punch coordination and relay over UDP (v1 wire
-//! §5), stricter than v1 about who may punch or relay to whom.
+//! §5), stricter than v1 about who may punch or relay to whom, and still spoken by v1
+//! daemons unchanged.
+//!
+//! - [`state`]: the rules over the node table, sans-IO ([`Beacon`]): time comes in as an
+//!   argument, datagrams come in as byte buffers, what to send comes out as [`Output`];
+//! - [`authority`]: where answers about nodes come from ([`Authority`], [`OpenAuthority`],
+//!   [`StaticAuthority`], and an embedded `pilot_registry::Registry`);
+//! - [`registry_authority`]: [`RegistryAuthority`], a background-filled cache of a remote
+//!   registry;
+//! - [`limit`]: allocation-free rate limits;
+//! - [`stats`]: counters, drop reasons, rate-limited drop logging;
+//! - [`server`]: the tokio UDP driver ([`serve`], [`Server`]).
+//!
+//! The rules, and what can and cannot be authenticated while staying v1-compatible, are in
+//! `docs/BEACON.md`.
 
-/// What the beacon needs to know from the registry. Implementations answer from memory: the
-/// beacon calls them on its packet path and must never wait on the network there.
-pub trait Authority: Send + Sync + 'static {
-    /// The Ed25519 public key registered for `node`, if the node is known.
-    fn node_key(&self, node: u32) -> Option<[u8; 32]>;
-    /// Whether `from` may learn `to`'s endpoint and send it relayed traffic: the registry's
-    /// resolve rule (`to` is public, the two share a non-backbone network, or they hold a
-    /// mutual trust pair).
-    fn may_reach(&self, from: u32, to: u32) -> bool;
-}
+pub mod authority;
+pub mod limit;
+pub mod registry_authority;
+pub mod server;
+pub mod state;
+pub mod stats;
+
+pub use authority::{Answer, Authority, OpenAuthority, StaticAuthority};
+pub use registry_authority::{CacheConfig, RegistryAuthority};
+pub use server::{bind, serve, Server};
+pub use state::{Beacon, Config, NodeEntry, Now, Output};
+pub use stats::{DropReason, Stats, StatsHandle};

@@ -1,2 +1,8 @@
-//! Placeholder: this crate has no code yet. Its scope is described in the
-//! workspace README and in the open issues.
+//! `pilotd`, the Pilot daemon: identity, registry link, encrypted UDP tunnels with NAT
+//! traversal, the stream and datagram engine, trust, and the IPC socket agents use.
+
+pub mod config;
+pub mod engine;
+pub mod node;
+pub mod registry_link;
+pub mod tunnels;

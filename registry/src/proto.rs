@@ -96,6 +96,9 @@ pub enum Request {
         /// Optional hostname, applied in the same step.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
+        /// Proof of key possession over the session nonce (extension; see [`crate::auth`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
     },
     /// Public facts about a node.
     Lookup {
@@ -260,6 +263,9 @@ pub enum Request {
         node_id: u32,
         /// The change.
         delta: i64,
+        /// Administration token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin_token: Option<String>,
     },
     /// Sets the score (unauthenticated in v1).
     SetPoloScore {
@@ -267,6 +273,9 @@ pub enum Request {
         node_id: u32,
         /// The score.
         polo_score: i64,
+        /// Administration token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin_token: Option<String>,
     },
     /// Every network.
     ListNetworks {},
@@ -290,6 +299,9 @@ pub enum Request {
         /// Administration token, when the registry has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin_token: Option<String>,
+        /// Signature by the node (extension; or an authenticated session).
+        #[serde(default)]
+        signature: String,
     },
     /// Joins a network.
     JoinNetwork {
@@ -306,6 +318,9 @@ pub enum Request {
         /// Administration token.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin_token: Option<String>,
+        /// Signature by the node (extension; or an authenticated session).
+        #[serde(default)]
+        signature: String,
     },
     /// Leaves a network.
     LeaveNetwork {
@@ -316,6 +331,9 @@ pub enum Request {
         /// Administration token.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         admin_token: Option<String>,
+        /// Signature by the node (extension; or an authenticated session).
+        #[serde(default)]
+        signature: String,
     },
     /// A beacon announces itself.
     BeaconRegister {
@@ -326,6 +344,40 @@ pub enum Request {
     },
     /// Every live beacon.
     BeaconList {},
+    /// A member invites a node into an invite-only network (extension).
+    InviteNetwork {
+        /// The inviting member.
+        node_id: u32,
+        /// The network.
+        network_id: u16,
+        /// The invited node.
+        target_id: u32,
+        /// Signature by the member (or an authenticated session).
+        #[serde(default)]
+        signature: String,
+    },
+    /// Opens session authentication: the reply carries a fresh nonce (extension).
+    Hello {},
+    /// Binds the connection to a node by signing the session nonce (extension).
+    Auth {
+        /// The node.
+        node_id: u32,
+        /// Signature over [`crate::auth::session_message`].
+        signature: String,
+    },
+    /// Turns an authenticated connection into a stream of pushed handshake events
+    /// (extension).
+    Watch {},
+    /// Whether `from` may reach `to`; asked by beacons holding the beacon token (extension).
+    Reachable {
+        /// The node asking for a punch or relay.
+        from: u32,
+        /// Its target.
+        to: u32,
+        /// Shared beacon token.
+        #[serde(default)]
+        beacon_token: String,
+    },
     /// Hot-standby stream (§4.9).
     SubscribeReplication {
         /// Shared token.
@@ -367,8 +419,77 @@ impl Request {
             } => format!("respond:{node_id}:{peer_id}"),
             RotateKey { node_id, .. } => format!("rotate:{node_id}"),
             Punch { node_a, node_b, .. } => format!("punch:{node_a}:{node_b}"),
+            CreateNetwork { node_id, name, .. } => format!("create_network:{node_id}:{name}"),
+            JoinNetwork {
+                node_id,
+                network_id,
+                ..
+            } => format!("join_network:{node_id}:{network_id}"),
+            LeaveNetwork {
+                node_id,
+                network_id,
+                ..
+            } => format!("leave_network:{node_id}:{network_id}"),
+            InviteNetwork {
+                node_id,
+                network_id,
+                target_id,
+                ..
+            } => format!("invite_network:{node_id}:{network_id}:{target_id}"),
             _ => return None,
         })
+    }
+
+    /// The node that must have signed this request (the one [`Request::challenge`] speaks
+    /// for), or `None` for unsigned operations.
+    pub fn signer(&self) -> Option<u32> {
+        use Request::*;
+        Some(match self {
+            Resolve { requester_id, .. } | Punch { requester_id, .. } => *requester_id,
+            RequestHandshake { from_node_id, .. } => *from_node_id,
+            Heartbeat { node_id, .. }
+            | Deregister { node_id, .. }
+            | SetVisibility { node_id, .. }
+            | SetHostname { node_id, .. }
+            | SetTags { node_id, .. }
+            | SetTaskExec { node_id, .. }
+            | ReportTrust { node_id, .. }
+            | RevokeTrust { node_id, .. }
+            | PollHandshakes { node_id, .. }
+            | RespondHandshake { node_id, .. }
+            | RotateKey { node_id, .. }
+            | CreateNetwork { node_id, .. }
+            | JoinNetwork { node_id, .. }
+            | LeaveNetwork { node_id, .. }
+            | InviteNetwork { node_id, .. } => *node_id,
+            _ => return None,
+        })
+    }
+
+    /// The request's `signature` field, if it has one.
+    pub fn signature(&self) -> Option<&str> {
+        use Request::*;
+        match self {
+            Resolve { signature, .. }
+            | Punch { signature, .. }
+            | RequestHandshake { signature, .. }
+            | Heartbeat { signature, .. }
+            | Deregister { signature, .. }
+            | SetVisibility { signature, .. }
+            | SetHostname { signature, .. }
+            | SetTags { signature, .. }
+            | SetTaskExec { signature, .. }
+            | ReportTrust { signature, .. }
+            | RevokeTrust { signature, .. }
+            | PollHandshakes { signature, .. }
+            | RespondHandshake { signature, .. }
+            | RotateKey { signature, .. }
+            | CreateNetwork { signature, .. }
+            | JoinNetwork { signature, .. }
+            | LeaveNetwork { signature, .. }
+            | InviteNetwork { signature, .. } => Some(signature),
+            _ => None,
+        }
     }
 
     /// The `type` string of this request.
@@ -400,6 +521,11 @@ impl Request {
             CreateNetwork { .. } => "create_network",
             JoinNetwork { .. } => "join_network",
             LeaveNetwork { .. } => "leave_network",
+            InviteNetwork { .. } => "invite_network",
+            Hello {} => "hello",
+            Auth { .. } => "auth",
+            Watch {} => "watch",
+            Reachable { .. } => "reachable",
             BeaconRegister { .. } => "beacon_register",
             BeaconList {} => "beacon_list",
             SubscribeReplication { .. } => "subscribe_replication",

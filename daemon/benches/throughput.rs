@@ -1,0 +1,168 @@
+//! Encrypted stream throughput between two daemons on loopback, through the engine API
+//! (registry in process, no beacon). Prints MB/s for one stream each way, the same bytes
+//! pushed through a plain loopback TCP socket in the same run as a baseline, and the ratio.
+//!
+//! `cargo bench -p pilotd --bench throughput` (`PILOT_BENCH_MB` sets the size, default 256).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pilot_registry::store::RedbStore;
+use pilot_registry::{Config as RegistryConfig, Registry};
+use pilotd::config::Cli;
+use pilotd::engine::{AppEvent, Cmd};
+use pilotd::node::Daemon;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+use tunnel::{Addr, SocketAddr as PilotAddr};
+
+async fn daemon(registry: &str, home: &std::path::Path) -> Option<Daemon> {
+    let cli = Cli {
+        registry: Some(registry.into()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.into()),
+        public: Some(true),
+        log_level: Some("warn".into()),
+        ..Cli::default()
+    };
+    Daemon::start(&cli.resolve().ok()?).await.ok()
+}
+
+fn rusage_cpu() -> f64 {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF);
+    match r {
+        Ok(r) => {
+            let u = r.user_time();
+            let s = r.system_time();
+            (u.tv_sec() + s.tv_sec()) as f64 + (u.tv_usec() + s.tv_usec()) as f64 / 1e6
+        }
+        Err(_) => 0.0,
+    }
+}
+
+async fn pilot(total: usize) -> Option<(f64, f64)> {
+    let reg = Registry::open(
+        Box::new(RedbStore::in_memory().ok()?),
+        RegistryConfig {
+            register_per_minute: 0,
+            requests_per_ip: 0,
+            requests_per_node: 0,
+            ..RegistryConfig::default()
+        },
+    )
+    .ok()?;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let raddr = l.local_addr().ok()?.to_string();
+    tokio::spawn(reg.serve(l, None, std::future::pending()));
+    let dir = tempfile::tempdir().ok()?;
+    let a = daemon(&raddr, &dir.path().join("a")).await?;
+    let b = daemon(&raddr, &dir.path().join("b")).await?;
+    a.registered(Duration::from_secs(10)).await?;
+    let nb = b.registered(Duration::from_secs(10)).await?;
+
+    // B counts bytes and reports when the stream ends.
+    let (tx, mut rx) = mpsc::channel(256);
+    b.engine.listen(9000, tx).await.ok()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        let mut credits: HashMap<u32, Arc<Semaphore>> = HashMap::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                AppEvent::Accepted { conn, credit, .. } => {
+                    credits.insert(conn, credit);
+                }
+                AppEvent::Data { data, .. } => n += data.len(),
+                AppEvent::Closed { .. } => break,
+                AppEvent::Datagram { .. } => {}
+            }
+        }
+        let _ = done_tx.send(n);
+    });
+    let (etx, _erx) = mpsc::channel(256);
+    let (conn, credit) = a
+        .engine
+        .dial(PilotAddr::new(Addr::new(0, nb), 9000), etx)
+        .await
+        .ok()?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let cpu0 = rusage_cpu();
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        a.engine.write(conn, &credit, &chunk).await.ok()?;
+        sent += chunk.len();
+    }
+    a.engine.send(Cmd::Close { conn }).await.ok()?;
+    let got = done_rx.await.ok()?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = rusage_cpu() - cpu0;
+    if got != sent {
+        eprintln!("received {got} of {sent} bytes");
+        return None;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Some((sent as f64 / secs / 1e6, cpu / (sent as f64 / 1e9)))
+}
+
+async fn tcp(total: usize) -> Option<f64> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
+    let addr = l.local_addr().ok()?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.ok()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0usize;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Some(n),
+                Ok(k) => n += k,
+            }
+        }
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        c.write_all(&chunk).await.ok()?;
+        sent += chunk.len();
+    }
+    drop(c);
+    let got = server.await.ok()??;
+    (got == sent).then(|| sent as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+fn main() {
+    let mb: usize = std::env::var("PILOT_BENCH_MB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let total = mb << 20;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async {
+        let Some((mbps, cpu_per_gb)) = pilot(total).await else {
+            eprintln!("pilot transfer failed");
+            std::process::exit(1);
+        };
+        let Some(base) = tcp(total).await else {
+            eprintln!("tcp baseline failed");
+            std::process::exit(1);
+        };
+        println!("pilot encrypted stream, {mb} MiB one way: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons, one process)");
+        println!("loopback TCP baseline, same bytes:       {base:.1} MB/s");
+        println!("ratio pilot/tcp: {:.3}", mbps / base);
+    });
+}

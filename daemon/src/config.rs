@@ -1,0 +1,632 @@
+//! Daemon configuration: command-line flags, each also an environment variable, and a JSON
+//! file whose keys are the flag names (v1 `-config` files load: `-` and `_` are the same, and
+//! values may be strings, numbers or booleans). Precedence: flag, then environment, then file,
+//! then the default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::Value;
+
+/// Where state lives when the daemon runs as root.
+pub const SYSTEM_HOME: &str = "/var/lib/pilot";
+/// The IPC socket when the daemon runs as root.
+pub const SYSTEM_SOCKET: &str = "/run/pilot/pilotd.sock";
+
+/// `pilotd` command line.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "pilotd",
+    version,
+    about = "The Pilot daemon: encrypted UDP tunnels, NAT traversal, trust and the IPC socket for agents",
+    long_about = "The Pilot daemon gives this host a permanent Pilot address, registers it with a \
+registry, keeps encrypted tunnels to peers (direct, hole-punched or relayed through a beacon) \
+and serves agents and pilotctl on a Unix socket.\n\nEvery flag can also be set with the \
+environment variable shown, or as a key of the JSON file given with --config (v1 config files \
+load). Flags win over the environment, which wins over the file."
+)]
+pub struct Cli {
+    /// JSON configuration file (keys are flag names; v1 keys accepted).
+    #[arg(long, env = "PILOT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as JSON and exit (non-zero if it is invalid).
+    #[arg(long)]
+    pub check_config: bool,
+    /// Registry address (host:port).
+    #[arg(long, env = "PILOT_REGISTRY")]
+    pub registry: Option<String>,
+    /// Beacon address (host:port); "" disables NAT traversal through a beacon.
+    #[arg(long, env = "PILOT_BEACON")]
+    pub beacon: Option<String>,
+    /// UDP address of the tunnel socket. [default: [::]:4000]
+    #[arg(long, env = "PILOT_LISTEN")]
+    pub listen: Option<String>,
+    /// Public endpoint to register instead of discovering it through the beacon (host:port;
+    /// the registry keeps only the port and uses the address it sees).
+    #[arg(long, env = "PILOT_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// State directory (identity, trust). [default: /var/lib/pilot as root, else $PILOT_HOME
+    /// or ~/.pilot]
+    #[arg(long, env = "PILOT_HOME")]
+    pub home: Option<PathBuf>,
+    /// Identity file. [default: <home>/identity.json]
+    #[arg(long, env = "PILOT_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// IPC socket path. [default: /run/pilot/pilotd.sock as root, else <home>/pilotd.sock]
+    #[arg(long, env = "PILOT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Encrypt tunnels (X25519 + AES-256-GCM). [default: true]
+    #[arg(long, env = "PILOT_ENCRYPT")]
+    pub encrypt: Option<bool>,
+    /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
+    #[arg(long, env = "PILOT_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: Option<bool>,
+    /// Owner string sent at registration (an e-mail address, say).
+    #[arg(long, env = "PILOT_OWNER")]
+    pub owner: Option<String>,
+    /// Hostname to claim after registering.
+    #[arg(long, env = "PILOT_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Make the node public (its endpoint visible to everyone). [default: false]
+    #[arg(long, env = "PILOT_PUBLIC")]
+    pub public: Option<bool>,
+    /// Registry heartbeat and NAT keepalive interval (e.g. 30s). [default: 30s]
+    #[arg(long, env = "PILOT_KEEPALIVE")]
+    pub keepalive: Option<String>,
+    /// Close connections idle this long (e.g. 120s). [default: 120s]
+    #[arg(long, env = "PILOT_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Most new inbound connections per second. [default: 100]
+    #[arg(long, env = "PILOT_SYN_RATE_LIMIT")]
+    pub syn_rate_limit: Option<u32>,
+    /// Most connections per local port. [default: 1024]
+    #[arg(long, env = "PILOT_MAX_CONNS_PER_PORT")]
+    pub max_conns_per_port: Option<usize>,
+    /// Most connections in total. [default: 4096]
+    #[arg(long, env = "PILOT_MAX_CONNS_TOTAL")]
+    pub max_conns_total: Option<usize>,
+    /// Registry connection over TLS (needs --registry-fingerprint). [default: false]
+    #[arg(long, env = "PILOT_REGISTRY_TLS")]
+    pub registry_tls: Option<bool>,
+    /// SHA-256 of the registry's certificate, lowercase hex (pins the registry).
+    #[arg(long, env = "PILOT_REGISTRY_FINGERPRINT")]
+    pub registry_fingerprint: Option<String>,
+    /// Webhook URL for daemon events ("" disables).
+    #[arg(long, env = "PILOT_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// Log level (error, warn, info, debug, trace, or a tracing filter). [default: info]
+    #[arg(long, env = "PILOT_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json. [default: text]
+    #[arg(long, env = "PILOT_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    /// Registry address.
+    pub registry: String,
+    /// Beacon address, if NAT traversal through a beacon is on.
+    pub beacon: Option<String>,
+    /// Tunnel socket address.
+    pub listen: SocketAddr,
+    /// Endpoint registered instead of discovering one.
+    pub endpoint: Option<SocketAddr>,
+    /// State directory.
+    pub home: PathBuf,
+    /// Identity file.
+    pub identity: PathBuf,
+    /// IPC socket.
+    pub socket: PathBuf,
+    /// Encrypt tunnels.
+    pub encrypt: bool,
+    /// Accept plaintext from peers with an identity.
+    pub allow_plaintext: bool,
+    /// Owner string.
+    pub owner: Option<String>,
+    /// Hostname to claim.
+    pub hostname: Option<String>,
+    /// Public node.
+    pub public: bool,
+    /// Heartbeat and keepalive interval.
+    #[serde(with = "secs")]
+    pub keepalive: Duration,
+    /// Idle connection timeout.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+    /// New inbound connections per second.
+    pub syn_rate_limit: u32,
+    /// Connections per local port.
+    pub max_conns_per_port: usize,
+    /// Connections in total.
+    pub max_conns_total: usize,
+    /// TLS to the registry.
+    pub registry_tls: bool,
+    /// Pinned registry certificate.
+    pub registry_fingerprint: Option<String>,
+    /// Webhook URL.
+    pub webhook: Option<String>,
+    /// Log filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs_f64()))
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not a JSON object.
+    #[error("config file {path} is not a JSON object: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A key of the config file is not a known setting.
+    #[error("config file {path}: unknown key {key:?}")]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A value does not parse.
+    #[error("{setting}: {reason}")]
+    Invalid {
+        /// The setting (flag name).
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// Parses a duration: a number with a unit (`500ms`, `30s`, `2m`, `1h`, or Go's `1m30s`), or a
+/// bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs_to_duration(secs);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
+        if num_len == 0 {
+            return Err(format!("{s:?} is not a duration (like 30s or 2m)"));
+        }
+        let n: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m or h)")),
+        };
+        rest = &rest[unit_len..];
+        total += n * scale;
+    }
+    secs_to_duration(total)
+}
+
+fn secs_to_duration(secs: f64) -> Result<Duration, String> {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{secs} seconds is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Settings read from a config file, as strings keyed by normalized flag name.
+fn read_file(path: &Path) -> Result<BTreeMap<String, Value>, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ConfigError::Format {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let Value::Object(map) = v else {
+        return Err(ConfigError::Format {
+            path: path.to_owned(),
+            reason: "top level is not an object".into(),
+        });
+    };
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k.trim_start_matches('-').replace('_', "-"), v))
+        .collect())
+}
+
+/// Keys v1 config files may hold that this daemon reads elsewhere or does not need.
+const IGNORED_V1_KEYS: &[&str] = &[
+    "time-wait",
+    "no-echo",
+    "no-dataexchange",
+    "no-eventstream",
+    "log-file",
+];
+
+fn file_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_bool(setting: &'static str, s: &str) -> Result<bool, ConfigError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(invalid(setting, format!("{s:?} is not true or false"))),
+    }
+}
+
+fn parse_socket_addr(setting: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    // v1 writes ":4000" for every address.
+    let s = s.trim();
+    let full = if s.starts_with(':') {
+        format!("[::]{s}")
+    } else {
+        s.to_owned()
+    };
+    full.parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{s:?} is not an address like [::]:4000 or 0.0.0.0:4000"),
+        )
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn default_home() -> PathBuf {
+    if is_root() {
+        return PathBuf::from(SYSTEM_HOME);
+    }
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join(".pilot"),
+        _ => PathBuf::from(".pilot"),
+    }
+}
+
+impl Cli {
+    /// Fills every unset flag from the config file, if any, and the defaults.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => BTreeMap::new(),
+        };
+        if let Some(path) = &self.config {
+            for k in file.keys() {
+                if !KNOWN_KEYS.contains(&k.as_str()) && !IGNORED_V1_KEYS.contains(&k.as_str()) {
+                    return Err(ConfigError::UnknownKey {
+                        path: path.clone(),
+                        key: k.clone(),
+                    });
+                }
+            }
+        }
+        let get = |flag: Option<String>, key: &str| -> Option<String> {
+            flag.or_else(|| file.get(key).and_then(file_str))
+        };
+        let pb = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+
+        let home = get(pb(&self.home), "home")
+            .map(PathBuf::from)
+            .unwrap_or_else(default_home);
+        let identity = get(pb(&self.identity), "identity")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home.join("identity.json"));
+        let socket = get(pb(&self.socket), "socket")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                if is_root() {
+                    PathBuf::from(SYSTEM_SOCKET)
+                } else {
+                    home.join("pilotd.sock")
+                }
+            });
+        let bool_of =
+            |flag: Option<bool>, key: &'static str, default: bool| -> Result<bool, ConfigError> {
+                match flag {
+                    Some(b) => Ok(b),
+                    None => match file.get(key).and_then(file_str) {
+                        Some(s) => parse_bool(key, &s),
+                        None => Ok(default),
+                    },
+                }
+            };
+        let num =
+            |flag: Option<u64>, key: &'static str, default: u64| -> Result<u64, ConfigError> {
+                match flag {
+                    Some(n) => Ok(n),
+                    None => match file.get(key).and_then(file_str) {
+                        Some(s) => s
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(key, format!("{s:?} is not a whole number"))),
+                        None => Ok(default),
+                    },
+                }
+            };
+        let dur = |flag: Option<String>,
+                   key: &'static str,
+                   default: Duration|
+         -> Result<Duration, ConfigError> {
+            match get(flag, key) {
+                Some(s) => parse_duration(&s).map_err(|e| invalid(key, e)),
+                None => Ok(default),
+            }
+        };
+        let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+
+        let listen = parse_socket_addr(
+            "listen",
+            &get(self.listen.clone(), "listen").unwrap_or_else(|| "[::]:4000".into()),
+        )?;
+        let endpoint = nonempty(get(self.endpoint.clone(), "endpoint"))
+            .map(|s| parse_socket_addr("endpoint", &s))
+            .transpose()?;
+        let log_format = match get(self.log_format.clone(), "log-format")
+            .unwrap_or_else(|| "text".into())
+            .as_str()
+        {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format!("{other:?} is not text or json"),
+                ))
+            }
+        };
+        let registry =
+            get(self.registry.clone(), "registry").unwrap_or_else(|| "127.0.0.1:9000".into());
+        if registry.trim().is_empty() {
+            return Err(invalid("registry", "a registry address is required"));
+        }
+        let registry_tls = bool_of(self.registry_tls, "registry-tls", false)?;
+        let registry_fingerprint = nonempty(get(
+            self.registry_fingerprint.clone(),
+            "registry-fingerprint",
+        ));
+        if let Some(fp) = &registry_fingerprint {
+            if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "registry-fingerprint",
+                    "expected 64 hex digits (SHA-256 of the certificate)",
+                ));
+            }
+        }
+        if registry_tls && registry_fingerprint.is_none() {
+            return Err(invalid(
+                "registry-tls",
+                "needs --registry-fingerprint to pin the registry",
+            ));
+        }
+        let keepalive = dur(self.keepalive.clone(), "keepalive", Duration::from_secs(30))?;
+        if keepalive < Duration::from_secs(1) {
+            return Err(invalid("keepalive", "must be at least 1s"));
+        }
+        let max =
+            |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
+        Ok(Config {
+            registry,
+            beacon: nonempty(Some(
+                get(self.beacon.clone(), "beacon").unwrap_or_else(|| "127.0.0.1:9001".into()),
+            )),
+            listen,
+            endpoint,
+            home,
+            identity,
+            socket,
+            encrypt: bool_of(self.encrypt, "encrypt", true)?,
+            allow_plaintext: bool_of(self.allow_plaintext, "allow-plaintext", false)?,
+            owner: nonempty(get(self.owner.clone(), "owner")),
+            hostname: nonempty(get(self.hostname.clone(), "hostname")),
+            public: bool_of(self.public, "public", false)?,
+            keepalive,
+            idle_timeout: dur(
+                self.idle_timeout.clone(),
+                "idle-timeout",
+                Duration::from_secs(120),
+            )?,
+            syn_rate_limit: u32::try_from(num(
+                self.syn_rate_limit.map(u64::from),
+                "syn-rate-limit",
+                100,
+            )?)
+            .map_err(|_| invalid("syn-rate-limit", "too large"))?,
+            max_conns_per_port: max(
+                num(
+                    self.max_conns_per_port.map(|v| v as u64),
+                    "max-conns-per-port",
+                    1024,
+                )?,
+                "max-conns-per-port",
+            )?,
+            max_conns_total: max(
+                num(
+                    self.max_conns_total.map(|v| v as u64),
+                    "max-conns-total",
+                    4096,
+                )?,
+                "max-conns-total",
+            )?,
+            registry_tls,
+            registry_fingerprint,
+            webhook: nonempty(get(self.webhook.clone(), "webhook")),
+            log_level: get(self.log_level.clone(), "log-level").unwrap_or_else(|| "info".into()),
+            log_format,
+        })
+    }
+}
+
+/// Keys a config file may hold (flag names).
+const KNOWN_KEYS: &[&str] = &[
+    "registry",
+    "beacon",
+    "listen",
+    "endpoint",
+    "home",
+    "identity",
+    "socket",
+    "encrypt",
+    "allow-plaintext",
+    "owner",
+    "hostname",
+    "public",
+    "keepalive",
+    "idle-timeout",
+    "syn-rate-limit",
+    "max-conns-per-port",
+    "max-conns-total",
+    "registry-tls",
+    "registry-fingerprint",
+    "webhook",
+    "log-level",
+    "log-format",
+];
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["pilotd"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-3").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn defaults_work() {
+        let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
+        assert_eq!(c.listen, "[::]:4000".parse().unwrap());
+        assert_eq!(c.identity, PathBuf::from("/tmp/x/identity.json"));
+        assert!(c.encrypt && !c.allow_plaintext && !c.public);
+        assert_eq!(c.keepalive, Duration::from_secs(30));
+        assert_eq!(c.beacon.as_deref(), Some("127.0.0.1:9001"));
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(
+            &f,
+            r#"{"registry": "10.0.0.1:9000", "listen": ":4100", "encrypt": "true",
+                "keepalive": "10s", "public": true, "max_conns_total": 12, "no-echo": true,
+                "hostname": "alpha"}"#,
+        )
+        .unwrap();
+        let c = cli(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--hostname",
+            "beta",
+            "--home",
+            "/tmp/y",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.registry, "10.0.0.1:9000");
+        assert_eq!(c.listen, "[::]:4100".parse().unwrap());
+        assert_eq!(c.keepalive, Duration::from_secs(10));
+        assert!(c.public);
+        assert_eq!(c.max_conns_total, 12);
+        assert_eq!(c.hostname.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"keepalive": "often"}"#).unwrap();
+        let e = cli(&["--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("keepalive:"), "{e}");
+        std::fs::write(&f, r#"{"colour": "blue"}"#).unwrap();
+        let e = cli(&["--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown key \"colour\""), "{e}");
+        std::fs::write(&f, "[1]").unwrap();
+        assert!(cli(&["--config", f.to_str().unwrap()]).resolve().is_err());
+        let e = cli(&["--listen", "nowhere"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("listen:"), "{e}");
+        let e = cli(&["--registry-tls", "true"]).resolve().unwrap_err();
+        assert!(e.to_string().contains("fingerprint"), "{e}");
+        let e = cli(&["--log-format", "xml"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("log-format:"), "{e}");
+    }
+}

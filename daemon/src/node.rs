@@ -1,0 +1,166 @@
+//! A running daemon: identity, tunnel socket, registry link and engine, started in order.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::lookup_host;
+use tokio::sync::mpsc;
+use tunnel::stream::{Config as StreamConfig, EndpointConfig};
+use tunnel::Identity;
+
+use crate::config::Config;
+use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
+use crate::registry_link::{self, LinkCmd, LinkConfig};
+use crate::tunnels::{TunnelConfig, Tunnels};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity file.
+    #[error("identity {path}: {reason}")]
+    Identity {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The tunnel socket.
+    #[error("binding the tunnel socket {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The beacon address does not resolve.
+    #[error("beacon address {0}: {1}")]
+    Beacon(String, String),
+}
+
+/// A started daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// How applications reach the engine.
+    pub engine: EngineHandle,
+    /// Requests to the registry on this node's session.
+    pub link: mpsc::Sender<LinkCmd>,
+    /// The tunnel socket's local address.
+    pub udp_addr: SocketAddr,
+    /// Our identity's public key, base64.
+    pub public_key: String,
+    /// Handshake events pushed by the registry, for the trust service.
+    pub pushes: Option<mpsc::Receiver<serde_json::Value>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    lookup_host(addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "no address".to_owned())
+}
+
+impl Daemon {
+    /// Starts the daemon's parts; registration then proceeds in the background.
+    pub async fn start(config: &Config) -> Result<Daemon, StartError> {
+        let (identity, created) = Identity::load_or_create(&config.identity, &mut rand_core::OsRng)
+            .map_err(|e| StartError::Identity {
+                path: config.identity.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if created {
+            tracing::info!(path = %config.identity.display(), "created a new identity");
+        }
+        let socket = bind_udp(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let udp_addr = socket.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let beacon = match &config.beacon {
+            Some(b) => Some(
+                resolve(b)
+                    .await
+                    .map_err(|e| StartError::Beacon(b.clone(), e))?,
+            ),
+            None => None,
+        };
+        let tunnels = Tunnels::new(
+            0,
+            identity.signing_key().clone(),
+            TunnelConfig {
+                refuse_plaintext: !config.allow_plaintext,
+                beacon,
+            },
+        );
+        let (link_tx, link_rx) = mpsc::channel(1024);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let listen_port = config.endpoint.map_or(udp_addr.port(), |e| e.port());
+        let link_config = LinkConfig {
+            registry: config.registry.clone(),
+            identity: identity.signing_key().clone(),
+            listen_port,
+            owner: config.owner.clone(),
+            hostname: config.hostname.clone(),
+            public: config.public,
+            keepalive: config.keepalive,
+        };
+        let (push_tx, push_rx) = mpsc::channel(256);
+        tokio::spawn(registry_link::run(link_config, link_rx, ev_tx, push_tx));
+        let stream = StreamConfig {
+            idle_timeout: config.idle_timeout,
+            ..StreamConfig::default()
+        };
+        let (engine, handle) = Engine::new(
+            socket,
+            tunnels,
+            EngineConfig {
+                endpoint: EndpointConfig {
+                    stream,
+                    max_conns_per_port: config.max_conns_per_port,
+                    max_conns: config.max_conns_total,
+                    ..EndpointConfig::default()
+                },
+                beacon,
+                endpoint_override: config.endpoint,
+            },
+            link_tx.clone(),
+            ev_rx,
+        );
+        let task = tokio::spawn(engine.run());
+        tracing::info!(udp = %udp_addr, registry = %config.registry, "daemon started");
+        Ok(Daemon {
+            engine: handle,
+            link: link_tx,
+            udp_addr,
+            public_key: identity.public_key_base64(),
+            pushes: Some(push_rx),
+            task,
+        })
+    }
+
+    /// Waits until the node is registered; returns its node ID.
+    pub async fn registered(&self, timeout: Duration) -> Option<u32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(info) = self.engine.info().await {
+                if let Some(n) = info.get("node_id").and_then(|v| v.as_u64()) {
+                    if n != 0 {
+                        return u32::try_from(n).ok();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Finishes every connection (FIN) and stops.
+    pub async fn shutdown(self) {
+        let _ = self.engine.send(Cmd::Shutdown).await;
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,299 @@
+//! The daemon's link to the registry: registers with a proof of its key (so the session is
+//! authenticated and no replayable fixed-string signature is ever sent), heartbeats, keeps a
+//! second connection watching for pushed handshake events, answers key and endpoint lookups
+//! for the engine, and reconnects with backoff. It runs as its own task: nothing here is ever
+//! awaited on the packet path; the engine sends commands and receives events.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use pilot_registry::client::{Client, ClientError};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+/// Backoff between reconnection attempts: doubles from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
+/// How long one registry request may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the link needs to know.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Registry address.
+    pub registry: String,
+    /// Identity key.
+    pub identity: SigningKey,
+    /// The UDP port to register (the registry keeps our TCP source IP).
+    pub listen_port: u16,
+    /// Owner string.
+    pub owner: Option<String>,
+    /// Hostname to claim.
+    pub hostname: Option<String>,
+    /// Make the node public.
+    pub public: bool,
+    /// Heartbeat interval.
+    pub keepalive: Duration,
+}
+
+/// A request from the engine or the IPC server.
+#[derive(Debug)]
+pub enum LinkCmd {
+    /// The registered key of a node.
+    Lookup(u32),
+    /// A node's endpoint (subject to the registry's resolve rule).
+    Resolve(u32),
+    /// Any request, answered on the channel. The link fills `node_id` fields signed by this
+    /// node's session.
+    Call(Value, oneshot::Sender<Result<Value, String>>),
+}
+
+/// What the link reports.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// Registered (again): our node ID and the registry's reply.
+    Registered {
+        /// Our node ID.
+        node: u32,
+        /// The `register_ok` reply.
+        reply: Value,
+    },
+    /// A heartbeat succeeded (time to refresh the beacon mapping).
+    Heartbeat,
+    /// The registered key of a node, or `None` if it is unknown.
+    Key(u32, Option<[u8; 32]>),
+    /// A node's endpoint, or why it cannot be had.
+    Endpoint(u32, Result<SocketAddr, String>),
+    /// The registry connection broke; reconnecting.
+    Disconnected(String),
+}
+
+/// Runs the link until `cmds` closes. Pushed handshake events (`handshake_request`,
+/// `handshake_response`) go to `pushes`.
+pub async fn run(
+    config: LinkConfig,
+    mut cmds: mpsc::Receiver<LinkCmd>,
+    events: mpsc::Sender<LinkEvent>,
+    pushes: mpsc::Sender<Value>,
+) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        match session(&config, &mut cmds, &events, &pushes).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(registry = %config.registry, error = %e, "registry link down; reconnecting");
+                if events
+                    .send(LinkEvent::Disconnected(e.to_string()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        // Commands that arrive while down are answered at once rather than left waiting.
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                c = cmds.recv() => match c {
+                    None => return,
+                    Some(c) => fail(c, "registry unreachable", &events).await,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+async fn fail(cmd: LinkCmd, why: &str, events: &mpsc::Sender<LinkEvent>) {
+    match cmd {
+        LinkCmd::Lookup(n) => {
+            let _ = events.send(LinkEvent::Key(n, None)).await;
+        }
+        LinkCmd::Resolve(n) => {
+            let _ = events.send(LinkEvent::Endpoint(n, Err(why.into()))).await;
+        }
+        LinkCmd::Call(_, reply) => {
+            let _ = reply.send(Err(why.into()));
+        }
+    }
+}
+
+async fn call(c: &mut Client<tokio::net::TcpStream>, v: &Value) -> Result<Value, ClientError> {
+    match tokio::time::timeout(CALL_TIMEOUT, c.call(v)).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "registry request timed out",
+        ))),
+    }
+}
+
+fn refused(e: &ClientError) -> bool {
+    matches!(e, ClientError::Refused { .. })
+}
+
+/// One connected session; returns `Ok` only when the command channel closed.
+async fn session(
+    config: &LinkConfig,
+    cmds: &mut mpsc::Receiver<LinkCmd>,
+    events: &mpsc::Sender<LinkEvent>,
+    pushes: &mpsc::Sender<Value>,
+) -> Result<(), ClientError> {
+    let mut c = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&config.registry))
+        .await
+        .map_err(|_| {
+            ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })??;
+    let listen = format!("0.0.0.0:{}", config.listen_port);
+    let reply = tokio::time::timeout(
+        CALL_TIMEOUT,
+        c.register_proven(&config.identity, &listen, config.hostname.as_deref()),
+    )
+    .await
+    .map_err(|_| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "register timed out",
+        ))
+    })??;
+    let node = reply
+        .get("node_id")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(ClientError::Closed)?;
+    if let Some(e) = reply.get("hostname_error").and_then(Value::as_str) {
+        tracing::warn!(error = e, "hostname not set");
+    }
+    if config.owner.is_some() {
+        tracing::debug!(
+            "owner strings are sent only with v1 registration; ignored with a proven one"
+        );
+    }
+    if config.public {
+        if let Err(e) = call(
+            &mut c,
+            &json!({"type": "set_visibility", "node_id": node, "public": true}),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "could not make the node public");
+        }
+    }
+    let address = reply
+        .get("address")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    tracing::info!(node, %address, "registered");
+    if events
+        .send(LinkEvent::Registered { node, reply })
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let watcher = tokio::spawn(watch(config.clone(), node, pushes.clone()));
+    let _guard = AbortOnDrop(watcher);
+    let mut tick = tokio::time::interval(config.keepalive);
+    tick.tick().await;
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                match call(&mut c, &json!({"type": "heartbeat", "node_id": node})).await {
+                    Ok(_) => {
+                        failures = 0;
+                        let _ = events.send(LinkEvent::Heartbeat).await;
+                    }
+                    Err(e) if refused(&e) => {
+                        // Reaped or unknown: register again on a fresh session.
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= 3 {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { return Ok(()) };
+                match cmd {
+                    LinkCmd::Lookup(n) => {
+                        let r = call(&mut c, &json!({"type": "lookup", "node_id": n})).await;
+                        let key = match &r {
+                            Ok(v) => v.get("public_key").and_then(Value::as_str).and_then(|k| pilot_registry::auth::decode_key(k).ok()),
+                            Err(e) if refused(e) => None,
+                            Err(_) => { fail(LinkCmd::Lookup(n), "registry unreachable", events).await; return r.map(drop); }
+                        };
+                        let _ = events.send(LinkEvent::Key(n, key)).await;
+                    }
+                    LinkCmd::Resolve(n) => {
+                        let r = call(&mut c, &json!({"type": "resolve", "node_id": n, "requester_id": node})).await;
+                        let ep = match &r {
+                            Ok(v) => v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| "registry gave no endpoint".to_owned()),
+                            Err(ClientError::Refused { message, .. }) => Err(message.clone()),
+                            Err(_) => { fail(LinkCmd::Resolve(n), "registry unreachable", events).await; return r.map(drop); }
+                        };
+                        let _ = events.send(LinkEvent::Endpoint(n, ep)).await;
+                    }
+                    LinkCmd::Call(mut v, reply) => {
+                        if let Some(o) = v.as_object_mut() {
+                            for k in ["node_id", "from_node_id", "requester_id"] {
+                                if o.get(k).is_some_and(Value::is_null) {
+                                    o.insert(k.into(), json!(node));
+                                }
+                            }
+                        }
+                        let r = call(&mut c, &v).await;
+                        match r {
+                            Ok(v) => { let _ = reply.send(Ok(v)); }
+                            Err(ClientError::Refused { message, .. }) => { let _ = reply.send(Err(message)); }
+                            Err(e) => { let _ = reply.send(Err(e.to_string())); return Err(e); }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A second connection, authenticated as `node`, receiving pushed handshake events.
+async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        let r: Result<(), ClientError> = async {
+            let mut c = Client::connect(&config.registry).await?;
+            c.authenticate(node, &config.identity).await?;
+            c.call(&json!({"type": "watch"})).await?;
+            loop {
+                let ev = c.next().await?;
+                if pushes.send(ev).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "registry watch ended; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}

@@ -1,0 +1,1031 @@
+//! The tunnel layer: one UDP socket's worth of peers, their crypto sessions and their paths
+//! (direct, or relayed through the beacon). Time comes in as an argument and datagrams go out
+//! through [`Tunnels::poll_transmit`] or into caller buffers, so every rule here is tested
+//! without sockets.
+//!
+//! ```text
+//! datagram in -> handle() -> beacon message   -> DiscoverReply / PunchCommand / RelayDeliver
+//!                         -> PILA             -> verify against the registry key -> session
+//!                         -> PILS             -> open in place -> inner packet (source bound)
+//!                         -> PILT / PILK      -> refused unless plaintext is allowed
+//! packet out -> seal() in place -> direct, or behind a 9-byte Relay header to the beacon
+//! ```
+//!
+//! Stricter than v1 (docs/COMPAT.md): PILT is refused by default; the inner source node must
+//! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
+//! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
+//! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
+//! a relayed peer is probed for a direct path and moves back when one works.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rand_core::OsRng;
+use tunnel::crypto::{build_auth_key_exchange, verify_auth_key_exchange, OpenError, Session};
+use tunnel::wire::beacon::{self as bw, BeaconMessage, RELAY_HEADER_LEN};
+use tunnel::wire::frame::{
+    AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_PUNCH, TAG_LEN,
+    X25519_KEY_LEN,
+};
+use tunnel::wire::header::{Packet, HEADER_LEN};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Bytes in front of a packet in a send buffer: room for a Relay header and the PILS header.
+pub const HEADROOM: usize = RELAY_HEADER_LEN + ENCRYPTED_HEADER_LEN;
+/// Bytes after a packet in a send buffer.
+pub const TAILROOM: usize = TAG_LEN;
+
+/// Without an answer on the direct path for this long, a peer is tried through the relay.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a relayed peer is probed for a direct path.
+pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Least time between two PILA we send one peer unprompted or in answer.
+pub const PILA_INTERVAL: Duration = Duration::from_secs(1);
+/// A peer silent for this long in both directions is forgotten.
+pub const PEER_IDLE: Duration = Duration::from_secs(600);
+/// Packets queued per peer while its session is being set up.
+pub const QUEUE_PER_PEER: usize = 64;
+/// PILA held while the sender's key is looked up.
+pub const MAX_PENDING_PILA: usize = 256;
+
+/// How a peer is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// Straight to its endpoint.
+    Direct,
+    /// Through the beacon's relay.
+    Relay,
+}
+
+#[derive(Debug)]
+struct Peer {
+    endpoint: Option<SocketAddr>,
+    path: Path,
+    session: Option<Session>,
+    peer_x25519: Option<[u8; X25519_KEY_LEN]>,
+    last_rx: Option<Instant>,
+    last_direct_rx: Option<Instant>,
+    last_tx: Instant,
+    /// First send since the last thing we heard from the peer.
+    unanswered_since: Option<Instant>,
+    last_pila: Option<Instant>,
+    last_probe: Option<Instant>,
+    queue: VecDeque<Vec<u8>>,
+    stats: PeerStats,
+}
+
+/// Counters of one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerStats {
+    /// Packets sealed to the peer.
+    pub pkts_sent: u64,
+    /// Packets opened from the peer.
+    pub pkts_recv: u64,
+    /// Frame bytes sent.
+    pub bytes_sent: u64,
+    /// Frame bytes received.
+    pub bytes_recv: u64,
+    /// Times the path changed.
+    pub path_changes: u64,
+}
+
+/// What the caller sees of a peer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerView {
+    /// Node ID.
+    pub node: u32,
+    /// Direct endpoint, if known.
+    pub endpoint: Option<SocketAddr>,
+    /// Current path.
+    pub path: Path,
+    /// A session exists.
+    pub encrypted: bool,
+    /// The session's key exchange was signed by the registered key (always, when encrypted).
+    pub authenticated: bool,
+    /// Counters.
+    pub stats: PeerStats,
+}
+
+/// Why a datagram was dropped. Each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drop {
+    /// Not a frame at all, or truncated.
+    Malformed,
+    /// A beacon message from an address that is not the beacon.
+    NotFromBeacon,
+    /// A beacon message a node never receives.
+    UnexpectedBeacon,
+    /// PILT while plaintext is refused.
+    Plaintext,
+    /// PILK (anonymous key exchange) while plaintext is refused.
+    AnonymousKeyExchange,
+    /// PILA whose key or signature is wrong.
+    BadKeyExchange,
+    /// PILA from ourselves, or carrying a low-order key.
+    InvalidKeyExchange,
+    /// PILA from a node whose key lookup is already pending and the table is full.
+    PendingFull,
+    /// PILS from a peer without a session.
+    NoSession,
+    /// PILS that does not open (forged, or sealed under a session we do not have).
+    Undecryptable,
+    /// PILS refused by the replay window or from a retired sender context.
+    Replayed,
+    /// The inner packet's source is not the peer that sealed it.
+    SpoofedSource,
+    /// The inner packet does not parse.
+    BadInner,
+    /// PILP (punch packets carry nothing).
+    Punch,
+    /// A frame addressed from our own node ID.
+    FromSelf,
+}
+
+/// The outcome of one received datagram.
+#[derive(Debug)]
+pub enum Received {
+    /// A packet for the stream engine: `buf[range]` holds it (header and payload), from `peer`.
+    Packet {
+        /// The authenticated peer.
+        peer: u32,
+        /// Where the packet is inside the caller's buffer.
+        range: std::ops::Range<usize>,
+    },
+    /// The beacon reported our public endpoint.
+    Discovered(SocketAddr),
+    /// The key of `node` is needed to check its key exchange; look it up and call
+    /// [`Tunnels::set_key`].
+    NeedKey(u32),
+    /// Handled inside (a key exchange, a punch command).
+    Handled,
+    /// Dropped and counted.
+    Dropped(Drop),
+}
+
+/// What sending a packet did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Sealed in place: send `buf[range]` to `dst`.
+    Now {
+        /// Where.
+        dst: SocketAddr,
+        /// The frame inside the caller's buffer.
+        range: (usize, usize),
+    },
+    /// Queued until the session is ready; a key exchange is under way.
+    Queued,
+    /// The peer's endpoint is unknown: resolve it and call [`Tunnels::set_endpoint`]; the
+    /// packet is queued.
+    NeedEndpoint,
+    /// Dropped (queue full, or no way to reach the peer).
+    Dropped,
+}
+
+/// One control datagram to send (key exchanges, punches, beacon requests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Settings of the tunnel layer.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Refuse PILT and PILK from peers (default true).
+    pub refuse_plaintext: bool,
+    /// The beacon, for discovery, punching and relay.
+    pub beacon: Option<SocketAddr>,
+}
+
+/// The peer table of one node.
+pub struct Tunnels {
+    me: u32,
+    identity: SigningKey,
+    secret: StaticSecret,
+    public: [u8; X25519_KEY_LEN],
+    config: TunnelConfig,
+    peers: HashMap<u32, Peer>,
+    keys: HashMap<u32, VerifyingKey>,
+    pending_pila: HashMap<u32, (SocketAddr, bool, AuthKeyExchangeRepr)>,
+    out: VecDeque<Transmit>,
+    drops: HashMap<Drop, u64>,
+    /// Our PILA for the current node ID (it changes only with the node ID).
+    pila: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tunnels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnels")
+            .field("me", &self.me)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tunnels {
+    /// A peer table for node `me` (0 until registered) with a fresh X25519 key.
+    pub fn new(me: u32, identity: SigningKey, config: TunnelConfig) -> Self {
+        let secret = StaticSecret::random_from_rng(OsRng);
+        let public = PublicKey::from(&secret).to_bytes();
+        Tunnels {
+            me,
+            identity,
+            secret,
+            public,
+            config,
+            peers: HashMap::new(),
+            keys: HashMap::new(),
+            pending_pila: HashMap::new(),
+            out: VecDeque::new(),
+            drops: HashMap::new(),
+            pila: Vec::new(),
+        }
+        .with_pila()
+    }
+
+    fn with_pila(mut self) -> Self {
+        self.pila = build_auth_key_exchange(&self.identity, self.me, &self.public)
+            .to_bytes()
+            .to_vec();
+        self
+    }
+
+    /// Our node ID.
+    pub fn node(&self) -> u32 {
+        self.me
+    }
+
+    /// Sets our node ID (after registration). Sessions name the old ID in their headers, so
+    /// a change drops them all.
+    pub fn set_node(&mut self, me: u32) {
+        if me != self.me {
+            self.me = me;
+            self.pila = build_auth_key_exchange(&self.identity, me, &self.public)
+                .to_bytes()
+                .to_vec();
+            for p in self.peers.values_mut() {
+                p.session = None;
+                p.peer_x25519 = None;
+            }
+        }
+    }
+
+    /// A signed Discover for the beacon (v1 beacons read it as a plain one).
+    pub fn signed_discover(&self, unix_ms: u64) -> [u8; bw::SIGNED_DISCOVER_LEN] {
+        bw::signed_discover(&self.identity, self.me, unix_ms)
+    }
+
+    /// The beacon address.
+    pub fn beacon(&self) -> Option<SocketAddr> {
+        self.config.beacon
+    }
+
+    /// Records the registered key of `node`. A PILA that was waiting for it is processed now.
+    pub fn set_key(&mut self, now: Instant, node: u32, key: VerifyingKey) {
+        if self.keys.get(&node) != Some(&key) {
+            // A rotated key invalidates the session made under the old one.
+            if self.keys.insert(node, key).is_some() {
+                if let Some(p) = self.peers.get_mut(&node) {
+                    p.session = None;
+                    p.peer_x25519 = None;
+                }
+            }
+        }
+        if let Some((src, relayed, pila)) = self.pending_pila.remove(&node) {
+            let _ = self.accept_pila(now, src, relayed, &pila);
+        }
+    }
+
+    /// Whether the registered key of `node` is known.
+    pub fn has_key(&self, node: u32) -> bool {
+        self.keys.contains_key(&node)
+    }
+
+    /// Forgets a failed key lookup's waiting PILA.
+    pub fn key_unavailable(&mut self, node: u32) {
+        self.pending_pila.remove(&node);
+    }
+
+    /// Sets the direct endpoint of `node` (from the registry) and starts the key exchange:
+    /// a punch request through the beacon and our PILA straight to the endpoint.
+    pub fn set_endpoint(&mut self, now: Instant, node: u32, endpoint: SocketAddr) {
+        let p = self.peer(now, node);
+        p.endpoint = Some(endpoint);
+        self.punch_request(node);
+        self.send_pila(now, node, true);
+    }
+
+    /// Drops everything about `node` (trust revoked).
+    pub fn remove(&mut self, node: u32) {
+        self.peers.remove(&node);
+        self.pending_pila.remove(&node);
+    }
+
+    /// The peers, for status output.
+    pub fn peers(&self) -> Vec<PeerView> {
+        let mut v: Vec<PeerView> = self
+            .peers
+            .iter()
+            .map(|(&node, p)| PeerView {
+                node,
+                endpoint: p.endpoint,
+                path: p.path,
+                encrypted: p.session.is_some(),
+                authenticated: p.session.is_some(),
+                stats: p.stats,
+            })
+            .collect();
+        v.sort_by_key(|p| p.node);
+        v
+    }
+
+    /// The path to `node`, if it is a peer.
+    pub fn path(&self, node: u32) -> Option<Path> {
+        self.peers.get(&node).map(|p| p.path)
+    }
+
+    /// Drop counters.
+    pub fn drops(&self) -> Vec<(Drop, u64)> {
+        let mut v: Vec<_> = self.drops.iter().map(|(&k, &n)| (k, n)).collect();
+        v.sort();
+        v
+    }
+
+    /// The next control datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    fn drop(&mut self, why: Drop) -> Received {
+        *self.drops.entry(why).or_default() += 1;
+        Received::Dropped(why)
+    }
+
+    fn peer(&mut self, now: Instant, node: u32) -> &mut Peer {
+        self.peers.entry(node).or_insert_with(|| Peer {
+            endpoint: None,
+            path: Path::Direct,
+            session: None,
+            peer_x25519: None,
+            last_rx: None,
+            last_direct_rx: None,
+            last_tx: now,
+            unanswered_since: None,
+            last_pila: None,
+            last_probe: None,
+            queue: VecDeque::new(),
+            stats: PeerStats::default(),
+        })
+    }
+
+    /// Handles one datagram from `src`. Decrypts in place: a packet is returned as a range of
+    /// `buf`.
+    pub fn handle(&mut self, now: Instant, src: SocketAddr, buf: &mut [u8]) -> Received {
+        self.handle_at(now, src, buf, 0, false)
+    }
+
+    fn handle_at(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        buf: &mut [u8],
+        offset: usize,
+        relayed: bool,
+    ) -> Received {
+        let Some(frame_bytes) = buf.get(offset..) else {
+            return self.drop(Drop::Malformed);
+        };
+        let frame = match Frame::parse(frame_bytes) {
+            Ok(f) => f,
+            Err(_) => return self.drop(Drop::Malformed),
+        };
+        match frame {
+            Frame::Beacon(b) => {
+                if relayed || Some(src) != self.config.beacon {
+                    return self.drop(Drop::NotFromBeacon);
+                }
+                match BeaconMessage::parse(b) {
+                    Ok(BeaconMessage::DiscoverReply { endpoint }) => Received::Discovered(endpoint),
+                    Ok(BeaconMessage::PunchCommand { endpoint }) => {
+                        for _ in 0..3 {
+                            self.out.push_back(Transmit {
+                                dst: endpoint,
+                                bytes: MAGIC_PUNCH.to_vec(),
+                            });
+                        }
+                        Received::Handled
+                    }
+                    Ok(BeaconMessage::RelayDeliver { sender, .. }) => {
+                        if sender == self.me {
+                            return self.drop(Drop::FromSelf);
+                        }
+                        self.handle_at(now, src, buf, offset + bw::RELAY_DELIVER_HEADER_LEN, true)
+                    }
+                    Ok(_) => self.drop(Drop::UnexpectedBeacon),
+                    Err(_) => self.drop(Drop::Malformed),
+                }
+            }
+            Frame::Punch => self.drop(Drop::Punch),
+            Frame::Plain(_) => self.drop(Drop::Plaintext),
+            Frame::KeyExchange(k) => {
+                // Anonymous key exchange: answer with our signed one so a v1 peer uses it.
+                let node = k.node();
+                if self.config.refuse_plaintext && node != self.me && node != 0 {
+                    if relayed {
+                        self.peer(now, node).path = Path::Relay;
+                    } else if self.peers.get(&node).is_some_and(|p| p.endpoint.is_none()) {
+                        self.peer(now, node).endpoint = Some(src);
+                    }
+                    self.send_pila(now, node, false);
+                }
+                self.drop(Drop::AnonymousKeyExchange)
+            }
+            Frame::AuthKeyExchange(a) => {
+                let pila = AuthKeyExchangeRepr::parse(&a);
+                if pila.node == self.me || pila.node == 0 {
+                    return self.drop(Drop::FromSelf);
+                }
+                if !self.keys.contains_key(&pila.node) {
+                    if self.pending_pila.len() >= MAX_PENDING_PILA
+                        && !self.pending_pila.contains_key(&pila.node)
+                    {
+                        return self.drop(Drop::PendingFull);
+                    }
+                    self.pending_pila.insert(pila.node, (src, relayed, pila));
+                    return Received::NeedKey(pila.node);
+                }
+                match self.accept_pila(now, src, relayed, &pila) {
+                    Ok(()) => Received::Handled,
+                    Err(d) => self.drop(d),
+                }
+            }
+            Frame::Encrypted(e) => {
+                let node = e.node();
+                if node == self.me {
+                    return self.drop(Drop::FromSelf);
+                }
+                let Some(peer) = self.peers.get_mut(&node) else {
+                    self.answer_unknown_session(now, node, src, relayed);
+                    return self.drop(Drop::NoSession);
+                };
+                let Some(session) = peer.session.as_mut() else {
+                    self.answer_unknown_session(now, node, src, relayed);
+                    return self.drop(Drop::NoSession);
+                };
+                let frame_len = frame_bytes.len();
+                let Some(frame_mut) = buf.get_mut(offset..) else {
+                    return self.drop(Drop::Malformed);
+                };
+                let inner_len = match session.open(frame_mut) {
+                    Ok(inner) => inner.len(),
+                    Err(OpenError::Authentication) => {
+                        self.answer_unknown_session(now, node, src, relayed);
+                        return self.drop(Drop::Undecryptable);
+                    }
+                    Err(OpenError::Replay(_) | OpenError::RetiredPrefix) => {
+                        return self.drop(Drop::Replayed)
+                    }
+                    Err(_) => return self.drop(Drop::Undecryptable),
+                };
+                let start = offset + ENCRYPTED_HEADER_LEN;
+                let range = start..start + inner_len;
+                let src_node = match buf.get(range.clone()).map(Packet::new_checked) {
+                    Some(Ok(p)) => p.src_addr().node,
+                    _ => return self.drop(Drop::BadInner),
+                };
+                if src_node != node {
+                    return self.drop(Drop::SpoofedSource);
+                }
+                let peer = self.peer(now, node);
+                peer.stats.pkts_recv += 1;
+                peer.stats.bytes_recv += frame_len as u64;
+                peer.last_rx = Some(now);
+                peer.unanswered_since = None;
+                if !relayed {
+                    // An authenticated, replay-checked frame: its source is where the peer is
+                    // now (roaming), and the direct path works.
+                    peer.last_direct_rx = Some(now);
+                    peer.endpoint = Some(src);
+                    if peer.path == Path::Relay {
+                        peer.path = Path::Direct;
+                        peer.stats.path_changes += 1;
+                    }
+                } else if peer.path == Path::Direct
+                    && peer
+                        .last_direct_rx
+                        .is_none_or(|t| now.duration_since(t) > DIRECT_TIMEOUT)
+                {
+                    peer.path = Path::Relay;
+                    peer.stats.path_changes += 1;
+                }
+                Received::Packet { peer: node, range }
+            }
+        }
+    }
+
+    /// A PILS we cannot open: the peer has a session we lost (we restarted). Our PILA, at most
+    /// once per interval, makes it re-key without waiting for us to send first.
+    fn answer_unknown_session(&mut self, now: Instant, node: u32, src: SocketAddr, relayed: bool) {
+        if !self.keys.contains_key(&node) && self.peers.len() > 4096 {
+            return;
+        }
+        let p = self.peer(now, node);
+        if relayed {
+            p.path = Path::Relay;
+        } else if p.endpoint.is_none() {
+            p.endpoint = Some(src);
+        }
+        self.send_pila(now, node, false);
+    }
+
+    fn accept_pila(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        relayed: bool,
+        pila: &AuthKeyExchangeRepr,
+    ) -> Result<(), Drop> {
+        let key = self.keys.get(&pila.node).ok_or(Drop::BadKeyExchange)?;
+        verify_auth_key_exchange(pila, key).map_err(|_| Drop::BadKeyExchange)?;
+        let me = self.me;
+        let new_key = self
+            .peers
+            .get(&pila.node)
+            .is_none_or(|p| p.peer_x25519 != Some(pila.x25519_public) || p.session.is_none());
+        if new_key {
+            let session = Session::new(me, &self.secret, &pila.x25519_public, &mut OsRng)
+                .map_err(|_| Drop::InvalidKeyExchange)?;
+            let p = self.peer(now, pila.node);
+            p.session = Some(session);
+            p.peer_x25519 = Some(pila.x25519_public);
+            // A new key is a (re)started peer: its source is where it is. A replay of an old
+            // PILA carries a key we already hold and moves nothing.
+            if relayed {
+                if p.last_direct_rx.is_none() {
+                    p.path = Path::Relay;
+                }
+            } else {
+                p.endpoint = Some(src);
+            }
+        } else if !relayed {
+            let p = self.peer(now, pila.node);
+            if p.endpoint.is_none() {
+                p.endpoint = Some(src);
+            }
+        }
+        let p = self.peer(now, pila.node);
+        p.last_rx = Some(now);
+        p.unanswered_since = None;
+        // Answer: at once for a new key, otherwise at most once per interval (the peer sends a
+        // PILA when it lacks our key, so it probably lost it).
+        if new_key {
+            p.last_pila = None;
+        }
+        self.send_pila_via(now, pila.node, !relayed, Some(src).filter(|_| !relayed));
+        self.flush_queue(now, pila.node);
+        Ok(())
+    }
+
+    fn pila_bytes(&self) -> Vec<u8> {
+        self.pila.clone()
+    }
+
+    /// Sends our PILA to `node` over its path, at most once per [`PILA_INTERVAL`] unless
+    /// `force`.
+    fn send_pila(&mut self, now: Instant, node: u32, force: bool) {
+        self.send_pila_via(now, node, force, None);
+    }
+
+    fn send_pila_via(&mut self, now: Instant, node: u32, force: bool, to: Option<SocketAddr>) {
+        if self.me == 0 {
+            return;
+        }
+        let bytes = self.pila_bytes();
+        let Some(p) = self.peers.get_mut(&node) else {
+            return;
+        };
+        if !force
+            && p.last_pila
+                .is_some_and(|t| now.duration_since(t) < PILA_INTERVAL)
+        {
+            return;
+        }
+        p.last_pila = Some(now);
+        let dst = match (to, p.path, p.endpoint, self.config.beacon) {
+            (Some(to), _, _, _) => Some((to, false)),
+            (None, Path::Direct, Some(ep), _) => Some((ep, false)),
+            (None, Path::Relay, _, Some(b)) => Some((b, true)),
+            (None, Path::Direct, None, Some(b)) => Some((b, true)),
+            _ => None,
+        };
+        match dst {
+            Some((dst, false)) => self.out.push_back(Transmit { dst, bytes }),
+            Some((dst, true)) => {
+                let mut v = Vec::with_capacity(RELAY_HEADER_LEN + bytes.len());
+                v.extend_from_slice(&relay_header(self.me, node));
+                v.extend_from_slice(&bytes);
+                self.out.push_back(Transmit { dst, bytes: v });
+            }
+            None => {}
+        }
+    }
+
+    fn punch_request(&mut self, target: u32) {
+        if let (Some(b), true) = (self.config.beacon, self.me != 0) {
+            let mut bytes = vec![0u8; 9];
+            let m = BeaconMessage::PunchRequest {
+                requester: self.me,
+                target,
+            };
+            if let Ok(n) = m.emit(&mut bytes) {
+                bytes.truncate(n);
+                self.out.push_back(Transmit { dst: b, bytes });
+            }
+        }
+    }
+
+    /// Seals the packet at `buf[HEADROOM..HEADROOM + len]` for `node` in place. The buffer
+    /// needs [`TAILROOM`] bytes after the packet.
+    pub fn seal(&mut self, now: Instant, node: u32, buf: &mut [u8], len: usize) -> Sent {
+        let me = self.me;
+        let beacon = self.config.beacon;
+        let p = self.peer(now, node);
+        p.last_tx = now;
+        if p.unanswered_since.is_none() {
+            p.unanswered_since = Some(now);
+        }
+        let Some(session) = p.session.as_mut() else {
+            if p.queue.len() >= QUEUE_PER_PEER {
+                p.queue.pop_front();
+            }
+            let Some(packet) = buf.get(HEADROOM..HEADROOM + len) else {
+                return Sent::Dropped;
+            };
+            p.queue.push_back(packet.to_vec());
+            if p.endpoint.is_none() && p.path == Path::Direct {
+                return Sent::NeedEndpoint;
+            }
+            self.send_pila(now, node, false);
+            return Sent::Queued;
+        };
+        let Some(frame_buf) = buf.get_mut(RELAY_HEADER_LEN..) else {
+            return Sent::Dropped;
+        };
+        let Ok(n) = session.seal(frame_buf, len) else {
+            // Counter exhausted: a new key exchange replaces the session.
+            p.session = None;
+            p.peer_x25519 = None;
+            return Sent::Dropped;
+        };
+        p.stats.pkts_sent += 1;
+        p.stats.bytes_sent += n as u64;
+        match (p.path, p.endpoint, beacon) {
+            (Path::Direct, Some(ep), _) => Sent::Now {
+                dst: ep,
+                range: (RELAY_HEADER_LEN, RELAY_HEADER_LEN + n),
+            },
+            (_, _, Some(b)) => {
+                buf[..RELAY_HEADER_LEN].copy_from_slice(&relay_header(me, node));
+                p.stats.bytes_sent += RELAY_HEADER_LEN as u64;
+                Sent::Now {
+                    dst: b,
+                    range: (0, RELAY_HEADER_LEN + n),
+                }
+            }
+            _ => Sent::Dropped,
+        }
+    }
+
+    /// Sends queued packets of `node` now that its session is ready.
+    fn flush_queue(&mut self, now: Instant, node: u32) {
+        let Some(p) = self.peers.get_mut(&node) else {
+            return;
+        };
+        let queued: Vec<Vec<u8>> = p.queue.drain(..).collect();
+        for packet in queued {
+            let mut buf = vec![0u8; HEADROOM + packet.len() + TAILROOM];
+            buf[HEADROOM..HEADROOM + packet.len()].copy_from_slice(&packet);
+            if let Sent::Now { dst, range } = self.seal(now, node, &mut buf, packet.len()) {
+                self.out.push_back(Transmit {
+                    dst,
+                    bytes: buf[range.0..range.1].to_vec(),
+                });
+            }
+        }
+    }
+
+    /// Runs timers: moves silent direct peers to the relay, probes relayed peers for a direct
+    /// path, and forgets idle peers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let beacon = self.config.beacon;
+        let mut pila = Vec::new();
+        let mut probe = Vec::new();
+        self.peers.retain(|_, p| {
+            let last = p.last_rx.unwrap_or(p.last_tx).max(p.last_tx);
+            now.duration_since(last) < PEER_IDLE
+        });
+        for (&node, p) in self.peers.iter_mut() {
+            match p.path {
+                Path::Direct => {
+                    let stuck = p
+                        .unanswered_since
+                        .is_some_and(|t| now.duration_since(t) >= DIRECT_TIMEOUT);
+                    let direct_silent = p
+                        .last_direct_rx
+                        .is_none_or(|t| now.duration_since(t) >= DIRECT_TIMEOUT);
+                    if stuck && direct_silent && beacon.is_some() {
+                        p.path = Path::Relay;
+                        p.stats.path_changes += 1;
+                        p.last_probe = Some(now);
+                        p.last_pila = None;
+                        pila.push(node);
+                    }
+                }
+                Path::Relay => {
+                    let due = p
+                        .last_probe
+                        .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_INTERVAL);
+                    if due && p.endpoint.is_some() && p.session.is_some() {
+                        p.last_probe = Some(now);
+                        probe.push((node, p.endpoint));
+                    }
+                    if p.session.is_none() {
+                        pila.push(node);
+                    }
+                }
+            }
+        }
+        for node in pila {
+            self.send_pila(now, node, false);
+        }
+        for (node, ep) in probe {
+            // A punch through the beacon opens both NATs; our PILA straight to the peer is
+            // answered directly, and the first direct PILS moves the path back.
+            self.punch_request(node);
+            let me = self.me;
+            if let Some(ep) = ep {
+                let bytes = self.pila_bytes();
+                if me != 0 {
+                    self.out.push_back(Transmit { dst: ep, bytes });
+                }
+            }
+        }
+    }
+
+    /// When [`Tunnels::handle_timeout`] next has work.
+    pub fn next_timeout(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
+/// The 9-byte header that wraps a frame for the beacon's relay.
+fn relay_header(me: u32, dest: u32) -> [u8; RELAY_HEADER_LEN] {
+    let mut h = [0u8; RELAY_HEADER_LEN];
+    h[0] = bw::kind::RELAY;
+    h[1..5].copy_from_slice(&me.to_be_bytes());
+    h[5..9].copy_from_slice(&dest.to_be_bytes());
+    h
+}
+
+/// Bytes a send buffer needs for a packet of `len` bytes.
+pub const fn send_buffer_len(len: usize) -> usize {
+    HEADROOM + len + TAILROOM
+}
+
+/// The smallest datagram that can carry a PILS frame with a packet header.
+pub const MIN_PILS: usize = ENCRYPTED_OVERHEAD + HEADER_LEN;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tunnel::wire::header::{Flags, PacketRepr, Protocol};
+    use tunnel::{Addr, SocketAddr as PilotAddr};
+
+    struct Node {
+        t: Tunnels,
+        addr: SocketAddr,
+    }
+
+    fn node(id: u32, seed: u8, port: u16, beacon: Option<SocketAddr>) -> Node {
+        Node {
+            t: Tunnels::new(
+                id,
+                SigningKey::from_bytes(&[seed; 32]),
+                TunnelConfig {
+                    refuse_plaintext: true,
+                    beacon,
+                },
+            ),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        }
+    }
+
+    fn pair() -> (Node, Node) {
+        let mut a = node(1, 1, 4001, None);
+        let mut b = node(2, 2, 4002, None);
+        let now = Instant::now();
+        a.t.set_key(now, 2, b.t.identity.verifying_key());
+        b.t.set_key(now, 1, a.t.identity.verifying_key());
+        (a, b)
+    }
+
+    fn packet(from: u32, to: u32, payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; send_buffer_len(HEADER_LEN + payload.len())];
+        let repr = PacketRepr {
+            flags: Flags::empty(),
+            protocol: Protocol::Datagram,
+            src: PilotAddr::new(Addr::new(0, from), 9),
+            dst: PilotAddr::new(Addr::new(0, to), 9),
+            seq: 0,
+            ack: 0,
+            window: 0,
+            payload_len: payload.len() as u16,
+        };
+        let n = repr.emit(&mut buf[HEADROOM..]).unwrap();
+        buf[HEADROOM + HEADER_LEN..HEADROOM + n].copy_from_slice(payload);
+        buf
+    }
+
+    /// Delivers every control datagram `from` has queued to `to`, returning packets.
+    fn pump(now: Instant, from: &mut Node, to: &mut Node) -> usize {
+        let mut n = 0;
+        while let Some(tx) = from.t.poll_transmit() {
+            if tx.dst != to.addr {
+                continue;
+            }
+            let mut b = tx.bytes.clone();
+            if let Received::Packet { .. } = to.t.handle(now, from.addr, &mut b) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn send(now: Instant, from: &mut Node, to_id: u32, payload: &[u8]) -> Sent {
+        let mut buf = packet(from.t.me, to_id, payload);
+        let len = HEADER_LEN + payload.len();
+        let r = from.t.seal(now, to_id, &mut buf, len);
+        if let Sent::Now { dst, range } = r {
+            from.t.out.push_back(Transmit {
+                dst,
+                bytes: buf[range.0..range.1].to_vec(),
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn key_exchange_then_sealed_packets() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        assert_eq!(send(now, &mut a, 2, b"hello"), Sent::NeedEndpoint);
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b); // A's PILA
+        let got = pump(now, &mut b, &mut a); // B's PILA answer
+        assert_eq!(got, 0);
+        // A's queued packet went out once A had B's PILA.
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert!(matches!(send(now, &mut b, 1, b"back"), Sent::Now { .. }));
+        assert_eq!(pump(now, &mut b, &mut a), 1);
+        let peers = a.t.peers();
+        assert_eq!(peers[0].node, 2);
+        assert!(peers[0].encrypted);
+        assert_eq!(peers[0].endpoint, Some(b.addr));
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        // A seals a packet claiming to come from node 7.
+        let mut buf = packet(7, 2, b"x");
+        let r = a.t.seal(now, 2, &mut buf, HEADER_LEN + 1);
+        let Sent::Now { range, .. } = r else {
+            panic!("{r:?}")
+        };
+        let mut f = buf[range.0..range.1].to_vec();
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut f),
+            Received::Dropped(Drop::SpoofedSource)
+        ));
+    }
+
+    #[test]
+    fn plaintext_and_forged_frames_are_refused() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        let mut pilt = b"PILT".to_vec();
+        pilt.extend_from_slice(&packet(1, 2, b"x")[HEADROOM..HEADROOM + HEADER_LEN + 1]);
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut pilt),
+            Received::Dropped(Drop::Plaintext)
+        ));
+        // A PILA signed by the wrong key.
+        let mallory = SigningKey::from_bytes(&[9; 32]);
+        let forged = build_auth_key_exchange(&mallory, 1, &[5; 32]).to_bytes();
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut forged.to_vec()),
+            Received::Dropped(Drop::BadKeyExchange)
+        ));
+        // Garbage of every length never panics.
+        for len in 0..200 {
+            let mut g: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let _ = b.t.handle(now, a.addr, &mut g);
+            let mut g2 = b"PILS".to_vec();
+            g2.extend((0..len).map(|i| i as u8));
+            let _ = b.t.handle(now, a.addr, &mut g2);
+        }
+        let _ = &mut a;
+    }
+
+    #[test]
+    fn unknown_session_is_answered_with_our_key_exchange() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        // B restarts: new X25519 key, no sessions.
+        let key_a = a.t.identity.verifying_key();
+        b = node(2, 2, 4002, None);
+        b.t.set_key(now, 1, key_a);
+        assert!(matches!(
+            send(now, &mut a, 2, b"after restart"),
+            Sent::Now { .. }
+        ));
+        assert_eq!(pump(now, &mut a, &mut b), 0, "B cannot open it");
+        // B answered with its PILA; A re-keys and B can read A's next packet.
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        assert!(matches!(send(now, &mut a, 2, b"again"), Sent::Now { .. }));
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+    }
+
+    #[test]
+    fn replayed_key_exchange_moves_nothing() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        let pila = a.t.out.front().cloned().unwrap();
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        let attacker: SocketAddr = "203.0.113.5:666".parse().unwrap();
+        let mut replay = pila.bytes.clone();
+        let _ = b.t.handle(now, attacker, &mut replay);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        // Roaming: a fresh PILS from a new address moves the endpoint.
+        let roamed: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+        a.addr = roamed;
+        send(now, &mut a, 2, b"moved");
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+    }
+
+    #[test]
+    fn silent_direct_path_falls_back_to_relay_and_back() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let mut b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        b.t.set_key(t0, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(t0, 2, b.addr);
+        send(t0, &mut a, 2, b"hi");
+        while a.t.poll_transmit().is_some() {} // direct traffic is lost
+        let t1 = t0 + DIRECT_TIMEOUT;
+        a.t.handle_timeout(t1);
+        assert_eq!(a.t.path(2), Some(Path::Relay));
+        // The PILA now goes to the beacon behind a Relay header; the beacon rewrites it.
+        let tx = a.t.poll_transmit().unwrap();
+        assert_eq!(tx.dst, beacon);
+        assert_eq!(tx.bytes[0], bw::kind::RELAY);
+        let mut delivered = bw::relay_deliver_header(1).to_vec();
+        delivered.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
+        let _ = b.t.handle(t1, beacon, &mut delivered);
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        // A direct PILS later moves both back.
+        let answer = b.t.poll_transmit().unwrap();
+        assert_eq!(answer.dst, beacon);
+        let mut d2 = bw::relay_deliver_header(2).to_vec();
+        d2.extend_from_slice(&answer.bytes[RELAY_HEADER_LEN..]);
+        let _ = a.t.handle(t1, beacon, &mut d2);
+        let t2 = t1 + DIRECT_PROBE_INTERVAL;
+        b.t.peer(t2, 1).endpoint = Some(a.addr);
+        b.t.peer(t2, 1).path = Path::Direct;
+        send(t2, &mut b, 1, b"direct again");
+        assert_eq!(pump(t2, &mut b, &mut a), 1);
+        assert_eq!(a.t.path(2), Some(Path::Direct));
+    }
+}

@@ -1,0 +1,125 @@
+#![allow(clippy::unwrap_used)]
+//! Two daemons and a registry in one process, over real loopback UDP and TCP: registration,
+//! key exchange, an encrypted echo round trip, and a clean shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pilot_registry::store::RedbStore;
+use pilot_registry::{Config as RegistryConfig, Registry};
+use pilotd::config::Cli;
+use pilotd::engine::{AppEvent, Cmd, EngineHandle};
+use pilotd::node::Daemon;
+use tokio::sync::{mpsc, Semaphore};
+use tunnel::{Addr, SocketAddr as PilotAddr};
+
+async fn registry() -> String {
+    let reg = Registry::open(
+        Box::new(RedbStore::in_memory().unwrap()),
+        RegistryConfig {
+            register_per_minute: 0,
+            requests_per_ip: 0,
+            requests_per_node: 0,
+            ..RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(reg.serve(l, None, std::future::pending()));
+    addr.to_string()
+}
+
+async fn daemon(registry: &str, home: &std::path::Path, public: bool) -> Daemon {
+    let cli = Cli {
+        registry: Some(registry.into()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.into()),
+        public: Some(public),
+        ..Cli::default()
+    };
+    Daemon::start(&cli.resolve().unwrap()).await.unwrap()
+}
+
+/// Echoes every connection on `port`.
+async fn echo(engine: EngineHandle, port: u16) {
+    let (tx, mut rx) = mpsc::channel(256);
+    engine.listen(port, tx).await.unwrap();
+    tokio::spawn(async move {
+        let mut credits: HashMap<u32, Arc<Semaphore>> = HashMap::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                AppEvent::Accepted { conn, credit, .. } => {
+                    credits.insert(conn, credit);
+                }
+                AppEvent::Data { conn, data } => {
+                    if let Some(c) = credits.get(&conn) {
+                        engine.write(conn, c, &data).await.unwrap();
+                    }
+                }
+                AppEvent::Closed { conn, .. } => {
+                    let _ = engine.send(Cmd::Close { conn }).await;
+                }
+                AppEvent::Datagram { .. } => {}
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_echo_between_two_daemons() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&reg, &dir.path().join("a"), false).await;
+    let b = daemon(&reg, &dir.path().join("b"), true).await;
+    let _na = a.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.registered(Duration::from_secs(10)).await.unwrap();
+    echo(b.engine.clone(), 7).await;
+
+    let t0 = std::time::Instant::now();
+    let (tx, mut rx) = mpsc::channel(256);
+    let dst = PilotAddr::new(Addr::new(0, nb), 7);
+    let (conn, credit) = tokio::time::timeout(Duration::from_secs(10), a.engine.dial(dst, tx))
+        .await
+        .unwrap()
+        .unwrap();
+    println!("dial: {:?}", t0.elapsed());
+    let t1 = std::time::Instant::now();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let writer = {
+        let engine = a.engine.clone();
+        let data = data.clone();
+        tokio::spawn(async move {
+            engine.write(conn, &credit, &data).await.unwrap();
+            engine.send(Cmd::Close { conn }).await.unwrap();
+        })
+    };
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap()
+        {
+            Some(AppEvent::Data { data, .. }) => got.extend_from_slice(&data),
+            Some(AppEvent::Closed { error, .. }) => {
+                assert!(error.is_none(), "{error:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    writer.await.unwrap();
+    println!("1 MB echoed in {:?}", t1.elapsed());
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+
+    let info = a.engine.info().await.unwrap();
+    let peer = &info["peer_list"][0];
+    assert_eq!(peer["node_id"], nb);
+    assert_eq!(peer["encrypted"], true);
+    assert_eq!(peer["relay"], false);
+    a.shutdown().await;
+    b.shutdown().await;
+}
