@@ -5,4 +5,5 @@ pub mod config;
 pub mod engine;
 pub mod node;
 pub mod registry_link;
+pub mod trust_api;
 pub mod tunnels;
