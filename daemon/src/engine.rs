@@ -144,6 +144,8 @@ pub enum Cmd {
         /// The JSON.
         reply: oneshot::Sender<Value>,
     },
+    /// Enforce this gate from now on (see [`Engine::set_gate`]).
+    SetGate(Arc<dyn TrustGate>),
     /// Stop: FIN to every connection, then exit.
     Shutdown,
 }
@@ -158,7 +160,7 @@ pub struct EngineHandle {
 /// Decides whether a peer may open a connection to, or send a datagram to, a local port.
 /// Called on the packet path for every new inbound connection and every datagram: answer
 /// from memory.
-pub trait TrustGate: Send + Sync + 'static {
+pub trait TrustGate: std::fmt::Debug + Send + Sync + 'static {
     /// Whether `peer` may reach local `port`.
     fn allows(&self, peer: u32, port: u16) -> bool;
 }
@@ -231,6 +233,11 @@ impl EngineHandle {
             data = &data[n..];
         }
         Ok(())
+    }
+
+    /// Enforces `gate` on new inbound connections and datagrams from now on.
+    pub async fn set_gate(&self, gate: Arc<dyn TrustGate>) -> Result<(), Stopped> {
+        self.send(Cmd::SetGate(gate)).await
     }
 
     /// The v1 Info JSON.
@@ -779,6 +786,7 @@ impl Engine {
             Cmd::Info { reply } => {
                 let _ = reply.send(self.info(now));
             }
+            Cmd::SetGate(gate) => self.gate = Some(gate),
             Cmd::Shutdown => self.begin_shutdown(now),
         }
     }
