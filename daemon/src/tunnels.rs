@@ -587,7 +587,9 @@ impl Tunnels {
         if new_key {
             p.last_pila = None;
         }
-        self.send_pila_via(now, pila.node, !relayed, Some(src).filter(|_| !relayed));
+        // Never forced: two peers answering each other's PILA unconditionally would ping-pong
+        // (and verify a signature per packet) forever.
+        self.send_pila_via(now, pila.node, false, Some(src).filter(|_| !relayed));
         self.flush_queue(now, pila.node);
         Ok(())
     }
@@ -879,6 +881,38 @@ mod tests {
             });
         }
         r
+    }
+
+    /// Counts the PILA frames `from` has queued for `to` and delivers them all.
+    fn pump_pilas(now: Instant, from: &mut Node, to: &mut Node) -> usize {
+        let mut pilas = 0;
+        while let Some(tx) = from.t.poll_transmit() {
+            if tx.dst != to.addr {
+                continue;
+            }
+            if matches!(Frame::parse(&tx.bytes), Ok(Frame::AuthKeyExchange(_))) {
+                pilas += 1;
+            }
+            let mut b = tx.bytes.clone();
+            to.t.handle(now, from.addr, &mut b);
+        }
+        pilas
+    }
+
+    #[test]
+    fn key_exchange_settles_instead_of_ping_ponging() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        send(now, &mut a, 2, b"hello");
+        let mut total = 0;
+        for _ in 0..20 {
+            total += pump_pilas(now, &mut a, &mut b);
+            total += pump_pilas(now, &mut b, &mut a);
+        }
+        // A's PILA, B's answer, A's answer to B's new key; then silence.
+        assert_eq!(total, 3, "PILA frames exchanged");
+        assert!(a.t.peers()[0].encrypted && b.t.peers()[0].encrypted);
     }
 
     #[test]
