@@ -1,6 +1,7 @@
 //! Encrypted stream throughput between two daemons on loopback, through the engine API
 //! (registry in process, no beacon). Prints MB/s for one stream each way, the same bytes
-//! pushed through a plain loopback TCP socket in the same run as a baseline, and the ratio.
+//! pushed through a plain loopback TCP socket in the same run as a baseline, and the ratio;
+//! once with UDP segmentation offload (GSO/GRO) and once without.
 //!
 //! `cargo bench -p pilotd --bench throughput` (`PILOT_BENCH_MB` sets the size, default 256).
 
@@ -17,8 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-async fn daemon(registry: &str, home: &std::path::Path) -> Option<Daemon> {
+async fn daemon(registry: &str, home: &std::path::Path, offload: bool) -> Option<Daemon> {
     let cli = Cli {
+        udp_offload: Some(offload),
         registry: Some(registry.into()),
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
@@ -42,7 +44,7 @@ fn rusage_cpu() -> f64 {
     }
 }
 
-async fn pilot(total: usize) -> Option<(f64, f64)> {
+async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
     let reg = Registry::open(
         Box::new(RedbStore::in_memory().ok()?),
         RegistryConfig {
@@ -57,8 +59,8 @@ async fn pilot(total: usize) -> Option<(f64, f64)> {
     let raddr = l.local_addr().ok()?.to_string();
     tokio::spawn(reg.serve(l, None, std::future::pending()));
     let dir = tempfile::tempdir().ok()?;
-    let a = daemon(&raddr, &dir.path().join("a")).await?;
-    let b = daemon(&raddr, &dir.path().join("b")).await?;
+    let a = daemon(&raddr, &dir.path().join("a"), offload).await?;
+    let b = daemon(&raddr, &dir.path().join("b"), offload).await?;
     a.registered(Duration::from_secs(10)).await?;
     let nb = b.registered(Duration::from_secs(10)).await?;
 
@@ -153,16 +155,22 @@ fn main() {
         }
     };
     rt.block_on(async {
-        let Some((mbps, cpu_per_gb)) = pilot(total).await else {
-            eprintln!("pilot transfer failed");
-            std::process::exit(1);
-        };
+        let mut results = Vec::new();
+        for offload in [true, false] {
+            let Some(r) = pilot(total, offload).await else {
+                eprintln!("pilot transfer failed (offload {offload})");
+                std::process::exit(1);
+            };
+            results.push((offload, r));
+        }
         let Some(base) = tcp(total).await else {
             eprintln!("tcp baseline failed");
             std::process::exit(1);
         };
-        println!("pilot encrypted stream, {mb} MiB one way: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons, one process)");
-        println!("loopback TCP baseline, same bytes:       {base:.1} MB/s");
-        println!("ratio pilot/tcp: {:.3}", mbps / base);
+        for (offload, (mbps, cpu_per_gb)) in results {
+            let mode = if offload { "GSO/GRO on " } else { "GSO/GRO off" };
+            println!("pilot encrypted stream, {mb} MiB one way, {mode}: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons, one process), ratio to TCP {:.3}", mbps / base);
+        }
+        println!("loopback TCP baseline, same bytes: {base:.1} MB/s");
     });
 }

@@ -64,6 +64,10 @@ pub struct Cli {
     /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
     #[arg(long, env = "PILOT_ALLOW_PLAINTEXT")]
     pub allow_plaintext: Option<bool>,
+    /// Use UDP segmentation offload (GSO/GRO) on the tunnel socket where the kernel offers it;
+    /// the datagrams on the wire are the same either way. [default: true]
+    #[arg(long, env = "PILOT_UDP_OFFLOAD")]
+    pub udp_offload: Option<bool>,
     /// Owner string sent at registration (an e-mail address, say).
     #[arg(long, env = "PILOT_OWNER")]
     pub owner: Option<String>,
@@ -126,6 +130,8 @@ pub struct Config {
     pub encrypt: bool,
     /// Accept plaintext from peers with an identity.
     pub allow_plaintext: bool,
+    /// UDP segmentation offload.
+    pub udp_offload: bool,
     /// Owner string.
     pub owner: Option<String>,
     /// Hostname to claim.
@@ -478,6 +484,7 @@ impl Cli {
             socket,
             encrypt: bool_of(self.encrypt, "encrypt", true)?,
             allow_plaintext: bool_of(self.allow_plaintext, "allow-plaintext", false)?,
+            udp_offload: bool_of(self.udp_offload, "udp-offload", true)?,
             owner: nonempty(get(self.owner.clone(), "owner")),
             hostname: nonempty(get(self.hostname.clone(), "hostname")),
             public: bool_of(self.public, "public", false)?,
@@ -529,6 +536,7 @@ const KNOWN_KEYS: &[&str] = &[
     "socket",
     "encrypt",
     "allow-plaintext",
+    "udp-offload",
     "owner",
     "hostname",
     "public",

@@ -30,6 +30,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::registry_link::{LinkCmd, LinkEvent};
 use crate::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
+use crate::udp;
 
 /// A connection's ID as applications see it (v1 IPC `conn_id`).
 pub type ConnId = u32;
@@ -257,6 +258,8 @@ pub struct EngineConfig {
     pub beacon: Option<SocketAddr>,
     /// Publish this endpoint instead of discovering one.
     pub endpoint_override: Option<SocketAddr>,
+    /// Use UDP segmentation offload (GSO/GRO) where the kernel offers it.
+    pub offload: bool,
 }
 
 struct Conn {
@@ -303,6 +306,8 @@ pub struct Engine {
     registered: Option<Value>,
     public_endpoint: Option<SocketAddr>,
     sendbuf: Vec<u8>,
+    batch: udp::Batch,
+    offload: bool,
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
     gate: Option<Arc<dyn TrustGate>>,
@@ -327,6 +332,7 @@ impl Engine {
     ) -> (Engine, EngineHandle) {
         let (tx, cmds) = mpsc::channel(1024);
         let (node_tx, node_rx) = watch::channel(tunnels.node());
+        let offload = config.offload;
         let endpoint = Endpoint::new(Addr::new(0, tunnels.node()), config.endpoint);
         let engine = Engine {
             socket,
@@ -348,6 +354,8 @@ impl Engine {
             registered: None,
             public_endpoint: None,
             sendbuf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM],
+            batch: udp::Batch::new(offload),
+            offload,
             shutting_down: false,
             node_tx,
             gate: None,
@@ -364,6 +372,10 @@ impl Engine {
     /// Runs until [`Cmd::Shutdown`] and every connection has finished (or 3 s passed).
     pub async fn run(mut self) {
         let mut rbuf = vec![0u8; MAX_DATAGRAM];
+        let mut cmsg = udp::cmsg_buffer();
+        if self.offload && udp::enable_gro(&self.socket) {
+            tracing::debug!("UDP receive offload on");
+        }
         let mut shutdown_deadline: Option<Instant> = None;
         let mut tick = Instant::now();
         loop {
@@ -383,15 +395,14 @@ impl Engine {
                 deadline = deadline.min(now + Duration::from_millis(2));
             }
             tokio::select! {
-                r = self.socket.recv_from(&mut rbuf) => {
+                r = self.socket.readable() => {
                     let now = Instant::now();
-                    if let Ok((n, src)) = r {
-                        self.on_datagram(now, src, &mut rbuf[..n]);
-                    }
-                    for _ in 1..RECV_BATCH {
-                        match self.socket.try_recv_from(&mut rbuf) {
-                            Ok((n, src)) => self.on_datagram(now, src, &mut rbuf[..n]),
-                            Err(_) => break,
+                    if r.is_ok() {
+                        for _ in 0..RECV_BATCH {
+                            match udp::try_recv(&self.socket, &mut rbuf, &mut cmsg) {
+                                Ok(got) => self.on_receive(now, got, &mut rbuf),
+                                Err(_) => break,
+                            }
                         }
                     }
                 }
@@ -460,6 +471,21 @@ impl Engine {
                 c.close_requested = true;
             }
             self.service(now, id);
+        }
+    }
+
+    /// One receive, which may hold several datagrams coalesced by the kernel.
+    fn on_receive(&mut self, now: Instant, got: udp::Received, rbuf: &mut [u8]) {
+        let Some(buf) = rbuf.get_mut(..got.len) else {
+            return;
+        };
+        match got.stride {
+            Some(stride) if stride < got.len => {
+                for d in buf.chunks_mut(stride) {
+                    self.on_datagram(now, got.src, d);
+                }
+            }
+            _ => self.on_datagram(now, got.src, buf),
         }
     }
 
@@ -923,6 +949,12 @@ impl Engine {
     }
 
     /// Sends everything the connection table and the tunnel layer have queued.
+    fn count_flushed(&mut self, f: udp::Flushed) {
+        self.counters.pkts_sent += f.datagrams;
+        self.counters.bytes_sent += f.bytes;
+        self.counters.send_errors += f.errors;
+    }
+
     async fn flush(&mut self, now: Instant) {
         while let Some((n, dst)) = self
             .endpoint
@@ -931,18 +963,19 @@ impl Engine {
             let node = dst.addr.node;
             let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
             if let Some((ep, range)) = self.after_seal(node, sent, false) {
-                match self
-                    .socket
-                    .send_to(&self.sendbuf[range.0..range.1], ep)
-                    .await
-                {
-                    Ok(k) => {
-                        self.counters.pkts_sent += 1;
-                        self.counters.bytes_sent += k as u64;
-                    }
-                    Err(_) => self.counters.send_errors += 1,
+                if range.1 > self.sendbuf.len() || range.0 > range.1 {
+                    continue;
                 }
+                if !self.batch.fits(ep, range.1 - range.0) {
+                    let f = self.batch.flush(&self.socket).await;
+                    self.count_flushed(f);
+                }
+                self.batch.push(ep, &self.sendbuf[range.0..range.1]);
             }
+        }
+        if !self.batch.is_empty() {
+            let f = self.batch.flush(&self.socket).await;
+            self.count_flushed(f);
         }
         while let Some(tx) = self.tunnels.poll_transmit() {
             match self.socket.send_to(&tx.bytes, tx.dst).await {

@@ -7,3 +7,4 @@ pub mod node;
 pub mod registry_link;
 pub mod trust_api;
 pub mod tunnels;
+pub mod udp;

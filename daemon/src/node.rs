@@ -126,6 +126,7 @@ impl Daemon {
                 },
                 beacon,
                 endpoint_override: config.endpoint,
+                offload: config.udp_offload,
             },
             link_tx.clone(),
             ev_rx,
