@@ -105,6 +105,9 @@ pub struct IpcContext {
     pub trust: Option<TrustSender>,
     /// The webhook URL configured at start ("" or `None`: none).
     pub webhook: Option<String>,
+    /// The node's Ed25519 public key, standard base64, for Info (the engine does not hold
+    /// the identity).
+    pub public_key: String,
 }
 
 /// Counters of the IPC server, readable at any time (see [`IpcStats::to_json`]).
@@ -1400,6 +1403,13 @@ impl Shared {
         if let Some(o) = v.as_object_mut() {
             if let Some(h) = lock(&self.hostname).clone() {
                 o.insert("hostname".into(), json!(h));
+            }
+            let has_key = o
+                .get("public_key")
+                .and_then(Value::as_str)
+                .is_some_and(|k| !k.is_empty());
+            if !has_key && !self.ctx.public_key.is_empty() {
+                o.insert("public_key".into(), json!(self.ctx.public_key));
             }
             o.insert("ipc".into(), self.stats.to_json());
         }
