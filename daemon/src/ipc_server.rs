@@ -78,6 +78,10 @@ pub const CONN_QUEUE_BYTES: usize = 4 << 20;
 pub const MAX_PROTOCOL_ERRORS: u32 = 8;
 /// How long a registry request may take before the client gets an error.
 pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-probe timeout of the `ping` extension when the request names none.
+const PING_TIMEOUT_MS: u64 = 3000;
+/// Most probes one `ping` request sends.
+const MAX_PING_COUNT: u32 = 100;
 /// Frames queued for one client's socket.
 const OUT_FRAMES: usize = 256;
 /// Requests of one client awaiting their reply before its socket stops being read.
@@ -259,9 +263,9 @@ impl IpcServer {
 
 impl Drop for IpcServer {
     fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
+        // Not shut down explicitly: stop accepting and disconnect clients in the background.
+        if self.task.take().is_some() {
             let _ = self.stop.send(true);
-            t.abort();
             self.remove_file();
         }
     }
@@ -1216,10 +1220,11 @@ impl ClientCtx {
                 })
             }
             ExtRequest::Resolve { target } => self.resolve(target.trim()).await,
-            ExtRequest::Ping { .. } => Err(ExtError::new(
-                code::UNSUPPORTED,
-                "ping is not available in this daemon yet",
-            )),
+            ExtRequest::Ping {
+                node_id,
+                count,
+                timeout_ms,
+            } => self.ping(node_id, count, timeout_ms).await,
             ExtRequest::Handshake {
                 node_id,
                 justification,
@@ -1371,6 +1376,65 @@ impl ClientCtx {
         })
     }
 
+    /// Echo probes to port 7 of `node`, one fresh connection each. The round-trip time is
+    /// measured from the write to the echo, once the connection is up.
+    async fn ping(
+        &self,
+        node: u32,
+        count: u32,
+        timeout_ms: Option<u64>,
+    ) -> Result<Value, ExtError> {
+        if node == 0 {
+            return Err(ExtError::new(code::BAD_ADDRESS, "node 0 is not a node"));
+        }
+        let per = Duration::from_millis(timeout_ms.unwrap_or(PING_TIMEOUT_MS).clamp(10, 60_000));
+        let mut results = Vec::new();
+        for seq in 1..=count.clamp(1, MAX_PING_COUNT) {
+            let probe = match tokio::time::timeout(per, echo_probe(self.engine(), node, seq)).await
+            {
+                Ok(Ok(rtt)) => ipc::PingProbe {
+                    seq,
+                    rtt_ms: Some(rtt.as_secs_f64() * 1000.0),
+                    path: self.path_to(node).await,
+                    error: None,
+                },
+                Ok(Err(e)) => ipc::PingProbe {
+                    seq,
+                    error: Some(e),
+                    ..ipc::PingProbe::default()
+                },
+                Err(_) => ipc::PingProbe {
+                    seq,
+                    error: Some("timeout".into()),
+                    ..ipc::PingProbe::default()
+                },
+            };
+            results.push(probe);
+        }
+        to_value(&ipc::PingReply {
+            node_id: node,
+            address: Addr::new(0, node).to_string(),
+            results,
+        })
+    }
+
+    /// How the tunnel to `node` travels now, if it is a peer.
+    async fn path_to(&self, node: u32) -> Option<ipc::PathKind> {
+        let info = self.engine().info().await.ok()?;
+        let peer = info
+            .get("peer_list")?
+            .as_array()?
+            .iter()
+            .find(|p| p.get("node_id").and_then(Value::as_u64) == Some(node.into()))?;
+        Some(
+            if peer.get("relay").and_then(Value::as_bool) == Some(true) {
+                ipc::PathKind::Relayed
+            } else {
+                ipc::PathKind::Direct
+            },
+        )
+    }
+
     async fn trust_ext(&self, op: TrustOp) -> Result<Value, ExtError> {
         if self.shared.ctx.trust.is_none() {
             return Err(ExtError::new(
@@ -1468,6 +1532,41 @@ async fn conn_writer(
         }
     }
     room.close();
+}
+
+/// Opens a connection to port 7 of `node`, writes a probe and waits for its echo; the time
+/// from the write to the echo.
+async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Duration, String> {
+    let (tx, mut rx) = mpsc::channel(8);
+    let (conn, credit) = engine
+        .dial(PilotAddr::new(Addr::new(0, node), 7), tx)
+        .await?;
+    let probe = format!("pilot ping {seq}");
+    let t0 = Instant::now();
+    let r = async {
+        engine
+            .write(conn, &credit, probe.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        while got.len() < probe.len() {
+            match rx.recv().await {
+                Some(AppEvent::Data { data, .. }) => got.extend_from_slice(&data),
+                Some(AppEvent::Closed { error, .. }) => {
+                    return Err(error.unwrap_or_else(|| "closed before the echo".into()))
+                }
+                Some(_) => {}
+                None => return Err("connection lost".into()),
+            }
+        }
+        if got.get(..probe.len()) != Some(probe.as_bytes()) {
+            return Err("the echo differs from the probe".into());
+        }
+        Ok(t0.elapsed())
+    }
+    .await;
+    let _ = engine.send(Cmd::Close { conn }).await;
+    r
 }
 
 fn parse_tags(json: &[u8]) -> Result<Vec<String>, String> {

@@ -283,6 +283,24 @@ async fn info_and_extension_requests() {
     );
     let hs = d.handshake(HandshakeOp::Pending).await.unwrap_err();
     assert!(hs.to_string().contains("trust service not running"), "{hs}");
+    // Ping: echo probes to port 7, answered here by a driver echo service on b.
+    let _echo = echo_service(&b.sock, 7).await;
+    let p: ipc::PingReply = d
+        .ext(&ExtRequest::Ping {
+            node_id: b.id,
+            count: 3,
+            timeout_ms: Some(5000),
+        })
+        .await
+        .unwrap()
+        .into_result()
+        .unwrap();
+    assert_eq!(p.results.len(), 3);
+    for r in &p.results {
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(r.rtt_ms.unwrap() > 0.0);
+        assert_eq!(r.path, Some(ipc::PathKind::Direct));
+    }
     // Requests still work after the errors.
     assert_eq!(d.info().await.unwrap().node_id, a.id);
 }
