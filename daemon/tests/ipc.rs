@@ -596,3 +596,40 @@ async fn a_slow_dial_does_not_hold_up_other_streams() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     slow.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_stalls_only_its_connection() {
+    let (_dir, a, b) = pair().await;
+    let _echo = echo_service(&b.sock, 1000).await;
+    // A sink on b that accepts and never reads.
+    let sink = Driver::connect(&b.sock).await.unwrap();
+    let mut l = sink.listen(4000).await.unwrap();
+    let held = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(s);
+    });
+
+    let da = Driver::connect(&a.sock).await.unwrap();
+    let mut stuck = da
+        .dial(PilotAddr::new(Addr::new(0, b.id), 4000))
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        stuck.write_all(&pattern(3 << 20, 1)).await.unwrap();
+        stuck
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The same client and another one still move data on other connections.
+    let echo = PilotAddr::new(Addr::new(0, b.id), 1000);
+    let data = pattern(256 * 1024, 2);
+    assert!(round_trip(&da, echo, data.clone()).await == data);
+    let other = Driver::connect(&a.sock).await.unwrap();
+    assert!(round_trip(&other, echo, data.clone()).await == data);
+    // The stalled connection is still open and owned: its 3 MiB sit in queues.
+    let info = da.info().await.unwrap();
+    assert!(info.conn_list.iter().any(|c| c.remote_port == 4000));
+    held.abort();
+    writer.abort();
+}
