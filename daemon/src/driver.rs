@@ -23,6 +23,10 @@
 //! order they were made. A [`Driver`] is cheap to clone; the socket closes once the driver, its
 //! clones, streams and listeners are all dropped.
 //!
+//! The daemon works on requests concurrently but answers them in order, so a slow dial delays
+//! the replies to later requests of the same driver (never its stream data or datagrams).
+//! Use another driver for requests that must not wait behind a dial.
+//!
 //! Each stream buffers up to [`STREAM_BUFFER`] received chunks. The v1 protocol has no
 //! per-connection flow control between daemon and client, so a stream whose reader falls that
 //! far behind holds up delivery to every stream of the same driver (the daemon then stops
