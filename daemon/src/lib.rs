@@ -2,7 +2,9 @@
 //! traversal, the stream and datagram engine, trust, and the IPC socket agents use.
 
 pub mod config;
+pub mod driver;
 pub mod engine;
+pub mod ipc_server;
 pub mod node;
 pub mod registry_link;
 pub mod trust_api;
