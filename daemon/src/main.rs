@@ -65,8 +65,27 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let ctx = IpcContext {
+            engine: daemon.engine.clone(),
+            link: daemon.link.clone(),
+            trust: None,
+            webhook: config.webhook.clone(),
+            public_key: daemon.public_key.clone(),
+        };
+        let ipc = match ipc_server::serve(&config.socket, ctx).await {
+            Ok(s) => s,
+            Err(e) => {
+                let path = config.socket.display();
+                tracing::error!(socket = %path, error = %e, "cannot serve the IPC socket");
+                eprintln!("pilotd: IPC socket {path}: {e}");
+                daemon.shutdown().await;
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(socket = %config.socket.display(), "IPC socket ready");
         shutdown_signal().await;
         tracing::info!("stopping");
+        ipc.shutdown().await;
         let link = daemon.link.clone();
         daemon.shutdown().await;
         let (tx, rx) = tokio::sync::oneshot::channel();
