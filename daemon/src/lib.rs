@@ -5,5 +5,6 @@ pub mod config;
 pub mod engine;
 pub mod node;
 pub mod registry_link;
+pub mod trust;
 pub mod trust_api;
 pub mod tunnels;
