@@ -13,6 +13,19 @@
 //! v1 never consults its trust set for inbound traffic (§6.4): once a peer knows a node's
 //! endpoint every port is open. Here trust is what opens a private node's ports.
 //!
+//! Revoking trust refuses **new** connections and datagrams at once; connections already
+//! open are left to finish.
+//!
+//! # Delivery
+//!
+//! A request goes both through the registry (`request_handshake`, which also records our
+//! consent and reaches a private peer we cannot resolve yet) and directly to the peer's port
+//! 444 (which fails while the peer is private and untrusted). Incoming requests and answers
+//! arrive directly, as registry pushes, or from `poll_handshakes` (v1's path, and a
+//! backstop for missed pushes); duplicates are harmless. A rejection's reason travels only
+//! directly: the registry's answer carries none, so a requester we cannot reach sees an
+//! empty reason.
+//!
 //! # Authenticity
 //!
 //! v1 checks a handshake message against the key inside the message (§11.2 item 6). Here a
@@ -102,6 +115,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_secs(5);
 /// How long one registry request may take (the link has its own timeout too).
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long after the registry reported a rejection the peer's direct reason is still heard.
+const RELAYED_REJECT_WINDOW: Duration = Duration::from_secs(60);
 /// Default interval of registry inbox polls (v1 polls after each 30 s heartbeat).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -180,7 +195,8 @@ pub enum TrustEvent {
         peer: u32,
     },
     /// A peer rejected our request. The reason is empty when the answer came through the
-    /// registry, which carries none.
+    /// registry, which carries none; if the peer's direct message with the reason arrives
+    /// after that, a second event carries it.
     Rejected {
         /// The peer.
         peer: u32,
@@ -326,6 +342,7 @@ impl TrustService {
             gate: gate.clone(),
             events: events.clone(),
             state,
+            relayed_rejects: HashMap::new(),
         };
         tokio::spawn(actor.run(cmd_rx, inbound_rx, pushes, config.poll_interval));
         Ok((cmd_tx, TrustHandle { gate, events }))
@@ -1055,6 +1072,9 @@ struct Actor {
     gate: Arc<Gate>,
     events: broadcast::Sender<TrustEvent>,
     state: State,
+    /// When the registry last reported a rejection by each peer, so that the direct reject
+    /// carrying the reason, which races it, is still heard.
+    relayed_rejects: HashMap<u32, Instant>,
 }
 
 type Reply = Result<Value, String>;
@@ -1429,13 +1449,16 @@ impl Actor {
             justification: String::new(),
             received_at: now_unix(),
         });
-        if !key.is_empty() {
+        let mut changed = fresh;
+        if !key.is_empty() && entry.public_key != key {
             entry.public_key = key;
+            changed = true;
         }
-        if !justification.is_empty() {
+        if !justification.is_empty() && entry.justification != justification {
             entry.justification = justification;
+            changed = true;
         }
-        if self.commit().await.is_ok() && fresh {
+        if changed && self.commit().await.is_ok() && fresh {
             self.emit(TrustEvent::Pending { peer });
         }
     }
@@ -1478,10 +1501,23 @@ impl Actor {
         }
     }
 
-    /// `peer` rejected our request.
-    async fn on_reject(&mut self, peer: u32, reason: String) {
-        if self.state.outgoing.remove(&peer).is_some() {
+    /// `peer` rejected our request, directly (with its reason) or through the registry
+    /// (without one). The two race; a direct reason arriving shortly after the registry's
+    /// answer is reported in a second event.
+    async fn on_reject(&mut self, peer: u32, reason: String, relayed: bool) {
+        let now = Instant::now();
+        self.relayed_rejects
+            .retain(|_, t| now.duration_since(*t) < RELAYED_REJECT_WINDOW);
+        let asked = self.state.outgoing.remove(&peer).is_some();
+        if asked {
             let _ = self.commit().await;
+        }
+        let late_reason =
+            !relayed && !reason.is_empty() && self.relayed_rejects.remove(&peer).is_some();
+        if relayed && asked {
+            self.relayed_rejects.insert(peer, now);
+        }
+        if asked || late_reason {
             self.emit(TrustEvent::Rejected {
                 peer,
                 reason: truncate(reason, MAX_TEXT),
@@ -1517,7 +1553,7 @@ impl Actor {
                     .await
             }
             ACCEPT => self.on_accept(peer, Some(key_b64)).await,
-            REJECT => self.on_reject(peer, msg.reason).await,
+            REJECT => self.on_reject(peer, msg.reason, false).await,
             REVOKE => self.on_revoke(peer).await,
             _ => {}
         }
@@ -1551,7 +1587,7 @@ impl Actor {
         if v.get("accept").and_then(Value::as_bool).unwrap_or(false) {
             self.on_accept(from, None).await;
         } else {
-            self.on_reject(from, String::new()).await;
+            self.on_reject(from, String::new(), true).await;
         }
     }
 

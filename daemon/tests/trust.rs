@@ -384,7 +384,12 @@ async fn rejection_reaches_the_requester_with_its_reason() {
     .unwrap_err();
     assert!(e.contains("no pending"), "{e}");
 
-    let ev = event(&mut a_events, |e| matches!(e, TrustEvent::Rejected { .. })).await;
+    // The registry's answer (no reason) and B's direct message race; the reason arrives.
+    let ev = event(
+        &mut a_events,
+        |e| matches!(e, TrustEvent::Rejected { reason, .. } if !reason.is_empty()),
+    )
+    .await;
     assert_eq!(
         ev,
         TrustEvent::Rejected {
