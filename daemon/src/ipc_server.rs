@@ -107,6 +107,9 @@ pub struct IpcContext {
     /// The trust service, if it runs. Without it, handshake requests fail with
     /// "trust service not running".
     pub trust: Option<TrustSender>,
+    /// The running trust service, told when the node's visibility changes so its gate
+    /// follows.
+    pub trust_handle: Option<crate::trust::TrustHandle>,
     /// The webhook URL configured at start ("" or `None`: none).
     pub webhook: Option<String>,
     /// The node's Ed25519 public key, standard base64, for Info (the engine does not hold
@@ -1492,17 +1495,24 @@ impl Shared {
     }
 
     async fn registry(&self, req: Value) -> Result<Value, String> {
+        let visibility = (req.get("type").and_then(Value::as_str) == Some("set_visibility"))
+            .then(|| req.get("public").and_then(Value::as_bool))
+            .flatten();
         let (tx, rx) = oneshot::channel();
         self.ctx
             .link
             .send(LinkCmd::Call(req, tx))
             .await
             .map_err(|_| "registry link stopped".to_owned())?;
-        match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
+        let r = match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err("registry link stopped".into()),
             Err(_) => Err("registry request timed out".into()),
+        };
+        if let (Ok(_), Some(public), Some(t)) = (&r, visibility, &self.ctx.trust_handle) {
+            t.set_public(public);
         }
+        r
     }
 }
 

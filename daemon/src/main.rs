@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pilotd::config::{Cli, LogFormat};
-use pilotd::node::Daemon;
+use pilotd::node::Node;
 use pilotd::registry_link::LinkCmd;
 use tracing_subscriber::EnvFilter;
 
@@ -57,37 +57,18 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let daemon = match Daemon::start(&config).await {
-            Ok(d) => d,
+        let node = match Node::start(&config).await {
+            Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("pilotd: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let ctx = IpcContext {
-            engine: daemon.engine.clone(),
-            link: daemon.link.clone(),
-            trust: None,
-            webhook: config.webhook.clone(),
-            public_key: daemon.public_key.clone(),
-        };
-        let ipc = match ipc_server::serve(&config.socket, ctx).await {
-            Ok(s) => s,
-            Err(e) => {
-                let path = config.socket.display();
-                tracing::error!(socket = %path, error = %e, "cannot serve the IPC socket");
-                eprintln!("pilotd: IPC socket {path}: {e}");
-                daemon.shutdown().await;
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(socket = %config.socket.display(), "IPC socket ready");
         shutdown_signal().await;
         tracing::info!("stopping");
-        ipc.shutdown().await;
-        let link = daemon.link.clone();
-        daemon.shutdown().await;
+        let link = node.daemon.link.clone();
+        node.shutdown().await;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let dereg = serde_json::json!({"type": "deregister", "node_id": null});
         if link.send(LinkCmd::Call(dereg, tx)).await.is_ok() {

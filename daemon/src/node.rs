@@ -10,7 +10,9 @@ use tunnel::Identity;
 
 use crate::config::Config;
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
+use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
+use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
 use crate::tunnels::{TunnelConfig, Tunnels};
 
 /// Why the daemon could not start.
@@ -35,6 +37,17 @@ pub enum StartError {
     /// The beacon address does not resolve.
     #[error("beacon address {0}: {1}")]
     Beacon(String, String),
+    /// The trust service (its state file, or port 444).
+    #[error("trust service: {0}")]
+    Trust(#[from] TrustError),
+    /// The IPC socket.
+    #[error("IPC socket {path}: {source}")]
+    Ipc {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A started daemon.
@@ -48,6 +61,8 @@ pub struct Daemon {
     pub udp_addr: SocketAddr,
     /// Our identity's public key, base64.
     pub public_key: String,
+    /// Our identity.
+    pub identity: ed25519_dalek::SigningKey,
     /// Handshake events pushed by the registry, for the trust service.
     pub pushes: Option<mpsc::Receiver<serde_json::Value>>,
     task: tokio::task::JoinHandle<()>,
@@ -138,6 +153,7 @@ impl Daemon {
             link: link_tx,
             udp_addr,
             public_key: identity.public_key_base64(),
+            identity: identity.signing_key().clone(),
             pushes: Some(push_rx),
             task,
         })
@@ -163,5 +179,65 @@ impl Daemon {
     pub async fn shutdown(self) {
         let _ = self.engine.send(Cmd::Shutdown).await;
         let _ = self.task.await;
+    }
+}
+
+/// A whole node as `pilotd` runs it: the daemon, its trust service (port 444 and the gate) and
+/// the IPC socket agents and `pilotctl` use.
+#[derive(Debug)]
+pub struct Node {
+    /// The engine and registry link.
+    pub daemon: Daemon,
+    /// The trust service.
+    pub trust: TrustHandle,
+    /// The IPC server.
+    pub ipc: IpcServer,
+}
+
+impl Node {
+    /// Starts every part, in order; on failure, what was started is stopped again.
+    pub async fn start(config: &Config) -> Result<Node, StartError> {
+        let mut daemon = Daemon::start(config).await?;
+        let trust = TrustService::start(
+            TrustConfig::new(&config.home, daemon.identity.clone(), config.public),
+            daemon.engine.clone(),
+            daemon.link.clone(),
+            daemon.pushes.take(),
+        )
+        .await;
+        let (trust_tx, trust) = match trust {
+            Ok(t) => t,
+            Err(e) => {
+                daemon.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let ctx = IpcContext {
+            engine: daemon.engine.clone(),
+            link: daemon.link.clone(),
+            trust: Some(trust_tx),
+            trust_handle: Some(trust.clone()),
+            webhook: config.webhook.clone(),
+            public_key: daemon.public_key.clone(),
+        };
+        let ipc = match ipc_server::serve(&config.socket, ctx).await {
+            Ok(s) => s,
+            Err(source) => {
+                daemon.shutdown().await;
+                return Err(StartError::Ipc {
+                    path: config.socket.display().to_string(),
+                    source,
+                });
+            }
+        };
+        tracing::info!(socket = %config.socket.display(), "IPC socket ready");
+        Ok(Node { daemon, trust, ipc })
+    }
+
+    /// Stops accepting IPC clients (their connections finish), then finishes every
+    /// connection (FIN) and stops the engine.
+    pub async fn shutdown(self) {
+        self.ipc.shutdown().await;
+        self.daemon.shutdown().await;
     }
 }

@@ -71,6 +71,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         engine: d.engine.clone(),
         link: d.link.clone(),
         trust: None,
+        trust_handle: None,
         webhook: None,
         public_key: d.public_key.clone(),
     }
