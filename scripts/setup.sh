@@ -11,7 +11,7 @@ need_root() {
 }
 
 # Debian packages used by the tests (kept in one list as later tests add to it).
-APT_PACKAGES=(pkg-config)
+APT_PACKAGES=(pkg-config nftables iproute2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
