@@ -77,6 +77,9 @@ pub struct Cli {
     /// Make the node public (its endpoint visible to everyone). [default: false]
     #[arg(long, env = "PILOT_PUBLIC")]
     pub public: Option<bool>,
+    /// Turn off the echo service (virtual port 7, streams and datagrams). [default: on]
+    #[arg(long, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
+    pub no_echo: Option<bool>,
     /// Registry heartbeat and NAT keepalive interval (e.g. 30s). [default: 30s]
     #[arg(long, env = "PILOT_KEEPALIVE")]
     pub keepalive: Option<String>,
@@ -138,6 +141,8 @@ pub struct Config {
     pub hostname: Option<String>,
     /// Public node.
     pub public: bool,
+    /// Whether the echo service (port 7) is off.
+    pub no_echo: bool,
     /// Heartbeat and keepalive interval.
     #[serde(with = "secs")]
     pub keepalive: Duration,
@@ -294,13 +299,7 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, Value>, ConfigError> {
 }
 
 /// Keys v1 config files may hold that this daemon reads elsewhere or does not need.
-const IGNORED_V1_KEYS: &[&str] = &[
-    "time-wait",
-    "no-echo",
-    "no-dataexchange",
-    "no-eventstream",
-    "log-file",
-];
+const IGNORED_V1_KEYS: &[&str] = &["time-wait", "no-dataexchange", "no-eventstream", "log-file"];
 
 fn file_str(v: &Value) -> Option<String> {
     match v {
@@ -488,6 +487,7 @@ impl Cli {
             owner: nonempty(get(self.owner.clone(), "owner")),
             hostname: nonempty(get(self.hostname.clone(), "hostname")),
             public: bool_of(self.public, "public", false)?,
+            no_echo: bool_of(self.no_echo, "no-echo", false)?,
             keepalive,
             idle_timeout: dur(
                 self.idle_timeout.clone(),
@@ -537,6 +537,7 @@ const KNOWN_KEYS: &[&str] = &[
     "encrypt",
     "allow-plaintext",
     "udp-offload",
+    "no-echo",
     "owner",
     "hostname",
     "public",

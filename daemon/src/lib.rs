@@ -7,6 +7,7 @@ pub mod engine;
 pub mod ipc_server;
 pub mod node;
 pub mod registry_link;
+pub mod services;
 pub mod trust;
 pub mod trust_api;
 pub mod tunnels;

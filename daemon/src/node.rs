@@ -212,6 +212,11 @@ impl Node {
                 return Err(e.into());
             }
         };
+        if !config.no_echo {
+            if let Err(e) = crate::services::start_echo(daemon.engine.clone()).await {
+                tracing::warn!(error = %e, "echo service not started");
+            }
+        }
         let ctx = IpcContext {
             engine: daemon.engine.clone(),
             link: daemon.link.clone(),

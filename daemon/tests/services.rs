@@ -1,0 +1,135 @@
+#![allow(clippy::unwrap_used)]
+//! Built-in services of a whole node (`Node::start`): the echo service on port 7, over
+//! streams through the driver and over datagrams through the engine.
+
+use std::time::Duration;
+
+use pilot_registry::store::RedbStore;
+use pilot_registry::{Config as RegistryConfig, Registry};
+use pilotd::config::Cli;
+use pilotd::driver::Driver;
+use pilotd::engine::{AppEvent, Cmd};
+use pilotd::node::Node;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tunnel::{Addr, SocketAddr as PilotAddr};
+
+async fn registry() -> String {
+    let reg = Registry::open(
+        Box::new(RedbStore::in_memory().unwrap()),
+        RegistryConfig {
+            register_per_minute: 0,
+            requests_per_ip: 0,
+            requests_per_node: 0,
+            ..RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(reg.serve(l, None, std::future::pending()));
+    addr.to_string()
+}
+
+async fn node(registry: &str, home: &std::path::Path, no_echo: bool) -> Node {
+    let cli = Cli {
+        registry: Some(registry.into()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.into()),
+        socket: Some(home.join("pilotd.sock")),
+        public: Some(true),
+        no_echo: Some(no_echo),
+        ..Cli::default()
+    };
+    Node::start(&cli.resolve().unwrap()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_service_answers_streams_and_datagrams() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&reg, &dir.path().join("a"), false).await;
+    let b = node(&reg, &dir.path().join("b"), false).await;
+    a.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
+
+    // A stream through A's IPC socket to B's echo port.
+    let driver = Driver::connect(dir.path().join("a").join("pilotd.sock"))
+        .await
+        .unwrap();
+    let mut s = driver
+        .dial(PilotAddr::new(Addr::new(0, nb), 7))
+        .await
+        .unwrap();
+    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = tokio::io::split(&mut s);
+    let writer = async {
+        wr.write_all(&sent).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the echo differs from what was sent");
+
+    // A datagram from A's port 5000 comes back to it.
+    let (tx, mut rx) = mpsc::channel(16);
+    a.daemon.engine.listen(5000, tx).await.unwrap();
+    a.daemon
+        .engine
+        .send(Cmd::SendTo {
+            dst: PilotAddr::new(Addr::new(0, nb), 7),
+            src_port: Some(5000),
+            data: b"marco".to_vec(),
+        })
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match ev {
+        AppEvent::Datagram {
+            src,
+            dst_port,
+            data,
+        } => {
+            assert_eq!((src.addr.node, src.port, dst_port), (nb, 7, 5000));
+            assert_eq!(data, b"marco");
+        }
+        other => panic!("expected a datagram, got {other:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_can_be_turned_off() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&reg, &dir.path().join("a"), false).await;
+    let b = node(&reg, &dir.path().join("b"), true).await;
+    a.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let (tx, _rx) = mpsc::channel(16);
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.daemon
+            .engine
+            .dial(PilotAddr::new(Addr::new(0, nb), 7), tx),
+    )
+    .await
+    .unwrap();
+    assert!(r.is_err(), "a dial to a node without echo must fail");
+    a.shutdown().await;
+    b.shutdown().await;
+}
