@@ -283,7 +283,13 @@ struct Counters {
     bytes_recv: u64,
     send_errors: u64,
     untrusted: u64,
+    /// When the last dropped-datagram warning was logged, and drops since.
+    drop_log: Option<Instant>,
+    drops_unlogged: u64,
 }
+
+/// At most one dropped-datagram warning per this interval.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The running engine.
 pub struct Engine {
@@ -511,6 +517,21 @@ impl Engine {
             Received::Handled => {}
             Received::Dropped(why) => {
                 tracing::trace!(%src, ?why, "datagram dropped");
+                let c = &mut self.counters;
+                c.drops_unlogged += 1;
+                if c
+                    .drop_log
+                    .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
+                {
+                    tracing::warn!(
+                        %src,
+                        reason = ?why,
+                        dropped = c.drops_unlogged,
+                        "dropping datagrams (this one, and the count since the last warning)"
+                    );
+                    c.drop_log = Some(now);
+                    c.drops_unlogged = 0;
+                }
             }
         }
     }
