@@ -125,9 +125,7 @@ pub enum Command {
     SetPrivate,
 
     /// Replace this node's tags in the registry (at most 3), or clear them.
-    #[command(
-        after_help = "Example:\n  pilotctl tags gpu inference\n  pilotctl tags --clear"
-    )]
+    #[command(after_help = "Example:\n  pilotctl tags gpu inference\n  pilotctl tags --clear")]
     Tags {
         /// The tags, at most 3.
         #[arg(required_unless_present = "clear", num_args = 1..=3)]
@@ -138,7 +136,9 @@ pub enum Command {
     },
 
     /// Show a node's public registry record: address, key, visibility, hostname, tags.
-    #[command(after_help = "Example:\n  pilotctl lookup alice\n  pilotctl lookup 0:0000.0000.002A")]
+    #[command(
+        after_help = "Example:\n  pilotctl lookup alice\n  pilotctl lookup 0:0000.0000.002A"
+    )]
     Lookup {
         /// Address, node ID or hostname.
         peer: String,
@@ -343,11 +343,17 @@ pub enum Command {
     },
 
     /// Advertise in the registry that this node executes tasks.
-    #[command(name = "enable-tasks", after_help = "Example:\n  pilotctl enable-tasks")]
+    #[command(
+        name = "enable-tasks",
+        after_help = "Example:\n  pilotctl enable-tasks"
+    )]
     EnableTasks,
 
     /// Stop advertising task execution.
-    #[command(name = "disable-tasks", after_help = "Example:\n  pilotctl disable-tasks")]
+    #[command(
+        name = "disable-tasks",
+        after_help = "Example:\n  pilotctl disable-tasks"
+    )]
     DisableTasks,
 }
 

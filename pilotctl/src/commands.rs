@@ -55,7 +55,9 @@ pub(crate) async fn execute(
         Command::Find { name } => find(&ctx, &name).await,
         Command::SetPublic => set_visibility(&ctx, true).await,
         Command::SetPrivate => set_visibility(&ctx, false).await,
-        Command::Tags { tags, clear } => set_tags(&ctx, if clear { Vec::new() } else { tags }).await,
+        Command::Tags { tags, clear } => {
+            set_tags(&ctx, if clear { Vec::new() } else { tags }).await
+        }
         Command::Lookup { peer } => lookup(&ctx, &peer).await,
         Command::Peers { search } => peers(&ctx, search).await,
         Command::Connections => connections(&ctx).await,
@@ -110,7 +112,11 @@ pub(crate) async fn execute(
         Command::Deregister => deregister(&ctx).await,
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
-            let url = if clear { String::new() } else { url.unwrap_or_default() };
+            let url = if clear {
+                String::new()
+            } else {
+                url.unwrap_or_default()
+            };
             webhook(&ctx, url).await
         }
         Command::EnableTasks => task_exec(&ctx, true).await,
@@ -177,9 +183,9 @@ fn connect_error(socket: &Path, e: DriverError) -> CtlError {
     let path = socket.display();
     let msg = match &e {
         DriverError::Connect { source, .. } => match source.kind() {
-            io::ErrorKind::NotFound => format!(
-                "pilotd is not running (no socket at {path}); start it with `sudo pilotd`"
-            ),
+            io::ErrorKind::NotFound => {
+                format!("pilotd is not running (no socket at {path}); start it with `sudo pilotd`")
+            }
             io::ErrorKind::ConnectionRefused => format!(
                 "pilotd is not running (the socket {path} refuses connections); start it \
                  with `sudo pilotd`"
@@ -465,7 +471,10 @@ async fn lookup(ctx: &Ctx, peer: &str) -> Result<Output, CtlError> {
         "Node:        {} ({})\nHostname:    {}\nVisibility:  {}\nPublic key:  {}\n",
         r.node_id,
         r.address,
-        r.hostname.as_deref().filter(|h| !h.is_empty()).unwrap_or("(none)"),
+        r.hostname
+            .as_deref()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("(none)"),
         if r.public { "public" } else { "private" },
         r.public_key,
     );
@@ -480,7 +489,11 @@ async fn lookup(ctx: &Ctx, peer: &str) -> Result<Output, CtlError> {
     );
     let nets: Vec<String> = r.networks.iter().map(u16::to_string).collect();
     let _ = writeln!(text, "Networks:    {}", nets.join(", "));
-    let _ = writeln!(text, "Task exec:   {}", if r.task_exec { "yes" } else { "no" });
+    let _ = writeln!(
+        text,
+        "Task exec:   {}",
+        if r.task_exec { "yes" } else { "no" }
+    );
     if let Some(ep) = &r.real_addr {
         let _ = writeln!(text, "Endpoint:    {ep}");
     }
@@ -829,7 +842,10 @@ async fn trusted(ctx: &Ctx) -> Result<Output, CtlError> {
 
 async fn ping(ctx: &Ctx, peer: &str, count: u32, timeout: Duration) -> Result<Output, CtlError> {
     if count == 0 {
-        return Err(CtlError::new(code::BAD_REQUEST, "--count must be at least 1"));
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be at least 1",
+        ));
     }
     let (d, peer) = driver_and_peer(ctx, peer).await?;
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -1093,10 +1109,7 @@ async fn send_message(
         .write_all(&payload)
         .await
         .map_err(|e| io_error("send", e))?;
-    stream
-        .shutdown()
-        .await
-        .map_err(|e| io_error("send", e))?;
+    stream.shutdown().await.map_err(|e| io_error("send", e))?;
     data["conn_id"] = json!(stream.conn_id());
     let mut text = format!("Sent {} bytes to {dst}", payload.len());
     if !opts.no_wait {
@@ -1124,7 +1137,12 @@ async fn send_message(
         data["reply_bytes"] = json!(reply.len());
         data["eof"] = json!(eof);
         if !reply.is_empty() {
-            let _ = write!(text, "\nReply ({} bytes):\n{}", reply.len(), String::from_utf8_lossy(&reply));
+            let _ = write!(
+                text,
+                "\nReply ({} bytes):\n{}",
+                reply.len(),
+                String::from_utf8_lossy(&reply)
+            );
         }
         if !eof {
             let _ = write!(text, "\n(the peer kept the connection open)");
@@ -1157,10 +1175,18 @@ async fn listen(
         ));
     }
     if count == Some(0) {
-        return Err(CtlError::new(code::BAD_REQUEST, "--count must be at least 1"));
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be at least 1",
+        ));
     }
     let d = ctx.driver().await?;
-    let mut listener = timed(REQUEST_TIMEOUT, &format!("bind port {port}"), d.listen(port)).await?;
+    let mut listener = timed(
+        REQUEST_TIMEOUT,
+        &format!("bind port {port}"),
+        d.listen(port),
+    )
+    .await?;
     if !ctx.json {
         let _ = writeln!(stdout, "Listening on port {port}");
         let _ = stdout.flush();
@@ -1255,7 +1281,10 @@ async fn bench(
     timeout: Duration,
 ) -> Result<Output, CtlError> {
     if size == 0 {
-        return Err(CtlError::new(code::BAD_REQUEST, "--size must be at least 1 byte"));
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--size must be at least 1 byte",
+        ));
     }
     let (d, peer) = driver_and_peer(ctx, peer).await?;
     let dst = SocketAddr::new(peer.addr, port);
@@ -1295,9 +1324,8 @@ async fn bench(
         let (got, total_time) = down.map_err(|e| io_error("receive", e))?;
         Ok::<_, CtlError>((send_time, got, total_time))
     };
-    let (send_time, got, total_time) = tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| {
+    let (send_time, got, total_time) =
+        tokio::time::timeout(timeout, work).await.map_err(|_| {
             CtlError::new(
                 code::TIMEOUT,
                 format!("bench to {dst} not done after {}", fmt_duration(timeout)),

@@ -143,7 +143,10 @@ where
                 return EXIT_OK;
             }
             if json_flag {
-                print_error(io.stdout, &CtlError::new(code::BAD_REQUEST, usage_message(&e)));
+                print_error(
+                    io.stdout,
+                    &CtlError::new(code::BAD_REQUEST, usage_message(&e)),
+                );
             } else {
                 let _ = write!(io.stderr, "{}", e.render());
             }
@@ -186,7 +189,13 @@ where
 /// A clap error as one line: the text before the usage section, whitespace collapsed.
 fn usage_message(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let head = text.split("\n\nUsage:").next().unwrap_or_default();
+    let head = text
+        .split("\n\nUsage:")
+        .next()
+        .unwrap_or_default()
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or_default();
     let head = head.strip_prefix("error: ").unwrap_or(head);
     let line = head.split_whitespace().collect::<Vec<_>>().join(" ");
     if line.is_empty() {

@@ -69,8 +69,8 @@ pub fn parse_endpoint(
     let whole = match parse_target(t) {
         Ok(target) => {
             let port = port.or(default_port).ok_or_else(|| {
-            CtlError::new(
-                code::BAD_ADDRESS,
+                CtlError::new(
+                    code::BAD_ADDRESS,
                     format!("no port: write {t}:PORT or give the port as an argument"),
                 )
             })?;
@@ -160,10 +160,7 @@ mod tests {
             Ok(Target::Addr(Addr::new(0, 5)))
         );
         assert_eq!(parse_target("42"), Ok(Target::Addr(Addr::new(0, 42))));
-        assert_eq!(
-            parse_target("alice"),
-            Ok(Target::Hostname("alice".into()))
-        );
+        assert_eq!(parse_target("alice"), Ok(Target::Hostname("alice".into())));
         let e = parse_target("0:zz").unwrap_err();
         assert_eq!(e.code, code::BAD_ADDRESS);
         assert!(parse_target("99999999999").is_err());
