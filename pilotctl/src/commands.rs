@@ -705,7 +705,9 @@ async fn connections(ctx: &Ctx) -> Result<Output, CtlError> {
             "{:>6}  {:>6}  {:<24} {:<12} {:>9} {:>12} {:>12} {:>6}",
             "ID", "LOCAL", "REMOTE", "STATE", "SRTT", "SENT", "RECEIVED", "RETX"
         );
-        for c in &r.connections {
+        let mut list: Vec<&ipc::ConnInfo> = r.connections.iter().collect();
+        list.sort_by_key(|c| c.id);
+        for c in list {
             let _ = writeln!(
                 text,
                 "{:>6}  {:>6}  {:<24} {:<12} {:>7.1}ms {:>12} {:>12} {:>6}",
@@ -747,10 +749,9 @@ async fn handshake(ctx: &Ctx, peer: &str, justification: String) -> Result<Outpu
     .await?;
     let r: ipc::HandshakeStatus = decode(&v)?;
     let text = format!(
-        "Trust request to {}: {} (the peer answers with `pilotctl approve {}`)",
+        "Trust request to {}: {} (the peer sees it in `pilotctl pending`)",
         peer.label(),
         r.status,
-        r.node_id
     );
     Ok(output(v, text))
 }

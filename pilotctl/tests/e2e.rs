@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
-use pilotctl::{run_captured, Captured};
+use pilotctl::{run_captured, run_captured_with_stdin, Captured};
 use pilotd::config::Cli;
 use pilotd::driver::Driver;
 use pilotd::node::Node;
@@ -261,6 +261,53 @@ async fn ping_peers_bench_connect_and_messages() {
     assert_eq!(conn["response"], "hello echo");
     assert_eq!(conn["bytes_sent"], 10);
     assert_eq!(conn["bytes_received"], 10);
+
+    // Stdin is piped to the connection; in text mode the echo comes out unchanged.
+    let piped = run_captured_with_stdin(
+        &["--socket", &a.sock, "connect", &b.addr(), "7"],
+        b"line one\nline two\n".to_vec(),
+    )
+    .await;
+    assert_eq!(piped.status, 0, "{}", piped.stderr);
+    assert_eq!(piped.stdout, "line one\nline two\n");
+    let piped = run_captured_with_stdin(
+        &[
+            "--json",
+            "--socket",
+            &a.sock,
+            "connect",
+            &b.id.to_string(),
+            "7",
+        ],
+        vec![b'x'; 100_000],
+    )
+    .await;
+    let v = piped.json();
+    assert_eq!(v["data"]["bytes_sent"], 100_000);
+    assert_eq!(v["data"]["bytes_received"], 100_000);
+
+    if std::env::var_os("PILOTCTL_SHOW_TEXT").is_some() {
+        for args in [
+            &["info"][..],
+            &["peers"],
+            &["connections"],
+            &["ping", &b.addr(), "-c", "2"],
+            &["lookup", &b.addr()],
+            &["bench", &b.addr(), "--size", "4M"],
+            &["trust"],
+            &["pending"],
+        ] {
+            let mut all = vec!["--socket", a.sock.as_str()];
+            all.extend_from_slice(args);
+            let out = run_captured(&all).await;
+            println!(
+                "$ pilotctl {}\n{}{}",
+                args.join(" "),
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
 
     let conns = a.ok(&["connections"]).await;
     assert!(conns["total"].as_u64().unwrap() >= 1, "{conns}");
