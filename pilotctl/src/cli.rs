@@ -1,0 +1,404 @@
+//! The command line: global flags and every command, with their help texts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::parse::{parse_duration, parse_size};
+
+/// The list of error codes shown at the end of `pilotctl --help`.
+pub const ERROR_CODES_HELP: &str = "\
+Output:
+  Text for people by default. With --json, exactly one JSON object on stdout:
+    {\"status\":\"ok\",\"data\":{...}}
+    {\"status\":\"error\",\"code\":\"...\",\"message\":\"...\"}
+  Exit status: 0 on success, 1 on an error, 2 on a usage error (bad flags or arguments).
+
+Error codes (stable; match on the code, not on the message):
+  daemon_down       pilotd is not running, or its socket cannot be reached
+  bad_address       a peer, address, node ID or port does not parse
+  unknown_peer      the node is not a tunnel peer, or the connection ID is unknown
+  untrusted         the operation needs trust the peer has not granted
+  invalid_hostname  the hostname breaks the naming rules or is taken
+  not_found         no such node, hostname, network or pending request
+  bad_request       an argument is invalid (also every usage error)
+  unsupported       the daemon does not know this operation (it is older than pilotctl)
+  timeout           the peer, registry or daemon did not answer in time
+  refused           the peer or registry refused (connection refused, registry rejection)
+  unavailable       the registry or the trust service cannot be reached right now
+  bad_reply         the daemon's answer does not decode
+  internal          an unexpected local failure
+
+Environment:
+  PILOT_SOCKET   the daemon's IPC socket (same as --socket)
+  PILOT_HOME     pilotd's state directory; the default socket is <PILOT_HOME>/pilotd.sock
+";
+
+const LONG_ABOUT: &str = "\
+pilotctl controls a running pilotd over its IPC socket: the node's identity and visibility, \
+hostnames, trust, peers and connections, and simple data transfer between agents.
+
+Peers can be named by address (0:0000.0000.002A), decimal node ID (42) or hostname (alice); \
+hostnames are resolved through the daemon and the registry.
+
+The socket is --socket, else $PILOT_SOCKET, else pilotd's default: /run/pilot/pilotd.sock \
+when running as root, otherwise <PILOT_HOME or ~/.pilot>/pilotd.sock (falling back to \
+/run/pilot/pilotd.sock when only that one exists).";
+
+/// `pilotctl` command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "pilotctl",
+    version,
+    about = "Control a running Pilot daemon (pilotd)",
+    long_about = LONG_ABOUT,
+    after_long_help = ERROR_CODES_HELP,
+    after_help = "Run `pilotctl --help` for the output format and error codes, \
+                  `pilotctl <command> --help` for a command's details and an example."
+)]
+pub struct Cli {
+    /// The daemon's IPC socket.
+    #[arg(long, global = true, env = "PILOT_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print exactly one JSON object on stdout: {"status":"ok","data":…} or
+    /// {"status":"error","code":…,"message":…}.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A duration argument.
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+/// A byte-size argument.
+fn size(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+/// Every command.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Show this node's status: address, hostname, key, peers, connections, traffic.
+    #[command(after_help = "Example:\n  pilotctl info\n  pilotctl --json info")]
+    Info,
+
+    /// Set this node's hostname in the registry, so others can find it by name.
+    #[command(
+        name = "set-hostname",
+        after_help = "Hostnames are lower-case letters, digits and hyphens, unique in the \
+                      registry.\n\nExample:\n  pilotctl set-hostname alice"
+    )]
+    SetHostname {
+        /// The new hostname.
+        name: String,
+    },
+
+    /// Remove this node's hostname from the registry.
+    #[command(
+        name = "clear-hostname",
+        after_help = "Example:\n  pilotctl clear-hostname"
+    )]
+    ClearHostname,
+
+    /// Resolve a hostname (or address, or node ID) to a node ID and address.
+    #[command(
+        visible_alias = "resolve",
+        after_help = "Private nodes resolve only for peers that trust them.\n\nExample:\n  \
+                      pilotctl find alice\n  pilotctl resolve 42"
+    )]
+    Find {
+        /// Hostname, address or node ID.
+        name: String,
+    },
+
+    /// Make this node public: anyone may learn its endpoint and connect.
+    #[command(name = "set-public", after_help = "Example:\n  pilotctl set-public")]
+    SetPublic,
+
+    /// Make this node private: only trusted peers may learn its endpoint.
+    #[command(name = "set-private", after_help = "Example:\n  pilotctl set-private")]
+    SetPrivate,
+
+    /// Replace this node's tags in the registry (at most 3), or clear them.
+    #[command(after_help = "Example:\n  pilotctl tags gpu inference\n  pilotctl tags --clear")]
+    Tags {
+        /// The tags, at most 3.
+        #[arg(required_unless_present = "clear", num_args = 1..=3)]
+        tags: Vec<String>,
+        /// Remove every tag.
+        #[arg(long, conflicts_with = "tags")]
+        clear: bool,
+    },
+
+    /// Show a node's public registry record: address, key, visibility, hostname, tags.
+    #[command(
+        after_help = "Example:\n  pilotctl lookup alice\n  pilotctl lookup 0:0000.0000.002A"
+    )]
+    Lookup {
+        /// Address, node ID or hostname.
+        peer: String,
+    },
+
+    /// List tunnel peers: endpoint, direct or relayed, encrypted, authenticated.
+    #[command(after_help = "Example:\n  pilotctl peers\n  pilotctl peers --search 127.0.0.1")]
+    Peers {
+        /// Only peers whose node ID, address or endpoint contains this text.
+        #[arg(long)]
+        search: Option<String>,
+    },
+
+    /// List connections with their transport statistics (TIME_WAIT ones included).
+    #[command(after_help = "Example:\n  pilotctl connections")]
+    Connections,
+
+    /// Close a connection by its ID (see `pilotctl connections`).
+    #[command(after_help = "Example:\n  pilotctl disconnect 3")]
+    Disconnect {
+        /// The connection ID.
+        conn_id: u32,
+    },
+
+    /// Ask a node for trust, with a justification it will see.
+    #[command(
+        after_help = "The peer sees the request in `pilotctl pending` and answers with \
+                      `pilotctl approve` or `pilotctl reject`.\n\nExample:\n  pilotctl \
+                      handshake bob \"summarizer agent, needs your search API\""
+    )]
+    Handshake {
+        /// Address, node ID or hostname.
+        peer: String,
+        /// Why you ask (free text, shown to the peer).
+        #[arg(trailing_var_arg = true)]
+        justification: Vec<String>,
+    },
+
+    /// List trust requests waiting for an answer.
+    #[command(after_help = "Example:\n  pilotctl pending")]
+    Pending,
+
+    /// Approve a pending trust request.
+    #[command(after_help = "Example:\n  pilotctl approve 42")]
+    Approve {
+        /// Address, node ID or hostname of the requesting node.
+        peer: String,
+    },
+
+    /// Reject a pending trust request, with an optional reason sent to the peer.
+    #[command(after_help = "Example:\n  pilotctl reject 42 \"unknown agent\"")]
+    Reject {
+        /// Address, node ID or hostname of the requesting node.
+        peer: String,
+        /// Why (free text, sent to the peer).
+        #[arg(trailing_var_arg = true)]
+        reason: Vec<String>,
+    },
+
+    /// List trusted peers.
+    #[command(after_help = "Example:\n  pilotctl trust")]
+    Trust,
+
+    /// Withdraw trust from a peer; it is told so.
+    #[command(after_help = "Example:\n  pilotctl untrust 42")]
+    Untrust {
+        /// Address, node ID or hostname.
+        peer: String,
+    },
+
+    /// Measure the round-trip time to a peer's echo service (port 7), probe by probe.
+    #[command(
+        after_help = "Each probe uses a fresh connection; the result names the path \
+                      (direct or relayed). The command fails only when no probe is \
+                      answered.\n\nExample:\n  pilotctl ping bob --count 3"
+    )]
+    Ping {
+        /// Address, node ID or hostname.
+        peer: String,
+        /// Number of probes.
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+        /// Time to wait for each probe's echo.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        timeout: Duration,
+    },
+
+    /// Open a stream connection and pipe stdin to it and its data to stdout.
+    #[command(
+        after_help = "The target is PEER:PORT or PEER with a separate PORT (default 1000). \
+                      Stdin is sent until its end, then the connection is half-closed; the \
+                      command ends when the peer closes. With --message, that text is sent \
+                      instead of stdin. With --json the received data is returned in the \
+                      JSON (as UTF-8 text).\n\nExample:\n  echo hello | pilotctl connect \
+                      bob:7\n  pilotctl connect 0:0000.0000.002A 1000 --message ping"
+    )]
+    Connect {
+        /// PEER:PORT, or PEER (address, node ID or hostname).
+        target: String,
+        /// The port, when TARGET has none.
+        port: Option<u16>,
+        /// Send this text instead of stdin.
+        #[arg(long, short = 'm')]
+        message: Option<String>,
+        /// Give up after this long.
+        #[arg(long, value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+
+    /// Send one message to a port: as a datagram, or over a stream connection.
+    #[command(
+        name = "send-message",
+        after_help = "The message is the MESSAGE argument, else stdin. Over a stream (the \
+                      default), the connection is half-closed after the message and the \
+                      peer's reply is read until it closes or --timeout passes; --no-wait \
+                      skips the reply. --datagram sends one unreliable datagram instead.\n\n\
+                      Example:\n  pilotctl send-message bob:5000 \"hello\"\n  pilotctl \
+                      send-message 42 5000 --datagram \"hello\""
+    )]
+    SendMessage {
+        /// PEER:PORT, or PEER (address, node ID or hostname).
+        target: String,
+        /// The port when TARGET has none, then the message.
+        #[arg(num_args = 0..=2)]
+        rest: Vec<String>,
+        /// Send a datagram instead of a stream.
+        #[arg(long, short = 'd')]
+        datagram: bool,
+        /// Do not wait for a reply on the stream.
+        #[arg(long, conflicts_with = "datagram")]
+        no_wait: bool,
+        /// How long to wait for the connection and the reply.
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        timeout: Duration,
+    },
+
+    /// Receive messages on a port: datagrams, and stream connections read to their end.
+    #[command(
+        after_help = "Stops after --count messages or --timeout, whichever comes first; \
+                      with neither it runs until interrupted (not allowed with --json). \
+                      Reaching the timeout is not an error.\n\nExample:\n  pilotctl listen \
+                      5000 --count 1 --timeout 30s"
+    )]
+    Listen {
+        /// The port to bind.
+        port: u16,
+        /// Stop after this many messages.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Stop after this long.
+        #[arg(long, value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+
+    /// Measure throughput: send bytes to a port (the echo service by default) and time it.
+    #[command(
+        after_help = "Reports the send rate (until the last byte is handed to the daemon) \
+                      and, when the port echoes, the round-trip rate (until the last byte \
+                      came back). Rates are in MB/s (10^6 bytes per second). Sizes take \
+                      K, M, G, T suffixes (powers of 1024).\n\nExample:\n  pilotctl bench \
+                      bob --size 1G\n  pilotctl bench 42 --size 64M --port 7"
+    )]
+    Bench {
+        /// Address, node ID or hostname.
+        peer: String,
+        /// Bytes to send.
+        #[arg(long, short = 's', default_value = "1M", value_parser = size)]
+        size: u64,
+        /// The port; 7 is the echo service.
+        #[arg(long, short = 'p', default_value_t = 7)]
+        port: u16,
+        /// Give up after this long.
+        #[arg(long, default_value = "120s", value_parser = duration)]
+        timeout: Duration,
+    },
+
+    /// Remove this node from the registry; the daemon keeps running.
+    #[command(after_help = "Example:\n  pilotctl deregister")]
+    Deregister,
+
+    /// Networks: list, create, join, leave, invite.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  pilotctl networks list\n  pilotctl networks create lab \
+                      --join-rule token --token s3cret\n  pilotctl networks join 7 --token \
+                      s3cret"
+    )]
+    Networks(NetworksCmd),
+
+    /// Set the URL that receives this node's events as HTTP POSTs, or clear it.
+    #[command(
+        after_help = "Example:\n  pilotctl webhook https://example.com/pilot\n  pilotctl \
+                      webhook --clear"
+    )]
+    Webhook {
+        /// An http:// or https:// URL.
+        #[arg(required_unless_present = "clear")]
+        url: Option<String>,
+        /// Disable the webhook.
+        #[arg(long, conflicts_with = "url")]
+        clear: bool,
+    },
+
+    /// Advertise in the registry that this node executes tasks.
+    #[command(
+        name = "enable-tasks",
+        after_help = "Example:\n  pilotctl enable-tasks"
+    )]
+    EnableTasks,
+
+    /// Stop advertising task execution.
+    #[command(
+        name = "disable-tasks",
+        after_help = "Example:\n  pilotctl disable-tasks"
+    )]
+    DisableTasks,
+}
+
+/// `pilotctl networks …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum NetworksCmd {
+    /// Every network the registry knows.
+    #[command(after_help = "Example:\n  pilotctl networks list")]
+    List,
+    /// Create a network with this node as its first member.
+    #[command(after_help = "Example:\n  pilotctl networks create lab --join-rule invite")]
+    Create {
+        /// Its name.
+        name: String,
+        /// Who may join.
+        #[arg(long, value_parser = ["open", "token", "invite"])]
+        join_rule: Option<String>,
+        /// The join token of a `token` network.
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Join a network.
+    #[command(after_help = "Example:\n  pilotctl networks join 7 --token s3cret")]
+    Join {
+        /// The network ID.
+        network_id: u16,
+        /// The join token of a `token` network.
+        #[arg(long)]
+        token: Option<String>,
+        /// The member that invited this node into an `invite` network.
+        #[arg(long)]
+        inviter: Option<String>,
+    },
+    /// Leave a network.
+    #[command(after_help = "Example:\n  pilotctl networks leave 7")]
+    Leave {
+        /// The network ID.
+        network_id: u16,
+    },
+    /// Invite a node into an invite-only network this node belongs to.
+    #[command(after_help = "Example:\n  pilotctl networks invite 7 bob")]
+    Invite {
+        /// The network ID.
+        network_id: u16,
+        /// Address, node ID or hostname of the invited node.
+        peer: String,
+    },
+}

@@ -1,0 +1,1423 @@
+//! What each command does: the daemon requests it makes and how it reports the result.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pilotd::driver::{Driver, DriverError};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tunnel::ipc::{self, code, ExtReply, ExtRequest};
+use tunnel::{Addr, SocketAddr};
+
+use crate::cli::{Cli, Command, NetworksCmd};
+use crate::parse::{parse_endpoint, parse_target, Target};
+use crate::{CtlError, Output};
+
+/// Longest wait for a plain daemon request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a stream connection to open (the daemon's own dial limit is about 30 s).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(45);
+/// Longest wait for the round trip that confirms earlier messages reached the daemon.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most received bytes kept for a JSON result.
+const MAX_CAPTURE: usize = 16 << 20;
+/// Most bytes read from one stream connection by `listen`.
+const MAX_STREAM_MESSAGE: usize = 1 << 20;
+/// Most bytes read from stdin for `send-message`.
+const MAX_STDIN_MESSAGE: u64 = 16 << 20;
+/// Bytes per write in `bench`.
+const BENCH_CHUNK: usize = 256 * 1024;
+/// Default port of `connect` (the stdio service).
+const DEFAULT_CONNECT_PORT: u16 = 1000;
+
+type Stdin<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
+type Stdout<'a> = &'a mut (dyn Write + Send);
+
+/// Runs one parsed command line.
+pub(crate) async fn execute(
+    cli: Cli,
+    stdin: Stdin<'_>,
+    stdout: Stdout<'_>,
+) -> Result<Output, CtlError> {
+    let ctx = Ctx {
+        socket: socket_path(cli.socket.as_deref()),
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Info => info(&ctx).await,
+        Command::SetHostname { name } => set_hostname(&ctx, name).await,
+        Command::ClearHostname => set_hostname(&ctx, String::new()).await,
+        Command::Find { name } => find(&ctx, &name).await,
+        Command::SetPublic => set_visibility(&ctx, true).await,
+        Command::SetPrivate => set_visibility(&ctx, false).await,
+        Command::Tags { tags, clear } => {
+            set_tags(&ctx, if clear { Vec::new() } else { tags }).await
+        }
+        Command::Lookup { peer } => lookup(&ctx, &peer).await,
+        Command::Peers { search } => peers(&ctx, search).await,
+        Command::Connections => connections(&ctx).await,
+        Command::Disconnect { conn_id } => disconnect(&ctx, conn_id).await,
+        Command::Handshake {
+            peer,
+            justification,
+        } => handshake(&ctx, &peer, justification.join(" ")).await,
+        Command::Pending => pending(&ctx).await,
+        Command::Approve { peer } => trust_op(&ctx, &peer, TrustAction::Approve).await,
+        Command::Reject { peer, reason } => {
+            trust_op(&ctx, &peer, TrustAction::Reject(reason.join(" "))).await
+        }
+        Command::Trust => trusted(&ctx).await,
+        Command::Untrust { peer } => trust_op(&ctx, &peer, TrustAction::Untrust).await,
+        Command::Ping {
+            peer,
+            count,
+            timeout,
+        } => ping(&ctx, &peer, count, timeout).await,
+        Command::Connect {
+            target,
+            port,
+            message,
+            timeout,
+        } => connect(&ctx, &target, port, message, timeout, stdin, stdout).await,
+        Command::SendMessage {
+            target,
+            rest,
+            datagram,
+            no_wait,
+            timeout,
+        } => {
+            let opts = SendOpts {
+                datagram,
+                no_wait,
+                timeout,
+            };
+            send_message(&ctx, &target, &rest, opts, stdin).await
+        }
+        Command::Listen {
+            port,
+            count,
+            timeout,
+        } => listen(&ctx, port, count, timeout, stdout).await,
+        Command::Bench {
+            peer,
+            size,
+            port,
+            timeout,
+        } => bench(&ctx, &peer, size, port, timeout).await,
+        Command::Deregister => deregister(&ctx).await,
+        Command::Networks(cmd) => networks(&ctx, cmd).await,
+        Command::Webhook { url, clear } => {
+            let url = if clear {
+                String::new()
+            } else {
+                url.unwrap_or_default()
+            };
+            webhook(&ctx, url).await
+        }
+        Command::EnableTasks => task_exec(&ctx, true).await,
+        Command::DisableTasks => task_exec(&ctx, false).await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon access
+// ---------------------------------------------------------------------------------------------
+
+struct Ctx {
+    socket: PathBuf,
+    json: bool,
+}
+
+impl Ctx {
+    /// A connection to the daemon, or `daemon_down` with what to do about it.
+    async fn driver(&self) -> Result<Driver, CtlError> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, Driver::connect(&self.socket)).await {
+            Err(_) => Err(CtlError::new(
+                code::DAEMON_DOWN,
+                format!(
+                    "pilotd does not accept connections on {}",
+                    self.socket.display()
+                ),
+            )),
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(connect_error(&self.socket, e)),
+        }
+    }
+}
+
+/// The socket to use: the flag (or `PILOT_SOCKET`), else pilotd's own default for this user;
+/// when that does not exist but the system socket does, the system socket.
+fn socket_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    let env_path = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let daemon_cli = pilotd::config::Cli {
+        home: env_path("PILOT_HOME"),
+        config: env_path("PILOT_CONFIG"),
+        ..pilotd::config::Cli::default()
+    };
+    let own = daemon_cli.resolve().map(|c| c.socket).unwrap_or_else(|_| {
+        env_path("PILOT_HOME")
+            .or_else(|| env_path("HOME").map(|h| h.join(".pilot")))
+            .unwrap_or_else(|| PathBuf::from(".pilot"))
+            .join("pilotd.sock")
+    });
+    let system = Path::new(pilotd::config::SYSTEM_SOCKET);
+    if !own.exists() && system.exists() {
+        return system.to_path_buf();
+    }
+    own
+}
+
+fn connect_error(socket: &Path, e: DriverError) -> CtlError {
+    let path = socket.display();
+    let msg = match &e {
+        DriverError::Connect { source, .. } => match source.kind() {
+            io::ErrorKind::NotFound => {
+                format!("pilotd is not running (no socket at {path}); start it with `sudo pilotd`")
+            }
+            io::ErrorKind::ConnectionRefused => format!(
+                "pilotd is not running (the socket {path} refuses connections); start it \
+                 with `sudo pilotd`"
+            ),
+            io::ErrorKind::PermissionDenied => format!(
+                "permission denied on {path}: run pilotctl as the user pilotd runs as, or \
+                 with sudo"
+            ),
+            _ => format!("cannot reach pilotd at {path}: {source}"),
+        },
+        other => other.to_string(),
+    };
+    CtlError::new(code::DAEMON_DOWN, msg)
+}
+
+/// The stable code for a driver failure. The v1 Error message is free text, so its code is
+/// inferred from the wording.
+fn driver_error(e: DriverError) -> CtlError {
+    match e {
+        DriverError::Connect { .. } | DriverError::DaemonDown(_) => CtlError::new(
+            code::DAEMON_DOWN,
+            format!("lost the connection to pilotd: {e}"),
+        ),
+        DriverError::BadReply(m) => CtlError::new(code::BAD_REPLY, m),
+        DriverError::TooLarge(e) => CtlError::new(code::BAD_REQUEST, e.to_string()),
+        DriverError::Daemon(m) => {
+            let l = m.to_ascii_lowercase();
+            let c = if l.contains("refused") {
+                code::REFUSED
+            } else if l.contains("timeout") || l.contains("timed out") {
+                code::TIMEOUT
+            } else if l.contains("trust") || l.contains("private") || l.contains("denied") {
+                code::UNTRUSTED
+            } else if l.contains("not found") || l.contains("no such") || l.contains("unknown") {
+                code::NOT_FOUND
+            } else if l.contains("in use") || l.contains("already") || l.contains("invalid") {
+                code::BAD_REQUEST
+            } else {
+                code::REFUSED
+            };
+            CtlError::new(c, m)
+        }
+    }
+}
+
+fn io_error(what: &str, e: io::Error) -> CtlError {
+    let c = match e.kind() {
+        io::ErrorKind::ConnectionRefused => code::REFUSED,
+        io::ErrorKind::TimedOut => code::TIMEOUT,
+        io::ErrorKind::BrokenPipe => code::DAEMON_DOWN,
+        _ => code::INTERNAL,
+    };
+    CtlError::new(c, format!("{what}: {e}"))
+}
+
+/// Awaits a driver call for at most `limit`.
+async fn timed<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, DriverError>>,
+) -> Result<T, CtlError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(driver_error),
+        Err(_) => Err(CtlError::new(
+            code::TIMEOUT,
+            format!("{what}: no answer within {}", fmt_duration(limit)),
+        )),
+    }
+}
+
+/// An extension request; its data, or its error code and message.
+async fn ext_within(d: &Driver, req: ExtRequest, limit: Duration) -> Result<Value, CtlError> {
+    let what = format!("pilotd request {}", req.op());
+    match timed(limit, &what, d.ext(&req)).await? {
+        ExtReply::Ok { data } => Ok(data),
+        ExtReply::Error { code, message } => Err(CtlError { code, message }),
+    }
+}
+
+async fn ext(d: &Driver, req: ExtRequest) -> Result<Value, CtlError> {
+    ext_within(d, req, REQUEST_TIMEOUT).await
+}
+
+fn decode<T: DeserializeOwned>(v: &Value) -> Result<T, CtlError> {
+    T::deserialize(v).map_err(|e| CtlError::new(code::BAD_REPLY, format!("pilotd's reply: {e}")))
+}
+
+/// Waits until every message queued before it has been handled by the daemon; an Error the
+/// daemon sent for one of them (a failed datagram send) comes back here.
+async fn sync(d: &Driver) -> Result<(), CtlError> {
+    timed(SYNC_TIMEOUT, "pilotd", d.info_json()).await.map(drop)
+}
+
+/// A peer resolved to a node.
+#[derive(Debug, Clone)]
+struct Peer {
+    addr: Addr,
+    hostname: Option<String>,
+}
+
+impl Peer {
+    fn node(&self) -> u32 {
+        self.addr.node
+    }
+
+    fn label(&self) -> String {
+        match &self.hostname {
+            Some(h) => format!("{h} ({})", self.addr),
+            None => self.addr.to_string(),
+        }
+    }
+}
+
+/// Turns a parsed target into a node, asking the registry (through the daemon) for hostnames.
+async fn resolve(d: &Driver, target: &Target) -> Result<Peer, CtlError> {
+    let peer = match target {
+        Target::Addr(a) => Peer {
+            addr: *a,
+            hostname: None,
+        },
+        Target::Hostname(h) => {
+            let v = ext(
+                d,
+                ExtRequest::Resolve {
+                    target: h.to_owned(),
+                },
+            )
+            .await?;
+            let r: ipc::ResolveReply = decode(&v)?;
+            Peer {
+                addr: r.address.parse().unwrap_or(Addr::new(0, r.node_id)),
+                hostname: Some(h.to_owned()),
+            }
+        }
+    };
+    if peer.addr.node == 0 {
+        return Err(CtlError::new(
+            code::BAD_ADDRESS,
+            format!("{} is not a node", peer.addr),
+        ));
+    }
+    Ok(peer)
+}
+
+/// Parses `text`, connects, and resolves it.
+async fn driver_and_peer(ctx: &Ctx, text: &str) -> Result<(Driver, Peer), CtlError> {
+    let target = parse_target(text)?;
+    let d = ctx.driver().await?;
+    let peer = resolve(&d, &target).await?;
+    Ok((d, peer))
+}
+
+fn output(data: Value, text: impl Into<String>) -> Output {
+    Output {
+        data,
+        text: text.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status and registry
+// ---------------------------------------------------------------------------------------------
+
+async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Info).await?;
+    let i: ipc::Info = decode(&v)?;
+    let hostname = if i.hostname.is_empty() {
+        "(none)"
+    } else {
+        &i.hostname
+    };
+    let text = format!(
+        "Node:         {} ({})\n\
+         Hostname:     {hostname}\n\
+         Public key:   {}\n\
+         Encryption:   {}\n\
+         Uptime:       {}\n\
+         Peers:        {} ({} encrypted, {} authenticated)\n\
+         Connections:  {} ({} ports bound)\n\
+         Sent:         {} in {} packets\n\
+         Received:     {} in {} packets\n",
+        i.node_id,
+        i.address,
+        i.public_key,
+        if i.encrypt { "on" } else { "off" },
+        fmt_duration(Duration::from_secs_f64(i.uptime_secs.max(0.0))),
+        i.peers,
+        i.encrypted_peers,
+        i.authenticated_peers,
+        i.connections,
+        i.ports,
+        fmt_bytes(i.bytes_sent),
+        i.pkts_sent,
+        fmt_bytes(i.bytes_recv),
+        i.pkts_recv,
+    );
+    Ok(output(v, text))
+}
+
+async fn set_hostname(ctx: &Ctx, name: String) -> Result<Output, CtlError> {
+    let clearing = name.is_empty();
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::SetHostname { hostname: name }).await?;
+    let r: ipc::HostnameReply = decode(&v)?;
+    let text = if clearing || r.hostname.is_empty() {
+        format!("Hostname of node {} cleared", r.node_id)
+    } else {
+        format!("Hostname of node {} is now {}", r.node_id, r.hostname)
+    };
+    Ok(output(v, text))
+}
+
+async fn find(ctx: &Ctx, name: &str) -> Result<Output, CtlError> {
+    parse_target(name)?;
+    let d = ctx.driver().await?;
+    let v = ext(
+        &d,
+        ExtRequest::Resolve {
+            target: name.trim().to_owned(),
+        },
+    )
+    .await?;
+    let r: ipc::ResolveReply = decode(&v)?;
+    let visibility = match r.public {
+        Some(true) => ", public",
+        Some(false) => ", private",
+        None => "",
+    };
+    let text = format!(
+        "{} is node {}, address {}{visibility}",
+        name.trim(),
+        r.node_id,
+        r.address
+    );
+    Ok(output(v, text))
+}
+
+async fn set_visibility(ctx: &Ctx, public: bool) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::SetVisibility { public }).await?;
+    let r: ipc::VisibilityReply = decode(&v)?;
+    let text = if r.public {
+        format!("Node {} is now public: anyone can reach it", r.node_id)
+    } else {
+        format!(
+            "Node {} is now private: only trusted peers can reach it",
+            r.node_id
+        )
+    };
+    Ok(output(v, text))
+}
+
+async fn set_tags(ctx: &Ctx, tags: Vec<String>) -> Result<Output, CtlError> {
+    if tags.len() > ipc::MAX_TAGS {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            format!("at most {} tags, got {}", ipc::MAX_TAGS, tags.len()),
+        ));
+    }
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::SetTags { tags }).await?;
+    let r: ipc::TagsReply = decode(&v)?;
+    let text = if r.tags.is_empty() {
+        format!("Tags of node {} cleared", r.node_id)
+    } else {
+        format!("Tags of node {}: {}", r.node_id, r.tags.join(", "))
+    };
+    Ok(output(v, text))
+}
+
+async fn lookup(ctx: &Ctx, peer: &str) -> Result<Output, CtlError> {
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let v = ext(
+        &d,
+        ExtRequest::Lookup {
+            node_id: peer.node(),
+        },
+    )
+    .await?;
+    let r: ipc::LookupReply = decode(&v)?;
+    let mut text = format!(
+        "Node:        {} ({})\nHostname:    {}\nVisibility:  {}\nPublic key:  {}\n",
+        r.node_id,
+        r.address,
+        r.hostname
+            .as_deref()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("(none)"),
+        if r.public { "public" } else { "private" },
+        r.public_key,
+    );
+    let _ = writeln!(
+        text,
+        "Tags:        {}",
+        if r.tags.is_empty() {
+            "(none)".to_owned()
+        } else {
+            r.tags.join(", ")
+        }
+    );
+    let nets: Vec<String> = r.networks.iter().map(u16::to_string).collect();
+    let _ = writeln!(text, "Networks:    {}", nets.join(", "));
+    let _ = writeln!(
+        text,
+        "Task exec:   {}",
+        if r.task_exec { "yes" } else { "no" }
+    );
+    if let Some(ep) = &r.real_addr {
+        let _ = writeln!(text, "Endpoint:    {ep}");
+    }
+    Ok(output(v, text))
+}
+
+async fn deregister(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Deregister).await?;
+    let r: ipc::NodeReply = decode(&v)?;
+    Ok(output(
+        v,
+        format!(
+            "Node {} removed from the registry; pilotd keeps running",
+            r.node_id
+        ),
+    ))
+}
+
+async fn webhook(ctx: &Ctx, url: String) -> Result<Output, CtlError> {
+    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "the webhook URL must start with http:// or https://",
+        ));
+    }
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::SetWebhook { url }).await?;
+    let r: ipc::WebhookReply = decode(&v)?;
+    let text = if r.webhook.is_empty() {
+        "Webhook disabled".to_owned()
+    } else {
+        format!("Events are now posted to {}", r.webhook)
+    };
+    Ok(output(v, text))
+}
+
+async fn task_exec(ctx: &Ctx, enabled: bool) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::SetTaskExec { enabled }).await?;
+    let r: ipc::TaskExecReply = decode(&v)?;
+    let text = if r.enabled {
+        format!("Node {} now advertises task execution", r.node_id)
+    } else {
+        format!("Node {} no longer advertises task execution", r.node_id)
+    };
+    Ok(output(v, text))
+}
+
+async fn networks(ctx: &Ctx, cmd: NetworksCmd) -> Result<Output, CtlError> {
+    // Arguments are checked before the daemon is asked anything.
+    let inviter = match &cmd {
+        NetworksCmd::Join {
+            inviter: Some(i), ..
+        } => Some(parse_target(i)?),
+        _ => None,
+    };
+    let invited = match &cmd {
+        NetworksCmd::Invite { peer, .. } => Some(parse_target(peer)?),
+        _ => None,
+    };
+    let d = ctx.driver().await?;
+    match cmd {
+        NetworksCmd::List => {
+            let v = ext(&d, ExtRequest::NetworkList).await?;
+            let r: ipc::NetworksReply = decode(&v)?;
+            let mut text = String::new();
+            if r.networks.is_empty() {
+                text.push_str("No networks\n");
+            } else {
+                let _ = writeln!(text, "{:>6}  {:<24} {:>8}  JOIN", "ID", "NAME", "MEMBERS");
+                for n in &r.networks {
+                    let _ = writeln!(
+                        text,
+                        "{:>6}  {:<24} {:>8}  {}",
+                        n.id, n.name, n.members, n.join_rule
+                    );
+                }
+            }
+            Ok(output(v, text))
+        }
+        NetworksCmd::Create {
+            name,
+            join_rule,
+            token,
+        } => {
+            let v = ext(
+                &d,
+                ExtRequest::NetworkCreate {
+                    name,
+                    join_rule,
+                    token,
+                },
+            )
+            .await?;
+            let r: ipc::NetworkInfo = decode(&v)?;
+            let text = format!(
+                "Network {} ({}) created, join rule {}",
+                r.id, r.name, r.join_rule
+            );
+            Ok(output(v, text))
+        }
+        NetworksCmd::Join {
+            network_id, token, ..
+        } => {
+            let inviter_id = match &inviter {
+                Some(t) => Some(resolve(&d, t).await?.node()),
+                None => None,
+            };
+            let v = ext(
+                &d,
+                ExtRequest::NetworkJoin {
+                    network_id,
+                    token,
+                    inviter_id,
+                },
+            )
+            .await?;
+            let r: ipc::NetworkReply = decode(&v)?;
+            Ok(output(
+                v,
+                format!("Node {} joined network {}", r.node_id, r.network_id),
+            ))
+        }
+        NetworksCmd::Leave { network_id } => {
+            let v = ext(&d, ExtRequest::NetworkLeave { network_id }).await?;
+            let r: ipc::NetworkReply = decode(&v)?;
+            Ok(output(
+                v,
+                format!("Node {} left network {}", r.node_id, r.network_id),
+            ))
+        }
+        NetworksCmd::Invite { network_id, .. } => {
+            let target = invited.ok_or_else(|| CtlError::new(code::INTERNAL, "no invitee"))?;
+            let peer = resolve(&d, &target).await?;
+            let v = ext(
+                &d,
+                ExtRequest::NetworkInvite {
+                    network_id,
+                    node_id: peer.node(),
+                },
+            )
+            .await?;
+            let r: ipc::NetworkReply = decode(&v)?;
+            Ok(output(
+                v,
+                format!("Node {} invited to network {}", r.node_id, r.network_id),
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers and connections
+// ---------------------------------------------------------------------------------------------
+
+async fn peers(ctx: &Ctx, search: Option<String>) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let mut v = ext(&d, ExtRequest::Peers { search }).await?;
+    let r: ipc::PeersReply = decode(&v)?;
+    // Name the path explicitly next to the daemon's `relay` flag.
+    if let Some(list) = v.get_mut("peers").and_then(Value::as_array_mut) {
+        for p in list {
+            let relay = p.get("relay").and_then(Value::as_bool).unwrap_or(false);
+            if let Some(o) = p.as_object_mut() {
+                o.insert(
+                    "path".into(),
+                    json!(if relay { "relayed" } else { "direct" }),
+                );
+            }
+        }
+    }
+    let mut text = String::new();
+    if r.peers.is_empty() {
+        text.push_str("No peers\n");
+    } else {
+        let _ = writeln!(
+            text,
+            "{:>10}  {:<18} {:<24} {:<8} {:<10} AUTHENTICATED",
+            "NODE", "ADDRESS", "ENDPOINT", "PATH", "ENCRYPTED"
+        );
+        for p in &r.peers {
+            let _ = writeln!(
+                text,
+                "{:>10}  {:<18} {:<24} {:<8} {:<10} {}",
+                p.node_id,
+                Addr::new(0, p.node_id).to_string(),
+                p.endpoint,
+                if p.relay { "relayed" } else { "direct" },
+                yes_no(p.encrypted),
+                yes_no(p.authenticated),
+            );
+        }
+        let _ = writeln!(text, "{} peer(s)", r.total);
+    }
+    Ok(output(v, text))
+}
+
+async fn connections(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Connections).await?;
+    let r: ipc::ConnectionsReply = decode(&v)?;
+    let mut text = String::new();
+    if r.connections.is_empty() {
+        text.push_str("No connections\n");
+    } else {
+        let _ = writeln!(
+            text,
+            "{:>6}  {:>6}  {:<24} {:<12} {:>9} {:>12} {:>12} {:>6}",
+            "ID", "LOCAL", "REMOTE", "STATE", "SRTT", "SENT", "RECEIVED", "RETX"
+        );
+        let mut list: Vec<&ipc::ConnInfo> = r.connections.iter().collect();
+        list.sort_by_key(|c| c.id);
+        for c in list {
+            let _ = writeln!(
+                text,
+                "{:>6}  {:>6}  {:<24} {:<12} {:>7.1}ms {:>12} {:>12} {:>6}",
+                c.id,
+                c.local_port,
+                format!("{}:{}", c.remote_addr, c.remote_port),
+                c.state,
+                c.srtt_ms,
+                c.bytes_sent,
+                c.bytes_recv,
+                c.retransmits,
+            );
+        }
+        let _ = writeln!(text, "{} connection(s)", r.total);
+    }
+    Ok(output(v, text))
+}
+
+async fn disconnect(ctx: &Ctx, conn_id: u32) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Disconnect { conn_id }).await?;
+    let r: ipc::ConnIdReply = decode(&v)?;
+    Ok(output(v, format!("Connection {} closed", r.conn_id)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trust
+// ---------------------------------------------------------------------------------------------
+
+async fn handshake(ctx: &Ctx, peer: &str, justification: String) -> Result<Output, CtlError> {
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let v = ext(
+        &d,
+        ExtRequest::Handshake {
+            node_id: peer.node(),
+            justification,
+        },
+    )
+    .await?;
+    let r: ipc::HandshakeStatus = decode(&v)?;
+    let text = format!(
+        "Trust request to {}: {} (the peer sees it in `pilotctl pending`)",
+        peer.label(),
+        r.status,
+    );
+    Ok(output(v, text))
+}
+
+enum TrustAction {
+    Approve,
+    Reject(String),
+    Untrust,
+}
+
+async fn trust_op(ctx: &Ctx, peer: &str, action: TrustAction) -> Result<Output, CtlError> {
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let node_id = peer.node();
+    let req = match action {
+        TrustAction::Approve => ExtRequest::Approve { node_id },
+        TrustAction::Reject(reason) => ExtRequest::Reject { node_id, reason },
+        TrustAction::Untrust => ExtRequest::Untrust { node_id },
+    };
+    let v = ext(&d, req).await?;
+    let r: ipc::HandshakeStatus = decode(&v)?;
+    let text = match r.status.as_str() {
+        ipc::HandshakeStatus::APPROVED => format!("{} is now trusted", peer.label()),
+        ipc::HandshakeStatus::REJECTED => format!("Request from {} rejected", peer.label()),
+        ipc::HandshakeStatus::REVOKED => format!("{} is no longer trusted", peer.label()),
+        other => format!("{}: {other}", peer.label()),
+    };
+    Ok(output(v, text))
+}
+
+async fn pending(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::TrustPending).await?;
+    let r: ipc::PendingList = decode(&v)?;
+    let mut text = String::new();
+    if r.pending.is_empty() {
+        text.push_str("No pending trust requests\n");
+    } else {
+        let _ = writeln!(
+            text,
+            "{:>10}  {:<18} {:<10} JUSTIFICATION",
+            "NODE", "ADDRESS", "RECEIVED"
+        );
+        for p in &r.pending {
+            let _ = writeln!(
+                text,
+                "{:>10}  {:<18} {:<10} {}",
+                p.node_id,
+                Addr::new(0, p.node_id).to_string(),
+                ago(p.received_at),
+                p.justification
+            );
+        }
+        text.push_str("Answer with `pilotctl approve NODE` or `pilotctl reject NODE [reason]`\n");
+    }
+    Ok(output(v, text))
+}
+
+async fn trusted(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::TrustList).await?;
+    let r: ipc::TrustedList = decode(&v)?;
+    let mut text = String::new();
+    if r.trusted.is_empty() {
+        text.push_str("No trusted peers\n");
+    } else {
+        let _ = writeln!(
+            text,
+            "{:>10}  {:<18} {:<7} {:>7}  APPROVED",
+            "NODE", "ADDRESS", "MUTUAL", "NETWORK"
+        );
+        for t in &r.trusted {
+            let _ = writeln!(
+                text,
+                "{:>10}  {:<18} {:<7} {:>7}  {}",
+                t.node_id,
+                Addr::new(0, t.node_id).to_string(),
+                yes_no(t.mutual),
+                t.network,
+                ago(t.approved_at)
+            );
+        }
+    }
+    Ok(output(v, text))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ping
+// ---------------------------------------------------------------------------------------------
+
+async fn ping(ctx: &Ctx, peer: &str, count: u32, timeout: Duration) -> Result<Output, CtlError> {
+    if count == 0 {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be at least 1",
+        ));
+    }
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let limit = timeout
+        .saturating_mul(count)
+        .saturating_add(REQUEST_TIMEOUT);
+    let mut v = ext_within(
+        &d,
+        ExtRequest::Ping {
+            node_id: peer.node(),
+            count,
+            timeout_ms: Some(timeout_ms),
+        },
+        limit,
+    )
+    .await?;
+    let r: ipc::PingReply = decode(&v)?;
+    let rtts: Vec<f64> = r.results.iter().filter_map(|p| p.rtt_ms).collect();
+    let sent = r.results.len();
+    let received = rtts.len();
+    let loss = if sent == 0 {
+        100.0
+    } else {
+        100.0 * (sent - received) as f64 / sent as f64
+    };
+    let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rtts.iter().copied().fold(0.0, f64::max);
+    let avg = if received == 0 {
+        0.0
+    } else {
+        rtts.iter().sum::<f64>() / received as f64
+    };
+    if received == 0 {
+        let last = r
+            .results
+            .iter()
+            .rev()
+            .find_map(|p| p.error.clone())
+            .unwrap_or_else(|| "no probe was sent".into());
+        let l = last.to_ascii_lowercase();
+        let c = if l.contains("refused") {
+            code::REFUSED
+        } else if l.contains("trust") || l.contains("private") || l.contains("denied") {
+            code::UNTRUSTED
+        } else {
+            code::TIMEOUT
+        };
+        return Err(CtlError::new(
+            c,
+            format!("no echo from {} in {sent} probe(s): {last}", peer.label()),
+        ));
+    }
+    if let Some(o) = v.as_object_mut() {
+        o.insert("target".into(), json!(peer.label()));
+        o.insert(
+            "summary".into(),
+            json!({"sent": sent, "received": received, "loss_pct": loss,
+                   "min_ms": min, "avg_ms": avg, "max_ms": max}),
+        );
+    }
+    let mut text = format!("PING {} (node {})\n", peer.label(), r.node_id);
+    for p in &r.results {
+        match (p.rtt_ms, &p.error) {
+            (Some(rtt), _) => {
+                let path = match p.path {
+                    Some(ipc::PathKind::Relayed) => "relayed",
+                    Some(ipc::PathKind::Direct) => "direct",
+                    None => "unknown path",
+                };
+                let _ = writeln!(text, "seq={} rtt={rtt:.3} ms ({path})", p.seq);
+            }
+            (None, e) => {
+                let _ = writeln!(
+                    text,
+                    "seq={} error: {}",
+                    p.seq,
+                    e.as_deref().unwrap_or("no answer")
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        text,
+        "{sent} probes, {received} answered, {loss:.0}% loss, rtt min/avg/max = \
+         {min:.3}/{avg:.3}/{max:.3} ms"
+    );
+    Ok(output(v, text))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data transfer
+// ---------------------------------------------------------------------------------------------
+
+async fn connect(
+    ctx: &Ctx,
+    target: &str,
+    port: Option<u16>,
+    message: Option<String>,
+    timeout: Option<Duration>,
+    mut stdin: Stdin<'_>,
+    stdout: Stdout<'_>,
+) -> Result<Output, CtlError> {
+    let (target, port) = parse_endpoint(target, port, Some(DEFAULT_CONNECT_PORT))?;
+    let d = ctx.driver().await?;
+    let peer = resolve(&d, &target).await?;
+    let dst = SocketAddr::new(peer.addr, port);
+    let json = ctx.json;
+    let mut captured = Vec::new();
+    let mut truncated = false;
+    let mut received = 0u64;
+    let mut sent = 0u64;
+    let mut send_error = None;
+    let work = async {
+        let stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+        let conn_id = stream.conn_id();
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let up = async {
+            let n = match &message {
+                Some(m) => {
+                    wr.write_all(m.as_bytes()).await?;
+                    m.len() as u64
+                }
+                None => tokio::io::copy(&mut stdin, &mut wr).await?,
+            };
+            wr.shutdown().await?;
+            Ok::<u64, io::Error>(n)
+        };
+        let down = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = rd.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<(), io::Error>(());
+                }
+                let chunk = buf.get(..n).unwrap_or_default();
+                received += n as u64;
+                if json {
+                    let room = MAX_CAPTURE.saturating_sub(captured.len());
+                    truncated |= n > room;
+                    captured.extend_from_slice(chunk.get(..n.min(room)).unwrap_or_default());
+                } else {
+                    stdout.write_all(chunk)?;
+                    stdout.flush()?;
+                }
+            }
+        };
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    match r {
+                        Ok(n) => sent = n,
+                        Err(e) => send_error = Some(e.to_string()),
+                    }
+                }
+                r = &mut down => {
+                    r.map_err(|e| io_error("receive", e))?;
+                    break;
+                }
+            }
+        }
+        Ok::<u32, CtlError>(conn_id)
+    };
+    let conn_id = match timeout {
+        Some(t) => tokio::time::timeout(t, work).await.map_err(|_| {
+            CtlError::new(
+                code::TIMEOUT,
+                format!("connection to {dst} still open after {}", fmt_duration(t)),
+            )
+        })??,
+        None => work.await?,
+    };
+    sync(&d).await?;
+    let mut data = json!({
+        "target": peer.label(),
+        "address": peer.addr.to_string(),
+        "port": port,
+        "conn_id": conn_id,
+        "bytes_sent": sent,
+        "bytes_received": received,
+    });
+    if json {
+        data["response"] = json!(String::from_utf8_lossy(&captured));
+        data["truncated"] = json!(truncated);
+    }
+    if let Some(e) = send_error {
+        data["send_error"] = json!(e);
+    }
+    Ok(output(data, String::new()))
+}
+
+struct SendOpts {
+    datagram: bool,
+    no_wait: bool,
+    timeout: Duration,
+}
+
+async fn send_message(
+    ctx: &Ctx,
+    target: &str,
+    rest: &[String],
+    opts: SendOpts,
+    stdin: Stdin<'_>,
+) -> Result<Output, CtlError> {
+    let (target, port, message) = match parse_endpoint(target, None, None) {
+        Ok((t, p)) => {
+            if rest.len() > 1 {
+                return Err(CtlError::new(
+                    code::BAD_REQUEST,
+                    format!("{target} names its port; give only the message after it"),
+                ));
+            }
+            (t, p, rest.first())
+        }
+        Err(e) => {
+            let Some(p) = rest.first() else {
+                return Err(e);
+            };
+            let p: u16 = p.parse().map_err(|_| {
+                CtlError::new(code::BAD_ADDRESS, format!("{p:?} is not a port (0-65535)"))
+            })?;
+            let (t, p) = parse_endpoint(target, Some(p), None)?;
+            (t, p, rest.get(1))
+        }
+    };
+    let payload = match message {
+        Some(m) => m.clone().into_bytes(),
+        None => {
+            let mut buf = Vec::new();
+            stdin
+                .take(MAX_STDIN_MESSAGE)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| io_error("read stdin", e))?;
+            buf
+        }
+    };
+    let d = ctx.driver().await?;
+    let peer = resolve(&d, &target).await?;
+    let dst = SocketAddr::new(peer.addr, port);
+    let mut data = json!({
+        "target": peer.label(),
+        "address": peer.addr.to_string(),
+        "port": port,
+        "mode": if opts.datagram { "datagram" } else { "stream" },
+        "bytes": payload.len(),
+    });
+    if opts.datagram {
+        d.send_to(dst, &payload).await.map_err(driver_error)?;
+        // A failed send comes back as an Error, answering the next request.
+        sync(&d).await?;
+        let text = format!("Sent a {}-byte datagram to {dst}", payload.len());
+        return Ok(output(data, text));
+    }
+    let deadline = Instant::now() + opts.timeout;
+    let mut stream = timed(opts.timeout, &format!("connect to {dst}"), d.dial(dst)).await?;
+    stream
+        .write_all(&payload)
+        .await
+        .map_err(|e| io_error("send", e))?;
+    stream.shutdown().await.map_err(|e| io_error("send", e))?;
+    data["conn_id"] = json!(stream.conn_id());
+    let mut text = format!("Sent {} bytes to {dst}", payload.len());
+    if !opts.no_wait {
+        let mut reply = Vec::new();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<(), io::Error>(());
+                }
+                let room = MAX_CAPTURE.saturating_sub(reply.len());
+                reply.extend_from_slice(buf.get(..n.min(room)).unwrap_or_default());
+            }
+        };
+        let eof = match tokio::time::timeout(left, read).await {
+            Ok(r) => {
+                r.map_err(|e| io_error("receive", e))?;
+                true
+            }
+            Err(_) => false,
+        };
+        data["reply"] = json!(String::from_utf8_lossy(&reply));
+        data["reply_bytes"] = json!(reply.len());
+        data["eof"] = json!(eof);
+        if !reply.is_empty() {
+            let _ = write!(
+                text,
+                "\nReply ({} bytes):\n{}",
+                reply.len(),
+                String::from_utf8_lossy(&reply)
+            );
+        }
+        if !eof {
+            let _ = write!(text, "\n(the peer kept the connection open)");
+        }
+    }
+    drop(stream);
+    sync(&d).await?;
+    Ok(output(data, text))
+}
+
+/// A message `listen` received.
+struct Received {
+    kind: &'static str,
+    src: SocketAddr,
+    data: Vec<u8>,
+    error: Option<String>,
+}
+
+async fn listen(
+    ctx: &Ctx,
+    port: u16,
+    count: Option<u64>,
+    timeout: Option<Duration>,
+    stdout: Stdout<'_>,
+) -> Result<Output, CtlError> {
+    if ctx.json && count.is_none() && timeout.is_none() {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "with --json, give --count or --timeout so that listen ends",
+        ));
+    }
+    if count == Some(0) {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be at least 1",
+        ));
+    }
+    let d = ctx.driver().await?;
+    let mut listener = timed(
+        REQUEST_TIMEOUT,
+        &format!("bind port {port}"),
+        d.listen(port),
+    )
+    .await?;
+    if !ctx.json {
+        let _ = writeln!(stdout, "Listening on port {port}");
+        let _ = stdout.flush();
+    }
+    let (tx, mut rx) = mpsc::channel::<Received>(64);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let sleep = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep);
+    let mut messages = Vec::new();
+    let mut timed_out = false;
+    loop {
+        if count.is_some_and(|c| messages.len() as u64 >= c) {
+            break;
+        }
+        let got = tokio::select! {
+            _ = &mut sleep => {
+                timed_out = true;
+                break;
+            }
+            dg = d.recv_from() => {
+                let dg = dg.map_err(driver_error)?;
+                if dg.dst_port != port {
+                    continue;
+                }
+                Received { kind: "datagram", src: dg.src, data: dg.data, error: None }
+            }
+            acc = listener.accept() => {
+                let (mut stream, remote) = acc.map_err(driver_error)?;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    let r = (&mut stream)
+                        .take(MAX_STREAM_MESSAGE as u64)
+                        .read_to_end(&mut data)
+                        .await;
+                    let error = r.err().map(|e| e.to_string());
+                    let _ = tx
+                        .send(Received { kind: "stream", src: remote, data, error })
+                        .await;
+                });
+                continue;
+            }
+            Some(m) = rx.recv() => m,
+        };
+        let seq = messages.len() + 1;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        if !ctx.json {
+            let _ = writeln!(
+                stdout,
+                "[{seq}] {} {} ({} bytes): {text}",
+                got.src,
+                got.kind,
+                got.data.len()
+            );
+            let _ = stdout.flush();
+        }
+        let mut m = json!({
+            "seq": seq,
+            "kind": got.kind,
+            "src_addr": got.src.addr.to_string(),
+            "src_port": got.src.port,
+            "data": text,
+            "bytes": got.data.len(),
+        });
+        if let Some(e) = got.error {
+            m["error"] = json!(e);
+        }
+        messages.push(m);
+    }
+    let total = messages.len();
+    let text = if timed_out && !ctx.json {
+        format!("{total} message(s); stopped at the timeout")
+    } else {
+        String::new()
+    };
+    Ok(output(
+        json!({"port": port, "messages": messages, "total": total, "timeout": timed_out}),
+        text,
+    ))
+}
+
+async fn bench(
+    ctx: &Ctx,
+    peer: &str,
+    size: u64,
+    port: u16,
+    timeout: Duration,
+) -> Result<Output, CtlError> {
+    if size == 0 {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--size must be at least 1 byte",
+        ));
+    }
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, port);
+    let work = async {
+        let stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let t0 = Instant::now();
+        let chunk = vec![0x5Au8; BENCH_CHUNK];
+        let up = async {
+            let mut left = size;
+            while left > 0 {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(BENCH_CHUNK);
+                wr.write_all(chunk.get(..n).unwrap_or_default()).await?;
+                left -= n as u64;
+            }
+            let send_time = t0.elapsed();
+            wr.shutdown().await?;
+            Ok::<Duration, io::Error>(send_time)
+        };
+        let down = async {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            loop {
+                let n = rd.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+                if got >= size {
+                    break;
+                }
+            }
+            Ok::<(u64, Duration), io::Error>((got, t0.elapsed()))
+        };
+        let (up, down) = tokio::join!(up, down);
+        let send_time = up.map_err(|e| io_error("send", e))?;
+        let (got, total_time) = down.map_err(|e| io_error("receive", e))?;
+        Ok::<_, CtlError>((send_time, got, total_time))
+    };
+    let (send_time, got, total_time) =
+        tokio::time::timeout(timeout, work).await.map_err(|_| {
+            CtlError::new(
+                code::TIMEOUT,
+                format!("bench to {dst} not done after {}", fmt_duration(timeout)),
+            )
+        })??;
+    let mbps = |bytes: u64, t: Duration| bytes as f64 / t.as_secs_f64().max(1e-9) / 1e6;
+    let send_mbps = mbps(size, send_time);
+    let echoed = got >= size;
+    let total_mbps = echoed.then(|| mbps(size, total_time));
+    let data = json!({
+        "target": peer.label(),
+        "address": peer.addr.to_string(),
+        "port": port,
+        "size": size,
+        "sent_bytes": size,
+        "recv_bytes": got,
+        "send_secs": send_time.as_secs_f64(),
+        "total_secs": total_time.as_secs_f64(),
+        "send_mbps": send_mbps,
+        "total_mbps": total_mbps,
+    });
+    let mut text = format!(
+        "Sent {} to {dst} in {:.3} s: {send_mbps:.1} MB/s",
+        fmt_bytes(size),
+        send_time.as_secs_f64()
+    );
+    match total_mbps {
+        Some(t) => {
+            let _ = write!(
+                text,
+                "\nEchoed back in {:.3} s: {t:.1} MB/s round trip",
+                total_time.as_secs_f64()
+            );
+        }
+        None => {
+            let _ = write!(
+                text,
+                "\nReceived {} back (no full echo; is port {port} an echo service?)",
+                fmt_bytes(got)
+            );
+        }
+    }
+    Ok(output(data, text))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formatting
+// ---------------------------------------------------------------------------------------------
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS.get(u).copied().unwrap_or("B"))
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 {
+        return format!("{} ms", d.as_millis());
+    }
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s:02}s"),
+        _ => format!("{h}h{m:02}m{s:02}s"),
+    }
+}
+
+/// How long ago a Unix time was, for tables.
+fn ago(unix_secs: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let delta = u64::try_from(now.saturating_sub(unix_secs)).unwrap_or(0);
+    format!("{} ago", fmt_duration(Duration::from_secs(delta)))
+}

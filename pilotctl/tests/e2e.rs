@@ -1,0 +1,496 @@
+#![allow(clippy::unwrap_used)]
+//! pilotctl against real daemons: a registry and two `pilotd` nodes in this process, each
+//! serving its IPC socket in a temporary directory; pilotctl runs through its library entry
+//! point with `--json`, and the results are checked field by field.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pilot_registry::store::RedbStore;
+use pilot_registry::{Config as RegistryConfig, Registry};
+use pilotctl::{run_captured, run_captured_with_stdin, Captured};
+use pilotd::config::Cli;
+use pilotd::driver::Driver;
+use pilotd::node::Node;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::Addr;
+
+async fn registry() -> String {
+    let reg = Registry::open(
+        Box::new(RedbStore::in_memory().unwrap()),
+        RegistryConfig {
+            register_per_minute: 0,
+            requests_per_ip: 0,
+            requests_per_node: 0,
+            ..RegistryConfig::default()
+        },
+    )
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(reg.serve(l, None, std::future::pending()));
+    addr.to_string()
+}
+
+struct TestNode {
+    node: Node,
+    sock: String,
+    id: u32,
+}
+
+impl TestNode {
+    fn addr(&self) -> String {
+        Addr::new(0, self.id).to_string()
+    }
+
+    /// Runs pilotctl with `--json` against this node.
+    async fn ctl(&self, args: &[&str]) -> Captured {
+        let mut all = vec!["--json", "--socket", self.sock.as_str()];
+        all.extend_from_slice(args);
+        run_captured(&all).await
+    }
+
+    /// Runs pilotctl and returns the `data` of a success.
+    async fn ok(&self, args: &[&str]) -> Value {
+        let out = self.ctl(args).await;
+        let v = out.json();
+        assert_eq!(out.status, 0, "pilotctl {args:?}: {}", out.stdout);
+        assert_eq!(v["status"], "ok", "pilotctl {args:?}: {v}");
+        v["data"].clone()
+    }
+
+    /// Runs pilotctl expecting a failure and returns its code.
+    async fn err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args).await;
+        let v = out.json();
+        assert_eq!(out.status, 1, "pilotctl {args:?}: {}", out.stdout);
+        assert_eq!(v["status"], "error", "pilotctl {args:?}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        v["code"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn start(registry: &str, home: &Path, public: bool) -> TestNode {
+    let sock = home.join("pilotd.sock");
+    let cli = Cli {
+        registry: Some(registry.into()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.into()),
+        socket: Some(sock.clone()),
+        public: Some(public),
+        ..Cli::default()
+    };
+    let node = Node::start(&cli.resolve().unwrap()).await.unwrap();
+    let id = node
+        .daemon
+        .registered(Duration::from_secs(10))
+        .await
+        .unwrap();
+    TestNode {
+        node,
+        sock: sock.to_string_lossy().into_owned(),
+        id,
+    }
+}
+
+/// Serves an echo on `port` of the node behind `sock`, through the driver, as an agent would.
+async fn echo(sock: &str, port: u16) -> Driver {
+    let driver = Driver::connect(sock).await.unwrap();
+    let mut listener = driver.listen(port).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if wr.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    driver
+}
+
+/// Polls `f` until it returns true or 30 s pass.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn has_node(list: &Value, node: u32) -> bool {
+    list.as_array()
+        .is_some_and(|l| l.iter().any(|e| e["node_id"] == node))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_hostname_find_lookup_and_errors() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+
+    let info = a.ok(&["info"]).await;
+    assert_eq!(info["node_id"], a.id);
+    assert_eq!(info["address"], a.addr());
+    assert!(!info["public_key"].as_str().unwrap().is_empty());
+
+    let name = format!("alpha-{}", a.id);
+    let set = a.ok(&["set-hostname", &name]).await;
+    assert_eq!(set["hostname"], name.as_str());
+    assert_eq!(set["node_id"], a.id);
+
+    let found = b.ok(&["find", &name]).await;
+    assert_eq!(found["node_id"], a.id);
+    assert_eq!(found["address"], a.addr());
+    let by_alias = b.ok(&["resolve", &name]).await;
+    assert_eq!(by_alias["node_id"], a.id);
+
+    // Lookup by hostname, by address and by node ID name the same record.
+    let rec = b.ok(&["lookup", &name]).await;
+    assert_eq!(rec["node_id"], a.id);
+    assert_eq!(rec["public"], true);
+    assert_eq!(rec["public_key"], info["public_key"]);
+    assert_eq!(rec["hostname"], name.as_str());
+    let by_addr = b.ok(&["lookup", &a.addr()]).await;
+    assert_eq!(by_addr["public_key"], info["public_key"]);
+    let by_id = b.ok(&["lookup", &a.id.to_string()]).await;
+    assert_eq!(by_id["address"], a.addr());
+
+    let tags = a.ok(&["tags", "gpu", "search"]).await;
+    assert_eq!(tags["tags"], serde_json::json!(["gpu", "search"]));
+    let rec = b.ok(&["lookup", &a.addr()]).await;
+    assert_eq!(rec["tags"], serde_json::json!(["gpu", "search"]));
+
+    let cleared = a.ok(&["clear-hostname"]).await;
+    assert_eq!(cleared["hostname"], "");
+    assert_eq!(b.err(&["find", &name]).await, "not_found");
+
+    assert_eq!(a.err(&["lookup", "0:00zz.0000.0001"]).await, "bad_address");
+    assert_eq!(a.err(&["ping", "1:0000.0000.0005"]).await, "bad_address");
+    assert_eq!(
+        a.err(&["set-hostname", "Not A Hostname!"]).await,
+        "invalid_hostname"
+    );
+    assert_eq!(a.err(&["disconnect", "999999"]).await, "unknown_peer");
+
+    let private = a.ok(&["set-private"]).await;
+    assert_eq!(private["public"], false);
+    let rec = b.ok(&["lookup", &a.addr()]).await;
+    assert_eq!(rec["public"], false);
+
+    // The text form is for people, but names the node.
+    let out = run_captured(&["--socket", &a.sock, "info"]).await;
+    assert_eq!(out.status, 0);
+    assert!(out.stdout.contains(&a.addr()), "{}", out.stdout);
+
+    let sock = a.sock.clone();
+    a.node.shutdown().await;
+    let down = run_captured(&["--json", "--socket", &sock, "info"]).await;
+    assert_eq!(down.status, 1);
+    assert_eq!(down.json()["code"], "daemon_down");
+    b.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_peers_bench_connect_and_messages() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let _echo = echo(&b.sock, 7).await;
+
+    let ping = a.ok(&["ping", &b.addr(), "--count", "2"]).await;
+    assert_eq!(ping["node_id"], b.id);
+    let results = ping["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert!(r["rtt_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["path"], "direct");
+    }
+    assert_eq!(ping["summary"]["received"], 2);
+
+    let peers = a.ok(&["peers"]).await;
+    let list = peers["peers"].as_array().unwrap();
+    let p = list.iter().find(|p| p["node_id"] == b.id).unwrap();
+    assert_eq!(p["path"], "direct");
+    assert_eq!(p["encrypted"], true);
+    assert!(p["endpoint"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(peers["total"], list.len());
+
+    // No echo service on node A: every probe fails, and so does the command.
+    assert_eq!(
+        b.err(&["ping", &a.addr(), "-c", "1", "--timeout", "2s"])
+            .await,
+        "refused"
+    );
+
+    let bench = a.ok(&["bench", &b.id.to_string(), "--size", "2M"]).await;
+    assert_eq!(bench["sent_bytes"], 2 << 20);
+    assert_eq!(bench["recv_bytes"], 2 << 20);
+    assert!(bench["send_mbps"].as_f64().unwrap() > 0.0);
+    assert!(bench["total_mbps"].as_f64().unwrap() > 0.0);
+
+    let conn = a
+        .ok(&[
+            "connect",
+            &format!("{}:7", b.addr()),
+            "--message",
+            "hello echo",
+        ])
+        .await;
+    assert_eq!(conn["response"], "hello echo");
+    assert_eq!(conn["bytes_sent"], 10);
+    assert_eq!(conn["bytes_received"], 10);
+
+    // Stdin is piped to the connection; in text mode the echo comes out unchanged.
+    let piped = run_captured_with_stdin(
+        &["--socket", &a.sock, "connect", &b.addr(), "7"],
+        b"line one\nline two\n".to_vec(),
+    )
+    .await;
+    assert_eq!(piped.status, 0, "{}", piped.stderr);
+    assert_eq!(piped.stdout, "line one\nline two\n");
+    let piped = run_captured_with_stdin(
+        &[
+            "--json",
+            "--socket",
+            &a.sock,
+            "connect",
+            &b.id.to_string(),
+            "7",
+        ],
+        vec![b'x'; 100_000],
+    )
+    .await;
+    let v = piped.json();
+    assert_eq!(v["data"]["bytes_sent"], 100_000);
+    assert_eq!(v["data"]["bytes_received"], 100_000);
+
+    if std::env::var_os("PILOTCTL_SHOW_TEXT").is_some() {
+        for args in [
+            &["info"][..],
+            &["peers"],
+            &["connections"],
+            &["ping", &b.addr(), "-c", "2"],
+            &["lookup", &b.addr()],
+            &["bench", &b.addr(), "--size", "4M"],
+            &["trust"],
+            &["pending"],
+        ] {
+            let mut all = vec!["--socket", a.sock.as_str()];
+            all.extend_from_slice(args);
+            let out = run_captured(&all).await;
+            println!(
+                "$ pilotctl {}\n{}{}",
+                args.join(" "),
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+
+    let conns = a.ok(&["connections"]).await;
+    assert!(conns["total"].as_u64().unwrap() >= 1, "{conns}");
+
+    let sent = a
+        .ok(&["send-message", &format!("{}:7", b.addr()), "stream hello"])
+        .await;
+    assert_eq!(sent["mode"], "stream");
+    assert_eq!(sent["reply"], "stream hello");
+    assert_eq!(sent["eof"], true);
+
+    // Datagrams and a stream message to a port pilotctl listens on.
+    let sock = b.sock.clone();
+    let listener = tokio::spawn(async move {
+        run_captured(&[
+            "--json",
+            "--socket",
+            &sock,
+            "listen",
+            "5000",
+            "--count",
+            "2",
+            "--timeout",
+            "30s",
+        ])
+        .await
+    });
+    let target = format!("{}:5000", b.addr());
+    let t0 = Instant::now();
+    while !listener.is_finished() && t0.elapsed() < Duration::from_secs(30) {
+        a.ok(&["send-message", &target, "--datagram", "dgram hi"])
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = listener.await.unwrap();
+    assert_eq!(out.status, 0, "{}", out.stdout);
+    let v = out.json();
+    let msgs = v["data"]["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["data"], "dgram hi");
+    assert_eq!(msgs[0]["kind"], "datagram");
+    assert_eq!(msgs[0]["src_addr"], a.addr());
+    assert_eq!(v["data"]["timeout"], false);
+
+    let sock = b.sock.clone();
+    let listener = tokio::spawn(async move {
+        run_captured(&[
+            "--json",
+            "--socket",
+            &sock,
+            "listen",
+            "5001",
+            "--count",
+            "1",
+            "--timeout",
+            "30s",
+        ])
+        .await
+    });
+    let target = format!("{}:5001", b.addr());
+    eventually("a stream message to be delivered", || async {
+        let out = a
+            .ctl(&["send-message", &target, "over a stream", "--no-wait"])
+            .await;
+        out.status == 0
+    })
+    .await;
+    let out = listener.await.unwrap();
+    let v = out.json();
+    assert_eq!(v["data"]["messages"][0]["kind"], "stream");
+    assert_eq!(v["data"]["messages"][0]["data"], "over a stream");
+
+    let quiet = b.ok(&["listen", "5002", "--timeout", "300ms"]).await;
+    assert_eq!(quiet["timeout"], true);
+    assert_eq!(quiet["total"], 0);
+
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_pending_approve_trust_between_private_nodes() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&reg, &dir.path().join("p"), false).await;
+    let q = start(&reg, &dir.path().join("q"), false).await;
+
+    // Private nodes: no trust yet, and a request not made cannot be approved.
+    let t = p.ok(&["trust"]).await;
+    assert!(!has_node(&t["trusted"], q.id));
+    assert_eq!(q.err(&["untrust", &p.addr()]).await, "untrusted");
+
+    let sent = p.ok(&["handshake", &q.addr(), "summarizer", "agent"]).await;
+    assert_eq!(sent["status"], "sent");
+    assert_eq!(sent["node_id"], q.id);
+
+    eventually("the request to reach q", || async {
+        let v = q.ok(&["pending"]).await;
+        has_node(&v["pending"], p.id)
+    })
+    .await;
+    let pend = q.ok(&["pending"]).await;
+    let entry = pend["pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node_id"] == p.id)
+        .unwrap()
+        .clone();
+    assert_eq!(entry["justification"], "summarizer agent");
+
+    let approved = q.ok(&["approve", &p.id.to_string()]).await;
+    assert_eq!(approved["status"], "approved");
+    assert_eq!(approved["node_id"], p.id);
+
+    let t = q.ok(&["trust"]).await;
+    assert!(has_node(&t["trusted"], p.id), "{t}");
+    let pend = q.ok(&["pending"]).await;
+    assert!(!has_node(&pend["pending"], p.id));
+
+    eventually("p to learn of the approval", || async {
+        let v = p.ok(&["trust"]).await;
+        has_node(&v["trusted"], q.id)
+    })
+    .await;
+
+    let revoked = q.ok(&["untrust", &p.addr()]).await;
+    assert_eq!(revoked["status"], "revoked");
+    let t = q.ok(&["trust"]).await;
+    assert!(!has_node(&t["trusted"], p.id));
+
+    p.node.shutdown().await;
+    q.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_and_networks() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&reg, &dir.path().join("p"), false).await;
+    let q = start(&reg, &dir.path().join("q"), true).await;
+
+    p.ok(&["handshake", &q.id.to_string(), "hello"]).await;
+    eventually("the request to reach q", || async {
+        let v = q.ok(&["pending"]).await;
+        has_node(&v["pending"], p.id)
+    })
+    .await;
+    let rejected = q.ok(&["reject", &p.addr(), "not", "today"]).await;
+    assert_eq!(rejected["status"], "rejected");
+    let pend = q.ok(&["pending"]).await;
+    assert!(!has_node(&pend["pending"], p.id));
+    let t = q.ok(&["trust"]).await;
+    assert!(!has_node(&t["trusted"], p.id));
+
+    let net = q.ok(&["networks", "create", "lab"]).await;
+    let id = net["id"].as_u64().unwrap();
+    assert!(id > 0);
+    assert_eq!(net["name"], "lab");
+    let list = p.ok(&["networks", "list"]).await;
+    assert!(list["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["id"] == id && n["name"] == "lab"));
+    let joined = p.ok(&["networks", "join", &id.to_string()]).await;
+    assert_eq!(joined["network_id"], id);
+    assert_eq!(joined["node_id"], p.id);
+    let rec = q.ok(&["lookup", &p.addr()]).await;
+    assert!(rec["networks"].as_array().unwrap().iter().any(|n| n == id));
+    let left = p.ok(&["networks", "leave", &id.to_string()]).await;
+    assert_eq!(left["network_id"], id);
+
+    let hook = q.ok(&["webhook", "http://127.0.0.1:9/hook"]).await;
+    assert_eq!(hook["webhook"], "http://127.0.0.1:9/hook");
+    assert_eq!(q.err(&["webhook", "ftp://x"]).await, "bad_request");
+    let hook = q.ok(&["webhook", "--clear"]).await;
+    assert_eq!(hook["webhook"], "");
+
+    let dereg = q.ok(&["deregister"]).await;
+    assert_eq!(dereg["node_id"], q.id);
+    assert_eq!(p.err(&["lookup", &q.addr()]).await, "not_found");
+
+    p.node.shutdown().await;
+    q.node.shutdown().await;
+}
