@@ -347,6 +347,19 @@ async fn echo_ok(
     }
 }
 
+/// An echo from `from` that must fail; returns why, and logs how long failing took. It uses
+/// its own driver: a dial that hangs would hold up the replies to later requests of a shared
+/// one.
+async fn echo_fails(from: &Pilotd, dst: PilotAddr, within: Duration) -> String {
+    let driver = from.driver().await;
+    let t0 = Instant::now();
+    let e = echo_ok(&driver, dst, 64, within)
+        .await
+        .expect_err("the echo worked");
+    eprintln!("echo to {dst} failed after {:?}: {e}", t0.elapsed());
+    e
+}
+
 /// Retries an echo round trip until it works or `within` has passed; returns the time taken.
 async fn echo_eventually(driver: &Driver, dst: PilotAddr, within: Duration) -> Duration {
     let t0 = Instant::now();
@@ -593,4 +606,186 @@ async fn hundred_concurrent_streams() {
             answers the SYNs of a burst of more than 64 dials with RST (connection refused)"]
 async fn hundred_simultaneous_dials() {
     concurrent_streams(100).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Trust
+// ---------------------------------------------------------------------------------------------
+
+fn outgoing_requests(home: &Path) -> Vec<u64> {
+    let s = std::fs::read_to_string(home.join("trust.json")).unwrap_or_default();
+    let v: Value = serde_json::from_str(&s).unwrap_or(Value::Null);
+    v.get("outgoing")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|o| o.get("node_id").and_then(Value::as_u64))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn is_trusted(d: &Driver, node: u32) -> bool {
+    trusted(d).await.trusted.iter().any(|t| t.node_id == node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_lifecycle() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let a = c.daemon("a", false).await;
+    let b = c.daemon("b", false).await;
+    let mut cc = c.daemon("c", false).await;
+    let (da, db, dc) = (a.driver().await, b.driver().await, cc.driver().await);
+    let _echo_a = echo_server(&da, ECHO_PORT).await;
+    let _echo_b = echo_server(&db, ECHO_PORT).await;
+    let _echo_c = echo_server(&dc, ECHO_PORT).await;
+    let short = Duration::from_secs(5);
+    let t0 = Instant::now();
+
+    // Without trust, A cannot open a stream to B's private port.
+    echo_fails(&a, b.addr(ECHO_PORT), short).await;
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Request: B sees it pending, with the justification.
+    let why = "agent a wants to read b's reports";
+    let st = handshake_status(
+        &da,
+        HandshakeOp::Request {
+            node: b.node_id,
+            justification: why,
+        },
+    )
+    .await;
+    assert_eq!(st.status, HandshakeStatus::SENT);
+    assert_eq!(st.node_id, b.node_id);
+    let entry = eventually("request pending at B", Duration::from_secs(10), || async {
+        pending(&db)
+            .await
+            .pending
+            .into_iter()
+            .find(|p| p.node_id == a.node_id)
+    })
+    .await;
+    assert_eq!(entry.justification, why);
+    assert!(!is_trusted(&db, a.node_id).await);
+    echo_fails(&a, b.addr(ECHO_PORT), short).await;
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Approve: both sides trust each other and the private port opens.
+    let st = handshake_status(&db, HandshakeOp::Approve { node: a.node_id }).await;
+    assert_eq!(st.status, HandshakeStatus::APPROVED);
+    assert!(is_trusted(&db, a.node_id).await);
+    assert!(pending(&db).await.pending.is_empty());
+    eventually(
+        "A trusts B after approval",
+        Duration::from_secs(10),
+        || async { is_trusted(&da, b.node_id).await.then_some(()) },
+    )
+    .await;
+    let t = echo_eventually(&da, b.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("stream to a private port works {t:?} after approval");
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Reject with a reason: C's request is dropped on both sides and the port stays closed.
+    let st = handshake_status(
+        &dc,
+        HandshakeOp::Request {
+            node: b.node_id,
+            justification: "c asks too",
+        },
+    )
+    .await;
+    assert_eq!(st.status, HandshakeStatus::SENT);
+    assert_eq!(outgoing_requests(&cc.home), vec![u64::from(b.node_id)]);
+    eventually(
+        "C's request pending at B",
+        Duration::from_secs(10),
+        || async {
+            pending(&db)
+                .await
+                .pending
+                .iter()
+                .any(|p| p.node_id == cc.node_id && p.justification == "c asks too")
+                .then_some(())
+        },
+    )
+    .await;
+    let st = handshake_status(
+        &db,
+        HandshakeOp::Reject {
+            node: cc.node_id,
+            reason: "not this week",
+        },
+    )
+    .await;
+    assert_eq!(st.status, HandshakeStatus::REJECTED);
+    assert!(pending(&db).await.pending.is_empty());
+    assert!(!is_trusted(&db, cc.node_id).await);
+    eventually(
+        "C learns of the rejection",
+        Duration::from_secs(10),
+        || async { outgoing_requests(&cc.home).is_empty().then_some(()) },
+    )
+    .await;
+    assert!(!is_trusted(&dc, b.node_id).await);
+    echo_fails(&cc, b.addr(ECHO_PORT), short).await;
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Mutual requests approve themselves.
+    handshake_status(
+        &da,
+        HandshakeOp::Request {
+            node: cc.node_id,
+            justification: "a to c",
+        },
+    )
+    .await;
+    handshake_status(
+        &dc,
+        HandshakeOp::Request {
+            node: a.node_id,
+            justification: "c to a",
+        },
+    )
+    .await;
+    eventually(
+        "A and C trust each other",
+        Duration::from_secs(10),
+        || async {
+            (is_trusted(&da, cc.node_id).await && is_trusted(&dc, a.node_id).await).then_some(())
+        },
+    )
+    .await;
+    assert!(pending(&da).await.pending.is_empty());
+    assert!(pending(&dc).await.pending.is_empty());
+    echo_eventually(&da, cc.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    echo_eventually(&dc, a.addr(ECHO_PORT), Duration::from_secs(10)).await;
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Revoke: new streams from A to B are refused.
+    let st = handshake_status(&db, HandshakeOp::Revoke { node: a.node_id }).await;
+    assert_eq!(st.status, HandshakeStatus::REVOKED);
+    assert!(!is_trusted(&db, a.node_id).await);
+    echo_fails(&a, b.addr(ECHO_PORT), short).await;
+    eventually(
+        "A drops its trust in B",
+        Duration::from_secs(10),
+        || async { (!is_trusted(&da, b.node_id).await).then_some(()) },
+    )
+    .await;
+
+    eprintln!("trust phase at {:?}", t0.elapsed());
+    // Restart C: same node, trust intact, streams work again.
+    let before = trusted(&dc).await;
+    drop(dc);
+    cc.restart().await;
+    let dc = cc.driver().await;
+    let after = trusted(&dc).await;
+    assert_eq!(before, after, "trusted list changed across the restart");
+    assert!(after.trusted.iter().any(|t| t.node_id == a.node_id));
+    let _echo_c = echo_server(&dc, ECHO_PORT).await;
+    let t = echo_eventually(&da, cc.addr(ECHO_PORT), Duration::from_secs(15)).await;
+    eprintln!("stream to the restarted node works after {t:?}");
+    echo_eventually(&dc, a.addr(ECHO_PORT), Duration::from_secs(10)).await;
 }
