@@ -96,6 +96,11 @@ impl Cluster {
     }
 }
 
+/// The daemons' log filter: `PILOT_TEST_LOG_LEVEL`, else info.
+fn log_level() -> String {
+    std::env::var("PILOT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into())
+}
+
 fn free_udp_port() -> u16 {
     StdUdp::bind("127.0.0.1:0")
         .unwrap()
@@ -140,7 +145,7 @@ impl Pilotd {
             .args(["--beacon", &self.beacon])
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--public", if self.public { "true" } else { "false" }])
-            .args(["--log-level", "info"])
+            .args(["--log-level", &log_level()])
             .env_remove("PILOT_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -233,7 +238,10 @@ impl Pilotd {
     fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
-        let from = lines.len().saturating_sub(40);
+        let from = lines.len().saturating_sub(60);
+        if std::env::var_os("PILOT_TEST_KEEP_LOGS").is_some() {
+            let _ = std::fs::copy(self.log_path(), format!("/tmp/pilotd-{}.log", self.name));
+        }
         format!(
             "--- last lines of {} ---\n{}",
             self.log_path().display(),
@@ -788,4 +796,356 @@ async fn trust_lifecycle() {
     let t = echo_eventually(&da, cc.addr(ECHO_PORT), Duration::from_secs(15)).await;
     eprintln!("stream to the restarted node works after {t:?}");
     echo_eventually(&dc, a.addr(ECHO_PORT), Duration::from_secs(10)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Privacy
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_node_is_hidden_without_trust() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let d = c.daemon("d", false).await;
+    let e = c.daemon("e", true).await;
+    let (dd, de) = (d.driver().await, e.driver().await);
+    let _echo_d = echo_server(&dd, ECHO_PORT).await;
+
+    // Lookup: the record, without an endpoint.
+    match de
+        .ext(&ExtRequest::Lookup { node_id: d.node_id })
+        .await
+        .unwrap()
+    {
+        ExtReply::Ok { data } => {
+            assert_eq!(data["node_id"], d.node_id);
+            assert_eq!(data["public"], false);
+            assert!(data.get("real_addr").is_none(), "endpoint leaked: {data}");
+        }
+        ExtReply::Error { code, message } => eprintln!("lookup refused: {code}: {message}"),
+    }
+    // The public node's endpoint is visible, for comparison.
+    match dd
+        .ext(&ExtRequest::Lookup { node_id: e.node_id })
+        .await
+        .unwrap()
+    {
+        ExtReply::Ok { data } => assert_eq!(data["real_addr"], e.udp().to_string(), "{data}"),
+        other => panic!("lookup of a public node: {other:?}"),
+    }
+    // Resolve: no endpoint either.
+    match de
+        .ext(&ExtRequest::Resolve {
+            target: d.node_id.to_string(),
+        })
+        .await
+        .unwrap()
+    {
+        ExtReply::Ok { data } => {
+            assert_eq!(data["node_id"], d.node_id);
+            for k in ["real_addr", "endpoint"] {
+                assert!(data.get(k).is_none(), "endpoint leaked: {data}");
+            }
+        }
+        ExtReply::Error { code, message } => eprintln!("resolve refused: {code}: {message}"),
+    }
+    // Not reachable: no stream, no datagram, and no tunnel to it.
+    let why = echo_fails(&e, d.addr(ECHO_PORT), Duration::from_secs(5)).await;
+    assert!(why.contains("dial"), "{why}");
+    let _knock = dd.listen(ECHO_PORT + 1).await.unwrap();
+    de.send_to(d.addr(ECHO_PORT + 1), b"knock").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(1), dd.recv_from()).await;
+    assert!(got.is_err(), "a datagram reached the private node: {got:?}");
+    let info = de.info().await.unwrap();
+    assert!(
+        info.peer_list
+            .iter()
+            .all(|p| p.node_id != d.node_id || (p.endpoint.is_empty() && !p.encrypted)),
+        "{:?}",
+        info.peer_list
+    );
+
+    // With trust (mutual requests) the same stream works.
+    handshake_status(
+        &dd,
+        HandshakeOp::Request {
+            node: e.node_id,
+            justification: "",
+        },
+    )
+    .await;
+    handshake_status(
+        &de,
+        HandshakeOp::Request {
+            node: d.node_id,
+            justification: "",
+        },
+    )
+    .await;
+    let t = echo_eventually(&de, d.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("private node reachable {t:?} after mutual trust");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Relay through the beacon
+// ---------------------------------------------------------------------------------------------
+
+/// An nftables table in the root namespace, deleted on drop.
+struct NftTable {
+    name: String,
+}
+
+impl NftTable {
+    fn nft(args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+        let mut cmd = Command::new("nft");
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        if let Some(s) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(s.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Drops UDP between loopback ports `p` and `q`, both directions.
+    fn block(name: &str, p: u16, q: u16) -> Result<NftTable, String> {
+        let script = format!(
+            "table inet {name} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+             udp sport {p} udp dport {q} drop\n    udp sport {q} udp dport {p} drop\n  }}\n}}\n"
+        );
+        let t = NftTable { name: name.into() };
+        NftTable::nft(&["-f", "-"], Some(&script))?;
+        Ok(t)
+    }
+
+    /// Deletes the rules (the table stays until drop).
+    fn unblock(&self) {
+        NftTable::nft(&["flush", "chain", "inet", &self.name, "out"], None).unwrap();
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        if let Err(e) = NftTable::nft(&["delete", "table", "inet", &self.name], None) {
+            eprintln!("deleting nft table {}: {e}", self.name);
+        }
+    }
+}
+
+/// Echo round trips on one stream every 100 ms; the count of completed ones is published.
+fn keep_echoing(
+    s: PilotStream,
+) -> (
+    tokio::sync::watch::Receiver<u64>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        let r = echo_loop(s, tx).await;
+        if let Err(e) = &r {
+            eprintln!("echo loop: {e}");
+        }
+        r
+    });
+    (rx, task)
+}
+
+async fn echo_loop(s: PilotStream, tx: tokio::sync::watch::Sender<u64>) -> Result<(), String> {
+    {
+        let (mut r, mut w) = tokio::io::split(s);
+        let mut rng = Prng::new(77);
+        let mut back = vec![0u8; 1024];
+        for n in 1.. {
+            let data = rng.bytes(1024);
+            let t0 = Instant::now();
+            let once = async {
+                w.write_all(&data).await?;
+                r.read_exact(&mut back).await?;
+                Ok::<_, std::io::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(20), once).await {
+                Err(_) => return Err(format!("round trip {n} took over 20 s")),
+                Ok(Err(e)) => return Err(format!("round trip {n}: {e}")),
+                Ok(Ok(())) => {}
+            }
+            if back != data {
+                return Err(format!("round trip {n}: echo differs"));
+            }
+            if t0.elapsed() > Duration::from_secs(2) {
+                eprintln!("round trip {n} took {:?}", t0.elapsed());
+            }
+            if tx.send(n).is_err() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `n` more round trips completed.
+async fn more_round_trips(rx: &mut tokio::sync::watch::Receiver<u64>, n: u64, within: Duration) {
+    let start = *rx.borrow();
+    tokio::time::timeout(within, rx.wait_for(|&c| c >= start + n))
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} round trips in {within:?}"))
+        .expect("the echo loop ended");
+}
+
+fn have_nft() -> bool {
+    Command::new("nft")
+        .args(["list", "tables"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// Blocks UDP between two daemons: traffic must go through the beacon; unblocks it: the path
+/// must return to direct while a stream keeps working. With `established_first`, the stream
+/// is opened on the direct path before the block and must survive the switch to the relay.
+/// Without `back_to_direct`, the stream must keep working after the unblock, on either path.
+async fn relay_test(established_first: bool, back_to_direct: bool) {
+    if !running_as_root() || !have_nft() {
+        eprintln!("relay test skipped: needs root and a working `nft`");
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let a = c.daemon("a", true).await;
+    let b = c.daemon("b", true).await;
+    let (da, db) = (a.driver().await, b.driver().await);
+    let _echo = echo_server(&db, ECHO_PORT).await;
+    let name = format!("pilot_test_{}", std::process::id());
+    let mut table = None;
+    if !established_first {
+        table = Some(NftTable::block(&name, a.port, b.port).unwrap());
+    }
+    let t0 = Instant::now();
+    let s = da.dial(b.addr(ECHO_PORT)).await.unwrap();
+    eprintln!("dial took {:?}", t0.elapsed());
+    let (mut count, task) = keep_echoing(s);
+    more_round_trips(&mut count, 3, Duration::from_secs(20)).await;
+    let relayed0 = c.beacon_stats.snapshot().relayed_packets;
+    if established_first {
+        assert_eq!(peer_relay(&da, b.node_id).await, Some(false));
+        table = Some(NftTable::block(&name, a.port, b.port).unwrap());
+    }
+    let table = table.unwrap();
+    eventually("A relays to B", Duration::from_secs(20), || async {
+        (peer_relay(&da, b.node_id).await == Some(true)).then_some(())
+    })
+    .await;
+    eprintln!("direct path blocked: relayed after {:?}", t0.elapsed());
+    if std::env::var_os("PILOT_TEST_DIAG").is_some() {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            eprintln!("{:?} count {}", t0.elapsed(), *count.borrow());
+            for d in [&da, &db] {
+                let i = info_json(d).await;
+                eprintln!(
+                    "conns {} peers {} drops {}",
+                    i["conn_list"], i["peer_list"], i["drops"]
+                );
+            }
+            eprintln!("{:?}", c.beacon_stats.snapshot());
+        }
+    }
+    more_round_trips(&mut count, 5, Duration::from_secs(30)).await;
+    let st = c.beacon_stats.snapshot();
+    assert!(
+        st.relayed_packets > relayed0 || (!established_first && st.relayed_packets > 0),
+        "the beacon relayed nothing: {st:?}"
+    );
+    eprintln!(
+        "beacon relayed {} packets ({} bytes); B relays to A: {:?}",
+        st.relayed_packets,
+        st.relayed_bytes,
+        peer_relay(&db, a.node_id).await
+    );
+    // A new stream works through the relay too.
+    echo_ok(&da, b.addr(ECHO_PORT), 100_000, Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    table.unblock();
+    let t1 = Instant::now();
+    if !back_to_direct {
+        more_round_trips(&mut count, 20, Duration::from_secs(20)).await;
+        echo_ok(&da, b.addr(ECHO_PORT), 100_000, Duration::from_secs(20))
+            .await
+            .unwrap();
+        eprintln!(
+            "rules deleted: {:?} later A relays to B: {:?}",
+            t1.elapsed(),
+            peer_relay(&da, b.node_id).await
+        );
+        drop(count);
+        let r = tokio::time::timeout(Duration::from_secs(25), task).await;
+        r.unwrap().unwrap().unwrap();
+        return;
+    }
+    eventually(
+        "A back on the direct path",
+        Duration::from_secs(30),
+        || async { (peer_relay(&da, b.node_id).await == Some(false)).then_some(()) },
+    )
+    .await;
+    eprintln!("rules deleted: direct again after {:?}", t1.elapsed());
+    more_round_trips(&mut count, 5, Duration::from_secs(20)).await;
+    let relayed = c.beacon_stats.snapshot().relayed_packets;
+    more_round_trips(&mut count, 5, Duration::from_secs(20)).await;
+    let after = c.beacon_stats.snapshot().relayed_packets;
+    eprintln!("relayed packets while direct: {}", after - relayed);
+    echo_ok(&da, b.addr(ECHO_PORT), 100_000, Duration::from_secs(20))
+        .await
+        .unwrap();
+    drop(count);
+    let r = tokio::time::timeout(Duration::from_secs(25), task).await;
+    r.unwrap().unwrap().unwrap();
+    drop(table);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_when_direct_path_is_blocked() {
+    relay_test(false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tunnel bug: a relayed peer never returns to the direct path; the direct probe is a \
+            PILA, which does not move the path back, and PILS keep going through the relay"]
+async fn relayed_peer_returns_to_direct_path() {
+    relay_test(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stream bug: the retransmission timeout doubles once per loss episode, not per \
+            timeout, so a stream gives up after about 3.4 s of loss, as the tunnel moves to the \
+            relay (3 s)"]
+async fn established_stream_survives_the_move_to_the_relay() {
+    relay_test(true, true).await;
 }
