@@ -376,7 +376,10 @@ async fn echo_eventually(driver: &Driver, dst: PilotAddr, within: Duration) -> D
         match echo_ok(driver, dst, 4096, left.max(Duration::from_millis(100))).await {
             Ok(()) => return t0.elapsed(),
             Err(e) if t0.elapsed() >= within => panic!("echo to {dst} never worked: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                eprintln!("echo to {dst} at {:?}: {e}; retrying", t0.elapsed());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
 }
@@ -1061,20 +1064,6 @@ async fn relay_test(established_first: bool, back_to_direct: bool) {
     })
     .await;
     eprintln!("direct path blocked: relayed after {:?}", t0.elapsed());
-    if std::env::var_os("PILOT_TEST_DIAG").is_some() {
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            eprintln!("{:?} count {}", t0.elapsed(), *count.borrow());
-            for d in [&da, &db] {
-                let i = info_json(d).await;
-                eprintln!(
-                    "conns {} peers {} drops {}",
-                    i["conn_list"], i["peer_list"], i["drops"]
-                );
-            }
-            eprintln!("{:?}", c.beacon_stats.snapshot());
-        }
-    }
     more_round_trips(&mut count, 5, Duration::from_secs(30)).await;
     let st = c.beacon_stats.snapshot();
     assert!(
@@ -1148,4 +1137,186 @@ async fn relayed_peer_returns_to_direct_path() {
             relay (3 s)"]
 async fn established_stream_survives_the_move_to_the_relay() {
     relay_test(true, true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Re-keying after a restart
+// ---------------------------------------------------------------------------------------------
+
+/// Restarts B (same home and port) and checks streams both ways within a few seconds. With
+/// `first_try`, the first dial after each restart must already work.
+async fn rekey_test(first_try: bool) {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let a = c.daemon("a", true).await;
+    let mut b = c.daemon("b", true).await;
+    let da = a.driver().await;
+    let _echo_a = echo_server(&da, ECHO_PORT).await;
+    {
+        let db = b.driver().await;
+        let _echo_b = echo_server(&db, ECHO_PORT).await;
+        echo_ok(&da, b.addr(ECHO_PORT), 10_000, Duration::from_secs(10))
+            .await
+            .unwrap();
+        echo_ok(&db, a.addr(ECHO_PORT), 10_000, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    b.restart().await;
+    let db = b.driver().await;
+    let _echo_b = echo_server(&db, ECHO_PORT).await;
+    // The restarted side dials first: A holds a stale session for B.
+    if first_try {
+        echo_ok(&db, a.addr(ECHO_PORT), 4096, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let t = echo_eventually(&db, a.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("restarted B reached A after {t:?}");
+    let t = echo_eventually(&da, b.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("A reached restarted B after {t:?}");
+
+    // And the other way round: restart again, then the side holding the stale session dials.
+    drop(_echo_b);
+    drop(db);
+    b.restart().await;
+    let db = b.driver().await;
+    let _echo_b = echo_server(&db, ECHO_PORT).await;
+    if first_try {
+        echo_ok(&da, b.addr(ECHO_PORT), 4096, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let t = echo_eventually(&da, b.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("A reached restarted B (A first) after {t:?}");
+    if first_try {
+        echo_ok(&db, a.addr(ECHO_PORT), 4096, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let t = echo_eventually(&db, a.addr(ECHO_PORT), Duration::from_secs(10)).await;
+    eprintln!("restarted B reached A after {t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_rekeys() {
+    rekey_test(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stream bug: ephemeral ports restart at EPHEMERAL_START, so the first dial after a \
+            restart reuses a 4-tuple the peer still holds and gets an empty stream (EOF)"]
+async fn first_dial_after_restart_works() {
+    rekey_test(true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Garbage
+// ---------------------------------------------------------------------------------------------
+
+fn drops_total(info: &Value) -> u64 {
+    info["drops"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["count"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// Writes `bytes` on a raw connection to the IPC socket and reads until the daemon closes it
+/// (or a second of silence).
+async fn raw_ipc(socket: &Path, bytes: &[u8], close_write: bool) -> Vec<u8> {
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    if close_write {
+        let _ = s.shutdown().await;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_dropped_and_counted() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let a = c.daemon("a", true).await;
+    let b = c.daemon("b", true).await;
+    let (da, db) = (a.driver().await, b.driver().await);
+    let _echo = echo_server(&db, ECHO_PORT).await;
+    echo_ok(&da, b.addr(ECHO_PORT), 1000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let before = info_json(&db).await;
+
+    // UDP: random datagrams, and truncated frames of every kind.
+    let udp = StdUdp::bind("127.0.0.1:0").unwrap();
+    let mut rng = Prng::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    let mut sent = 0u64;
+    for i in 0..300 {
+        let len = 1 + (rng.next() % 1400) as usize;
+        let mut d = rng.bytes(len);
+        // Never a valid magic by accident: those are counted under their own reasons.
+        if d.first() == Some(&b'P') {
+            d[0] = b'X';
+        }
+        if i % 50 == 0 {
+            d.clear();
+        }
+        udp.send_to(&d, b.udp()).unwrap();
+        sent += 1;
+    }
+    for magic in [b"PILS", b"PILA", b"PILT", b"PILK", b"PILP"] {
+        for cut in [0usize, 1, 3, 8, 20, 40] {
+            let mut d = magic.to_vec();
+            d.extend(rng.bytes(cut));
+            udp.send_to(&d, b.udp()).unwrap();
+            sent += 1;
+        }
+    }
+    let after = eventually("UDP garbage counted", Duration::from_secs(5), || async {
+        let i = info_json(&db).await;
+        (drops_total(&i) >= drops_total(&before) + sent).then_some(i)
+    })
+    .await;
+    eprintln!(
+        "{sent} garbage datagrams; drops before {} after {}",
+        before["drops"], after["drops"]
+    );
+
+    // IPC: an unknown command, a malformed Dial, a reply sent as a request, then a length
+    // prefix over 1 MiB (the client is dropped).
+    let mut frames = Vec::new();
+    frames.extend_from_slice(&[0, 0, 0, 3, 0x7F, 1, 2]);
+    frames.extend_from_slice(&[0, 0, 0, 3, 0x03, 0, 1]);
+    frames.extend_from_slice(&[0, 0, 0, 3, 0x0E, b'{', b'}']);
+    frames.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]);
+    let replies = raw_ipc(&b.socket, &frames, false).await;
+    assert!(!replies.is_empty(), "no Error replies");
+    // Random bytes, a truncated frame, and a client that sends nothing.
+    raw_ipc(&b.socket, &rng.bytes(8192), true).await;
+    raw_ipc(&b.socket, &[0, 0, 0, 10, 0x0D, 1], true).await;
+    raw_ipc(&b.socket, &[], true).await;
+    let ipc = info_json(&db).await["ipc"].clone();
+    eprintln!("IPC counters: {ipc}");
+    assert!(ipc["unknown_commands"].as_u64().unwrap() >= 2, "{ipc}");
+    assert!(ipc["malformed"].as_u64().unwrap() >= 1, "{ipc}");
+    assert!(ipc["oversized"].as_u64().unwrap() >= 1, "{ipc}");
+    assert!(ipc["clients_dropped"].as_u64().unwrap() >= 1, "{ipc}");
+
+    // Still serving.
+    echo_ok(&da, b.addr(ECHO_PORT), 100_000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let db2 = b.driver().await;
+    assert_eq!(db2.info().await.unwrap().node_id, b.node_id);
 }
