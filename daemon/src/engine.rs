@@ -519,8 +519,7 @@ impl Engine {
                 tracing::trace!(%src, ?why, "datagram dropped");
                 let c = &mut self.counters;
                 c.drops_unlogged += 1;
-                if c
-                    .drop_log
+                if c.drop_log
                     .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
                 {
                     tracing::warn!(

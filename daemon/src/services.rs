@@ -2,10 +2,11 @@
 //!
 //! - **echo** (port 7): every stream's bytes are sent back on the same stream, and every
 //!   datagram back to its sender's port (except one from another echo port). `pilotctl ping` and `bench` use it. A connection
-//!   whose peer sends faster than it reads its echo is reset once [`ECHO_BACKLOG`] chunks
+//!   whose peer sends faster than it reads its echo is reset once [`ECHO_BACKLOG`] bytes
 //!   wait, so one client cannot make the service buffer without bound or stall others.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Semaphore};
@@ -14,8 +15,12 @@ use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, APP_QUEUE};
 
 /// The echo port (v1 wire §8.1).
 pub const ECHO_PORT: u16 = 7;
-/// Chunks waiting to be echoed on one connection before it is reset.
-pub const ECHO_BACKLOG: usize = 64;
+/// Bytes waiting to be echoed on one connection before it is reset: well above what a peer
+/// that reads its echo can have in flight (the engine's write credit plus the windows).
+pub const ECHO_BACKLOG: usize = 16 << 20;
+/// Bytes waiting to be echoed on all connections together; a connection whose data would
+/// go beyond it is reset.
+pub const ECHO_BACKLOG_TOTAL: usize = 64 << 20;
 
 /// Starts the echo service: listens on [`ECHO_PORT`] and serves until the engine stops.
 pub async fn start_echo(engine: EngineHandle) -> Result<(), String> {
@@ -26,17 +31,31 @@ pub async fn start_echo(engine: EngineHandle) -> Result<(), String> {
 }
 
 async fn echo(engine: EngineHandle, mut events: mpsc::Receiver<AppEvent>) {
-    let mut conns: HashMap<ConnId, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    type Queue = (mpsc::UnboundedSender<Vec<u8>>, Arc<AtomicUsize>);
+    let mut conns: HashMap<ConnId, Queue> = HashMap::new();
+    let total = Arc::new(AtomicUsize::new(0));
     while let Some(ev) = events.recv().await {
         match ev {
             AppEvent::Accepted { conn, credit, .. } => {
-                let (tx, rx) = mpsc::channel(ECHO_BACKLOG);
-                conns.insert(conn, tx);
-                tokio::spawn(echo_conn(engine.clone(), conn, credit, rx));
+                let (tx, rx) = mpsc::unbounded_channel();
+                let queued = Arc::new(AtomicUsize::new(0));
+                conns.insert(conn, (tx, queued.clone()));
+                tokio::spawn(echo_conn(
+                    engine.clone(),
+                    conn,
+                    credit,
+                    rx,
+                    [queued, total.clone()],
+                ));
             }
             AppEvent::Data { conn, data } => {
-                let Some(tx) = conns.get(&conn) else { continue };
-                if tx.try_send(data).is_err() {
+                let Some((tx, queued)) = conns.get(&conn) else {
+                    continue;
+                };
+                let n = data.len();
+                if queued.fetch_add(n, Ordering::Relaxed) + n > ECHO_BACKLOG
+                    || tx.send(data).is_err()
+                {
                     conns.remove(&conn);
                     tracing::debug!(conn, "echo: peer does not read its echo; resetting");
                     let _ = engine.send(Cmd::Abort { conn }).await;
@@ -72,10 +91,22 @@ async fn echo_conn(
     engine: EngineHandle,
     conn: ConnId,
     credit: Arc<Semaphore>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    counters: [Arc<AtomicUsize>; 2],
 ) {
     while let Some(data) = rx.recv().await {
-        if engine.write(conn, &credit, &data).await.is_err() {
+        let ok = engine.write(conn, &credit, &data).await.is_ok();
+        for c in &counters {
+            c.fetch_sub(data.len(), Ordering::Relaxed);
+        }
+        if !ok {
+            // Release what still waits, so the shared budget does not leak.
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                for c in &counters {
+                    c.fetch_sub(d.len(), Ordering::Relaxed);
+                }
+            }
             return;
         }
     }

@@ -62,7 +62,7 @@ async fn echo_service_answers_streams_and_datagrams() {
         .dial(PilotAddr::new(Addr::new(0, nb), 7))
         .await
         .unwrap();
-    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let sent: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
     let (mut rd, mut wr) = tokio::io::split(&mut s);
     let writer = async {
         wr.write_all(&sent).await.unwrap();

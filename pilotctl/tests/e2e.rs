@@ -10,10 +10,8 @@ use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotctl::{run_captured, run_captured_with_stdin, Captured};
 use pilotd::config::Cli;
-use pilotd::driver::Driver;
 use pilotd::node::Node;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::Addr;
 
 async fn registry() -> String {
@@ -72,6 +70,10 @@ impl TestNode {
 }
 
 async fn start(registry: &str, home: &Path, public: bool) -> TestNode {
+    start_with(registry, home, public, false).await
+}
+
+async fn start_with(registry: &str, home: &Path, public: bool, no_echo: bool) -> TestNode {
     let sock = home.join("pilotd.sock");
     let cli = Cli {
         registry: Some(registry.into()),
@@ -80,6 +82,7 @@ async fn start(registry: &str, home: &Path, public: bool) -> TestNode {
         home: Some(home.into()),
         socket: Some(sock.clone()),
         public: Some(public),
+        no_echo: Some(no_echo),
         ..Cli::default()
     };
     let node = Node::start(&cli.resolve().unwrap()).await.unwrap();
@@ -93,32 +96,6 @@ async fn start(registry: &str, home: &Path, public: bool) -> TestNode {
         sock: sock.to_string_lossy().into_owned(),
         id,
     }
-}
-
-/// Serves an echo on `port` of the node behind `sock`, through the driver, as an agent would.
-async fn echo(sock: &str, port: u16) -> Driver {
-    let driver = Driver::connect(sock).await.unwrap();
-    let mut listener = driver.listen(port).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tokio::io::split(stream);
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if wr.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = wr.shutdown().await;
-            });
-        }
-    });
-    driver
 }
 
 /// Polls `f` until it returns true or 30 s pass.
@@ -215,9 +192,9 @@ async fn info_hostname_find_lookup_and_errors() {
 async fn ping_peers_bench_connect_and_messages() {
     let reg = registry().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = start(&reg, &dir.path().join("a"), true).await;
+    // B answers on port 7 with the daemon's built-in echo service; A runs without it.
+    let a = start_with(&reg, &dir.path().join("a"), true, true).await;
     let b = start(&reg, &dir.path().join("b"), true).await;
-    let _echo = echo(&b.sock, 7).await;
 
     let ping = a.ok(&["ping", &b.addr(), "--count", "2"]).await;
     assert_eq!(ping["node_id"], b.id);
