@@ -582,9 +582,18 @@ impl Tunnels {
         let p = self.peer(now, pila.node);
         p.last_rx = Some(now);
         p.unanswered_since = None;
+        // A verified PILA straight from the peer's known endpoint while we relay: the direct
+        // path works again (the peer's direct probe got through). Go back to it, and answer
+        // directly at once so the peer moves back too.
+        let back_to_direct = !relayed && p.path == Path::Relay && p.endpoint == Some(src);
+        if back_to_direct {
+            p.path = Path::Direct;
+            p.last_direct_rx = Some(now);
+            p.stats.path_changes += 1;
+        }
         // Answer: at once for a new key, otherwise at most once per interval (the peer sends a
         // PILA when it lacks our key, so it probably lost it).
-        if new_key {
+        if new_key || back_to_direct {
             p.last_pila = None;
         }
         // Never forced: two peers answering each other's PILA unconditionally would ping-pong
@@ -1025,6 +1034,51 @@ mod tests {
         send(now, &mut a, 2, b"moved");
         assert_eq!(pump(now, &mut a, &mut b), 1);
         assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+    }
+
+    #[test]
+    fn relayed_peers_return_to_direct_after_a_direct_probe() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let mut b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        b.t.set_key(t0, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(t0, 2, b.addr);
+        b.t.set_endpoint(t0, 1, a.addr);
+        // The direct path is down: everything direct is lost, relays get through.
+        let relay = |from: &mut Node, to: &mut Node, now: Instant| {
+            while let Some(tx) = from.t.poll_transmit() {
+                if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
+                    let mut d = bw::relay_deliver_header(from.t.me).to_vec();
+                    d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
+                    let _ = to.t.handle(now, beacon, &mut d);
+                }
+            }
+        };
+        send(t0, &mut a, 2, b"hi");
+        send(t0, &mut b, 1, b"hi");
+        relay(&mut a, &mut b, t0);
+        relay(&mut b, &mut a, t0);
+        let mut t = t0 + DIRECT_TIMEOUT;
+        for _ in 0..4 {
+            a.t.handle_timeout(t);
+            b.t.handle_timeout(t);
+            relay(&mut a, &mut b, t);
+            relay(&mut b, &mut a, t);
+        }
+        assert_eq!(a.t.path(2), Some(Path::Relay));
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        assert!(a.t.peers()[0].encrypted, "the relayed session works");
+        // The path heals. A's next direct probe reaches B; B's direct answer reaches A.
+        t += DIRECT_PROBE_INTERVAL;
+        a.t.handle_timeout(t);
+        pump(t, &mut a, &mut b);
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        pump(t, &mut b, &mut a);
+        assert_eq!(a.t.path(2), Some(Path::Direct));
+        assert!(matches!(send(t, &mut a, 2, b"direct"), Sent::Now { dst, .. } if dst == b.addr));
+        assert_eq!(pump(t, &mut a, &mut b), 1);
     }
 
     #[test]

@@ -1125,8 +1125,6 @@ async fn relay_when_direct_path_is_blocked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "tunnel bug: a relayed peer never returns to the direct path; the direct probe is a \
-            PILA, which does not move the path back, and PILS keep going through the relay"]
 async fn relayed_peer_returns_to_direct_path() {
     relay_test(false, true).await;
 }
