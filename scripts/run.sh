@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job: the embedded default on one host. Starts a registry, a beacon that asks that
 # registry who may reach whom, and pilotd registered with both, all on loopback with state
-# under $PILOT_HOME (default ${TMPDIR:-/tmp}/pilot-demo), then waits for the daemon to register
-# and keeps the three running until Ctrl-C (or for $PILOT_RUN_SECS seconds when set).
+# under $PILOT_HOME (default ${TMPDIR:-/tmp}/pilot-demo), waits for the daemon to register,
+# prints `pilotctl info`, and keeps the three running until Ctrl-C (or for $PILOT_RUN_SECS
+# seconds when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked -p pilot-registry -p pilot-beacon -p pilotd
+cargo build --release --locked -p pilot-registry -p pilot-beacon -p pilotd -p pilotctl
 bin=target/release
 home="${PILOT_HOME:-${TMPDIR:-/tmp}/pilot-demo}"
 mkdir -p "$home"
@@ -50,7 +51,13 @@ if ! grep -q "registered" "$home/pilotd.log"; then
     exit 1
 fi
 echo "registry 127.0.0.1:$reg_port, beacon 127.0.0.1:$beacon_port, pilotd udp 127.0.0.1:$udp_port"
-grep "registered" "$home/pilotd.log" | tail -n 1
+for _ in $(seq 50); do
+    [ -S "$home/node/pilotd.sock" ] && break
+    sleep 0.1
+done
+"$bin/pilotctl" --socket "$home/node/pilotd.sock" info
+echo
+echo "try: $bin/pilotctl --socket $home/node/pilotd.sock --json info"
 echo "logs and state under $home; Ctrl-C stops all three"
 if [ -n "${PILOT_RUN_SECS:-}" ]; then
     sleep "$PILOT_RUN_SECS"
