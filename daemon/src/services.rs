@@ -2,12 +2,14 @@
 //!
 //! - **echo** (port 7): every stream's bytes are sent back on the same stream, and every
 //!   datagram back to its sender's port (except one from another echo port). `pilotctl ping` and `bench` use it. A connection
-//!   whose peer sends faster than it reads its echo is reset once [`ECHO_BACKLOG`] bytes
-//!   wait, so one client cannot make the service buffer without bound or stall others.
+//!   whose echo cannot drain (its peer does not read) holds up the service's input for at
+//!   most [`ECHO_STALL`] and is then reset; all connections together buffer at most
+//!   [`ECHO_BACKLOG_TOTAL`] bytes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
@@ -15,9 +17,10 @@ use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, APP_QUEUE};
 
 /// The echo port (v1 wire §8.1).
 pub const ECHO_PORT: u16 = 7;
-/// Bytes waiting to be echoed on one connection before it is reset: well above what a peer
-/// that reads its echo can have in flight (the engine's write credit plus the windows).
-pub const ECHO_BACKLOG: usize = 16 << 20;
+/// Chunks waiting to be echoed on one connection (each at most the engine's read chunk).
+pub const ECHO_CHUNKS: usize = 64;
+/// How long the service waits for a connection's echo to drain before resetting it.
+pub const ECHO_STALL: Duration = Duration::from_secs(5);
 /// Bytes waiting to be echoed on all connections together; a connection whose data would
 /// go beyond it is reset.
 pub const ECHO_BACKLOG_TOTAL: usize = 64 << 20;
@@ -31,31 +34,32 @@ pub async fn start_echo(engine: EngineHandle) -> Result<(), String> {
 }
 
 async fn echo(engine: EngineHandle, mut events: mpsc::Receiver<AppEvent>) {
-    type Queue = (mpsc::UnboundedSender<Vec<u8>>, Arc<AtomicUsize>);
-    let mut conns: HashMap<ConnId, Queue> = HashMap::new();
+    let mut conns: HashMap<ConnId, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let total = Arc::new(AtomicUsize::new(0));
     while let Some(ev) = events.recv().await {
         match ev {
             AppEvent::Accepted { conn, credit, .. } => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let queued = Arc::new(AtomicUsize::new(0));
-                conns.insert(conn, (tx, queued.clone()));
-                tokio::spawn(echo_conn(
-                    engine.clone(),
-                    conn,
-                    credit,
-                    rx,
-                    [queued, total.clone()],
-                ));
+                let (tx, rx) = mpsc::channel(ECHO_CHUNKS);
+                conns.insert(conn, tx);
+                tokio::spawn(echo_conn(engine.clone(), conn, credit, rx, total.clone()));
             }
             AppEvent::Data { conn, data } => {
-                let Some((tx, queued)) = conns.get(&conn) else {
+                let Some(tx) = conns.get(&conn) else {
                     continue;
                 };
                 let n = data.len();
-                if queued.fetch_add(n, Ordering::Relaxed) + n > ECHO_BACKLOG
-                    || tx.send(data).is_err()
-                {
+                // Waiting here is the backpressure: the engine stops handing this service
+                // data, so peers slow down. A peer that never reads its echo is reset after
+                // ECHO_STALL so it cannot hold up the others for long.
+                let over = total.load(Ordering::Relaxed) + n > ECHO_BACKLOG_TOTAL;
+                let sent = !over
+                    && matches!(
+                        tokio::time::timeout(ECHO_STALL, tx.send(data)).await,
+                        Ok(Ok(()))
+                    );
+                if sent {
+                    total.fetch_add(n, Ordering::Relaxed);
+                } else {
                     conns.remove(&conn);
                     tracing::debug!(conn, "echo: peer does not read its echo; resetting");
                     let _ = engine.send(Cmd::Abort { conn }).await;
@@ -91,21 +95,17 @@ async fn echo_conn(
     engine: EngineHandle,
     conn: ConnId,
     credit: Arc<Semaphore>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    counters: [Arc<AtomicUsize>; 2],
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    total: Arc<AtomicUsize>,
 ) {
     while let Some(data) = rx.recv().await {
         let ok = engine.write(conn, &credit, &data).await.is_ok();
-        for c in &counters {
-            c.fetch_sub(data.len(), Ordering::Relaxed);
-        }
+        total.fetch_sub(data.len(), Ordering::Relaxed);
         if !ok {
             // Release what still waits, so the shared budget does not leak.
             rx.close();
             while let Ok(d) = rx.try_recv() {
-                for c in &counters {
-                    c.fetch_sub(d.len(), Ordering::Relaxed);
-                }
+                total.fetch_sub(d.len(), Ordering::Relaxed);
             }
             return;
         }
