@@ -339,7 +339,15 @@ impl Engine {
         let (tx, cmds) = mpsc::channel(1024);
         let (node_tx, node_rx) = watch::channel(tunnels.node());
         let offload = config.offload;
-        let endpoint = Endpoint::new(Addr::new(0, tunnels.node()), config.endpoint);
+        // A random start for ephemeral ports, so a restarted node does not reuse the 4-tuples
+        // its peers may still hold from before.
+        let endpoint = Endpoint::new(
+            Addr::new(0, tunnels.node()),
+            EndpointConfig {
+                ephemeral_seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
+                ..config.endpoint
+            },
+        );
         let engine = Engine {
             socket,
             tunnels,

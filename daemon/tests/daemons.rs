@@ -613,8 +613,6 @@ async fn hundred_concurrent_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon bug: a listener's backlog (64, counting connections still in SYN_RECEIVED) \
-            answers the SYNs of a burst of more than 64 dials with RST (connection refused)"]
 async fn hundred_simultaneous_dials() {
     concurrent_streams(100).await;
 }
@@ -1202,8 +1200,6 @@ async fn restarted_peer_rekeys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stream bug: ephemeral ports restart at EPHEMERAL_START, so the first dial after a \
-            restart reuses a 4-tuple the peer still holds and gets an empty stream (EOF)"]
 async fn first_dial_after_restart_works() {
     rekey_test(true).await;
 }

@@ -195,26 +195,27 @@ fn accepting_a_v1_dial_and_duplicate_syn() {
 }
 
 #[test]
-fn accept_queue_limit_refuses_with_rst() {
+fn accept_queue_limit_drops_syns_silently() {
     let now = Instant::now();
     let mut ep = Endpoint::new(B, EndpointConfig::default());
     ep.listen(80, Some(2)).unwrap();
     for port in 0..3u16 {
-        let syn = v1_packet(
-            Flags::SYN,
-            SocketAddr::new(A, 50000 + port),
-            SocketAddr::new(B, 80),
-            0,
-            0,
-            512,
-            &[],
-        );
+        let src = SocketAddr::new(A, 50000 + port);
+        let syn = v1_packet(Flags::SYN, src, SocketAddr::new(B, 80), 0, 0, 512, &[]);
         let r = ep.handle(now, &syn);
         if port < 2 {
             assert!(matches!(r, Incoming::Stream(_)));
+            let ack = v1_packet(Flags::ACK, src, SocketAddr::new(B, 80), 1, 1, 512, &[]);
+            ep.handle(now, &ack);
         } else {
-            assert!(matches!(r, Incoming::Refused));
+            // Two established connections wait in the queue: the SYN is dropped, not reset.
+            assert!(matches!(r, Incoming::Dropped(_)));
         }
+    }
+    let mut buf = [0u8; 64];
+    while let Some((n, _)) = ep.poll_transmit(now, &mut buf) {
+        let (r, _) = parse(&buf[..n]);
+        assert!(!r.flags.contains(Flags::RST));
     }
     assert!(ep.listen(80, None).is_err(), "a port has one listener");
 }

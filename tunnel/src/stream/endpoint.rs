@@ -37,6 +37,11 @@ pub struct EndpointConfig {
     pub default_backlog: usize,
     /// Most endpoint replies (RSTs) queued; more are dropped.
     pub max_pending_replies: usize,
+    /// Picks where ephemeral port allocation starts in the ephemeral range (offset `seed`
+    /// modulo the range's size), so a restarted node does not reuse the 4-tuples of its
+    /// previous run. The caller supplies it (random in the daemon); the default, 0, starts at
+    /// [`port::EPHEMERAL_START`].
+    pub ephemeral_seed: u64,
 }
 
 impl Default for EndpointConfig {
@@ -47,6 +52,7 @@ impl Default for EndpointConfig {
             max_conns: 4096,
             default_backlog: 64,
             max_pending_replies: 256,
+            ephemeral_seed: 0,
         }
     }
 }
@@ -111,6 +117,8 @@ pub enum DropReason {
     EmptyDatagram,
     /// A protocol byte this implementation does not know.
     UnknownProtocol(u8),
+    /// A SYN for a listener whose accept queue is full; the peer retransmits it.
+    AcceptQueueFull,
 }
 
 type Tuple = (u16, Addr, u16);
@@ -196,6 +204,13 @@ impl Drop for ConnMut<'_> {
     }
 }
 
+/// The first ephemeral port for `seed`: `seed` modulo the range's size, from its start.
+fn ephemeral_start(seed: u64) -> u16 {
+    let span = u64::from(port::EPHEMERAL_END - port::EPHEMERAL_START) + 1;
+    // The offset is below `span` (at most 2^16), so it fits and the sum stays in range.
+    port::EPHEMERAL_START + (seed % span) as u16
+}
+
 /// The connection table of one node.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -220,7 +235,7 @@ impl Endpoint {
             by_tuple: HashMap::new(),
             listeners: HashMap::new(),
             port_use: HashMap::new(),
-            next_ephemeral: port::EPHEMERAL_START,
+            next_ephemeral: ephemeral_start(config.ephemeral_seed),
             replies: VecDeque::new(),
             schedule: Schedule::default(),
         }
@@ -494,12 +509,19 @@ impl Endpoint {
         let tuple = (repr.dst.port, repr.src.addr, repr.src.port);
         let seg = Segment::new(repr, payload);
         if let Some(&h) = self.by_tuple.get(&tuple) {
-            if let Some(e) = self.conns.get_mut(h.0) {
-                e.conn.handle_segment(now, &seg);
-                self.schedule.touched(h.0, e);
-                self.after_segment(now, h);
+            let superseded = self
+                .conns
+                .get(h.0)
+                .is_some_and(|e| e.conn.syn_opens_new_connection(now, &seg));
+            if !superseded {
+                if let Some(e) = self.conns.get_mut(h.0) {
+                    e.conn.handle_segment(now, &seg);
+                    self.schedule.touched(h.0, e);
+                    self.after_segment(now, h);
+                }
+                return Incoming::Stream(h);
             }
-            return Incoming::Stream(h);
+            self.supersede(now, h);
         }
         if repr.flags == Flags::FIN {
             // A FIN for a connection we no longer hold: the peer missed our FIN|ACK. Answering
@@ -516,11 +538,14 @@ impl Endpoint {
             self.refuse(repr);
             return Incoming::Refused;
         };
+        if l.ready.len() >= l.backlog {
+            // The application is behind: drop, and the peer retransmits its SYN (v1 wire
+            // §3.1) until the queue has room. Handshakes in progress do not count, so a burst
+            // of dials is not refused while the application accepts promptly.
+            return Incoming::Dropped(DropReason::AcceptQueueFull);
+        }
         let on_port = self.port_use.get(&port).copied().unwrap_or(0);
-        if l.embryonic + l.ready.len() >= l.backlog
-            || on_port >= self.config.max_conns_per_port
-            || self.conns.len() >= self.config.max_conns
-        {
+        if on_port >= self.config.max_conns_per_port || self.conns.len() >= self.config.max_conns {
             self.refuse(repr);
             return Incoming::Refused;
         }
@@ -531,6 +556,27 @@ impl Endpoint {
             l.embryonic += 1;
         }
         Incoming::Stream(h)
+    }
+
+    /// Ends connection `h` because its peer opened a new one on the same 4-tuple (see
+    /// [`Connection::syn_opens_new_connection`]): the tuple is freed for the new connection.
+    /// The old one stays in the table, closed, until released; if it was never accepted it is
+    /// released at once, since no one else holds its handle.
+    fn supersede(&mut self, now: Instant, h: ConnHandle) {
+        let Some(e) = self.conns.get_mut(h.0) else {
+            return;
+        };
+        e.conn.supersede(now);
+        self.schedule.touched(h.0, e);
+        let tuple = e.tuple;
+        self.by_tuple.remove(&tuple);
+        let queued = self
+            .listeners
+            .get(&tuple.0)
+            .is_some_and(|l| l.ready.contains(&h));
+        if queued {
+            self.release(h);
+        }
     }
 
     /// Moves a passive connection onto its listener's queue once established.
@@ -583,5 +629,223 @@ impl Endpoint {
             payload_len,
         }
         .emit(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+    use super::*;
+    use std::time::Duration;
+
+    const A: Addr = Addr::new(0, 1);
+    const B: Addr = Addr::new(0, 2);
+
+    /// A packet from A:`src_port` to B:80, as a v1 peer builds it.
+    fn pkt(src_port: u16, flags: Flags, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+        let repr = PacketRepr {
+            flags,
+            protocol: Protocol::Stream,
+            src: SocketAddr::new(A, src_port),
+            dst: SocketAddr::new(B, 80),
+            seq,
+            ack,
+            window: 512,
+            payload_len: payload.len() as u16,
+        };
+        let mut buf = vec![0u8; HEADER_LEN + payload.len()];
+        repr.emit_with_payload(&mut buf, payload).unwrap();
+        buf
+    }
+
+    /// Everything the table sends now, parsed.
+    fn sent(ep: &mut Endpoint, now: Instant) -> Vec<PacketRepr> {
+        let mut buf = vec![0u8; HEADER_LEN + 65_536];
+        let mut out = Vec::new();
+        while let Some((n, _)) = ep.poll_transmit(now, &mut buf) {
+            let p = Packet::new_checked(&buf[..n]).unwrap();
+            out.push(PacketRepr::parse(&p).unwrap());
+        }
+        out
+    }
+
+    fn stream(r: Incoming<'_>) -> ConnHandle {
+        match r {
+            Incoming::Stream(h) => h,
+            other => panic!("expected a stream, got {other:?}"),
+        }
+    }
+
+    /// B, listening on 80, completes a v1 dial from A:`src_port`.
+    fn handshake(ep: &mut Endpoint, now: Instant, src_port: u16) -> ConnHandle {
+        let h = stream(ep.handle(now, &pkt(src_port, Flags::SYN, 0, 0, &[])));
+        sent(ep, now);
+        assert_eq!(
+            stream(ep.handle(now, &pkt(src_port, Flags::ACK, 1, 1, &[]))),
+            h
+        );
+        assert_eq!(ep.connection(h).unwrap().state(), State::Established);
+        h
+    }
+
+    fn first_port(seed: u64) -> u16 {
+        let config = EndpointConfig {
+            ephemeral_seed: seed,
+            ..EndpointConfig::default()
+        };
+        let mut ep = Endpoint::new(A, config);
+        let h = ep.connect(Instant::now(), SocketAddr::new(B, 80)).unwrap();
+        let port = ep.connection(h).unwrap().local().port;
+        port
+    }
+
+    #[test]
+    fn ephemeral_start_follows_the_seed_and_wraps_within_the_range() {
+        assert_eq!(first_port(0), port::EPHEMERAL_START);
+        assert_ne!(first_port(1), first_port(12_345));
+        for seed in [1, 7, 12_345, 0xdead_beef, u64::MAX] {
+            let p = first_port(seed);
+            assert!((port::EPHEMERAL_START..=port::EPHEMERAL_END).contains(&p));
+        }
+        let span = u64::from(port::EPHEMERAL_END - port::EPHEMERAL_START) + 1;
+        assert_eq!(first_port(span), port::EPHEMERAL_START);
+        // Starting at the last port, the next allocation wraps to the first.
+        let config = EndpointConfig {
+            ephemeral_seed: span - 1,
+            ..EndpointConfig::default()
+        };
+        let mut ep = Endpoint::new(A, config);
+        let now = Instant::now();
+        let a = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+        let b = ep.connect(now, SocketAddr::new(B, 80)).unwrap();
+        assert_eq!(ep.connection(a).unwrap().local().port, port::EPHEMERAL_END);
+        assert_eq!(
+            ep.connection(b).unwrap().local().port,
+            port::EPHEMERAL_START
+        );
+    }
+
+    #[test]
+    fn syn_for_a_time_wait_tuple_opens_a_new_connection() {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        ep.listen(80, None).unwrap();
+        let old = handshake(&mut ep, now, 50_000);
+        assert_eq!(ep.accept(80), Some(old));
+        // We close first; the peer acknowledges and closes too.
+        ep.connection(old).unwrap().shutdown(now);
+        sent(&mut ep, now);
+        ep.handle(now, &pkt(50_000, Flags::FIN | Flags::ACK, 1, 2, &[]));
+        ep.handle(now, &pkt(50_000, Flags::FIN, 1, 2, &[]));
+        sent(&mut ep, now);
+        assert_eq!(ep.connection(old).unwrap().state(), State::TimeWait);
+
+        let new = stream(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        assert_ne!(new, old);
+        let old_conn = ep.connection(old).unwrap();
+        assert_eq!((old_conn.state(), old_conn.error()), (State::Closed, None));
+        drop(old_conn);
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flags, Flags::SYN | Flags::ACK);
+        assert_eq!(
+            stream(ep.handle(now, &pkt(50_000, Flags::ACK, 1, 1, &[]))),
+            new
+        );
+        assert_eq!(ep.accept(80), Some(new));
+        assert_eq!(ep.connection(new).unwrap().state(), State::Established);
+        // Releasing the old connection leaves the new one routable.
+        assert!(ep.release(old).is_some());
+        assert_eq!(
+            stream(ep.handle(now, &pkt(50_000, Flags::ACK, 1, 1, b"x"))),
+            new
+        );
+    }
+
+    #[test]
+    fn syn_from_a_restarted_peer_replaces_an_established_connection() {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        ep.listen(80, None).unwrap();
+        let old = handshake(&mut ep, now, 50_000);
+        assert_eq!(ep.accept(80), Some(old));
+        // A duplicate SYN right after the handshake is a retransmission: answered, same
+        // connection.
+        assert_eq!(
+            stream(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[]))),
+            old
+        );
+        let out = sent(&mut ep, now);
+        assert!(out.iter().all(|r| r.flags == Flags::SYN | Flags::ACK));
+        assert_eq!(ep.connection(old).unwrap().state(), State::Established);
+
+        ep.handle(now, &pkt(50_000, Flags::ACK, 1, 1, b"hello"));
+        sent(&mut ep, now);
+        // The peer restarted and dials again from the same port with ISN 0.
+        let later = now + Duration::from_millis(1);
+        let new = stream(ep.handle(later, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        assert_ne!(new, old);
+        assert_eq!(ep.connection(old).unwrap().state(), State::Closed);
+        assert_eq!(
+            ep.connection(old).unwrap().error(),
+            Some(super::super::ConnError::Reset)
+        );
+        // No RST: it would refuse the peer's new dial. Only the new SYN-ACK goes out.
+        let out = sent(&mut ep, later);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].flags, out[0].ack), (Flags::SYN | Flags::ACK, 1));
+        ep.handle(later, &pkt(50_000, Flags::ACK, 1, 1, &[]));
+        assert_eq!(ep.accept(80), Some(new));
+    }
+
+    #[test]
+    fn a_burst_of_dials_beyond_the_backlog_is_established() {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        ep.listen(80, Some(64)).unwrap();
+        let handles: Vec<_> = (0..100u16)
+            .map(|i| stream(ep.handle(now, &pkt(50_000 + i, Flags::SYN, 0, 0, &[]))))
+            .collect();
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 100);
+        assert!(out.iter().all(|r| r.flags == Flags::SYN | Flags::ACK));
+        let mut accepted = Vec::new();
+        for i in 0..100u16 {
+            ep.handle(now, &pkt(50_000 + i, Flags::ACK, 1, 1, &[]));
+            while let Some(h) = ep.accept(80) {
+                accepted.push(h);
+            }
+        }
+        assert_eq!(accepted, handles);
+        for h in handles {
+            assert_eq!(ep.connection(h).unwrap().state(), State::Established);
+        }
+    }
+
+    #[test]
+    fn a_full_accept_queue_drops_syns_without_rst() {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        ep.listen(80, Some(2)).unwrap();
+        handshake(&mut ep, now, 50_000);
+        handshake(&mut ep, now, 50_001);
+        sent(&mut ep, now);
+        let syn = pkt(50_002, Flags::SYN, 0, 0, &[]);
+        assert!(matches!(
+            ep.handle(now, &syn),
+            Incoming::Dropped(DropReason::AcceptQueueFull)
+        ));
+        assert!(sent(&mut ep, now).is_empty(), "dropped silently");
+        // Once the application accepts, the retransmitted SYN gets through.
+        assert!(ep.accept(80).is_some());
+        let h = stream(ep.handle(now, &syn));
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flags, Flags::SYN | Flags::ACK);
+        ep.handle(now, &pkt(50_002, Flags::ACK, 1, 1, &[]));
+        let queued: Vec<_> = std::iter::from_fn(|| ep.accept(80)).collect();
+        assert_eq!(queued.len(), 2);
+        assert_eq!(queued[1], h);
     }
 }

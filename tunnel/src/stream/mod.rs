@@ -368,6 +368,8 @@ pub struct Connection {
 
     last_recv: Instant,
     last_activity: Instant,
+    /// When the handshake completed.
+    established_at: Option<Instant>,
     blocked_writer: bool,
     events: VecDeque<Event>,
     stats: Stats,
@@ -472,6 +474,7 @@ impl Connection {
             peer_answers_probes: false,
             last_recv: now,
             last_activity: now,
+            established_at: None,
             blocked_writer: false,
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -729,6 +732,51 @@ impl Connection {
         self.finish(now, Some(error));
     }
 
+    /// True when `seg`, a SYN for this connection's 4-tuple, opens a new connection rather
+    /// than repeating the SYN of this one:
+    ///
+    /// - in TIME_WAIT, any SYN;
+    /// - after the handshake (ESTABLISHED through LAST_ACK), a SYN with the peer's ISN (v1:
+    ///   always 0) once the peer has provably left SYN_SENT: it sent data or FIN, it
+    ///   acknowledged data of ours, or the handshake completed at least one RTO ago, longer
+    ///   than a duplicate of its SYN can plausibly stay in flight.
+    ///
+    /// Before the handshake completes a SYN is a retransmission (or a simultaneous open).
+    pub fn syn_opens_new_connection(&self, now: Instant, seg: &Segment<'_>) -> bool {
+        let f = seg.flags;
+        if !f.contains(Flags::SYN) || f.contains(Flags::ACK) || f.contains(Flags::RST) {
+            return false;
+        }
+        match self.state {
+            State::TimeWait => true,
+            State::Established
+            | State::FinWait1
+            | State::FinWait2
+            | State::CloseWait
+            | State::Closing
+            | State::LastAck => {
+                if seg.seq != self.peer_isn {
+                    return false;
+                }
+                let peer_sent = self.recv.nxt() > 0 || self.peer_fin.is_some();
+                let peer_acked = self.send.una() > 0;
+                let old = self
+                    .established_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.rtt.rto());
+                peer_sent || peer_acked || old
+            }
+            State::SynSent | State::SynReceived | State::Closed => false,
+        }
+    }
+
+    /// Ends the connection because its peer opened a new one on the same 4-tuple. Nothing is
+    /// sent: an RST would reach the peer's new connection. From TIME_WAIT this is a clean
+    /// close; otherwise the application sees [`ConnError::Reset`].
+    pub fn supersede(&mut self, now: Instant) {
+        let error = (self.state != State::TimeWait).then_some(ConnError::Reset);
+        self.finish(now, error);
+    }
+
     // ---- input ---------------------------------------------------------------------------
 
     /// Processes one segment of this connection.
@@ -884,6 +932,7 @@ impl Connection {
         self.syn_pending = false;
         self.set_timer(Timer::Retransmit, None);
         self.last_activity = now;
+        self.established_at = Some(now);
         self.events.push_back(Event::Connected);
         if self.send.free() > 0 {
             self.events.push_back(Event::Writable);
