@@ -504,3 +504,67 @@ fn three_duplicate_acks_without_sack_trigger_fast_retransmit() {
     );
     assert_eq!(st.recovery, tunnel::stream::Recovery::Fast);
 }
+
+/// Sends one segment to a peer that answers nothing and returns the times (since the
+/// original transmission) of every transmission of it, and when the connection failed.
+fn silent_peer_transmissions() -> (Vec<Duration>, Duration) {
+    let t0 = Instant::now();
+    let (mut ep, h, local) = dial_v1(t0, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    // With the handshake and this round trip sampled, the RTO is the 200 ms minimum.
+    ep.connection(h).unwrap().write(b"x").unwrap();
+    assert_eq!(drain(&mut ep, h, t0).len(), 1);
+    let acked = t0 + Duration::from_millis(100);
+    ep.handle(acked, &v1_packet(Flags::ACK, peer, local, 1, 2, 512, &[]));
+    drain(&mut ep, h, acked);
+
+    ep.connection(h).unwrap().write(b"lost").unwrap();
+    let sent = drain(&mut ep, h, acked);
+    assert_eq!(sent.len(), 1);
+    let mut times = vec![Duration::ZERO];
+    let mut now = acked;
+    for _ in 0..1000 {
+        if ep.connection(h).unwrap().error().is_some() {
+            break;
+        }
+        now = ep
+            .poll_timeout()
+            .expect("a timer while data is unacknowledged");
+        ep.handle_timeout(now);
+        for p in drain(&mut ep, h, now) {
+            let (r, payload) = parse(&p);
+            if payload == b"lost" {
+                assert_eq!(r.seq, 2);
+                times.push(now - acked);
+            }
+        }
+    }
+    assert_eq!(
+        ep.connection(h).unwrap().error(),
+        Some(tunnel::stream::ConnError::TimedOut)
+    );
+    (times, now - acked)
+}
+
+#[test]
+fn consecutive_timeouts_back_off_exponentially_up_to_the_max_rto() {
+    let (times, _) = silent_peer_transmissions();
+    let intervals: Vec<u128> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert_eq!(
+        intervals,
+        [200, 400, 800, 1600, 3200, 6400, 10_000],
+        "retransmissions of one segment"
+    );
+}
+
+#[test]
+fn a_silent_peer_fails_the_connection_after_eight_transmissions() {
+    let (times, failed) = silent_peer_transmissions();
+    assert_eq!(times.len(), 8, "1 original + 7 retransmissions: {times:?}");
+    // The next timeout after the last retransmission sends RST and fails the connection.
+    assert_eq!(failed - times[7], Duration::from_secs(10));
+    assert_eq!(failed.as_millis(), 32_600);
+}

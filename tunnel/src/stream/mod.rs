@@ -103,7 +103,8 @@ pub struct Config {
     /// How long a closed connection waits in FIN_WAIT_2 for the peer's FIN (a v1 peer never
     /// sends one after answering ours).
     pub fin_wait2: Duration,
-    /// Consecutive retransmission timeouts without progress before the connection fails.
+    /// Transmissions of a segment without progress before the connection fails: the
+    /// connection fails on this many consecutive retransmission timeouts.
     pub max_retransmits: u8,
     /// SYN (or SYN-ACK) retransmissions before the handshake fails.
     pub syn_retries: u8,
@@ -1169,8 +1170,9 @@ impl Connection {
         self.timers[t as usize] = at;
     }
 
+    /// The retransmission timeout with exponential backoff, capped at [`rtt::MAX_RTO`].
     fn current_rto(&self) -> Duration {
-        (self.rtt.rto() * self.rto_backoff).min(rtt::MAX_RTO * 2)
+        (self.rtt.rto() * self.rto_backoff).min(rtt::MAX_RTO)
     }
 
     /// The next time [`Connection::handle_timeout`] must run.
@@ -1276,17 +1278,21 @@ impl Connection {
             return;
         }
         self.consecutive_timeouts += 1;
-        if self.consecutive_timeouts > self.config.max_retransmits {
+        // v1 §3.5: a segment is sent at most `max_retransmits` times in all; the timeout
+        // after the last of them fails the connection.
+        if self.consecutive_timeouts >= self.config.max_retransmits {
             self.fail(now, ConnError::TimedOut);
             return;
         }
         if self.recovery != Recovery::Timeout {
-            // A new loss event: reduce once and double the RTO once.
+            // A new loss event: the congestion window is reduced once per event.
             self.cc
                 .on_timeout(now, self.send.pipe() + self.send.lost_bytes());
-            self.rto_backoff = self.rto_backoff.saturating_mul(2).min(64);
             self.recovery = Recovery::Timeout;
         }
+        // RFC 6298 §5.5: every expiry doubles the RTO (capped by `current_rto`); new
+        // acknowledged data resets the backoff.
+        self.rto_backoff = self.rto_backoff.saturating_mul(2).min(64);
         self.recovery_point = self.send.nxt();
         self.dup_acks = 0;
         self.send.mark_all_lost();
