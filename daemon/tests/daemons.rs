@@ -1128,9 +1128,6 @@ async fn relayed_peer_returns_to_direct_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stream bug: the retransmission timeout doubles once per loss episode, not per \
-            timeout, so a stream gives up after about 3.4 s of loss, as the tunnel moves to the \
-            relay (3 s)"]
 async fn established_stream_survives_the_move_to_the_relay() {
     relay_test(true, true).await;
 }
