@@ -560,9 +560,11 @@ async fn revocation_closes_the_gate() {
     let before = b.daemon.engine.info().await.unwrap()["refused_untrusted"]
         .as_u64()
         .unwrap();
-    assert!(stream_works(&a.daemon.engine, b.id, APP_PORT)
+    // Refused with a reset, not left to time out: the dial fails at once.
+    let e = stream_works(&a.daemon.engine, b.id, APP_PORT)
         .await
-        .is_err());
+        .unwrap_err();
+    assert_ne!(e, "dial timed out", "the refusal should be answered");
     let after = b.daemon.engine.info().await.unwrap()["refused_untrusted"]
         .as_u64()
         .unwrap();

@@ -426,6 +426,21 @@ impl Endpoint {
         Some(e.conn)
     }
 
+    /// Refuses a connection request the caller will not let in (a policy the table does not
+    /// know, such as trust): queues the same RST a closed port gets. Anything but a bare SYN
+    /// is ignored, so nothing else can be made to draw a reply.
+    pub fn refuse_syn(&mut self, packet: &[u8]) {
+        let Ok(repr) = Packet::new_checked(packet).and_then(|p| PacketRepr::parse(&p)) else {
+            return;
+        };
+        if repr.protocol == Protocol::Stream
+            && repr.flags.contains(Flags::SYN)
+            && !repr.flags.intersects(Flags::ACK | Flags::RST)
+        {
+            self.refuse(&repr);
+        }
+    }
+
     fn refuse(&mut self, repr: &PacketRepr) {
         // v1 wire §3.3: RST with seq 0, ack 0, window 0.
         self.reply(repr, Flags::RST, 0);
