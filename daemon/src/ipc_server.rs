@@ -761,10 +761,14 @@ impl ClientCtx {
                     .await)
             }
             Message::SetVisibility { public } => {
-                let req = json!({"type": "set_visibility", "node_id": null, "public": public});
-                spawn_reply!(|this, slot| this
-                    .registry_reply(slot, req, |json| Message::SetVisibilityOk { json })
-                    .await)
+                spawn_reply!(
+                    |this, slot| match this.shared.set_visibility(public).await {
+                        Ok(v) => slot.send(encode(&Message::SetVisibilityOk {
+                            json: &json_bytes(&v)
+                        })),
+                        Err(e) => slot.error(&this, &e),
+                    }
+                )
             }
             Message::Deregister => {
                 let req = json!({"type": "deregister", "node_id": null});
@@ -1027,7 +1031,7 @@ impl ClientCtx {
         ok: impl for<'a> FnOnce(&'a [u8]) -> Message<'a>,
     ) {
         let is_hostname = req.get("type").and_then(Value::as_str) == Some("set_hostname");
-        match self.shared.registry(req.clone()).await {
+        match self.shared.registry(req).await {
             Ok(v) => {
                 if is_hostname {
                     let h = v
@@ -1254,9 +1258,7 @@ impl ClientCtx {
             ExtRequest::TrustList => self.trust_ext(TrustOp::Trusted).await,
             ExtRequest::TrustPending => self.trust_ext(TrustOp::Pending).await,
             ExtRequest::SetVisibility { public } => {
-                sh.registry(json!({"type": "set_visibility", "node_id": null, "public": public}))
-                    .await
-                    .map_err(registry_error)?;
+                sh.set_visibility(public).await.map_err(registry_error)?;
                 to_value(&ipc::VisibilityReply {
                     node_id: me,
                     public,
@@ -1494,25 +1496,29 @@ impl Shared {
         rx.await.map_err(|_| "trust service stopped".to_owned())?
     }
 
+    /// Makes the node public or private in the registry, then has the trust gate follow.
+    async fn set_visibility(&self, public: bool) -> Result<Value, String> {
+        let r = self
+            .registry(json!({"type": "set_visibility", "node_id": null, "public": public}))
+            .await?;
+        if let Some(t) = &self.ctx.trust_handle {
+            t.set_public(public);
+        }
+        Ok(r)
+    }
+
     async fn registry(&self, req: Value) -> Result<Value, String> {
-        let visibility = (req.get("type").and_then(Value::as_str) == Some("set_visibility"))
-            .then(|| req.get("public").and_then(Value::as_bool))
-            .flatten();
         let (tx, rx) = oneshot::channel();
         self.ctx
             .link
             .send(LinkCmd::Call(req, tx))
             .await
             .map_err(|_| "registry link stopped".to_owned())?;
-        let r = match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
+        match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err("registry link stopped".into()),
             Err(_) => Err("registry request timed out".into()),
-        };
-        if let (Ok(_), Some(public), Some(t)) = (&r, visibility, &self.ctx.trust_handle) {
-            t.set_public(public);
         }
-        r
     }
 }
 
