@@ -6,30 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pilot_registry::store::RedbStore;
-use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
 use pilotd::engine::{AppEvent, Cmd, EngineHandle};
 use pilotd::node::Daemon;
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-async fn registry() -> String {
-    let reg = Registry::open(
-        Box::new(RedbStore::in_memory().unwrap()),
-        RegistryConfig {
-            register_per_minute: 0,
-            requests_per_ip: 0,
-            requests_per_node: 0,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(reg.serve(l, None, std::future::pending()));
-    addr.to_string()
-}
+mod support;
+use support::registry;
 
 async fn daemon(registry: &str, home: &std::path::Path, public: bool) -> Daemon {
     let cli = Cli {

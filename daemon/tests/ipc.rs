@@ -7,8 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pilot_registry::store::RedbStore;
-use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
 use pilotd::driver::{Driver, DriverError};
 use pilotd::ipc_server::{serve, IpcContext, IpcServer};
@@ -21,22 +19,8 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 const T: Duration = Duration::from_secs(20);
 
-async fn registry() -> String {
-    let reg = Registry::open(
-        Box::new(RedbStore::in_memory().unwrap()),
-        RegistryConfig {
-            register_per_minute: 0,
-            requests_per_ip: 0,
-            requests_per_node: 0,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(reg.serve(l, None, std::future::pending()));
-    addr.to_string()
-}
+mod support;
+use support::registry;
 
 struct Node {
     daemon: Daemon,

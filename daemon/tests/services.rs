@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use pilot_registry::store::RedbStore;
-use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
 use pilotd::driver::Driver;
 use pilotd::engine::{AppEvent, Cmd};
@@ -14,22 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-async fn registry() -> String {
-    let reg = Registry::open(
-        Box::new(RedbStore::in_memory().unwrap()),
-        RegistryConfig {
-            register_per_minute: 0,
-            requests_per_ip: 0,
-            requests_per_node: 0,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(reg.serve(l, None, std::future::pending()));
-    addr.to_string()
-}
+mod support;
+use support::registry;
 
 async fn node(registry: &str, home: &std::path::Path, no_echo: bool) -> Node {
     let cli = Cli {

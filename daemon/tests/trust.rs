@@ -10,8 +10,6 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
 use pilot_registry::client::sign_v1;
-use pilot_registry::store::RedbStore;
-use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
 use pilotd::engine::{AppEvent, Cmd, EngineHandle};
 use pilotd::node::Daemon;
@@ -23,22 +21,8 @@ use tunnel::{Addr, Identity, SocketAddr as PilotAddr};
 
 const APP_PORT: u16 = 7000;
 
-async fn registry() -> String {
-    let reg = Registry::open(
-        Box::new(RedbStore::in_memory().unwrap()),
-        RegistryConfig {
-            register_per_minute: 0,
-            requests_per_ip: 0,
-            requests_per_node: 0,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(reg.serve(l, None, std::future::pending()));
-    addr.to_string()
-}
+mod support;
+use support::registry;
 
 struct Node {
     daemon: Daemon,
