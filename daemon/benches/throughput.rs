@@ -1,9 +1,11 @@
-//! Encrypted stream throughput between two daemons on loopback, through the engine API
-//! (registry in process, no beacon). Prints MB/s for one stream each way, the same bytes
-//! pushed through a plain loopback TCP socket in the same run as a baseline, and the ratio;
-//! once with UDP segmentation offload (GSO/GRO) and once without.
+//! Encrypted stream throughput between two daemons on loopback (registry in process, no
+//! beacon). Prints MB/s for one stream one way, the same bytes pushed through a plain loopback
+//! TCP socket in the same run as a baseline, and the ratio: through the engine API with UDP
+//! segmentation offload (GSO/GRO) on and off, and through the driver library (the IPC socket
+//! an agent uses, `PilotStream`) with offload on.
 //!
-//! `cargo bench -p pilotd --bench throughput` (`PILOT_BENCH_MB` sets the size, default 256).
+//! `cargo bench -p pilotd --bench throughput` (`PILOT_BENCH_MB` sets the size, default 256;
+//! `PILOT_BENCH_ONLY=driver` or `=engine` runs one path).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,13 +15,14 @@ use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
 use pilotd::engine::{AppEvent, Cmd};
-use pilotd::node::Daemon;
+use pilotd::driver::Driver;
+use pilotd::node::{Daemon, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-async fn daemon(registry: &str, home: &std::path::Path, offload: bool) -> Option<Daemon> {
-    let cli = Cli {
+fn cli(registry: &str, home: &std::path::Path, offload: bool) -> Cli {
+    Cli {
         udp_offload: Some(offload),
         registry: Some(registry.into()),
         beacon: Some(String::new()),
@@ -27,9 +30,15 @@ async fn daemon(registry: &str, home: &std::path::Path, offload: bool) -> Option
         home: Some(home.into()),
         public: Some(true),
         log_level: Some("warn".into()),
+        socket: Some(home.join("pilotd.sock")),
         ..Cli::default()
-    };
-    Daemon::start(&cli.resolve().ok()?).await.ok()
+    }
+}
+
+async fn daemon(registry: &str, home: &std::path::Path, offload: bool) -> Option<Daemon> {
+    Daemon::start(&cli(registry, home, offload).resolve().ok()?)
+        .await
+        .ok()
 }
 
 fn rusage_cpu() -> f64 {
@@ -44,7 +53,7 @@ fn rusage_cpu() -> f64 {
     }
 }
 
-async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
+async fn registry() -> Option<String> {
     let reg = Registry::open(
         Box::new(RedbStore::in_memory().ok()?),
         RegistryConfig {
@@ -58,6 +67,11 @@ async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
     let raddr = l.local_addr().ok()?.to_string();
     tokio::spawn(reg.serve(l, None, std::future::pending()));
+    Some(raddr)
+}
+
+async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
+    let raddr = registry().await?;
     let dir = tempfile::tempdir().ok()?;
     let a = daemon(&raddr, &dir.path().join("a"), offload).await?;
     let b = daemon(&raddr, &dir.path().join("b"), offload).await?;
@@ -110,6 +124,56 @@ async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
     Some((sent as f64 / secs / 1e6, cpu / (sent as f64 / 1e9)))
 }
 
+/// One stream through the driver library: agent A's `PilotStream` writes into its daemon's IPC
+/// socket, agent B reads from its daemon's.
+async fn driver(total: usize) -> Option<(f64, f64)> {
+    let raddr = registry().await?;
+    let dir = tempfile::tempdir().ok()?;
+    let start = |name: &str| {
+        let c = cli(&raddr, &dir.path().join(name), true).resolve();
+        async move { Node::start(&c.ok()?).await.ok() }
+    };
+    let a = start("a").await?;
+    let b = start("b").await?;
+    a.daemon.registered(Duration::from_secs(10)).await?;
+    let nb = b.daemon.registered(Duration::from_secs(10)).await?;
+    let da = Driver::connect(a.ipc.path()).await.ok()?;
+    let db = Driver::connect(b.ipc.path()).await.ok()?;
+    let mut l = db.listen(9000).await.ok()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.ok()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0usize;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Some(n),
+                Ok(k) => n += k,
+            }
+        }
+    });
+    let mut s = da.dial(PilotAddr::new(Addr::new(0, nb), 9000)).await.ok()?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let cpu0 = rusage_cpu();
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&chunk).await.ok()?;
+        sent += chunk.len();
+    }
+    s.shutdown().await.ok()?;
+    let got = reader.await.ok()??;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = rusage_cpu() - cpu0;
+    if got != sent {
+        eprintln!("received {got} of {sent} bytes");
+        return None;
+    }
+    drop(s);
+    a.shutdown().await;
+    b.shutdown().await;
+    Some((sent as f64 / secs / 1e6, cpu / (sent as f64 / 1e9)))
+}
+
 async fn tcp(total: usize) -> Option<f64> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
     let addr = l.local_addr().ok()?;
@@ -154,14 +218,25 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let only = std::env::var("PILOT_BENCH_ONLY").unwrap_or_default();
     rt.block_on(async {
         let mut results = Vec::new();
-        for offload in [true, false] {
-            let Some(r) = pilot(total, offload).await else {
-                eprintln!("pilot transfer failed (offload {offload})");
+        if only != "driver" {
+            for offload in [true, false] {
+                let Some(r) = pilot(total, offload).await else {
+                    eprintln!("pilot transfer failed (offload {offload})");
+                    std::process::exit(1);
+                };
+                results.push((offload, r));
+            }
+        }
+        let mut through_driver = None;
+        if only != "engine" {
+            let Some(r) = driver(total).await else {
+                eprintln!("pilot transfer through the driver failed");
                 std::process::exit(1);
             };
-            results.push((offload, r));
+            through_driver = Some(r);
         }
         let Some(base) = tcp(total).await else {
             eprintln!("tcp baseline failed");
@@ -170,6 +245,9 @@ fn main() {
         for (offload, (mbps, cpu_per_gb)) in results {
             let mode = if offload { "GSO/GRO on " } else { "GSO/GRO off" };
             println!("pilot encrypted stream, {mb} MiB one way, {mode}: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons, one process), ratio to TCP {:.3}", mbps / base);
+        }
+        if let Some((mbps, cpu_per_gb)) = through_driver {
+            println!("pilot encrypted stream, {mb} MiB one way, through the driver (IPC socket, PilotStream), GSO/GRO on: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons and agents, one process), ratio to TCP {:.3}", mbps / base);
         }
         println!("loopback TCP baseline, same bytes: {base:.1} MB/s");
     });
