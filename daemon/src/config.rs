@@ -59,14 +59,14 @@ pub struct Cli {
     #[arg(long, env = "PILOT_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Encrypt tunnels (X25519 + AES-256-GCM). [default: true]
-    #[arg(long, env = "PILOT_ENCRYPT")]
+    #[arg(long, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
     pub encrypt: Option<bool>,
     /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
-    #[arg(long, env = "PILOT_ALLOW_PLAINTEXT")]
+    #[arg(long, env = "PILOT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     pub allow_plaintext: Option<bool>,
     /// Use UDP segmentation offload (GSO/GRO) on the tunnel socket where the kernel offers it;
     /// the datagrams on the wire are the same either way. [default: true]
-    #[arg(long, env = "PILOT_UDP_OFFLOAD")]
+    #[arg(long, env = "PILOT_UDP_OFFLOAD", num_args = 0..=1, default_missing_value = "true")]
     pub udp_offload: Option<bool>,
     /// Owner string sent at registration (an e-mail address, say).
     #[arg(long, env = "PILOT_OWNER")]
@@ -75,7 +75,7 @@ pub struct Cli {
     #[arg(long, env = "PILOT_HOSTNAME")]
     pub hostname: Option<String>,
     /// Make the node public (its endpoint visible to everyone). [default: false]
-    #[arg(long, env = "PILOT_PUBLIC")]
+    #[arg(long, env = "PILOT_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
     pub public: Option<bool>,
     /// Turn off the echo service (virtual port 7, streams and datagrams). [default: on]
     #[arg(long, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
@@ -96,7 +96,7 @@ pub struct Cli {
     #[arg(long, env = "PILOT_MAX_CONNS_TOTAL")]
     pub max_conns_total: Option<usize>,
     /// Registry connection over TLS (needs --registry-fingerprint). [default: false]
-    #[arg(long, env = "PILOT_REGISTRY_TLS")]
+    #[arg(long, env = "PILOT_REGISTRY_TLS", num_args = 0..=1, default_missing_value = "true")]
     pub registry_tls: Option<bool>,
     /// SHA-256 of the registry's certificate, lowercase hex (pins the registry).
     #[arg(long, env = "PILOT_REGISTRY_FINGERPRINT")]
@@ -584,6 +584,25 @@ mod tests {
         assert!(c.encrypt && !c.allow_plaintext && !c.public);
         assert_eq!(c.keepalive, Duration::from_secs(30));
         assert_eq!(c.beacon.as_deref(), Some("127.0.0.1:9001"));
+    }
+
+    #[test]
+    fn bare_switches_mean_true() {
+        let c = cli(&[
+            "--home",
+            "/tmp/x",
+            "--public",
+            "--encrypt",
+            "false",
+            "--no-echo",
+        ])
+        .resolve()
+        .unwrap();
+        assert!(c.public && !c.encrypt && c.no_echo);
+        let c = cli(&["--home", "/tmp/x", "--public=false"])
+            .resolve()
+            .unwrap();
+        assert!(!c.public);
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub const WRITE_CREDIT: usize = 1 << 20;
 pub const READ_CHUNK: usize = 64 * 1024;
 /// Events queued per application before its connections stop being read.
 pub const APP_QUEUE: usize = 256;
+/// Events queued per connection that has a channel of its own.
+pub const CONN_QUEUE: usize = 64;
 /// Datagrams read from the socket per wakeup.
 const RECV_BATCH: usize = 64;
 /// Largest UDP datagram handled.
@@ -62,6 +64,9 @@ pub enum AppEvent {
         remote: PilotAddr,
         /// Write credit of the connection.
         credit: Arc<Semaphore>,
+        /// The connection's own events (data, close), when the port was listened with
+        /// [`EngineHandle::listen_per_conn`]; otherwise they arrive with the port's.
+        events: Option<mpsc::Receiver<AppEvent>>,
     },
     /// Bytes from a connection, in order.
     Data {
@@ -97,6 +102,9 @@ pub enum Cmd {
         port: u16,
         /// Where accepted connections and datagrams go.
         events: mpsc::Sender<AppEvent>,
+        /// Give each accepted connection a channel of its own for its data and close, so
+        /// one slow connection never holds up the port's others.
+        per_conn: bool,
         /// Result.
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -151,6 +159,13 @@ pub enum Cmd {
     Shutdown,
 }
 
+/// A listened port.
+#[derive(Debug)]
+struct Listener {
+    events: mpsc::Sender<AppEvent>,
+    per_conn: bool,
+}
+
 /// How applications reach the engine. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
@@ -189,12 +204,32 @@ impl EngineHandle {
         self.tx.send(cmd).await.map_err(|_| Stopped)
     }
 
-    /// Listens on `port`.
+    /// Listens on `port`: its connections' events and its datagrams all go to `events`.
     pub async fn listen(&self, port: u16, events: mpsc::Sender<AppEvent>) -> Result<(), String> {
+        self.listen_with(port, events, false).await
+    }
+
+    /// Listens on `port`; each accepted connection gets its own event channel (in
+    /// [`AppEvent::Accepted`]), and `events` carries new connections and datagrams.
+    pub async fn listen_per_conn(
+        &self,
+        port: u16,
+        events: mpsc::Sender<AppEvent>,
+    ) -> Result<(), String> {
+        self.listen_with(port, events, true).await
+    }
+
+    async fn listen_with(
+        &self,
+        port: u16,
+        events: mpsc::Sender<AppEvent>,
+        per_conn: bool,
+    ) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Listen {
             port,
             events,
+            per_conn,
             reply,
         })
         .await
@@ -302,7 +337,7 @@ pub struct Engine {
     link_events: mpsc::Receiver<LinkEvent>,
     conns: HashMap<ConnId, Conn>,
     by_handle: HashMap<ConnHandle, ConnId>,
-    listeners: HashMap<u16, mpsc::Sender<AppEvent>>,
+    listeners: HashMap<u16, Listener>,
     next_conn: ConnId,
     resolving: HashSet<u32>,
     looking_up: HashSet<u32>,
@@ -574,7 +609,7 @@ impl Engine {
                 }
             }
             Incoming::Datagram(d) => {
-                if let Some(events) = self.listeners.get(&d.dst_port) {
+                if let Some(Listener { events, .. }) = self.listeners.get(&d.dst_port) {
                     let _ = events.try_send(AppEvent::Datagram {
                         src: d.src,
                         dst_port: d.dst_port,
@@ -590,21 +625,29 @@ impl Engine {
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
             while let Some(h) = self.endpoint.accept(port) {
-                let Some(events) = self.listeners.get(&port).cloned() else {
+                let Some(l) = self.listeners.get(&port) else {
                     break;
                 };
+                let (events, own) = if l.per_conn {
+                    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+                    (tx, Some(rx))
+                } else {
+                    (l.events.clone(), None)
+                };
+                let port_events = l.events.clone();
                 let remote = match self.endpoint.connection(h) {
                     Some(c) => c.remote(),
                     None => continue,
                 };
                 let id = self.alloc_id();
                 let credit = Arc::new(Semaphore::new(WRITE_CREDIT));
-                if events
+                if port_events
                     .try_send(AppEvent::Accepted {
                         port,
                         conn: id,
                         remote,
                         credit: credit.clone(),
+                        events: own,
                     })
                     .is_err()
                 {
@@ -767,6 +810,7 @@ impl Engine {
             Cmd::Listen {
                 port,
                 events,
+                per_conn,
                 reply,
             } => {
                 let r = if self.listeners.contains_key(&port) {
@@ -775,7 +819,7 @@ impl Engine {
                     self.endpoint
                         .listen(port, None)
                         .map(|()| {
-                            self.listeners.insert(port, events);
+                            self.listeners.insert(port, Listener { events, per_conn });
                         })
                         .map_err(|e| e.to_string())
                 };

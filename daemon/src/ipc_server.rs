@@ -953,6 +953,7 @@ impl ClientCtx {
                     conn,
                     remote,
                     credit,
+                    ..
                 } => {
                     if !alive || !self.adopt(conn, credit.clone()) {
                         let _ = self.engine().send(Cmd::Close { conn }).await;

@@ -117,3 +117,58 @@ async fn echo_can_be_turned_off() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_streams_carry_bytes_both_ways_and_a_slow_one_holds_up_no_other() {
+    use pilotd::local::{dial, LocalListener};
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&reg, &dir.path().join("a"), true).await;
+    let b = node(&reg, &dir.path().join("b"), true).await;
+    let na = a.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let mut l = LocalListener::bind(&b.daemon.engine, 900).await.unwrap();
+    let dst = PilotAddr::new(Addr::new(0, nb), 900);
+
+    // A connection whose data the service never reads.
+    let mut stuck = dial(&a.daemon.engine, dst).await.unwrap();
+    let (_stuck_server, _) = l.accept().await.unwrap();
+    let filler = tokio::spawn(async move {
+        let junk = vec![1u8; 1 << 20];
+        for _ in 0..8 {
+            if stuck.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        stuck
+    });
+
+    // Another connection on the same port still works: 2 MB up, reversed and back.
+    let mut c = dial(&a.daemon.engine, dst).await.unwrap();
+    let (mut s, remote) = l.accept().await.unwrap();
+    assert_eq!(remote.addr.node, na);
+    let sent: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    let server = tokio::spawn(async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got.reverse();
+        s.write_all(&got).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        c.write_all(&sent).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        got
+    })
+    .await
+    .expect("second connection held up by the first");
+    server.await.unwrap();
+    let mut want = sent.clone();
+    want.reverse();
+    assert!(got == want, "bytes differ");
+    filler.abort();
+    a.shutdown().await;
+    b.shutdown().await;
+}
