@@ -4,6 +4,7 @@
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod events;
 pub mod ipc_server;
 pub mod local;
 pub mod node;

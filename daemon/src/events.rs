@@ -1,0 +1,103 @@
+//! The daemon's event feed: what happened (registered, connection, trust, message, file,
+//! pub/sub, ...) as named JSON events, for the webhook poster (v1 wire §8.8) and anything
+//! else that listens.
+//!
+//! Emitting never blocks and never fails: events go into a bounded queue, and when it is full
+//! (or nothing listens) they are dropped and counted. So the packet path and the services can
+//! emit freely.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Events queued for the listener before new ones are dropped (v1 queues 1024).
+pub const EVENT_QUEUE: usize = 1024;
+
+/// One event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Its name, v1 style: `node.registered`, `message.received`, `pubsub.published`, ...
+    pub name: &'static str,
+    /// When it happened.
+    pub at: SystemTime,
+    /// Its fields, if any.
+    pub data: Option<Value>,
+}
+
+/// Where events are emitted. Cheap to clone; a default value drops everything.
+#[derive(Debug, Clone, Default)]
+pub struct Events {
+    tx: Option<mpsc::Sender<Event>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Events {
+    /// A feed and the receiving end of its queue.
+    pub fn channel() -> (Events, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        (
+            Events {
+                tx: Some(tx),
+                dropped: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Emits an event with fields.
+    pub fn emit(&self, name: &'static str, data: Value) {
+        self.push(Event {
+            name,
+            at: SystemTime::now(),
+            data: Some(data),
+        });
+    }
+
+    /// Emits an event without fields.
+    pub fn emit_bare(&self, name: &'static str) {
+        self.push(Event {
+            name,
+            at: SystemTime::now(),
+            data: None,
+        });
+    }
+
+    fn push(&self, ev: Event) {
+        let sent = match &self.tx {
+            Some(tx) => tx.try_send(ev).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped so far because the queue was full or nothing listened.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let (ev, mut rx) = Events::channel();
+        for _ in 0..EVENT_QUEUE + 5 {
+            ev.emit("x.y", serde_json::json!({"n": 1}));
+        }
+        assert_eq!(ev.dropped(), 5);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(first.name, "x.y");
+        assert_eq!(first.data, Some(serde_json::json!({"n": 1})));
+        let off = Events::default();
+        off.emit_bare("node.deregistered");
+        assert_eq!(off.dropped(), 1);
+    }
+}
