@@ -142,6 +142,8 @@ pub struct Datagram {
 enum StreamEvent {
     Data(Vec<u8>),
     Eof,
+    /// The connection failed; no clean EOF follows.
+    Failed(String),
 }
 
 struct StreamEntry {
@@ -259,6 +261,7 @@ impl Inner {
             buf: Vec::new(),
             pos: 0,
             eof: false,
+            failed: None,
             reserve: None,
             write_closed: false,
         }
@@ -305,14 +308,18 @@ impl Driver {
         let state = Arc::new(Mutex::new(State::default()));
         tokio::spawn(write_loop(wr, out_rx));
         let demux = tokio::spawn(demux(rd, state.clone(), out.clone(), dg_tx));
-        Ok(Driver {
+        let d = Driver {
             inner: Arc::new(Inner {
                 out,
                 state,
                 datagrams: tokio::sync::Mutex::new(dg_rx),
                 demux,
             }),
-        })
+        };
+        // Ask to hear of failed connections. A daemon without the extension answers with an
+        // error; its failures then read as EOF, as in v1.
+        let _ = d.ext(&ExtRequest::ConnErrors).await;
+        Ok(d)
     }
 
     /// Opens a stream connection to `addr`. Errors carry the daemon's text, e.g.
@@ -478,6 +485,8 @@ pub struct PilotStream {
     buf: Vec<u8>,
     pos: usize,
     eof: bool,
+    /// Why the connection failed, once the daemon said so.
+    failed: Option<String>,
     /// A pending wait for room in the socket queue; the mutex only makes the stream `Sync`
     /// (it is reached through `&mut self`, never locked).
     reserve: Option<Mutex<ReserveFuture>>,
@@ -537,6 +546,9 @@ impl AsyncRead for PilotStream {
                 this.pos += n;
                 return Poll::Ready(Ok(()));
             }
+            if let Some(why) = &this.failed {
+                return Poll::Ready(Err(failed(why)));
+            }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
@@ -547,6 +559,10 @@ impl AsyncRead for PilotStream {
                     this.pos = 0;
                 }
                 Poll::Ready(Some(StreamEvent::Eof)) => this.eof = true,
+                Poll::Ready(Some(StreamEvent::Failed(why))) => {
+                    this.eof = true;
+                    this.failed = Some(why);
+                }
                 Poll::Ready(None) => {
                     this.eof = true;
                     if lock(&this.inner.state).dead.is_some() {
@@ -556,6 +572,13 @@ impl AsyncRead for PilotStream {
             }
         }
     }
+}
+
+fn failed(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("connection failed: {why}"),
+    )
 }
 
 impl AsyncWrite for PilotStream {
@@ -732,6 +755,18 @@ async fn route(
             if let Some(tx) = tx {
                 let _ = tx.send(StreamEvent::Data(data.to_vec())).await;
             }
+        }
+        Message::ConnFailed { conn_id, reason } => {
+            let tx = {
+                let mut s = lock(state);
+                let Some(e) = s.streams.get_mut(&conn_id) else {
+                    return;
+                };
+                // The CloseOk that follows is not a clean EOF; the stream ends here.
+                e.eof = true;
+                e.tx.clone()
+            };
+            let _ = tx.send(StreamEvent::Failed(reason.to_owned())).await;
         }
         Message::CloseOk { conn_id } => {
             let tx = {

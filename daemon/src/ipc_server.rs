@@ -399,6 +399,8 @@ struct ConnSlot {
 #[derive(Default)]
 struct ClientState {
     closed: bool,
+    /// The client asked for [`Message::ConnFailed`] reports.
+    conn_errors: bool,
     conns: HashMap<ConnId, ConnSlot>,
     ports: HashSet<u16>,
 }
@@ -903,6 +905,25 @@ impl ClientCtx {
         }
     }
 
+    /// Tells the client a connection's receive side ended: CloseOk, preceded by ConnFailed
+    /// when it failed and the client asked to know.
+    async fn closed(&self, alive: &mut bool, conn: ConnId, error: Option<&str>) {
+        if let Some(reason) = error {
+            if lock(&self.state).conn_errors {
+                self.push(
+                    alive,
+                    encode(&Message::ConnFailed {
+                        conn_id: conn,
+                        reason,
+                    }),
+                )
+                .await;
+            }
+        }
+        self.push(alive, encode(&Message::CloseOk { conn_id: conn }))
+            .await;
+    }
+
     /// Forwards a dialed connection's events once its DialOk is queued.
     async fn forward_conn(
         self,
@@ -928,8 +949,7 @@ impl ClientCtx {
                         // Failed or reset: queued writes can never go.
                         credit.close();
                     }
-                    self.push(&mut alive, encode(&Message::CloseOk { conn_id: conn }))
-                        .await;
+                    self.closed(&mut alive, conn, error.as_deref()).await;
                 }
                 AppEvent::Accepted { conn, .. } => {
                     let _ = self.engine().send(Cmd::Close { conn }).await;
@@ -986,8 +1006,7 @@ impl ClientCtx {
                             c.close();
                         }
                     }
-                    self.push(&mut alive, encode(&Message::CloseOk { conn_id: conn }))
-                        .await;
+                    self.closed(&mut alive, conn, error.as_deref()).await;
                 }
                 AppEvent::Datagram {
                     src,
@@ -1327,6 +1346,10 @@ impl ClientCtx {
                     node_id: me,
                     enabled,
                 })
+            }
+            ExtRequest::ConnErrors => {
+                lock(&self.state).conn_errors = true;
+                Ok(json!({"conn_errors": true}))
             }
         }
     }

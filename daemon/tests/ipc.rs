@@ -618,3 +618,52 @@ async fn a_peer_that_stops_reading_stalls_only_its_connection() {
     held.abort();
     writer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_reads_as_an_error_not_as_eof() {
+    use pilotd::engine::{AppEvent, Cmd};
+    let (_dir, a, b) = pair().await;
+    // B accepts on port 77 and resets every connection once its first bytes arrive.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    b.daemon.engine.listen(77, tx).await.unwrap();
+    let engine = b.daemon.engine.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if let AppEvent::Data { conn, .. } = ev {
+                engine.send(Cmd::Abort { conn }).await.unwrap();
+            }
+        }
+    });
+    let d = Driver::connect(&a.sock).await.unwrap();
+    let mut s = d
+        .dial(PilotAddr::new(Addr::new(0, b.id), 77))
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut buf = Vec::new();
+    let r = timeout(T, s.read_to_end(&mut buf)).await.unwrap();
+    let e = r.expect_err("a reset must not read as a clean EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    // A raw v1 client that never asked sees only CloseOk, as v1 sends.
+    let mut raw = UnixStream::connect(&a.sock).await.unwrap();
+    send(
+        &mut raw,
+        Message::Dial {
+            dst: PilotAddr::new(Addr::new(0, b.id), 77),
+        },
+    )
+    .await;
+    let (c, p) = read_frame(&mut raw).await.unwrap();
+    assert_eq!(c, ipc::cmd::DIAL_OK);
+    let conn_id = u32::from_be_bytes(p[..4].try_into().unwrap());
+    send(
+        &mut raw,
+        Message::Send {
+            conn_id,
+            data: b"x",
+        },
+    )
+    .await;
+    let (c, _) = timeout(T, read_frame(&mut raw)).await.unwrap().unwrap();
+    assert_eq!(c, ipc::cmd::CLOSE_OK);
+}

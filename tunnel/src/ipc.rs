@@ -52,6 +52,8 @@
 //! 0x1E SetTaskExecOk   JSON (the registry's `set_task_exec_ok`)
 //! 0x40 Ext             JSON, see [`ExtRequest`]      (extension)
 //! 0x41 ExtOk           JSON, see [`ExtReply`]        (extension)
+//! 0x42 ConnFailed      [u32 conn][UTF-8 reason]      (extension, unsolicited; only to a
+//!                      client that sent ExtRequest::ConnErrors)
 //! ```
 //!
 //! # Strictness
@@ -158,6 +160,9 @@ pub mod cmd {
     pub const EXT: u8 = 0x40;
     /// Extension reply: a JSON [`ExtReply`](super::ExtReply).
     pub const EXT_OK: u8 = 0x41;
+    /// Extension, unsolicited: a connection failed (reset, timed out); the CloseOk that
+    /// follows is not a clean EOF.
+    pub const CONN_FAILED: u8 = 0x42;
 
     /// The name of a command byte, for logs; `None` for bytes no command uses.
     pub fn name(cmd: u8) -> Option<&'static str> {
@@ -194,6 +199,7 @@ pub mod cmd {
             SET_TASK_EXEC_OK => "SetTaskExecOk",
             EXT => "Ext",
             EXT_OK => "ExtOk",
+            CONN_FAILED => "ConnFailed",
             _ => return None,
         })
     }
@@ -595,6 +601,14 @@ pub enum Message<'a> {
         /// The JSON bytes.
         json: &'a [u8],
     },
+    /// d→c 0x42 (extension, unsolicited): the connection failed; sent just before its
+    /// CloseOk, and only to clients that asked with [`ExtRequest::ConnErrors`].
+    ConnFailed {
+        /// The connection.
+        conn_id: u32,
+        /// Why.
+        reason: &'a str,
+    },
 }
 
 /// A bounds-checked cursor over a payload.
@@ -756,6 +770,10 @@ impl<'a> Message<'a> {
             cmd::SET_TASK_EXEC_OK => Message::SetTaskExecOk { json: r.rest() },
             cmd::EXT => Message::Ext { json: r.rest() },
             cmd::EXT_OK => Message::ExtOk { json: r.rest() },
+            cmd::CONN_FAILED => Message::ConnFailed {
+                conn_id: r.u32()?,
+                reason: r.text()?,
+            },
             other => return Err(ParseError::UnknownCommand(other)),
         };
         r.end()?;
@@ -797,6 +815,7 @@ impl<'a> Message<'a> {
             Message::SetTaskExecOk { .. } => cmd::SET_TASK_EXEC_OK,
             Message::Ext { .. } => cmd::EXT,
             Message::ExtOk { .. } => cmd::EXT_OK,
+            Message::ConnFailed { .. } => cmd::CONN_FAILED,
         }
     }
 
@@ -810,6 +829,7 @@ impl<'a> Message<'a> {
             Message::Accept { .. } => 2 + 4 + SA,
             Message::Send { data, .. } | Message::Recv { data, .. } => 4 + data.len(),
             Message::Error { message, .. } => 2 + message.len(),
+            Message::ConnFailed { reason, .. } => 4 + reason.len(),
             Message::SendTo { data, .. } => SA + data.len(),
             Message::RecvFrom { data, .. } => SA + 2 + data.len(),
             Message::Info | Message::Deregister => 0,
@@ -870,6 +890,10 @@ impl<'a> Message<'a> {
             Message::Error { code, message } => {
                 out.extend_from_slice(&code.to_be_bytes());
                 out.extend_from_slice(message.as_bytes());
+            }
+            Message::ConnFailed { conn_id, reason } => {
+                out.extend_from_slice(&conn_id.to_be_bytes());
+                out.extend_from_slice(reason.as_bytes());
             }
             Message::SendTo { dst, data } => {
                 sa(out, &dst);
@@ -1339,6 +1363,11 @@ pub enum ExtRequest {
         /// On or off.
         enabled: bool,
     },
+    /// From now on, tell this client when one of its connections fails (reset, timed out,
+    /// refused) with [`Message::ConnFailed`] just before the connection's CloseOk, so a failure
+    /// is not mistaken for a clean EOF. v1 clients never send it and never get one. Reply:
+    /// `{"conn_errors": true}`.
+    ConnErrors,
 }
 
 impl ExtRequest {
@@ -1370,6 +1399,7 @@ impl ExtRequest {
         "set_hostname",
         "set_webhook",
         "set_task_exec",
+        "conn_errors",
     ];
 
     /// Decodes a request, classifying failures the way the reply should: an unknown `op` is
@@ -1430,6 +1460,7 @@ impl ExtRequest {
             ExtRequest::SetHostname { .. } => "set_hostname",
             ExtRequest::SetWebhook { .. } => "set_webhook",
             ExtRequest::SetTaskExec { .. } => "set_task_exec",
+            ExtRequest::ConnErrors => "conn_errors",
         }
     }
 }
@@ -1731,7 +1762,7 @@ mod tests {
 
     #[test]
     fn every_op_is_listed() {
-        assert_eq!(ExtRequest::OPS.len(), 26);
+        assert_eq!(ExtRequest::OPS.len(), 27);
         assert!(ExtRequest::OPS.contains(&ExtRequest::RotateKey.op()));
     }
 

@@ -180,6 +180,13 @@ fn golden() -> Vec<(Message<'static>, Vec<u8>)> {
             },
             frame(0x41, br#"{"status":"ok","data":{}}"#),
         ),
+        (
+            Message::ConnFailed {
+                conn_id: 7,
+                reason: "reset",
+            },
+            frame(0x42, b"\0\0\0\x07reset"),
+        ),
     ]
 }
 
@@ -188,6 +195,7 @@ fn fixed_len(m: &Message<'_>) -> usize {
     match m {
         Message::Send { .. } | Message::Recv { .. } => 4,
         Message::Error { .. } => 2,
+        Message::ConnFailed { .. } => 4,
         Message::SendTo { .. } => 8,
         Message::RecvFrom { .. } => 10,
         Message::Handshake(HandshakeOp::Request { .. } | HandshakeOp::Reject { .. }) => 5,
@@ -676,6 +684,7 @@ fn every_ext_request() -> Vec<ExtRequest> {
         },
         ExtRequest::SetWebhook { url: "".into() },
         ExtRequest::SetTaskExec { enabled: true },
+        ExtRequest::ConnErrors,
     ]
 }
 
@@ -844,7 +853,7 @@ fn error_codes_are_distinct() {
 // ---------------------------------------------------------------------------------------------
 
 /// Number of distinct message shapes [`build`] makes (every variant, every handshake op).
-const KINDS: u8 = 37;
+const KINDS: u8 = 38;
 
 /// Builds message shape `kind` from generated fields.
 fn build<'a>(
@@ -911,6 +920,10 @@ fn build<'a>(
         },
         34 => Message::SetTaskExecOk { json: data },
         35 => Message::Ext { json: data },
+        36 => Message::ConnFailed {
+            conn_id: c,
+            reason: text,
+        },
         _ => Message::ExtOk { json: data },
     }
 }
