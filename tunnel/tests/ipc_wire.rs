@@ -224,7 +224,7 @@ fn golden_bytes_for_every_command() {
     let mut seen: Vec<u8> = table.iter().map(|(m, _)| m.cmd()).collect();
     seen.dedup();
     let mut expected: Vec<u8> = (0x01..=0x1E).collect();
-    expected.extend([cmd::EXT, cmd::EXT_OK]);
+    expected.extend([cmd::EXT, cmd::EXT_OK, cmd::CONN_FAILED]);
     assert_eq!(
         seen, expected,
         "the table covers every command once, in order"
@@ -308,6 +308,7 @@ fn fixed_payloads_refuse_trailing_bytes() {
             Message::Send { .. }
                 | Message::Recv { .. }
                 | Message::Error { .. }
+                | Message::ConnFailed { .. }
                 | Message::SendTo { .. }
                 | Message::RecvFrom { .. }
                 | Message::Handshake(HandshakeOp::Request { .. } | HandshakeOp::Reject { .. })
@@ -334,7 +335,7 @@ fn fixed_payloads_refuse_trailing_bytes() {
 
 #[test]
 fn unknown_commands_and_sub_commands() {
-    for c in [0x00, 0x1F, 0x20, 0x2B, 0x3F, 0x42, 0x7F, 0x80, 0xFF] {
+    for c in [0x00, 0x1F, 0x20, 0x2B, 0x3F, 0x43, 0x7F, 0x80, 0xFF] {
         assert_eq!(Message::parse(c, b"x"), Err(ParseError::UnknownCommand(c)));
         assert_eq!(cmd::name(c), None);
     }
