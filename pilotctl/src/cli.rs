@@ -249,16 +249,16 @@ pub enum Command {
     },
 
     /// Send one message to a port: as a datagram, or over a stream connection.
+    /// Send raw bytes to any port of a peer, over a stream or as one datagram.
     #[command(
-        name = "send-message",
         after_help = "The message is the MESSAGE argument, else stdin. Over a stream (the \
                       default), the connection is half-closed after the message and the \
                       peer's reply is read until it closes or --timeout passes; --no-wait \
                       skips the reply. --datagram sends one unreliable datagram instead.\n\n\
-                      Example:\n  pilotctl send-message bob:5000 \"hello\"\n  pilotctl \
-                      send-message 42 5000 --datagram \"hello\""
+                      Example:\n  pilotctl send bob:5000 \"hello\"\n  pilotctl \
+                      send 42 5000 --datagram \"hello\""
     )]
-    SendMessage {
+    Send {
         /// PEER:PORT, or PEER (address, node ID or hostname).
         target: String,
         /// The port when TARGET has none, then the message.
@@ -318,6 +318,42 @@ pub enum Command {
     /// Remove this node from the registry; the daemon keeps running.
     #[command(after_help = "Example:\n  pilotctl deregister")]
     Deregister,
+
+    /// Register the node with the registry again (after `deregister`), under its identity.
+    #[command(after_help = "Example:\n  pilotctl register")]
+    Register,
+
+    /// Replace the node's identity key; the registry accepts the new key because the current
+    /// one signs the change. The address stays the same.
+    #[command(
+        name = "rotate-key",
+        after_help = "Peers that trusted the old key see the new one on their next lookup.\n\n\
+                      Example:\n  pilotctl rotate-key"
+    )]
+    RotateKey,
+
+    /// Measure connection setup and echo round trips to a peer (port 7), and show the path.
+    #[command(
+        after_help = "Opens one connection to the peer's echo service (the setup time is \
+                      the tunnel and stream handshake), sends --count probes on it, and \
+                      reports each round trip and whether the path is direct or \
+                      relayed.\n\nExample:\n  pilotctl traceroute bob"
+    )]
+    Traceroute {
+        peer: String,
+        #[arg(long, short = 'c', default_value_t = 3)]
+        count: u32,
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        timeout: Duration,
+    },
+
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  pilotctl completions bash > /etc/bash_completion.d/pilotctl\n  \
+                      pilotctl completions zsh > \"${fpath[1]}/_pilotctl\"\n  pilotctl \
+                      completions fish > ~/.config/fish/completions/pilotctl.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
 
     /// Networks: list, create, join, leave, invite.
     #[command(

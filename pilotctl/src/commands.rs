@@ -28,7 +28,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CAPTURE: usize = 16 << 20;
 /// Most bytes read from one stream connection by `listen`.
 const MAX_STREAM_MESSAGE: usize = 1 << 20;
-/// Most bytes read from stdin for `send-message`.
+/// Most bytes read from stdin for `send`.
 const MAX_STDIN_MESSAGE: u64 = 16 << 20;
 /// Bytes per write in `bench`.
 const BENCH_CHUNK: usize = 256 * 1024;
@@ -84,7 +84,7 @@ pub(crate) async fn execute(
             message,
             timeout,
         } => connect(&ctx, &target, port, message, timeout, stdin, stdout).await,
-        Command::SendMessage {
+        Command::Send {
             target,
             rest,
             datagram,
@@ -110,6 +110,14 @@ pub(crate) async fn execute(
             timeout,
         } => bench(&ctx, &peer, size, port, timeout).await,
         Command::Deregister => deregister(&ctx).await,
+        Command::Register => register(&ctx).await,
+        Command::RotateKey => rotate_key(&ctx).await,
+        Command::Traceroute {
+            peer,
+            count,
+            timeout,
+        } => traceroute(&ctx, &peer, count, timeout).await,
+        Command::Completions { shell } => completions(shell, stdout),
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
             let url = if clear {
@@ -128,7 +136,7 @@ pub(crate) async fn execute(
 // Daemon access
 // ---------------------------------------------------------------------------------------------
 
-struct Ctx {
+pub(crate) struct Ctx {
     socket: PathBuf,
     json: bool,
 }
@@ -511,6 +519,33 @@ async fn deregister(ctx: &Ctx) -> Result<Output, CtlError> {
             r.node_id
         ),
     ))
+}
+
+async fn register(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Register).await?;
+    let r: ipc::RegisterReply = decode(&v)?;
+    Ok(output(
+        v,
+        format!("Registered as node {} ({})", r.node_id, r.address),
+    ))
+}
+
+async fn rotate_key(ctx: &Ctx) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::RotateKey).await?;
+    let r: ipc::RotateKeyReply = decode(&v)?;
+    Ok(output(
+        v,
+        format!("Node {} now has the key {}", r.node_id, r.public_key),
+    ))
+}
+
+fn completions(shell: clap_complete::Shell, stdout: Stdout<'_>) -> Result<Output, CtlError> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "pilotctl", stdout);
+    Ok(Output::default())
 }
 
 async fn webhook(ctx: &Ctx, url: String) -> Result<Output, CtlError> {
@@ -1274,6 +1309,100 @@ async fn listen(
     ))
 }
 
+/// One connection to the peer's echo port: its setup time, then `count` probes on it.
+async fn traceroute(
+    ctx: &Ctx,
+    peer: &str,
+    count: u32,
+    timeout: Duration,
+) -> Result<Output, CtlError> {
+    if count == 0 || count > 100 {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be between 1 and 100",
+        ));
+    }
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, 7);
+    let t0 = Instant::now();
+    let mut stream = timed(timeout, &format!("connect to {dst}"), d.dial(dst)).await?;
+    let setup = t0.elapsed();
+    let mut samples = Vec::new();
+    let mut text = format!(
+        "traceroute to {} ({dst})
+  setup  {:.3} ms
+",
+        peer.label(),
+        ms(setup)
+    );
+    for i in 0..count {
+        let probe = format!("pilot traceroute {i}");
+        let t = Instant::now();
+        let r = tokio::time::timeout(timeout, async {
+            stream.write_all(probe.as_bytes()).await?;
+            let mut back = vec![0u8; probe.len()];
+            stream.read_exact(&mut back).await?;
+            Ok::<_, io::Error>(back == probe.as_bytes())
+        })
+        .await;
+        match r {
+            Ok(Ok(true)) => {
+                let rtt = ms(t.elapsed());
+                let _ = writeln!(text, "  probe {i}  {rtt:.3} ms");
+                samples.push(json!({"seq": i, "rtt_ms": rtt, "bytes": probe.len()}));
+            }
+            Ok(Ok(false)) => {
+                return Err(CtlError::new(
+                    code::BAD_REPLY,
+                    format!("port 7 of {} answered with other bytes", peer.label()),
+                ))
+            }
+            Ok(Err(e)) => return Err(io_error("probe", e)),
+            Err(_) => {
+                let _ = writeln!(text, "  probe {i}  timeout");
+                samples.push(json!({"seq": i, "error": "timeout"}));
+            }
+        }
+    }
+    drop(stream);
+    let path = path_of(&d, peer.node()).await;
+    let _ = write!(text, "  path   {path}");
+    let data = json!({
+        "target": peer.label(),
+        "address": peer.addr.to_string(),
+        "setup_ms": ms(setup),
+        "rtt_samples": samples,
+        "path": path,
+    });
+    Ok(output(data, text))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// "direct" or "relayed" for a tunnel peer, "unknown" when the daemon does not list it.
+async fn path_of(d: &Driver, node: u32) -> &'static str {
+    let Ok(v) = ext(
+        d,
+        ExtRequest::Peers {
+            search: Some(node.to_string()),
+        },
+    )
+    .await
+    else {
+        return "unknown";
+    };
+    let Ok(r) = decode::<ipc::PeersReply>(&v) else {
+        return "unknown";
+    };
+    match r.peers.iter().find(|p| p.node_id == node) {
+        Some(p) if p.relay => "relayed",
+        Some(_) => "direct",
+        None => "unknown",
+    }
+}
+
 async fn bench(
     ctx: &Ctx,
     peer: &str,
@@ -1294,12 +1423,19 @@ async fn bench(
         let (mut rd, mut wr) = tokio::io::split(stream);
         let t0 = Instant::now();
         let chunk = vec![0x5Au8; BENCH_CHUNK];
+        let bar = progress_bar(ctx, size, "sent");
         let up = async {
             let mut left = size;
             while left > 0 {
                 let n = usize::try_from(left).unwrap_or(usize::MAX).min(BENCH_CHUNK);
                 wr.write_all(chunk.get(..n).unwrap_or_default()).await?;
                 left -= n as u64;
+                if let Some(b) = &bar {
+                    b.inc(n as u64);
+                }
+            }
+            if let Some(b) = &bar {
+                b.finish_and_clear();
             }
             let send_time = t0.elapsed();
             wr.shutdown().await?;
@@ -1375,6 +1511,26 @@ async fn bench(
 // ---------------------------------------------------------------------------------------------
 // Formatting
 // ---------------------------------------------------------------------------------------------
+
+/// A progress bar on stderr for `total` bytes, only for people: not with `--json` and not
+/// when stderr is not a terminal.
+pub(crate) fn progress_bar(ctx: &Ctx, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if ctx.json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} (eta {eta})",
+    )
+    .ok()?;
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    Some(bar)
+}
 
 fn yes_no(b: bool) -> &'static str {
     if b {

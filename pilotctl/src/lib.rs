@@ -101,7 +101,7 @@ impl std::error::Error for CtlError {}
 
 /// The standard streams a command uses. Tests pass buffers.
 pub struct Io<'a> {
-    /// Input for `connect` and `send-message` without a message argument.
+    /// Input for `connect` and `send` without a message argument.
     pub stdin: Box<dyn AsyncRead + Unpin + Send + 'a>,
     /// Results.
     pub stdout: &'a mut (dyn Write + Send),

@@ -4,7 +4,9 @@
 use std::process::Command as Process;
 
 use clap::{CommandFactory, Parser};
-use pilotctl::{run_captured, Cli, Command, NetworksCmd, ERROR_CODES, EXIT_ERROR, EXIT_USAGE};
+use pilotctl::{
+    run_captured, Cli, Command, NetworksCmd, ERROR_CODES, EXIT_ERROR, EXIT_OK, EXIT_USAGE,
+};
 use serde_json::Value;
 
 const NO_SOCKET: &str = "/nonexistent-pilot-dir/pilotd.sock";
@@ -92,8 +94,8 @@ fn commands_parse() {
         }
     ));
     assert!(matches!(
-        parse(&["send-message", "bob:5000", "hi", "--datagram"]).command,
-        Command::SendMessage { datagram: true, ref rest, .. } if rest == &["hi".to_owned()]
+        parse(&["send", "bob:5000", "hi", "--datagram"]).command,
+        Command::Send { datagram: true, ref rest, .. } if rest == &["hi".to_owned()]
     ));
     assert!(Cli::try_parse_from(["pilotctl", "webhook"]).is_err());
 }
@@ -172,7 +174,7 @@ async fn bad_address_is_reported_before_the_daemon_is_asked() {
     let out = run_captured(&["--json", "--socket", NO_SOCKET, "connect", "bob"]).await;
     // The default port applies, so this one reaches the (absent) daemon.
     assert_eq!(out.json()["code"], "daemon_down");
-    let out = run_captured(&["--json", "--socket", NO_SOCKET, "send-message", "bob"]).await;
+    let out = run_captured(&["--json", "--socket", NO_SOCKET, "send", "bob"]).await;
     assert_eq!(out.json()["code"], "bad_address");
 }
 
@@ -209,4 +211,15 @@ fn binary_reports_daemon_down() {
     assert_eq!(v["status"], "error");
     assert_eq!(v["code"], "daemon_down");
     assert!(v["message"].as_str().unwrap().contains(NO_SOCKET));
+}
+
+#[tokio::test]
+async fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run_captured(&["completions", shell]).await;
+        assert_eq!(out.status, EXIT_OK, "{shell}: {}", out.stderr);
+        assert!(out.stdout.contains("traceroute"), "{shell}");
+    }
+    let out = run_captured(&["completions", "tcsh"]).await;
+    assert_eq!(out.status, EXIT_USAGE);
 }

@@ -206,6 +206,16 @@ async fn ping_peers_bench_connect_and_messages() {
     }
     assert_eq!(ping["summary"]["received"], 2);
 
+    let tr = a.ok(&["traceroute", &b.addr(), "--count", "3"]).await;
+    assert!(tr["setup_ms"].as_f64().unwrap() > 0.0, "{tr}");
+    let samples = tr["rtt_samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3);
+    assert!(
+        samples.iter().all(|s| s["rtt_ms"].as_f64().unwrap() > 0.0),
+        "{tr}"
+    );
+    assert_eq!(tr["path"], "direct");
+
     let peers = a.ok(&["peers"]).await;
     let list = peers["peers"].as_array().unwrap();
     let p = list.iter().find(|p| p["node_id"] == b.id).unwrap();
@@ -290,7 +300,7 @@ async fn ping_peers_bench_connect_and_messages() {
     assert!(conns["total"].as_u64().unwrap() >= 1, "{conns}");
 
     let sent = a
-        .ok(&["send-message", &format!("{}:7", b.addr()), "stream hello"])
+        .ok(&["send", &format!("{}:7", b.addr()), "stream hello"])
         .await;
     assert_eq!(sent["mode"], "stream");
     assert_eq!(sent["reply"], "stream hello");
@@ -315,8 +325,7 @@ async fn ping_peers_bench_connect_and_messages() {
     let target = format!("{}:5000", b.addr());
     let t0 = Instant::now();
     while !listener.is_finished() && t0.elapsed() < Duration::from_secs(30) {
-        a.ok(&["send-message", &target, "--datagram", "dgram hi"])
-            .await;
+        a.ok(&["send", &target, "--datagram", "dgram hi"]).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let out = listener.await.unwrap();
@@ -347,7 +356,7 @@ async fn ping_peers_bench_connect_and_messages() {
     let target = format!("{}:5001", b.addr());
     eventually("a stream message to be delivered", || async {
         let out = a
-            .ctl(&["send-message", &target, "over a stream", "--no-wait"])
+            .ctl(&["send", &target, "over a stream", "--no-wait"])
             .await;
         out.status == 0
     })
