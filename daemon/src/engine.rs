@@ -28,6 +28,7 @@ use tunnel::stream::{
 };
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
+use crate::events::Events;
 use crate::registry_link::{LinkCmd, LinkEvent};
 use crate::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
 use crate::udp;
@@ -166,6 +167,16 @@ struct Listener {
     per_conn: bool,
 }
 
+/// Emits a connection's end as a webhook event.
+fn emit_closed(events: &Events, name: &'static str, conn: &tunnel::stream::Connection, id: ConnId) {
+    let (local, remote) = (conn.local(), conn.remote());
+    events.emit(
+        name,
+        json!({"remote_addr": remote.addr.to_string(), "remote_port": remote.port,
+               "local_port": local.port, "conn_id": id}),
+    );
+}
+
 /// How applications reach the engine. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
@@ -295,6 +306,8 @@ pub struct EngineConfig {
     pub endpoint_override: Option<SocketAddr>,
     /// Use UDP segmentation offload (GSO/GRO) where the kernel offers it.
     pub offload: bool,
+    /// Where node, connection and datagram events go (webhooks).
+    pub events: Events,
 }
 
 struct Conn {
@@ -609,6 +622,11 @@ impl Engine {
                 }
             }
             Incoming::Datagram(d) => {
+                self.config.events.emit(
+                    "data.datagram",
+                    json!({"src_addr": d.src.addr.to_string(), "src_port": d.src.port,
+                           "dst_port": d.dst_port, "size": d.data.len()}),
+                );
                 if let Some(Listener { events, .. }) = self.listeners.get(&d.dst_port) {
                     let _ = events.try_send(AppEvent::Datagram {
                         src: d.src,
@@ -656,6 +674,11 @@ impl Engine {
                     }
                     continue;
                 }
+                self.config.events.emit(
+                    "conn.established",
+                    json!({"src_addr": remote.addr.to_string(), "src_port": remote.port,
+                           "dst_port": port, "conn_id": id}),
+                );
                 self.by_handle.insert(h, id);
                 self.conns.insert(
                     id,
@@ -762,6 +785,7 @@ impl Engine {
                 let mut data = vec![0u8; n.max(1)];
                 match conn.read(&mut data) {
                     Ok(0) => {
+                        emit_closed(&self.config.events, "conn.fin", &conn, id);
                         permit.send(AppEvent::Closed {
                             conn: id,
                             error: None,
@@ -775,6 +799,12 @@ impl Engine {
                     }
                     Err(ReadError::Blocked) => break,
                     Err(ReadError::Failed(e)) => {
+                        let name = if e.to_string().contains("idle") {
+                            "conn.idle_timeout"
+                        } else {
+                            "conn.rst"
+                        };
+                        emit_closed(&self.config.events, name, &conn, id);
                         permit.send(AppEvent::Closed {
                             conn: id,
                             error: Some(e.to_string()),
@@ -958,6 +988,11 @@ impl Engine {
     fn on_link(&mut self, now: Instant, e: LinkEvent) {
         match e {
             LinkEvent::Registered { node, reply } => {
+                self.config.events.emit(
+                    "node.registered",
+                    json!({"address": Addr::new(0, node).to_string(),
+                           "endpoint": self.public_endpoint.map(|e| e.to_string())}),
+                );
                 let _ = self.node_tx.send(node);
                 self.tunnels.set_node(node);
                 self.endpoint.set_local(Addr::new(0, node));

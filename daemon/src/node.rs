@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 use tunnel::Identity;
 
+use crate::events::Events;
 use crate::config::Config;
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
 use crate::ipc_server::{self, IpcContext, IpcServer};
@@ -77,8 +78,17 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 impl Daemon {
-    /// Starts the daemon's parts; registration then proceeds in the background.
+    /// Starts the daemon's parts; registration then proceeds in the background. Events are
+    /// not reported anywhere.
     pub async fn start(config: &Config) -> Result<Daemon, StartError> {
+        Daemon::start_with_events(config, Events::default()).await
+    }
+
+    /// Starts the daemon's parts, reporting node, connection and datagram events to `events`.
+    pub async fn start_with_events(
+        config: &Config,
+        events: Events,
+    ) -> Result<Daemon, StartError> {
         let (identity, created) = Identity::load_or_create(&config.identity, &mut rand_core::OsRng)
             .map_err(|e| StartError::Identity {
                 path: config.identity.display().to_string(),
@@ -142,6 +152,7 @@ impl Daemon {
                 beacon,
                 endpoint_override: config.endpoint,
                 offload: config.udp_offload,
+                events: events.clone(),
             },
             link_tx.clone(),
             ev_rx,

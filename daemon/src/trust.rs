@@ -208,6 +208,23 @@ pub enum TrustEvent {
         /// The peer.
         peer: u32,
     },
+    /// The operator approved a peer's request.
+    Approved {
+        /// The peer.
+        peer: u32,
+    },
+    /// The operator rejected a peer's request.
+    Declined {
+        /// The peer.
+        peer: u32,
+        /// The reason given.
+        reason: String,
+    },
+    /// The operator withdrew trust from a peer.
+    Revoked {
+        /// The peer.
+        peer: u32,
+    },
     /// A direct handshake message failed the checks.
     Refused {
         /// The node the connection came from.
@@ -223,6 +240,39 @@ pub enum TrustEvent {
 pub struct Gate {
     public: AtomicBool,
     trusted: RwLock<HashSet<u32>>,
+}
+
+impl TrustEvent {
+    /// The webhook event (v1 wire §8.8): its name and fields; `None` for events v1 does not
+    /// report.
+    pub fn webhook(&self) -> Option<(&'static str, Value)> {
+        Some(match self {
+            TrustEvent::Received {
+                peer,
+                justification,
+            } => (
+                "handshake.received",
+                json!({"peer_node_id": peer, "justification": justification}),
+            ),
+            TrustEvent::Pending { peer } => ("handshake.pending", json!({"peer_node_id": peer})),
+            TrustEvent::AutoApproved { peer, reason } => (
+                "handshake.auto_approved",
+                json!({"peer_node_id": peer, "reason": reason}),
+            ),
+            TrustEvent::Approved { peer } | TrustEvent::Accepted { peer } => {
+                ("handshake.approved", json!({"peer_node_id": peer}))
+            }
+            TrustEvent::Rejected { peer, reason } | TrustEvent::Declined { peer, reason } => (
+                "handshake.rejected",
+                json!({"peer_node_id": peer, "reason": reason}),
+            ),
+            TrustEvent::Revoked { peer } => ("trust.revoked", json!({"peer_node_id": peer})),
+            TrustEvent::RevokedByPeer { peer } => {
+                ("trust.revoked_by_peer", json!({"peer_node_id": peer}))
+            }
+            TrustEvent::Refused { .. } => return None,
+        })
+    }
 }
 
 impl Gate {
@@ -1227,6 +1277,7 @@ impl Actor {
                 };
                 self.trust(peer, key, false, 0);
                 self.commit().await?;
+                self.emit(TrustEvent::Approved { peer });
                 self.answer_accept(me, peer).await;
                 Ok(status(HandshakeStatus::APPROVED, peer))
             }
@@ -1239,6 +1290,10 @@ impl Actor {
                     return Err(format!("no pending trust request from node {peer}"));
                 }
                 self.commit().await?;
+                self.emit(TrustEvent::Declined {
+                    peer,
+                    reason: reason.clone(),
+                });
                 // Directly first, so that a reachable requester sees the reason before the
                 // registry's answer (which has none) arrives.
                 let body = build(&self.key, me, peer, REJECT, "", &reason);
@@ -1292,6 +1347,7 @@ impl Actor {
                 self.state.pending.remove(&peer);
                 self.state.outgoing.remove(&peer);
                 self.commit().await?;
+                self.emit(TrustEvent::Revoked { peer });
                 let req = json!({"type": "revoke_trust", "node_id": me, "peer_id": peer});
                 if let Err(e) = registry(&self.link, req).await {
                     tracing::warn!(peer, error = %e, "registry revoke_trust failed");
