@@ -1505,6 +1505,8 @@ impl Shared {
                 o.insert("public_key".into(), json!(self.ctx.public_key));
             }
             o.insert("ipc".into(), self.stats.to_json());
+            o.insert("pid".into(), json!(std::process::id()));
+            o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
         }
         Ok(v)
     }

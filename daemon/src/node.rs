@@ -8,9 +8,9 @@ use tokio::sync::mpsc;
 use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 use tunnel::Identity;
 
-use crate::events::Events;
 use crate::config::Config;
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
+use crate::events::Events;
 use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
@@ -85,10 +85,7 @@ impl Daemon {
     }
 
     /// Starts the daemon's parts, reporting node, connection and datagram events to `events`.
-    pub async fn start_with_events(
-        config: &Config,
-        events: Events,
-    ) -> Result<Daemon, StartError> {
+    pub async fn start_with_events(config: &Config, events: Events) -> Result<Daemon, StartError> {
         let (identity, created) = Identity::load_or_create(&config.identity, &mut rand_core::OsRng)
             .map_err(|e| StartError::Identity {
                 path: config.identity.display().to_string(),

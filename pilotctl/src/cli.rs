@@ -347,6 +347,14 @@ pub enum Command {
         timeout: Duration,
     },
 
+    /// Start, stop or check pilotd for this socket.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  pilotctl daemon start\n  pilotctl daemon status\n  \
+                      pilotctl daemon stop"
+    )]
+    Daemon(DaemonCmd),
+
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  pilotctl completions bash > /etc/bash_completion.d/pilotctl\n  \
@@ -394,6 +402,48 @@ pub enum Command {
 }
 
 /// `pilotctl networks …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DaemonCmd {
+    /// Start pilotd in the background on this socket and wait until it answers.
+    #[command(
+        after_help = "pilotd is looked up in $PILOTD_BIN, next to pilotctl, then in \
+                      PATH. Arguments after `--` go to pilotd unchanged (see `pilotd \
+                      --help`). Its log goes to --log (default: pilotd.log next to the \
+                      socket). Fails if a daemon already answers on the socket.\n\n\
+                      Example:\n  pilotctl daemon start\n  pilotctl --socket /tmp/a.sock \
+                      daemon start -- --home /tmp/a --registry 10.0.0.1:9000"
+    )]
+    Start {
+        /// pilotd's log file.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// How long to wait for the daemon to answer.
+        #[arg(long, default_value = "15s", value_parser = duration)]
+        wait: Duration,
+        /// Arguments for pilotd.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Stop the daemon on this socket (SIGTERM, then SIGKILL after --wait).
+    #[command(after_help = "Example:\n  pilotctl daemon stop")]
+    Stop {
+        /// How long to wait before SIGKILL.
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        wait: Duration,
+    },
+    /// Whether a daemon answers on this socket, and its node, uptime, peers and connections.
+    #[command(
+        after_help = "With --check nothing is printed; the exit status is 0 when the \
+                      daemon answers and 1 otherwise.\n\nExample:\n  pilotctl daemon \
+                      status\n  pilotctl daemon status --check && echo up"
+    )]
+    Status {
+        /// Only set the exit status.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum NetworksCmd {
     /// Every network the registry knows.

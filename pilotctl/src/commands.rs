@@ -118,6 +118,7 @@ pub(crate) async fn execute(
             timeout,
         } => traceroute(&ctx, &peer, count, timeout).await,
         Command::Completions { shell } => completions(shell, stdout),
+        Command::Daemon(cmd) => crate::daemon::run(&ctx, cmd).await,
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
             let url = if clear {
@@ -137,13 +138,13 @@ pub(crate) async fn execute(
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) struct Ctx {
-    socket: PathBuf,
-    json: bool,
+    pub(crate) socket: PathBuf,
+    pub(crate) json: bool,
 }
 
 impl Ctx {
     /// A connection to the daemon, or `daemon_down` with what to do about it.
-    async fn driver(&self) -> Result<Driver, CtlError> {
+    pub(crate) async fn driver(&self) -> Result<Driver, CtlError> {
         match tokio::time::timeout(REQUEST_TIMEOUT, Driver::connect(&self.socket)).await {
             Err(_) => Err(CtlError::new(
                 code::DAEMON_DOWN,
@@ -265,7 +266,11 @@ async fn timed<T>(
 }
 
 /// An extension request; its data, or its error code and message.
-async fn ext_within(d: &Driver, req: ExtRequest, limit: Duration) -> Result<Value, CtlError> {
+pub(crate) async fn ext_within(
+    d: &Driver,
+    req: ExtRequest,
+    limit: Duration,
+) -> Result<Value, CtlError> {
     let what = format!("pilotd request {}", req.op());
     match timed(limit, &what, d.ext(&req)).await? {
         ExtReply::Ok { data } => Ok(data),
@@ -273,11 +278,11 @@ async fn ext_within(d: &Driver, req: ExtRequest, limit: Duration) -> Result<Valu
     }
 }
 
-async fn ext(d: &Driver, req: ExtRequest) -> Result<Value, CtlError> {
+pub(crate) async fn ext(d: &Driver, req: ExtRequest) -> Result<Value, CtlError> {
     ext_within(d, req, REQUEST_TIMEOUT).await
 }
 
-fn decode<T: DeserializeOwned>(v: &Value) -> Result<T, CtlError> {
+pub(crate) fn decode<T: DeserializeOwned>(v: &Value) -> Result<T, CtlError> {
     T::deserialize(v).map_err(|e| CtlError::new(code::BAD_REPLY, format!("pilotd's reply: {e}")))
 }
 
@@ -346,7 +351,7 @@ async fn driver_and_peer(ctx: &Ctx, text: &str) -> Result<(Driver, Peer), CtlErr
     Ok((d, peer))
 }
 
-fn output(data: Value, text: impl Into<String>) -> Output {
+pub(crate) fn output(data: Value, text: impl Into<String>) -> Output {
     Output {
         data,
         text: text.into(),
@@ -1555,7 +1560,7 @@ fn fmt_bytes(n: u64) -> String {
     }
 }
 
-fn fmt_duration(d: Duration) -> String {
+pub(crate) fn fmt_duration(d: Duration) -> String {
     let s = d.as_secs();
     if s == 0 {
         return format!("{} ms", d.as_millis());

@@ -35,6 +35,7 @@
 
 pub mod cli;
 mod commands;
+mod daemon;
 pub mod parse;
 
 use std::ffi::OsString;
@@ -45,7 +46,7 @@ use clap::Parser;
 use serde_json::Value;
 use tokio::io::AsyncRead;
 
-pub use cli::{Cli, Command, NetworksCmd};
+pub use cli::{Cli, Command, DaemonCmd, NetworksCmd};
 pub use tunnel::ipc::code;
 
 /// Exit status on success.

@@ -480,3 +480,97 @@ async fn reject_and_networks() {
     p.node.shutdown().await;
     q.node.shutdown().await;
 }
+
+/// The pilotd binary of this workspace, built if the test run has not built it yet.
+fn pilotd_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/pilotd
+    let bin = exe.parent().unwrap().parent().unwrap().join("pilotd");
+    if !bin.is_file() {
+        let st = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "pilotd", "--bin", "pilotd"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building pilotd failed");
+    }
+    assert!(bin.is_file(), "no pilotd at {}", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_start_status_stop() {
+    let bin = pilotd_bin();
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("n");
+    let sock = dir.path().join("run").join("pilotd.sock");
+    let sock_s = sock.to_string_lossy().into_owned();
+    let home_s = home.to_string_lossy().into_owned();
+    let ctl = |args: Vec<String>| {
+        let mut all: Vec<String> = vec!["--json".into(), "--socket".into(), sock_s.clone()];
+        all.extend(args);
+        async move {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            run_captured(&refs).await
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
+
+    let down = ctl(s(&["daemon", "status"])).await;
+    assert_eq!(down.status, 0, "{}", down.stdout);
+    assert_eq!(down.json()["data"]["running"], false);
+    assert_eq!(ctl(s(&["daemon", "status", "--check"])).await.status, 1);
+
+    let mut args = s(&["daemon", "start", "--"]);
+    args.extend(s(&[
+        "--home",
+        &home_s,
+        "--registry",
+        &reg,
+        "--beacon",
+        "",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    std::env::set_var("PILOTD_BIN", &bin);
+    let up = ctl(args.clone()).await;
+    assert_eq!(up.status, 0, "{} {}", up.stdout, up.stderr);
+    let pid = up.json()["data"]["pid"].as_u64().unwrap();
+    assert!(pid > 1);
+
+    // It registers in the background; status reports the node once it has.
+    let t0 = Instant::now();
+    loop {
+        let st = ctl(s(&["daemon", "status"])).await.json();
+        assert_eq!(st["data"]["running"], true, "{st}");
+        assert_eq!(st["data"]["pid"], pid);
+        if st["data"]["node_id"].as_u64().unwrap_or(0) != 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never registered: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ctl(s(&["daemon", "status", "--check"])).await.status, 0);
+    let again = ctl(args).await;
+    assert_eq!(again.json()["code"], "bad_request", "{}", again.stdout);
+
+    let stop = ctl(s(&["daemon", "stop"])).await;
+    assert_eq!(stop.status, 0, "{}", stop.stdout);
+    assert_eq!(
+        stop.json()["data"]["forced"],
+        false,
+        "SIGTERM is a clean stop"
+    );
+    assert!(!sock.exists(), "the socket is removed at stop");
+    assert_eq!(
+        ctl(s(&["daemon", "status"])).await.json()["data"]["running"],
+        false
+    );
+    assert_eq!(
+        ctl(s(&["daemon", "stop"])).await.json()["code"],
+        "daemon_down"
+    );
+}

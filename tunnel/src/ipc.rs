@@ -1036,6 +1036,10 @@ pub struct Info {
     /// One entry per connection, TIME_WAIT ones included.
     #[serde(deserialize_with = "null_as_empty")]
     pub conn_list: Vec<ConnInfo>,
+    /// The daemon's process ID (extension; 0 from a v1 daemon).
+    pub pid: u32,
+    /// The daemon's version (extension; "" from a v1 daemon).
+    pub version: String,
 }
 
 /// One tunnel peer in [`Info::peer_list`] (v1 wire §7.3, plus `relay`).
