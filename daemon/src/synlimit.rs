@@ -240,9 +240,7 @@ mod tests {
     fn sustained_rate_is_burst_plus_rate() {
         let t = Instant::now();
         let mut l = SynLimiter::default();
-        let allowed = (0..=10_000)
-            .filter(|&i| l.allow(t + ms(i), 1))
-            .count();
+        let allowed = (0..=10_000).filter(|&i| l.allow(t + ms(i), 1)).count();
         assert_eq!(allowed, 10 + 100);
         let s = l.stats();
         assert_eq!(s.refused_source, 10_001 - 110);

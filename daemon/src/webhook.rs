@@ -74,7 +74,9 @@ pub enum UrlError {
     #[error("the webhook URL must look like http://host[:port]/path")]
     Scheme,
     /// `https://`, which this daemon cannot verify.
-    #[error("https webhook URLs are not supported (the daemon has no TLS root store); use http://")]
+    #[error(
+        "https webhook URLs are not supported (the daemon has no TLS root store); use http://"
+    )]
     Https,
     /// `user@host`.
     #[error("user info (user@host) in a webhook URL is not supported")]
@@ -863,13 +865,19 @@ mod tests {
     #[test]
     fn urls_parse_into_host_port_and_target() {
         let u = WebhookUrl::parse("http://example.com/hook").unwrap();
-        assert_eq!((u.host(), u.port(), u.target()), ("example.com", 80, "/hook"));
+        assert_eq!(
+            (u.host(), u.port(), u.target()),
+            ("example.com", 80, "/hook")
+        );
         assert_eq!(u.authority, "example.com");
         let u = WebhookUrl::parse("HTTP://127.0.0.1:8080").unwrap();
         assert_eq!((u.host(), u.port(), u.target()), ("127.0.0.1", 8080, "/"));
         assert_eq!(u.as_str(), "HTTP://127.0.0.1:8080");
         let u = WebhookUrl::parse("http://[::1]:9/a/b?token=x&y=1").unwrap();
-        assert_eq!((u.host(), u.port(), u.target()), ("::1", 9, "/a/b?token=x&y=1"));
+        assert_eq!(
+            (u.host(), u.port(), u.target()),
+            ("::1", 9, "/a/b?token=x&y=1")
+        );
         assert_eq!(u.authority, "[::1]:9");
         let u = WebhookUrl::parse("http://h?q=1").unwrap();
         assert_eq!(u.target(), "/?q=1");
@@ -966,17 +974,30 @@ mod tests {
         let keep = |s: &str| h(s).unwrap().keep;
         assert!(keep("HTTP/1.1 204 No Content\r\n\r\n"));
         assert!(keep("HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n"));
-        assert!(keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"));
+        assert!(keep(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
+        ));
         assert!(!keep("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
-        assert!(!keep("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n"));
-        assert!(!keep("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
         assert!(!keep("HTTP/1.1 200 OK\r\n\r\n"));
-        assert!(!keep("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"
+        ));
         assert!(!keep("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"));
-        assert!(!keep("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n"));
+        assert!(!keep(
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n"
+        ));
         assert!(!keep("HTTP/1.1 200 OK\r\nContent-Length: 65537\r\n\r\n"));
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
-        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEADERS + 1));
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "A: b\r\n".repeat(MAX_HEADERS + 1)
+        );
         assert!(parse_head(many.as_bytes()).is_err());
     }
 
