@@ -16,7 +16,8 @@
 //! the response head is read into a buffer of at most [`MAX_HEAD`] bytes and parsed by
 //! `httparse`. The connection is kept for the next event only when the response is HTTP/1.1
 //! without `Connection: close` and carries a `Content-Length` body of at most
-//! [`MAX_KEPT_BODY`] bytes, which is read and discarded; anything else closes it. Redirects
+//! [`MAX_KEPT_BODY`] bytes, which is read (waiting at most 1 s once the status is known) and
+//! discarded; anything else closes it. Redirects
 //! are not followed (a 3xx counts as delivered).
 //!
 //! Only `http://` URLs are accepted: `https://` is refused when the URL is set, because the
@@ -51,6 +52,9 @@ pub const MAX_KEPT_BODY: u64 = 64 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Interim (1xx) responses skipped at most before the final one.
 const MAX_INTERIM: usize = 4;
+/// How long the rest of a response body is waited for once the status is known; a slower
+/// body closes the connection instead (the status still counts).
+const BODY_WAIT: Duration = Duration::from_secs(1);
 /// Addresses of a resolved host tried at most.
 const MAX_ADDRS: usize = 8;
 /// A kept connection idle for longer than this is closed rather than reused.
@@ -582,7 +586,10 @@ async fn exchange(s: &mut TcpStream, request: &[u8]) -> Result<Answer, ExchangeE
                     stale: false,
                 });
             }
-            let keep = head.keep && discard_body(s, &buf, head.body, &mut chunk).await;
+            let keep = head.keep
+                && tokio::time::timeout(BODY_WAIT, discard_body(s, &buf, head.body, &mut chunk))
+                    .await
+                    .unwrap_or(false);
             return Ok(Answer {
                 status: head.status,
                 keep,
