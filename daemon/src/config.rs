@@ -518,7 +518,14 @@ impl Cli {
             )?,
             registry_tls,
             registry_fingerprint,
-            webhook: nonempty(get(self.webhook.clone(), "webhook")),
+            webhook: match nonempty(get(self.webhook.clone(), "webhook")) {
+                Some(u) => {
+                    crate::webhook::WebhookUrl::parse(&u)
+                        .map_err(|e| invalid("webhook", e.to_string()))?;
+                    Some(u)
+                }
+                None => None,
+            },
             log_level: get(self.log_level.clone(), "log-level").unwrap_or_else(|| "info".into()),
             log_format,
         })

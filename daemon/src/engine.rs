@@ -30,6 +30,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::events::Events;
 use crate::registry_link::{LinkCmd, LinkEvent};
+use crate::synlimit::{SynLimiter, PER_SOURCE_PER_SEC};
 use crate::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
 use crate::udp;
 
@@ -203,6 +204,11 @@ impl EngineHandle {
         *self.node.borrow()
     }
 
+    /// The node ID as it changes (0 until registered).
+    pub fn node_watch(&self) -> watch::Receiver<u32> {
+        self.node.clone()
+    }
+
     /// Waits until the node is registered and returns its ID.
     pub async fn registered(&self) -> Result<u32, Stopped> {
         let mut rx = self.node.clone();
@@ -308,6 +314,9 @@ pub struct EngineConfig {
     pub offload: bool,
     /// Where node, connection and datagram events go (webhooks).
     pub events: Events,
+    /// New inbound connections accepted per second from all peers together (0: no limit);
+    /// each peer gets at most [`PER_SOURCE_PER_SEC`] of them.
+    pub syn_per_sec: u32,
 }
 
 struct Conn {
@@ -331,6 +340,7 @@ struct Counters {
     bytes_recv: u64,
     send_errors: u64,
     untrusted: u64,
+    syn_limited: u64,
     /// When the last dropped-datagram warning was logged, and drops since.
     drop_log: Option<Instant>,
     drops_unlogged: u64,
@@ -365,6 +375,8 @@ pub struct Engine {
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
     gate: Option<Arc<dyn TrustGate>>,
+    syn_limit: SynLimiter,
+    syn_log: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -387,6 +399,14 @@ impl Engine {
         let (tx, cmds) = mpsc::channel(1024);
         let (node_tx, node_rx) = watch::channel(tunnels.node());
         let offload = config.offload;
+        let syn_limit = SynLimiter::new(
+            config.syn_per_sec,
+            if config.syn_per_sec == 0 {
+                0
+            } else {
+                PER_SOURCE_PER_SEC.min(config.syn_per_sec)
+            },
+        );
         // A random start for ephemeral ports, so a restarted node does not reuse the 4-tuples
         // its peers may still hold from before.
         let endpoint = Endpoint::new(
@@ -421,6 +441,8 @@ impl Engine {
             shutting_down: false,
             node_tx,
             gate: None,
+            syn_limit,
+            syn_log: None,
         };
         (engine, EngineHandle { tx, node: node_rx })
     }
@@ -592,6 +614,9 @@ impl Engine {
     }
 
     fn on_packet(&mut self, now: Instant, peer: u32, packet: &[u8]) {
+        if self.syn_limited(now, peer, packet) {
+            return;
+        }
         if let Some(gate) = &self.gate {
             if let Ok(p) = tunnel::wire::header::Packet::new_checked(packet) {
                 use tunnel::wire::header::{Flags, Protocol};
@@ -637,6 +662,45 @@ impl Engine {
             }
             Incoming::Control(..) | Incoming::Refused | Incoming::Dropped(_) => {}
         }
+    }
+
+    /// Whether `packet` is a new connection attempt over the SYN rate limits; it is then
+    /// dropped without an answer (v1 does the same), counted and reported.
+    fn syn_limited(&mut self, now: Instant, peer: u32, packet: &[u8]) -> bool {
+        use tunnel::wire::header::{Flags, Packet, Protocol};
+        let Ok(p) = Packet::new_checked(packet) else {
+            return false;
+        };
+        let f = p.flags();
+        let new_attempt = p.protocol() == Protocol::Stream
+            && f.contains(Flags::SYN)
+            && !f.contains(Flags::ACK)
+            && !f.contains(Flags::RST)
+            && self.endpoint.is_listening(p.dst_port())
+            && !self
+                .endpoint
+                .has_connection(p.dst_port(), PilotAddr::new(p.src_addr(), p.src_port()));
+        // The limiter is keyed on the tunnel-authenticated peer, not the header's source.
+        if !new_attempt || self.syn_limit.allow(now, peer) {
+            return false;
+        }
+        self.counters.syn_limited += 1;
+        self.config.events.emit(
+            "security.syn_rate_limited",
+            json!({"src_addr": p.src_addr().to_string(), "src_port": p.src_port()}),
+        );
+        if self
+            .syn_log
+            .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
+        {
+            self.syn_log = Some(now);
+            tracing::warn!(
+                peer,
+                total = self.counters.syn_limited,
+                "dropping connection attempts over the SYN rate limit"
+            );
+        }
+        true
     }
 
     fn accept_all(&mut self, now: Instant) {
@@ -1145,6 +1209,7 @@ impl Engine {
             "pkts_sent": self.counters.pkts_sent,
             "pkts_recv": self.counters.pkts_recv,
             "refused_untrusted": self.counters.untrusted,
+            "refused_syn_rate": self.counters.syn_limited,
             "public_endpoint": self.public_endpoint.or(self.config.endpoint_override).map(|e| e.to_string()),
             "peer_list": peers.iter().map(|p| json!({
                 "node_id": p.node,

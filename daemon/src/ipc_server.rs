@@ -66,8 +66,10 @@ use tunnel::ipc::{
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
+use crate::events::Events;
 use crate::registry_link::LinkCmd;
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
+use crate::webhook::{WebhookHandle, WebhookUrl};
 
 /// Clients served at once; further connections are closed at once and counted.
 pub const MAX_CLIENTS: usize = 1024;
@@ -110,8 +112,11 @@ pub struct IpcContext {
     /// The running trust service, told when the node's visibility changes so its gate
     /// follows.
     pub trust_handle: Option<crate::trust::TrustHandle>,
-    /// The webhook URL configured at start ("" or `None`: none).
-    pub webhook: Option<String>,
+    /// The event feed (for its drop counter in Info).
+    pub events: Events,
+    /// The webhook poster, whose URL SetWebhook changes. Without one, the URL is only
+    /// checked and remembered.
+    pub webhook: Option<WebhookHandle>,
     /// The node's Ed25519 public key, standard base64, for Info (the engine does not hold
     /// the identity).
     pub public_key: String,
@@ -312,7 +317,12 @@ pub async fn serve(path: &Path, ctx: IpcContext) -> io::Result<IpcServer> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let m = std::fs::symlink_metadata(path)?;
     let shared = Arc::new(Shared {
-        webhook: Mutex::new(ctx.webhook.clone().unwrap_or_default()),
+        webhook: Mutex::new(
+            ctx.webhook
+                .as_ref()
+                .and_then(WebhookHandle::url)
+                .unwrap_or_default(),
+        ),
         ctx,
         stats: Arc::new(IpcStats::default()),
         hostname: Mutex::new(None),
@@ -798,14 +808,13 @@ impl ClientCtx {
                     .await)
             }
             Message::SetWebhook { url } => {
-                let url = url.to_owned();
-                *lock(&self.shared.webhook) = url.clone();
-                tracing::info!(url = %url, "webhook set over IPC");
-                let body = json_bytes(&json!({ "webhook": url }));
-                if !self
-                    .ready_reply(slots, encode(&Message::SetWebhookOk { json: &body }))
-                    .await
-                {
+                let frame = match self.shared.set_webhook(url) {
+                    Ok(()) => encode(&Message::SetWebhookOk {
+                        json: &json_bytes(&json!({ "webhook": url })),
+                    }),
+                    Err(e) => error_frame(&e),
+                };
+                if !self.ready_reply(slots, frame).await {
                     return Dispatch::Gone;
                 }
             }
@@ -1328,14 +1337,8 @@ impl ClientCtx {
                 })
             }
             ExtRequest::SetWebhook { url } => {
-                if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(ExtError::new(
-                        code::BAD_REQUEST,
-                        "the webhook URL must start with http:// or https://",
-                    ));
-                }
-                *lock(&sh.webhook) = url.clone();
-                tracing::info!(url = %url, "webhook set over IPC");
+                sh.set_webhook(&url)
+                    .map_err(|e| ExtError::new(code::BAD_REQUEST, e))?;
                 to_value(&ipc::WebhookReply { webhook: url })
             }
             ExtRequest::SetTaskExec { enabled } => {
@@ -1491,6 +1494,21 @@ impl ClientCtx {
 
 impl Shared {
     /// The engine's Info JSON, with the hostname set through this server and the IPC counters.
+    /// Points webhooks at `url` ("" stops them). A bad URL is refused and the old one stays.
+    fn set_webhook(&self, url: &str) -> Result<(), String> {
+        match &self.ctx.webhook {
+            Some(h) => h.set(url).map_err(|e| format!("webhook URL: {e}"))?,
+            None if url.is_empty() => {}
+            None => {
+                WebhookUrl::parse(url).map_err(|e| format!("webhook URL: {e}"))?;
+            }
+        }
+        *lock(&self.webhook) = url.to_owned();
+        // Only whether it is set: the URL's query may hold a token.
+        tracing::info!(set = !url.is_empty(), "webhook changed over IPC");
+        Ok(())
+    }
+
     async fn info(&self) -> Result<Value, String> {
         let mut v = self.ctx.engine.info().await.map_err(|e| e.to_string())?;
         if let Some(o) = v.as_object_mut() {
@@ -1506,6 +1524,9 @@ impl Shared {
             }
             o.insert("ipc".into(), self.stats.to_json());
             o.insert("pid".into(), json!(std::process::id()));
+            if let Some(h) = &self.ctx.webhook {
+                o.insert("webhook".into(), h.to_json(&self.ctx.events));
+            }
             o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
         }
         Ok(v)

@@ -15,6 +15,7 @@ use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
 use crate::tunnels::{TunnelConfig, Tunnels};
+use crate::webhook::{UrlError, Webhook, WebhookHandle, WebhookUrl};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum StartError {
     /// The trust service (its state file, or port 444).
     #[error("trust service: {0}")]
     Trust(#[from] TrustError),
+    /// The webhook URL does not parse.
+    #[error("webhook URL: {0}")]
+    Webhook(#[from] UrlError),
     /// The IPC socket.
     #[error("IPC socket {path}: {source}")]
     Ipc {
@@ -150,6 +154,7 @@ impl Daemon {
                 endpoint_override: config.endpoint,
                 offload: config.udp_offload,
                 events: events.clone(),
+                syn_per_sec: config.syn_rate_limit,
             },
             link_tx.clone(),
             ev_rx,
@@ -196,6 +201,10 @@ impl Daemon {
 pub struct Node {
     /// The engine and registry link.
     pub daemon: Daemon,
+    /// The event feed services and the engine report to.
+    pub events: Events,
+    /// The webhook poster.
+    pub webhook: WebhookHandle,
     /// The trust service.
     pub trust: TrustHandle,
     /// The IPC server.
@@ -205,7 +214,13 @@ pub struct Node {
 impl Node {
     /// Starts every part, in order; on failure, what was started is stopped again.
     pub async fn start(config: &Config) -> Result<Node, StartError> {
-        let mut daemon = Daemon::start(config).await?;
+        let url = match config.webhook.as_deref() {
+            None | Some("") => None,
+            Some(u) => Some(WebhookUrl::parse(u).map_err(StartError::Webhook)?),
+        };
+        let (events, events_rx) = Events::channel();
+        let mut daemon = Daemon::start_with_events(config, events.clone()).await?;
+        let webhook = Webhook::start(events_rx, url, daemon.engine.node_watch());
         let trust = TrustService::start(
             TrustConfig::new(&config.home, daemon.identity.clone(), config.public),
             daemon.engine.clone(),
@@ -225,12 +240,29 @@ impl Node {
                 tracing::warn!(error = %e, "echo service not started");
             }
         }
+        let mut trust_events = trust.subscribe();
+        let feed = events.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match trust_events.recv().await {
+                    Ok(ev) => {
+                        if let Some((name, data)) = ev.webhook() {
+                            feed.emit(name, data);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
         let ctx = IpcContext {
+            events: events.clone(),
             engine: daemon.engine.clone(),
             link: daemon.link.clone(),
             trust: Some(trust_tx),
             trust_handle: Some(trust.clone()),
-            webhook: config.webhook.clone(),
+            webhook: Some(webhook.clone()),
             public_key: daemon.public_key.clone(),
         };
         let ipc = match ipc_server::serve(&config.socket, ctx).await {
@@ -244,7 +276,13 @@ impl Node {
             }
         };
         tracing::info!(socket = %config.socket.display(), "IPC socket ready");
-        Ok(Node { daemon, trust, ipc })
+        Ok(Node {
+            daemon,
+            events,
+            webhook,
+            trust,
+            ipc,
+        })
     }
 
     /// Stops accepting IPC clients (their connections finish), then finishes every

@@ -57,6 +57,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         trust: None,
         trust_handle: None,
         webhook: None,
+        events: Default::default(),
         public_key: d.public_key.clone(),
     }
 }

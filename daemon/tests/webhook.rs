@@ -433,3 +433,95 @@ async fn closed_connections_are_reopened() {
         }
     }
 }
+
+mod support;
+
+/// A whole node with a webhook: the engine's and the trust service's events arrive as posts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_posts_its_events() {
+    use pilotd::config::Cli;
+    use pilotd::node::Node;
+    let mut srv = Server::start(Mode::Ok).await;
+    let reg = support::registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str, hook: Option<String>, public: bool| {
+        let home = dir.path().join(name);
+        let cli = Cli {
+            registry: Some(reg.clone()),
+            beacon: Some(String::new()),
+            listen: Some("127.0.0.1:0".into()),
+            socket: Some(home.join("pilotd.sock")),
+            home: Some(home),
+            public: Some(public),
+            webhook: hook,
+            ..Cli::default()
+        };
+        async move { Node::start(&cli.resolve().unwrap()).await.unwrap() }
+    };
+    let a = start("a", Some(srv.url.clone()), true).await;
+    let b = start("b", None, false).await;
+    let na = a.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
+
+    // B asks A for trust: A posts handshake.received and handshake.pending.
+    let d = pilotd::driver::Driver::connect(dir.path().join("b").join("pilotd.sock"))
+        .await
+        .unwrap();
+    d.handshake(tunnel::ipc::HandshakeOp::Request {
+        node: na,
+        justification: "webhook test",
+    })
+    .await
+    .unwrap();
+
+    // And opens a stream to A's echo port, then closes it: conn.established, conn.fin.
+    let mut s = d
+        .dial(tunnel::SocketAddr::new(tunnel::Addr::new(0, na), 7))
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    s.shutdown().await.unwrap();
+    drop(s);
+
+    let mut names = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = [
+        "node.registered",
+        "handshake.received",
+        "handshake.pending",
+        "conn.established",
+        "conn.fin",
+    ];
+    while !want.iter().all(|w| names.iter().any(|n| n == w)) {
+        assert!(Instant::now() < deadline, "events so far: {names:?}");
+        let r = srv.next().await;
+        let v = r.json();
+        assert_eq!(v["node_id"], na, "{v}");
+        let name = v["event"].as_str().unwrap().to_owned();
+        match name.as_str() {
+            "node.registered" => {
+                assert_eq!(v["data"]["address"], tunnel::Addr::new(0, na).to_string())
+            }
+            "handshake.received" => {
+                assert_eq!(v["data"]["peer_node_id"], nb);
+                assert_eq!(v["data"]["justification"], "webhook test");
+            }
+            "conn.established" | "conn.fin" => {
+                let port = if name == "conn.fin" {
+                    "local_port"
+                } else {
+                    "dst_port"
+                };
+                assert!(v["data"][port] == 7 || v["data"][port] == 444, "{v}");
+            }
+            _ => {}
+        }
+        names.push(name);
+    }
+    let info = a.daemon.engine.info().await.unwrap();
+    assert!(info.get("refused_syn_rate").is_some());
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -351,6 +351,13 @@ impl Endpoint {
         self.listeners.contains_key(&port)
     }
 
+    /// True when a connection holds local `port` with `remote` (a SYN for it is a
+    /// retransmission or a restarted peer, not a new connection attempt).
+    pub fn has_connection(&self, port: u16, remote: SocketAddr) -> bool {
+        self.by_tuple
+            .contains_key(&(port, remote.addr, remote.port))
+    }
+
     /// Takes the next established connection of a listener.
     pub fn accept(&mut self, port: u16) -> Option<ConnHandle> {
         self.listeners.get_mut(&port)?.ready.pop_front()
