@@ -5,6 +5,7 @@ pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod events;
+pub mod eventstream;
 pub mod ipc_server;
 pub mod local;
 pub mod node;
