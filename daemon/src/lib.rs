@@ -8,6 +8,7 @@ pub mod events;
 pub mod eventstream;
 pub mod ipc_server;
 pub mod local;
+pub mod nameserver;
 pub mod node;
 pub mod registry_link;
 pub mod services;
