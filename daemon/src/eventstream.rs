@@ -1,0 +1,925 @@
+//! The event stream: a publish/subscribe broker on virtual port 1002 (v1 wire §8.3), its
+//! frame codec, and client helpers for `pilotctl` and agents.
+//!
+//! # Frame
+//!
+//! ```text
+//!  0       2               2+T      6+T
+//! +-------+---------------+--------+------------------------+
+//! | T u16 | topic (T B)   | P u32  | payload (P bytes)      |
+//! +-------+---------------+--------+------------------------+
+//! ```
+//!
+//! Both lengths are big-endian. `T` is at most [`MAX_TOPIC`] (1024) and `P` at most
+//! [`MAX_PAYLOAD`] (16 MiB); a longer length is refused as soon as it is read, before
+//! anything is allocated for it. The topic must be UTF-8.
+//!
+//! # Broker
+//!
+//! 1. The **first** frame on a connection is its subscription: its topic is kept, its
+//!    payload discarded. Topic `*` subscribes to every topic.
+//! 2. Every later frame is **published**: queued for every subscriber of exactly that topic
+//!    and every `*` subscriber, never for the connection that sent it.
+//! 3. The subscription ends when the connection's sending side ends (EOF), on a bad frame,
+//!    or when a write to it fails. A client therefore keeps its sending side open for as
+//!    long as it wants events.
+//!
+//! # Slow subscribers
+//!
+//! Publishing never waits for a subscriber. Each subscriber has its own bounded queue
+//! ([`BrokerLimits::queue_events`] frames and [`BrokerLimits::queue_bytes`] bytes; a single
+//! frame larger than the byte bound is still taken by an empty queue), and all queues
+//! together hold at most [`BrokerLimits::total_queued_bytes`]. A frame that does not fit is
+//! dropped for that subscriber only and counted. A subscriber that keeps overflowing its
+//! own queue while not one frame is written to it for [`BrokerLimits::stall_timeout`] is
+//! disconnected: it is no longer reading, and its queue only holds memory. A subscriber that
+//! reads slowly but steadily is never disconnected; it just misses what overflows.
+//!
+//! Frames being read are bounded too: payload bytes are reserved from a shared budget
+//! ([`BrokerLimits::readbudget`]) in chunks as they arrive, so memory follows what peers
+//! really sent, and a frame whose body does not arrive within
+//! [`BrokerLimits::frame_timeout`] ends its connection.
+//!
+//! # Webhook events
+//!
+//! `pubsub.subscribed` and `pubsub.unsubscribed` `{topic, remote}`, `pubsub.published`
+//! `{topic, size, from}` (v1 wire §8.8), through [`Events`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tunnel::SocketAddr as PilotAddr;
+
+use crate::engine::EngineHandle;
+use crate::events::Events;
+use crate::local::LocalListener;
+
+// ---------------------------------------------------------------------------------------
+// Wire constants (v1 wire §8.3)
+
+/// The event stream port.
+pub const EVENT_STREAM_PORT: u16 = tunnel::addr::port::EVENT_STREAM;
+/// Longest topic, in bytes.
+pub const MAX_TOPIC: usize = 1024;
+/// Largest payload, in bytes (16 MiB).
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// The topic that subscribes to every topic.
+pub const WILDCARD: &str = "*";
+
+/// Bytes before the topic: its u16 length.
+const TOPIC_LEN_BYTES: usize = 2;
+/// Bytes between topic and payload: the u32 payload length.
+const PAYLOAD_LEN_BYTES: usize = 4;
+/// Payload bytes reserved and read at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Least interval between two warnings of one kind.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------
+// Codec
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The topic length is over [`MAX_TOPIC`].
+    #[error("topic of {0} bytes is over the {MAX_TOPIC}-byte limit")]
+    TopicTooLong(usize),
+    /// The payload length is over [`MAX_PAYLOAD`].
+    #[error("payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    PayloadTooLarge(u64),
+    /// The topic is not UTF-8.
+    #[error("topic is not UTF-8")]
+    TopicNotUtf8,
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The frame's body did not arrive in time.
+    #[error("frame body did not arrive in time")]
+    Timeout,
+    /// Reading or writing the stream failed.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One decoded frame, borrowing from the bytes it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Checks a topic length read from the wire.
+pub fn check_topic_len(len: usize) -> Result<(), FrameError> {
+    if len > MAX_TOPIC {
+        return Err(FrameError::TopicTooLong(len));
+    }
+    Ok(())
+}
+
+/// Checks a payload length read from the wire.
+pub fn check_payload_len(len: u64) -> Result<usize, FrameError> {
+    match usize::try_from(len) {
+        Ok(n) if n <= MAX_PAYLOAD => Ok(n),
+        _ => Err(FrameError::PayloadTooLarge(len)),
+    }
+}
+
+/// Parses one frame from the start of `buf`: `Ok(None)` when more bytes are needed,
+/// otherwise the frame and the number of bytes it took. Lengths are checked before the
+/// bytes they announce are needed, so an oversize frame is refused from its header alone.
+pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    let Some(&[t0, t1]) = buf.get(..TOPIC_LEN_BYTES) else {
+        return Ok(None);
+    };
+    let topic_len = usize::from(u16::from_be_bytes([t0, t1]));
+    check_topic_len(topic_len)?;
+    let topic_end = TOPIC_LEN_BYTES + topic_len;
+    let Some(&[p0, p1, p2, p3]) = buf.get(topic_end..topic_end + PAYLOAD_LEN_BYTES) else {
+        return Ok(None);
+    };
+    let payload_len = check_payload_len(u64::from(u32::from_be_bytes([p0, p1, p2, p3])))?;
+    let topic = buf
+        .get(TOPIC_LEN_BYTES..topic_end)
+        .ok_or(FrameError::Truncated)?;
+    let topic = std::str::from_utf8(topic).map_err(|_| FrameError::TopicNotUtf8)?;
+    let start = topic_end + PAYLOAD_LEN_BYTES;
+    let end = start + payload_len;
+    let Some(payload) = buf.get(start..end) else {
+        return Ok(None);
+    };
+    Ok(Some((Frame { topic, payload }, end)))
+}
+
+/// Encodes a frame.
+pub fn encode_frame(topic: &str, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let mut out = frame_header(topic, payload.len())?;
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// The bytes of a frame before its payload.
+fn frame_header(topic: &str, payload_len: usize) -> Result<Vec<u8>, FrameError> {
+    check_topic_len(topic.len())?;
+    let payload_len_u32 = u32::try_from(payload_len)
+        .ok()
+        .filter(|&n| n as usize <= MAX_PAYLOAD)
+        .ok_or(FrameError::PayloadTooLarge(payload_len as u64))?;
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| FrameError::TopicTooLong(topic.len()))?;
+    let mut out =
+        Vec::with_capacity(TOPIC_LEN_BYTES + topic.len() + PAYLOAD_LEN_BYTES + payload_len);
+    out.extend_from_slice(&topic_len.to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&payload_len_u32.to_be_bytes());
+    Ok(out)
+}
+
+/// A frame read from a stream: the whole encoded frame (so it can be forwarded as is),
+/// its topic, and the read budget its payload holds.
+#[derive(Debug)]
+struct RawFrame {
+    bytes: Vec<u8>,
+    topic: String,
+    payload_len: usize,
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+/// What to do with a frame's payload while reading it.
+enum Payload<'a> {
+    /// Read and discard it.
+    Discard,
+    /// Keep it, reserving its bytes from `budget` as they arrive (none: no reservation).
+    Keep(Option<&'a Arc<Semaphore>>),
+}
+
+/// Reads one frame. `Ok(None)` at a clean end of stream (before a frame's first byte). The
+/// rest of a frame, once its first byte is in, must arrive within `body_timeout`.
+async fn read_raw<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    payload: Payload<'_>,
+    body_timeout: Option<Duration>,
+) -> Result<Option<RawFrame>, FrameError> {
+    let first = match rd.read_u8().await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let rest = read_rest(rd, first, payload);
+    match body_timeout {
+        Some(t) => tokio::time::timeout(t, rest)
+            .await
+            .map_err(|_| FrameError::Timeout)?,
+        None => rest.await,
+    }
+    .map(Some)
+}
+
+fn eof_is_truncated(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Truncated
+    } else {
+        FrameError::Io(e)
+    }
+}
+
+async fn read_rest<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    first: u8,
+    payload: Payload<'_>,
+) -> Result<RawFrame, FrameError> {
+    let second = rd.read_u8().await.map_err(eof_is_truncated)?;
+    let topic_len = usize::from(u16::from_be_bytes([first, second]));
+    check_topic_len(topic_len)?;
+    let mut topic = vec![0u8; topic_len];
+    rd.read_exact(&mut topic).await.map_err(eof_is_truncated)?;
+    let payload_len = check_payload_len(u64::from(rd.read_u32().await.map_err(eof_is_truncated)?))?;
+    let topic = String::from_utf8(topic).map_err(|_| FrameError::TopicNotUtf8)?;
+    match payload {
+        Payload::Discard => {
+            let mut limited = (&mut *rd).take(payload_len as u64);
+            let n = tokio::io::copy(&mut limited, &mut tokio::io::sink()).await?;
+            if n != payload_len as u64 {
+                return Err(FrameError::Truncated);
+            }
+            Ok(RawFrame {
+                bytes: Vec::new(),
+                topic,
+                payload_len,
+                budget: None,
+            })
+        }
+        Payload::Keep(budget) => {
+            let mut bytes = frame_header(&topic, 0)?;
+            let header_len = bytes.len();
+            // The payload length sits at the end of the header; it was encoded as 0 above.
+            if let Some(len) = bytes.get_mut(header_len - PAYLOAD_LEN_BYTES..) {
+                len.copy_from_slice(&(payload_len as u32).to_be_bytes());
+            }
+            bytes.reserve(payload_len.min(READ_CHUNK));
+            let mut held: Option<OwnedSemaphorePermit> = None;
+            let mut left = payload_len;
+            while left > 0 {
+                let n = left.min(READ_CHUNK);
+                if let Some(budget) = budget {
+                    // n ≤ READ_CHUNK, so it fits a u32.
+                    let p = budget
+                        .clone()
+                        .acquire_many_owned(n as u32)
+                        .await
+                        .map_err(|_| FrameError::Truncated)?;
+                    match &mut held {
+                        Some(h) => h.merge(p),
+                        None => held = Some(p),
+                    }
+                }
+                let start = bytes.len();
+                bytes.resize(start + n, 0);
+                let dst = bytes.get_mut(start..).ok_or(FrameError::Truncated)?;
+                rd.read_exact(dst).await.map_err(eof_is_truncated)?;
+                left -= n;
+            }
+            Ok(RawFrame {
+                bytes,
+                topic,
+                payload_len,
+                budget: held,
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client helpers
+
+/// Sends the subscription frame: the first frame on a fresh connection to port 1002.
+/// Topic [`WILDCARD`] subscribes to everything.
+pub async fn subscribe<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    topic: &str,
+) -> Result<(), FrameError> {
+    write_frame(stream, topic, &[]).await
+}
+
+/// Publishes one event. The broker takes the first frame of a connection as its
+/// subscription, so a fresh connection calls [`subscribe`] first (v1's `pilotctl publish`
+/// subscribes to the topic it publishes to).
+pub async fn publish<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    write_frame(stream, topic, payload).await
+}
+
+/// Reads the next event: `Ok(None)` when the stream ends cleanly between frames.
+pub async fn next_event<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<Option<(String, Vec<u8>)>, FrameError> {
+    let Some(f) = read_raw(stream, Payload::Keep(None), None).await? else {
+        return Ok(None);
+    };
+    let start = f.bytes.len() - f.payload_len;
+    let mut bytes = f.bytes;
+    Ok(Some((f.topic, bytes.split_off(start))))
+}
+
+async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(), FrameError> {
+    let header = frame_header(topic, payload.len())?;
+    stream.write_all(&header).await?;
+    stream.write_all(payload).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Broker
+
+/// Bounds of the broker. Every one applies to input from the network.
+#[derive(Debug, Clone)]
+pub struct BrokerLimits {
+    /// Connections served at once (each one is a subscriber once it sent its first frame);
+    /// more are closed at once.
+    pub max_connections: usize,
+    /// Distinct subscribed topics; a subscription to a new topic beyond it is refused.
+    pub max_topics: usize,
+    /// Frames queued for one subscriber.
+    pub queue_events: usize,
+    /// Bytes queued for one subscriber (an empty queue still takes one larger frame).
+    pub queue_bytes: usize,
+    /// Bytes queued for all subscribers together (a frame queued for several subscribers
+    /// counts once per subscriber, so this overstates memory, never understates it).
+    pub total_queued_bytes: usize,
+    /// Payload bytes being read on all connections together.
+    pub readbudget: usize,
+    /// Time a new connection has to send its subscription frame.
+    pub subscribe_timeout: Duration,
+    /// Time a frame's body has to arrive once its first byte did.
+    pub frame_timeout: Duration,
+    /// A subscriber that overflows its queue and writes nothing for this long is
+    /// disconnected.
+    pub stall_timeout: Duration,
+    /// Time a subscriber whose sending side ended gets to take what is queued for it.
+    pub drain_timeout: Duration,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            max_connections: 256,
+            max_topics: 1024,
+            queue_events: 1024,
+            queue_bytes: 8 << 20,
+            total_queued_bytes: 256 << 20,
+            readbudget: 64 << 20,
+            subscribe_timeout: Duration::from_secs(30),
+            frame_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters and gauges of the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerStats {
+    /// Connections being served.
+    pub connections: usize,
+    /// Current subscribers.
+    pub subscribers: usize,
+    /// Distinct subscribed topics.
+    pub topics: usize,
+    /// Frames published.
+    pub published: u64,
+    /// Frames queued for a subscriber (one per subscriber reached).
+    pub delivered: u64,
+    /// Frames dropped for a subscriber whose queue was full.
+    pub dropped: u64,
+    /// Subscribers disconnected for not reading.
+    pub slow_disconnects: u64,
+    /// Connections ended by a bad frame (oversize, not UTF-8, truncated, too slow).
+    pub bad_frames: u64,
+    /// Connections or subscriptions refused by a limit.
+    pub refused: u64,
+}
+
+/// The broker: cheap to clone; every clone is the same broker.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: BrokerLimits,
+    events: Events,
+    state: Mutex<State>,
+    connections: AtomicUsize,
+    total_queued: Arc<AtomicUsize>,
+    readbudget: Arc<Semaphore>,
+    published: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    slow_disconnects: AtomicU64,
+    bad_frames: AtomicU64,
+    refused: AtomicU64,
+    log_bad: RateLog,
+    log_drop: RateLog,
+    log_refused: RateLog,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subs: HashMap<u64, Sub>,
+    topics: HashMap<String, HashSet<u64>>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Sub {
+    topic: String,
+    remote: PilotAddr,
+    tx: mpsc::Sender<Queued>,
+    queued: Arc<AtomicUsize>,
+    /// Frames its writer has finished.
+    progress: Arc<AtomicU64>,
+    /// Since when it overflows, and its progress then.
+    stalled: Option<(Instant, u64)>,
+    kill: Arc<Notify>,
+}
+
+/// A frame in a subscriber's queue; its bytes are counted until it is dropped.
+#[derive(Debug)]
+struct Queued {
+    frame: Arc<Vec<u8>>,
+    sub: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let n = self.frame.len();
+        self.sub.fetch_sub(n, Ordering::Relaxed);
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+enum Offer {
+    Queued,
+    Dropped,
+    Stalled,
+}
+
+impl Broker {
+    /// A broker that emits its webhook events to `events`.
+    pub fn new(events: Events, limits: BrokerLimits) -> Broker {
+        let readbudget = Arc::new(Semaphore::new(limits.readbudget.max(READ_CHUNK)));
+        Broker {
+            inner: Arc::new(Inner {
+                limits,
+                events,
+                state: Mutex::default(),
+                connections: AtomicUsize::new(0),
+                total_queued: Arc::default(),
+                readbudget,
+                published: AtomicU64::new(0),
+                delivered: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                slow_disconnects: AtomicU64::new(0),
+                bad_frames: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                log_bad: RateLog::default(),
+                log_drop: RateLog::default(),
+                log_refused: RateLog::default(),
+            }),
+        }
+    }
+
+    /// Starts a broker on the engine's port [`EVENT_STREAM_PORT`]; it serves until the
+    /// engine stops.
+    pub async fn start(
+        engine: &EngineHandle,
+        events: Events,
+        limits: BrokerLimits,
+    ) -> Result<Broker, String> {
+        let broker = Broker::new(events, limits);
+        let mut listener = LocalListener::bind(engine, EVENT_STREAM_PORT).await?;
+        let b = broker.clone();
+        tokio::spawn(async move {
+            while let Some((stream, remote)) = listener.accept().await {
+                b.serve(stream, remote);
+            }
+        });
+        Ok(broker)
+    }
+
+    /// Serves one connection from `remote` on a task of its own.
+    pub fn serve<S>(&self, stream: S, remote: PilotAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let inner = &self.inner;
+        let n = inner.connections.fetch_add(1, Ordering::Relaxed);
+        if n >= inner.limits.max_connections {
+            inner.connections.fetch_sub(1, Ordering::Relaxed);
+            inner.refuse(remote, "too many connections");
+            return;
+        }
+        tokio::spawn(serve_conn(inner.clone(), stream, remote));
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> BrokerStats {
+        let i = &self.inner;
+        let (subscribers, topics) = {
+            let st = i.lock();
+            (st.subs.len(), st.topics.len())
+        };
+        BrokerStats {
+            connections: i.connections.load(Ordering::Relaxed),
+            subscribers,
+            topics,
+            published: i.published.load(Ordering::Relaxed),
+            delivered: i.delivered.load(Ordering::Relaxed),
+            dropped: i.dropped.load(Ordering::Relaxed),
+            slow_disconnects: i.slow_disconnects.load(Ordering::Relaxed),
+            bad_frames: i.bad_frames.load(Ordering::Relaxed),
+            refused: i.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Gives the connection slot back however the connection task ends.
+struct ConnSlot(Arc<Inner>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_conn<S>(inner: Arc<Inner>, stream: S, remote: PilotAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let _slot = ConnSlot(inner.clone());
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let limits = &inner.limits;
+    let first = tokio::time::timeout(
+        limits.subscribe_timeout,
+        read_raw(&mut rd, Payload::Discard, None),
+    )
+    .await;
+    let topic = match first {
+        Ok(Ok(Some(f))) => f.topic,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return inner.bad_frame(remote, &e),
+        Err(_) => return inner.bad_frame(remote, &FrameError::Timeout),
+    };
+    let (tx, mut rx) = mpsc::channel::<Queued>(limits.queue_events.max(1));
+    let Some((id, progress, kill)) = inner.subscribe(&topic, remote, tx) else {
+        return;
+    };
+
+    let writer = async {
+        while let Some(q) = rx.recv().await {
+            if wr.write_all(&q.frame).await.is_err() {
+                return;
+            }
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = wr.shutdown().await;
+    };
+    let reader = async {
+        loop {
+            let body_timeout = Some(limits.frame_timeout);
+            match read_raw(
+                &mut rd,
+                Payload::Keep(Some(&inner.readbudget)),
+                body_timeout,
+            )
+            .await
+            {
+                Ok(Some(f)) => inner.publish(id, remote, f),
+                Ok(None) => return,
+                Err(e) => return inner.bad_frame(remote, &e),
+            }
+        }
+    };
+    tokio::pin!(writer, reader);
+    let reader_ended = tokio::select! {
+        () = &mut reader => true,
+        () = &mut writer => false,
+        () = kill.notified() => false,
+    };
+    inner.unsubscribe(id);
+    if reader_ended {
+        // The queue's sender is gone, so the writer finishes what waits and stops.
+        let _ = tokio::time::timeout(limits.drain_timeout, &mut writer).await;
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refuse(&self, remote: PilotAddr, why: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if self.log_refused.ready() {
+            tracing::warn!(peer = %remote, why, "eventstream: connection refused");
+        }
+    }
+
+    fn bad_frame(&self, remote: PilotAddr, e: &FrameError) {
+        self.bad_frames.fetch_add(1, Ordering::Relaxed);
+        if self.log_bad.ready() {
+            tracing::warn!(peer = %remote, error = %e, "eventstream: bad frame; closing");
+        }
+    }
+
+    /// Adds a subscriber; `None` when a limit refuses it.
+    fn subscribe(
+        &self,
+        topic: &str,
+        remote: PilotAddr,
+        tx: mpsc::Sender<Queued>,
+    ) -> Option<(u64, Arc<AtomicU64>, Arc<Notify>)> {
+        let progress = Arc::new(AtomicU64::new(0));
+        let kill = Arc::new(Notify::new());
+        let mut st = self.lock();
+        if !st.topics.contains_key(topic) && st.topics.len() >= self.limits.max_topics {
+            drop(st);
+            self.refuse(remote, "too many topics");
+            return None;
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.topics.entry(topic.to_owned()).or_default().insert(id);
+        st.subs.insert(
+            id,
+            Sub {
+                topic: topic.to_owned(),
+                remote,
+                tx,
+                queued: Arc::default(),
+                progress: progress.clone(),
+                stalled: None,
+                kill: kill.clone(),
+            },
+        );
+        drop(st);
+        self.events.emit(
+            "pubsub.subscribed",
+            json!({"topic": topic, "remote": remote.to_string()}),
+        );
+        Some((id, progress, kill))
+    }
+
+    /// Removes a subscriber if it is still there, and reports it.
+    fn unsubscribe(&self, id: u64) {
+        let removed = remove_sub(&mut self.lock(), id);
+        if let Some(sub) = removed {
+            self.emit_unsubscribed(&sub);
+        }
+    }
+
+    fn emit_unsubscribed(&self, sub: &Sub) {
+        self.events.emit(
+            "pubsub.unsubscribed",
+            json!({"topic": sub.topic, "remote": sub.remote.to_string()}),
+        );
+    }
+
+    /// Queues a frame for its topic's subscribers and the wildcard subscribers, except the
+    /// sender. Never waits.
+    fn publish(&self, from: u64, remote: PilotAddr, frame: RawFrame) {
+        let RawFrame {
+            bytes,
+            topic,
+            payload_len,
+            budget,
+        } = frame;
+        let bytes = Arc::new(bytes);
+        let now = Instant::now();
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        let mut stalled = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut targets: Vec<u64> = st
+                .topics
+                .get(&topic)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            if topic != WILDCARD {
+                targets.extend(st.topics.get(WILDCARD).into_iter().flatten().copied());
+            }
+            for id in targets {
+                if id == from {
+                    continue;
+                }
+                let Some(sub) = st.subs.get_mut(&id) else {
+                    continue;
+                };
+                match self.offer(sub, &bytes, now) {
+                    Offer::Queued => delivered += 1,
+                    Offer::Dropped => dropped += 1,
+                    Offer::Stalled => {
+                        dropped += 1;
+                        stalled.push(id);
+                    }
+                }
+            }
+            let killed: Vec<Sub> = stalled
+                .into_iter()
+                .filter_map(|id| remove_sub(&mut st, id))
+                .collect();
+            drop(st);
+            for sub in killed {
+                sub.kill.notify_one();
+                self.emit_unsubscribed(&sub);
+                self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                if self.log_drop.ready() {
+                    tracing::warn!(peer = %sub.remote, topic = %sub.topic,
+                        "eventstream: subscriber does not read; disconnected");
+                }
+            }
+        }
+        drop(budget);
+        self.published.fetch_add(1, Ordering::Relaxed);
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
+            if self.log_drop.ready() {
+                tracing::warn!(topic = %topic, dropped,
+                    "eventstream: subscriber queues full; events dropped");
+            }
+        }
+        self.events.emit(
+            "pubsub.published",
+            json!({"topic": topic, "size": payload_len, "from": remote.to_string()}),
+        );
+    }
+
+    /// Tries to queue `frame` for `sub` without waiting.
+    fn offer(&self, sub: &mut Sub, frame: &Arc<Vec<u8>>, now: Instant) -> Offer {
+        let n = frame.len();
+        let limits = &self.limits;
+        let queued = sub.queued.load(Ordering::Relaxed);
+        let fits = (queued == 0 || queued + n <= limits.queue_bytes)
+            && self.total_queued.load(Ordering::Relaxed) + n <= limits.total_queued_bytes;
+        if fits {
+            sub.queued.fetch_add(n, Ordering::Relaxed);
+            self.total_queued.fetch_add(n, Ordering::Relaxed);
+            let q = Queued {
+                frame: frame.clone(),
+                sub: sub.queued.clone(),
+                total: self.total_queued.clone(),
+            };
+            // On failure `q` is dropped here, which gives its bytes back.
+            if sub.tx.try_send(q).is_ok() {
+                sub.stalled = None;
+                return Offer::Queued;
+            }
+        }
+        if sub.queued.load(Ordering::Relaxed) == 0 {
+            // Nothing of its own waits (all queues together are full): it is not the one
+            // holding things up.
+            sub.stalled = None;
+            return Offer::Dropped;
+        }
+        let progress = sub.progress.load(Ordering::Relaxed);
+        match sub.stalled {
+            Some((since, p)) if p == progress => {
+                if now.duration_since(since) >= limits.stall_timeout {
+                    return Offer::Stalled;
+                }
+            }
+            _ => sub.stalled = Some((now, progress)),
+        }
+        Offer::Dropped
+    }
+}
+
+fn remove_sub(st: &mut State, id: u64) -> Option<Sub> {
+    let sub = st.subs.remove(&id)?;
+    if let Some(set) = st.topics.get_mut(&sub.topic) {
+        set.remove(&id);
+        if set.is_empty() {
+            st.topics.remove(&sub.topic);
+        }
+    }
+    Some(sub)
+}
+
+/// Lets one warning of a kind through every [`LOG_EVERY`].
+#[derive(Debug, Default)]
+struct RateLog {
+    last: Mutex<Option<Instant>>,
+}
+
+impl RateLog {
+    fn ready(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match *last {
+            Some(t) if now.duration_since(t) < LOG_EVERY => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn golden_bytes_round_trip() {
+        let f = encode_frame("ab", b"xyz").unwrap();
+        assert_eq!(f, [0, 2, b'a', b'b', 0, 0, 0, 3, b'x', b'y', b'z']);
+        let (frame, used) = parse_frame(&f).unwrap().unwrap();
+        assert_eq!(used, f.len());
+        assert_eq!(
+            frame,
+            Frame {
+                topic: "ab",
+                payload: b"xyz"
+            }
+        );
+        for cut in 0..f.len() {
+            assert!(parse_frame(&f[..cut]).unwrap().is_none(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn oversize_lengths_are_refused_from_the_header() {
+        let long = (MAX_TOPIC as u16 + 1).to_be_bytes();
+        assert!(matches!(
+            parse_frame(&long),
+            Err(FrameError::TopicTooLong(1025))
+        ));
+        let mut big = vec![0, 1, b't'];
+        big.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
+        assert!(matches!(
+            parse_frame(&big),
+            Err(FrameError::PayloadTooLarge(_))
+        ));
+        assert!(encode_frame(&"x".repeat(MAX_TOPIC + 1), b"").is_err());
+        assert!(matches!(
+            parse_frame(&[0, 1, 0xFF, 0, 0, 0, 0]),
+            Err(FrameError::TopicNotUtf8)
+        ));
+    }
+
+    #[tokio::test]
+    async fn async_reader_matches_the_parser() {
+        let mut wire = encode_frame("t", b"hello").unwrap();
+        wire.extend(encode_frame("", b"").unwrap());
+        let mut rd = &wire[..];
+        assert_eq!(
+            next_event(&mut rd).await.unwrap(),
+            Some(("t".to_owned(), b"hello".to_vec()))
+        );
+        assert_eq!(
+            next_event(&mut rd).await.unwrap(),
+            Some((String::new(), vec![]))
+        );
+        assert!(next_event(&mut rd).await.unwrap().is_none());
+        let cut = &encode_frame("t", b"hello").unwrap()[..7];
+        let mut rd = cut;
+        assert!(matches!(
+            next_event(&mut rd).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_huge_announced_payload_allocates_only_what_arrives() {
+        // 16 MiB announced, 10 bytes sent: the reader fails as truncated without having
+        // reserved the announced size.
+        let mut wire = vec![0, 1, b't'];
+        wire.extend_from_slice(&(MAX_PAYLOAD as u32).to_be_bytes());
+        wire.extend_from_slice(&[7; 10]);
+        let budget = Arc::new(Semaphore::new(READ_CHUNK));
+        let mut rd = &wire[..];
+        let r = read_raw(&mut rd, Payload::Keep(Some(&budget)), None).await;
+        assert!(matches!(r, Err(FrameError::Truncated)));
+        assert_eq!(budget.available_permits(), READ_CHUNK);
+    }
+}
