@@ -80,6 +80,21 @@ pub struct Cli {
     /// Turn off the echo service (virtual port 7, streams and datagrams). [default: on]
     #[arg(long, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
     pub no_echo: Option<bool>,
+    /// Turn off the data exchange service (virtual port 1001: messages and files). [default: on]
+    #[arg(long, env = "PILOT_NO_DATAEXCHANGE", num_args = 0..=1, default_missing_value = "true")]
+    pub no_dataexchange: Option<bool>,
+    /// Turn off the event stream broker (virtual port 1002: publish/subscribe). [default: on]
+    #[arg(long, env = "PILOT_NO_EVENTSTREAM", num_args = 0..=1, default_missing_value = "true")]
+    pub no_eventstream: Option<bool>,
+    /// Turn off the task delegation service (virtual port 1003). [default: on]
+    #[arg(long, env = "PILOT_NO_TASKS", num_args = 0..=1, default_missing_value = "true")]
+    pub no_tasks: Option<bool>,
+    /// Turn off the nameserver (virtual port 53: name, network and service records). [default: on]
+    #[arg(long, env = "PILOT_NO_NAMESERVER", num_args = 0..=1, default_missing_value = "true")]
+    pub no_nameserver: Option<bool>,
+    /// Turn off the stdio service (virtual port 1000: text streams land in the inbox). [default: on]
+    #[arg(long, env = "PILOT_NO_STDIO", num_args = 0..=1, default_missing_value = "true")]
+    pub no_stdio: Option<bool>,
     /// Registry heartbeat and NAT keepalive interval (e.g. 30s). [default: 30s]
     #[arg(long, env = "PILOT_KEEPALIVE")]
     pub keepalive: Option<String>,
@@ -143,6 +158,16 @@ pub struct Config {
     pub public: bool,
     /// Whether the echo service (port 7) is off.
     pub no_echo: bool,
+    /// Whether the data exchange service is off.
+    pub no_dataexchange: bool,
+    /// Whether the event stream broker is off.
+    pub no_eventstream: bool,
+    /// Whether the task delegation service is off.
+    pub no_tasks: bool,
+    /// Whether the nameserver is off.
+    pub no_nameserver: bool,
+    /// Whether the stdio service is off.
+    pub no_stdio: bool,
     /// Heartbeat and keepalive interval.
     #[serde(with = "secs")]
     pub keepalive: Duration,
@@ -488,6 +513,11 @@ impl Cli {
             hostname: nonempty(get(self.hostname.clone(), "hostname")),
             public: bool_of(self.public, "public", false)?,
             no_echo: bool_of(self.no_echo, "no-echo", false)?,
+            no_dataexchange: bool_of(self.no_dataexchange, "no-dataexchange", false)?,
+            no_eventstream: bool_of(self.no_eventstream, "no-eventstream", false)?,
+            no_tasks: bool_of(self.no_tasks, "no-tasks", false)?,
+            no_nameserver: bool_of(self.no_nameserver, "no-nameserver", false)?,
+            no_stdio: bool_of(self.no_stdio, "no-stdio", false)?,
             keepalive,
             idle_timeout: dur(
                 self.idle_timeout.clone(),
@@ -545,6 +575,11 @@ const KNOWN_KEYS: &[&str] = &[
     "allow-plaintext",
     "udp-offload",
     "no-echo",
+    "no-dataexchange",
+    "no-eventstream",
+    "no-tasks",
+    "no-nameserver",
+    "no-stdio",
     "owner",
     "hostname",
     "public",

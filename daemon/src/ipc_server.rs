@@ -67,6 +67,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
+use crate::nameserver::Nameserver;
 use crate::registry_link::LinkCmd;
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
 use crate::webhook::{WebhookHandle, WebhookUrl};
@@ -114,6 +115,8 @@ pub struct IpcContext {
     pub trust_handle: Option<crate::trust::TrustHandle>,
     /// The event feed (for its drop counter in Info).
     pub events: Events,
+    /// The nameserver, for the operator's records.
+    pub nameserver: Option<Nameserver>,
     /// The webhook poster, whose URL SetWebhook changes. Without one, the URL is only
     /// checked and remembered.
     pub webhook: Option<WebhookHandle>,

@@ -11,6 +11,8 @@ use tunnel::Identity;
 use crate::config::Config;
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
 use crate::events::Events;
+use crate::eventstream::{Broker, BrokerLimits};
+use crate::nameserver::{NameLimits, Nameserver};
 use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
@@ -205,6 +207,10 @@ pub struct Node {
     pub events: Events,
     /// The webhook poster.
     pub webhook: WebhookHandle,
+    /// The event stream broker (port 1002), unless turned off.
+    pub eventstream: Option<Broker>,
+    /// The nameserver (port 53), unless turned off.
+    pub nameserver: Option<Nameserver>,
     /// The trust service.
     pub trust: TrustHandle,
     /// The IPC server.
@@ -240,6 +246,34 @@ impl Node {
                 tracing::warn!(error = %e, "echo service not started");
             }
         }
+        let eventstream = if config.no_eventstream {
+            None
+        } else {
+            match Broker::start(&daemon.engine, events.clone(), BrokerLimits::default()).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "event stream not started");
+                    None
+                }
+            }
+        };
+        let nameserver = if config.no_nameserver {
+            None
+        } else {
+            match Nameserver::open(&config.home, NameLimits::default()) {
+                Ok(ns) => match ns.start(&daemon.engine).await {
+                    Ok(()) => Some(ns),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nameserver not started");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "nameserver store unreadable; nameserver not started");
+                    None
+                }
+            }
+        };
         let mut trust_events = trust.subscribe();
         let feed = events.clone();
         tokio::spawn(async move {
@@ -263,6 +297,7 @@ impl Node {
             trust: Some(trust_tx),
             trust_handle: Some(trust.clone()),
             webhook: Some(webhook.clone()),
+            nameserver: nameserver.clone(),
             public_key: daemon.public_key.clone(),
         };
         let ipc = match ipc_server::serve(&config.socket, ctx).await {
@@ -280,6 +315,8 @@ impl Node {
             daemon,
             events,
             webhook,
+            eventstream,
+            nameserver,
             trust,
             ipc,
         })
@@ -289,6 +326,11 @@ impl Node {
     /// connection (FIN) and stops the engine.
     pub async fn shutdown(self) {
         self.ipc.shutdown().await;
+        if let Some(ns) = &self.nameserver {
+            if let Err(e) = ns.flush().await {
+                tracing::warn!(error = %e, "nameserver records not saved");
+            }
+        }
         self.daemon.shutdown().await;
     }
 }

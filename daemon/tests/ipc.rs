@@ -58,6 +58,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         trust_handle: None,
         webhook: None,
         events: Default::default(),
+        nameserver: None,
         public_key: d.public_key.clone(),
     }
 }
