@@ -67,7 +67,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
-use crate::nameserver::Nameserver;
+use crate::nameserver::{parse_request, Nameserver, Record, Request};
 use crate::registry_link::LinkCmd;
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
 use crate::webhook::{WebhookHandle, WebhookUrl};
@@ -1353,11 +1353,43 @@ impl ClientCtx {
                     enabled,
                 })
             }
+            ExtRequest::NameList => {
+                let ns = self.nameserver()?;
+                let records: Vec<Value> = ns.list().iter().map(|r| r.to_json()).collect();
+                Ok(json!({"total": records.len(), "records": records}))
+            }
+            ExtRequest::NameAdd { record } => {
+                let ns = self.nameserver()?;
+                let r = parse_record(&record)?;
+                ns.add(r.clone())
+                    .await
+                    .map_err(|e| ExtError::new(code::BAD_REQUEST, e.to_string()))?;
+                let info = ns.list().into_iter().find(|i| i.record == r);
+                Ok(info.map(|i| i.to_json()).unwrap_or_else(|| json!({})))
+            }
+            ExtRequest::NameRemove { record } => {
+                let ns = self.nameserver()?;
+                let r = parse_record(&record)?;
+                let removed = ns
+                    .remove(&r.key())
+                    .await
+                    .map_err(|e| ExtError::new(code::INTERNAL, e.to_string()))?;
+                Ok(json!({"removed": removed}))
+            }
             ExtRequest::ConnErrors => {
                 lock(&self.state).conn_errors = true;
                 Ok(json!({"conn_errors": true}))
             }
         }
+    }
+
+    fn nameserver(&self) -> Result<&Nameserver, ExtError> {
+        self.shared.ctx.nameserver.as_ref().ok_or_else(|| {
+            ExtError::new(
+                code::UNAVAILABLE,
+                "the nameserver is off (pilotd --no-nameserver)",
+            )
+        })
     }
 
     /// A full address, a decimal node ID, or a hostname.
@@ -1633,6 +1665,21 @@ async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Durati
     .await;
     let _ = engine.send(Cmd::Close { conn }).await;
     r
+}
+
+/// A nameserver record written as REGISTER arguments (`A alice 0:0000.0000.0001`).
+fn parse_record(text: &str) -> Result<Record, ExtError> {
+    match parse_request(&format!("REGISTER {}", text.trim())) {
+        Ok(Request::Register(r)) => Ok(r),
+        Ok(_) => Err(ExtError::new(code::BAD_REQUEST, "not a record")),
+        Err(e) => Err(ExtError::new(
+            code::BAD_REQUEST,
+            format!(
+                "record {text:?}: {e} (write `A <name> <addr>`, `N <name> <net_id>` or \
+                 `S <name> <addr> <net_id> <port>`)"
+            ),
+        )),
+    }
 }
 
 fn parse_tags(json: &[u8]) -> Result<Vec<String>, String> {

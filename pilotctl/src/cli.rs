@@ -347,6 +347,44 @@ pub enum Command {
         timeout: Duration,
     },
 
+    /// Subscribe to a topic on a peer's event stream (port 1002) and print its events.
+    #[command(
+        after_help = "TOPIC `*` receives every topic. Stops after --count events or \
+                      --timeout, whichever comes first; with neither it runs until \
+                      interrupted (not allowed with --json). Events you publish yourself \
+                      are not sent back to you.\n\nExample:\n  pilotctl subscribe bob \
+                      alerts\n  pilotctl --json subscribe bob '*' --count 10 --timeout 1m"
+    )]
+    Subscribe {
+        peer: String,
+        topic: String,
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        #[arg(long, value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+
+    /// Publish one event to a topic on a peer's event stream (port 1002).
+    #[command(
+        after_help = "The event is DATA, else stdin (at most 16 MiB). Every subscriber of \
+                      the topic and of `*` on that peer receives it.\n\nExample:\n  \
+                      pilotctl publish bob alerts \"disk full\"\n  date | pilotctl \
+                      publish bob clock"
+    )]
+    Publish {
+        peer: String,
+        topic: String,
+        data: Option<String>,
+    },
+
+    /// Records of the local nameserver (port 53), and queries to a peer's.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  pilotctl names add A web 0:0000.0000.002A\n  pilotctl \
+                      names list\n  pilotctl names query bob A web"
+    )]
+    Names(NamesCmd),
+
     /// Start, stop or check pilotd for this socket.
     #[command(
         subcommand,
@@ -402,6 +440,41 @@ pub enum Command {
 }
 
 /// `pilotctl networks …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum NamesCmd {
+    /// Every record of the local nameserver: the operator's (permanent) and those peers
+    /// registered (5 minutes unless refreshed).
+    #[command(after_help = "Example:\n  pilotctl names list")]
+    List,
+    /// Add a permanent record: `A <name> <addr>`, `N <name> <net_id>` or
+    /// `S <name> <addr> <net_id> <port>`. A record with the same key is replaced.
+    #[command(
+        after_help = "Example:\n  pilotctl names add A web 0:0000.0000.002A\n  \
+                      pilotctl names add N lab 7\n  pilotctl names add S http \
+                      0:0000.0000.002A 7 80"
+    )]
+    Add {
+        #[arg(required = true, num_args = 3..=5)]
+        record: Vec<String>,
+    },
+    /// Remove a record, written as for `add`.
+    #[command(after_help = "Example:\n  pilotctl names remove A web 0:0000.0000.002A")]
+    Remove {
+        #[arg(required = true, num_args = 3..=5)]
+        record: Vec<String>,
+    },
+    /// Ask a peer's nameserver: `A <name>`, `N <name>` or `S <net_id> <port>`.
+    #[command(
+        after_help = "Example:\n  pilotctl names query bob A web\n  pilotctl names \
+                      query bob S 7 80"
+    )]
+    Query {
+        peer: String,
+        #[arg(required = true, num_args = 2..=3)]
+        query: Vec<String>,
+    },
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum DaemonCmd {
     /// Start pilotd in the background on this socket and wait until it answers.

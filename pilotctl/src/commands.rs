@@ -19,9 +19,9 @@ use crate::parse::{parse_endpoint, parse_target, Target};
 use crate::{CtlError, Output};
 
 /// Longest wait for a plain daemon request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for a stream connection to open (the daemon's own dial limit is about 30 s).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(45);
+pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(45);
 /// Longest wait for the round trip that confirms earlier messages reached the daemon.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most received bytes kept for a JSON result.
@@ -29,14 +29,14 @@ const MAX_CAPTURE: usize = 16 << 20;
 /// Most bytes read from one stream connection by `listen`.
 const MAX_STREAM_MESSAGE: usize = 1 << 20;
 /// Most bytes read from stdin for `send`.
-const MAX_STDIN_MESSAGE: u64 = 16 << 20;
+pub(crate) const MAX_STDIN_MESSAGE: u64 = 16 << 20;
 /// Bytes per write in `bench`.
 const BENCH_CHUNK: usize = 256 * 1024;
 /// Default port of `connect` (the stdio service).
 const DEFAULT_CONNECT_PORT: u16 = 1000;
 
-type Stdin<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
-type Stdout<'a> = &'a mut (dyn Write + Send);
+pub(crate) type Stdin<'a> = Box<dyn AsyncRead + Unpin + Send + 'a>;
+pub(crate) type Stdout<'a> = &'a mut (dyn Write + Send);
 
 /// Runs one parsed command line.
 pub(crate) async fn execute(
@@ -119,6 +119,16 @@ pub(crate) async fn execute(
         } => traceroute(&ctx, &peer, count, timeout).await,
         Command::Completions { shell } => completions(shell, stdout),
         Command::Daemon(cmd) => crate::daemon::run(&ctx, cmd).await,
+        Command::Subscribe {
+            peer,
+            topic,
+            count,
+            timeout,
+        } => crate::services::subscribe(&ctx, &peer, &topic, count, timeout, stdout).await,
+        Command::Publish { peer, topic, data } => {
+            crate::services::publish(&ctx, &peer, &topic, data, stdin).await
+        }
+        Command::Names(cmd) => crate::services::names(&ctx, cmd).await,
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
             let url = if clear {
@@ -212,7 +222,7 @@ fn connect_error(socket: &Path, e: DriverError) -> CtlError {
 
 /// The stable code for a driver failure. The v1 Error message is free text, so its code is
 /// inferred from the wording.
-fn driver_error(e: DriverError) -> CtlError {
+pub(crate) fn driver_error(e: DriverError) -> CtlError {
     match e {
         DriverError::Connect { .. } | DriverError::DaemonDown(_) => CtlError::new(
             code::DAEMON_DOWN,
@@ -240,7 +250,7 @@ fn driver_error(e: DriverError) -> CtlError {
     }
 }
 
-fn io_error(what: &str, e: io::Error) -> CtlError {
+pub(crate) fn io_error(what: &str, e: io::Error) -> CtlError {
     let c = match e.kind() {
         io::ErrorKind::ConnectionRefused => code::REFUSED,
         io::ErrorKind::TimedOut => code::TIMEOUT,
@@ -251,7 +261,7 @@ fn io_error(what: &str, e: io::Error) -> CtlError {
 }
 
 /// Awaits a driver call for at most `limit`.
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     limit: Duration,
     what: &str,
     fut: impl Future<Output = Result<T, DriverError>>,
@@ -294,17 +304,17 @@ async fn sync(d: &Driver) -> Result<(), CtlError> {
 
 /// A peer resolved to a node.
 #[derive(Debug, Clone)]
-struct Peer {
-    addr: Addr,
+pub(crate) struct Peer {
+    pub(crate) addr: Addr,
     hostname: Option<String>,
 }
 
 impl Peer {
-    fn node(&self) -> u32 {
+    pub(crate) fn node(&self) -> u32 {
         self.addr.node
     }
 
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match &self.hostname {
             Some(h) => format!("{h} ({})", self.addr),
             None => self.addr.to_string(),
@@ -344,7 +354,7 @@ async fn resolve(d: &Driver, target: &Target) -> Result<Peer, CtlError> {
 }
 
 /// Parses `text`, connects, and resolves it.
-async fn driver_and_peer(ctx: &Ctx, text: &str) -> Result<(Driver, Peer), CtlError> {
+pub(crate) async fn driver_and_peer(ctx: &Ctx, text: &str) -> Result<(Driver, Peer), CtlError> {
     let target = parse_target(text)?;
     let d = ctx.driver().await?;
     let peer = resolve(&d, &target).await?;

@@ -37,6 +37,7 @@ pub mod cli;
 mod commands;
 mod daemon;
 pub mod parse;
+mod services;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -46,7 +47,7 @@ use clap::Parser;
 use serde_json::Value;
 use tokio::io::AsyncRead;
 
-pub use cli::{Cli, Command, DaemonCmd, NetworksCmd};
+pub use cli::{Cli, Command, DaemonCmd, NamesCmd, NetworksCmd};
 pub use tunnel::ipc::code;
 
 /// Exit status on success.

@@ -574,3 +574,101 @@ async fn daemon_start_status_stop() {
         "daemon_down"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_with_a_wildcard_and_two_subscribers() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let broker = b.node.eventstream.clone().unwrap();
+    let target = b.addr();
+
+    let sub = |topic: &'static str, count: &'static str| {
+        let sock = a.sock.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            run_captured(&[
+                "--json",
+                "--socket",
+                &sock,
+                "subscribe",
+                &target,
+                topic,
+                "--count",
+                count,
+                "--timeout",
+                "30s",
+            ])
+            .await
+        })
+    };
+    let exact = sub("alerts", "1");
+    let all = sub("*", "2");
+    eventually("two subscribers", || async {
+        broker.stats().subscribers == 2
+    })
+    .await;
+
+    let p = a.ok(&["publish", &target, "alerts", "disk full"]).await;
+    assert_eq!(p["bytes"], 9);
+    a.ok(&["publish", &target, "news", "hello"]).await;
+
+    let exact = exact.await.unwrap().json();
+    assert_eq!(exact["status"], "ok", "{exact}");
+    let ev = exact["data"]["events"].as_array().unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["topic"], "alerts");
+    assert_eq!(ev[0]["data"], "disk full");
+
+    let all = all.await.unwrap().json();
+    let ev = all["data"]["events"].as_array().unwrap();
+    // Two publishing connections: the broker may see them in either order.
+    let mut got: Vec<(&str, &str)> = ev
+        .iter()
+        .map(|e| (e["topic"].as_str().unwrap(), e["data"].as_str().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, [("alerts", "disk full"), ("news", "hello")], "{all}");
+
+    assert_eq!(a.err(&["publish", &target, "*", "x"]).await, "bad_request");
+    assert_eq!(a.err(&["subscribe", &target, "t"]).await, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_records() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let addr = b.addr();
+
+    let added = b.ok(&["names", "add", "A", "web", &addr]).await;
+    assert_eq!(added["name"], "web");
+    assert_eq!(added["origin"], "local");
+    b.ok(&["names", "add", "N", "lab", "7"]).await;
+    b.ok(&["names", "add", "S", "http", &addr, "7", "80"]).await;
+    let list = b.ok(&["names", "list"]).await;
+    assert_eq!(list["total"], 3, "{list}");
+
+    let q = a.ok(&["names", "query", &addr, "A", "web"]).await;
+    assert_eq!(q["answer"]["address"], addr.as_str());
+    let q = a.ok(&["names", "query", &addr, "N", "lab"]).await;
+    assert_eq!(q["answer"]["network_id"], 7);
+    let q = a.ok(&["names", "query", &addr, "S", "7", "80"]).await;
+    assert_eq!(q["answer"]["providers"][0]["address"], addr.as_str());
+
+    b.ok(&["names", "remove", "A", "web", &addr]).await;
+    assert_eq!(
+        a.err(&["names", "query", &addr, "A", "web"]).await,
+        "not_found"
+    );
+    assert_eq!(
+        b.err(&["names", "remove", "A", "web", &addr]).await,
+        "not_found"
+    );
+    assert_eq!(
+        b.err(&["names", "add", "A", "web", "nowhere"]).await,
+        "bad_request"
+    );
+}

@@ -1372,6 +1372,22 @@ pub enum ExtRequest {
     /// is not mistaken for a clean EOF. v1 clients never send it and never get one. Reply:
     /// `{"conn_errors": true}`.
     ConnErrors,
+    /// The local nameserver's records. Reply: `{"records": [...], "total": n}`, each record
+    /// `{"type": "A"|"N"|"S", "name", ...}`. Error: `unavailable` when the nameserver is off.
+    NameList,
+    /// Adds a permanent record to the local nameserver, written as the nameserver's REGISTER
+    /// arguments: `A <name> <addr>`, `N <name> <net_id>` or `S <name> <addr> <net_id> <port>`.
+    /// Reply: the record. Error: `bad_request` for a malformed record.
+    NameAdd {
+        /// The record.
+        record: String,
+    },
+    /// Removes a record of the local nameserver, written as for [`ExtRequest::NameAdd`].
+    /// Reply: `{"removed": bool}`.
+    NameRemove {
+        /// The record.
+        record: String,
+    },
 }
 
 impl ExtRequest {
@@ -1404,6 +1420,9 @@ impl ExtRequest {
         "set_webhook",
         "set_task_exec",
         "conn_errors",
+        "name_list",
+        "name_add",
+        "name_remove",
     ];
 
     /// Decodes a request, classifying failures the way the reply should: an unknown `op` is
@@ -1465,6 +1484,9 @@ impl ExtRequest {
             ExtRequest::SetWebhook { .. } => "set_webhook",
             ExtRequest::SetTaskExec { .. } => "set_task_exec",
             ExtRequest::ConnErrors => "conn_errors",
+            ExtRequest::NameList => "name_list",
+            ExtRequest::NameAdd { .. } => "name_add",
+            ExtRequest::NameRemove { .. } => "name_remove",
         }
     }
 }
@@ -1766,7 +1788,7 @@ mod tests {
 
     #[test]
     fn every_op_is_listed() {
-        assert_eq!(ExtRequest::OPS.len(), 27);
+        assert_eq!(ExtRequest::OPS.len(), 30);
         assert!(ExtRequest::OPS.contains(&ExtRequest::RotateKey.op()));
     }
 

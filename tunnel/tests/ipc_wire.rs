@@ -686,6 +686,13 @@ fn every_ext_request() -> Vec<ExtRequest> {
         ExtRequest::SetWebhook { url: "".into() },
         ExtRequest::SetTaskExec { enabled: true },
         ExtRequest::ConnErrors,
+        ExtRequest::NameList,
+        ExtRequest::NameAdd {
+            record: "A alice 0:0000.0000.0001".into(),
+        },
+        ExtRequest::NameRemove {
+            record: "N lab 7".into(),
+        },
     ]
 }
 

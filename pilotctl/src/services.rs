@@ -1,0 +1,280 @@
+//! Commands for the built-in services of a peer: the event stream (port 1002) and the
+//! nameserver (port 53), and the local nameserver's records.
+
+use std::time::Duration;
+
+use pilotd::eventstream::{self, EVENT_STREAM_PORT};
+use pilotd::nameserver::{self, Request, Response};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::ipc::{code, ExtRequest};
+use tunnel::SocketAddr;
+
+use crate::cli::NamesCmd;
+use crate::commands::{
+    driver_and_peer, ext, io_error, output, timed, Ctx, Stdin, Stdout, DIAL_TIMEOUT,
+    MAX_STDIN_MESSAGE,
+};
+use crate::{CtlError, Output};
+
+/// The nameserver's virtual port.
+const NAMESERVER_PORT: u16 = 53;
+
+/// The message: the argument, else stdin (at most [`MAX_STDIN_MESSAGE`] bytes).
+async fn message_or_stdin(data: Option<String>, stdin: Stdin<'_>) -> Result<Vec<u8>, CtlError> {
+    match data {
+        Some(d) => Ok(d.into_bytes()),
+        None => {
+            let mut buf = Vec::new();
+            stdin
+                .take(MAX_STDIN_MESSAGE)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| io_error("read stdin", e))?;
+            Ok(buf)
+        }
+    }
+}
+
+fn stream_error(what: &str, e: impl std::fmt::Display) -> CtlError {
+    CtlError::new(code::REFUSED, format!("{what}: {e}"))
+}
+
+/// Subscribes to `topic` (`*` for all) on the peer's broker and prints what arrives.
+pub(crate) async fn subscribe(
+    ctx: &Ctx,
+    peer: &str,
+    topic: &str,
+    count: Option<u64>,
+    timeout: Option<Duration>,
+    stdout: Stdout<'_>,
+) -> Result<Output, CtlError> {
+    if ctx.json && count.is_none() && timeout.is_none() {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "with --json, give --count or --timeout so that subscribe ends",
+        ));
+    }
+    if count == Some(0) {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--count must be at least 1",
+        ));
+    }
+    eventstream::check_topic_len(topic.len())
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, EVENT_STREAM_PORT);
+    let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+    eventstream::subscribe(&mut stream, topic)
+        .await
+        .map_err(|e| stream_error("subscribe", e))?;
+    if !ctx.json {
+        let _ = writeln!(stdout, "Subscribed to {topic:?} on {}", peer.label());
+        let _ = stdout.flush();
+    }
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut events = Vec::new();
+    let mut timed_out = false;
+    let mut ended = false;
+    while count.is_none_or(|c| (events.len() as u64) < c) {
+        let next = eventstream::next_event(&mut stream);
+        let got = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, next).await {
+                Ok(r) => r,
+                Err(_) => {
+                    timed_out = true;
+                    break;
+                }
+            },
+            None => next.await,
+        };
+        let Some((t, payload)) = got.map_err(|e| stream_error("event stream", e))? else {
+            ended = true;
+            break;
+        };
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        if !ctx.json {
+            let _ = writeln!(stdout, "[{t}] {text}");
+            let _ = stdout.flush();
+        }
+        events.push(json!({"topic": t, "data": text, "bytes": payload.len()}));
+    }
+    let n = events.len();
+    let data = json!({
+        "target": peer.label(),
+        "topic": topic,
+        "events": events,
+        "total": n,
+        "timeout": timed_out,
+        "closed": ended,
+    });
+    let text = if ended {
+        format!("The broker closed the subscription after {n} events")
+    } else {
+        String::new()
+    };
+    Ok(output(data, text))
+}
+
+/// Publishes one event on the peer's broker (as v1: subscribe to the topic, then publish).
+pub(crate) async fn publish(
+    ctx: &Ctx,
+    peer: &str,
+    topic: &str,
+    data: Option<String>,
+    stdin: Stdin<'_>,
+) -> Result<Output, CtlError> {
+    if topic == eventstream::WILDCARD {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "publish to a named topic; `*` only subscribes",
+        ));
+    }
+    eventstream::check_topic_len(topic.len())
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    let payload = message_or_stdin(data, stdin).await?;
+    eventstream::check_payload_len(payload.len() as u64)
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, EVENT_STREAM_PORT);
+    let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+    eventstream::subscribe(&mut stream, topic)
+        .await
+        .map_err(|e| stream_error("subscribe", e))?;
+    eventstream::publish(&mut stream, topic, &payload)
+        .await
+        .map_err(|e| stream_error("publish", e))?;
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| io_error("publish", e))?;
+    let data = json!({"target": peer.label(), "topic": topic, "bytes": payload.len()});
+    let text = format!(
+        "Published {} bytes to {topic:?} on {}",
+        payload.len(),
+        peer.label()
+    );
+    Ok(output(data, text))
+}
+
+pub(crate) async fn names(ctx: &Ctx, cmd: NamesCmd) -> Result<Output, CtlError> {
+    match cmd {
+        NamesCmd::List => {
+            let d = ctx.driver().await?;
+            let v = ext(&d, ExtRequest::NameList).await?;
+            let mut text = String::new();
+            for r in v["records"].as_array().into_iter().flatten() {
+                text.push_str(&record_line(r));
+                text.push('\n');
+            }
+            if text.is_empty() {
+                text = "No records".into();
+            }
+            Ok(output(v, text))
+        }
+        NamesCmd::Add { record } => {
+            let d = ctx.driver().await?;
+            let v = ext(
+                &d,
+                ExtRequest::NameAdd {
+                    record: record.join(" "),
+                },
+            )
+            .await?;
+            let text = format!("Added {}", record_line(&v));
+            Ok(output(v, text))
+        }
+        NamesCmd::Remove { record } => {
+            let d = ctx.driver().await?;
+            let joined = record.join(" ");
+            let v = ext(
+                &d,
+                ExtRequest::NameRemove {
+                    record: joined.clone(),
+                },
+            )
+            .await?;
+            if v["removed"] != true {
+                return Err(CtlError::new(
+                    code::NOT_FOUND,
+                    format!("no record {joined}"),
+                ));
+            }
+            Ok(output(v, format!("Removed {joined}")))
+        }
+        NamesCmd::Query { peer, query } => query_peer(ctx, &peer, &query.join(" ")).await,
+    }
+}
+
+fn record_line(r: &Value) -> String {
+    let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+    let origin = match r["origin"].as_str() {
+        Some("remote") => format!(" (from {}, expires {})", s("owner"), r["expires"]),
+        _ => String::new(),
+    };
+    match r["type"].as_str() {
+        Some("A") => format!("A {} {}{origin}", s("name"), s("address")),
+        Some("N") => format!("N {} {}{origin}", s("name"), r["network_id"]),
+        Some("S") => format!(
+            "S {} {} network {} port {}{origin}",
+            s("name"),
+            s("address"),
+            r["network_id"],
+            r["port"]
+        ),
+        _ => r.to_string(),
+    }
+}
+
+/// Asks a peer's nameserver: `A <name>`, `N <name>` or `S <net_id> <port>`.
+async fn query_peer(ctx: &Ctx, peer: &str, query: &str) -> Result<Output, CtlError> {
+    let req = nameserver::parse_request(&format!("QUERY {query}")).map_err(|e| {
+        CtlError::new(
+            code::BAD_REQUEST,
+            format!("query {query:?}: {e} (write `A <name>`, `N <name>` or `S <net_id> <port>`)"),
+        )
+    })?;
+    if matches!(req, Request::Register(_)) {
+        return Err(CtlError::new(code::BAD_REQUEST, "not a query"));
+    }
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, NAMESERVER_PORT);
+    let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+    let resp = tokio::time::timeout(DIAL_TIMEOUT, nameserver::query(&mut stream, &req))
+        .await
+        .map_err(|_| CtlError::new(code::TIMEOUT, format!("{dst} did not answer")))?
+        .map_err(|e| stream_error("nameserver", e))?;
+    let (data, text) = match resp {
+        Response::Err(m) if m.contains("not found") => {
+            return Err(CtlError::new(
+                code::NOT_FOUND,
+                format!("{}: {query}: {m}", peer.label()),
+            ))
+        }
+        Response::Err(m) => {
+            return Err(CtlError::new(
+                code::REFUSED,
+                format!("{}: {m}", peer.label()),
+            ))
+        }
+        other => (
+            json!({"target": peer.label(), "answer": response_json(&other)}),
+            other.to_text(),
+        ),
+    };
+    Ok(output(data, text))
+}
+
+fn response_json(r: &Response) -> Value {
+    match r {
+        Response::A { name, addr } => {
+            json!({"type": "A", "name": name, "address": addr.to_string()})
+        }
+        Response::N { name, network } => json!({"type": "N", "name": name, "network_id": network}),
+        Response::S(entries) => json!({"type": "S", "providers": entries.iter().map(|e| json!({
+            "name": e.name, "address": e.addr.to_string(), "port": e.port})).collect::<Vec<_>>()}),
+        Response::Ok => json!({"type": "OK"}),
+        Response::Err(m) => json!({"type": "ERR", "message": m}),
+    }
+}
