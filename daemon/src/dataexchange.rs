@@ -678,6 +678,9 @@ struct Tally {
     bytes: u64,
     /// Bytes reserved by transfers in progress.
     pending: u64,
+    /// The inbox's newest name stamp and its suffix.
+    last_stamp: String,
+    last_k: u32,
 }
 
 #[derive(Debug, Default)]
@@ -1145,12 +1148,24 @@ impl Service {
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        let base = format!("{kind}-{}", name_stamp(ms));
+        let stamp = name_stamp(ms);
+        let base = format!("{kind}-{stamp}");
         let received_at = rfc3339_millis(ms);
         // The inbox lock orders stores: the count check, the name choice and the link.
         let mut t = lock(&self.inbox_tally);
-        for k in 0..MAX_SUFFIX {
-            let id = with_suffix(&base, k);
+        // Within one millisecond the suffix counts on across types, so that (stamp, suffix)
+        // orders messages by arrival.
+        let first = if t.last_stamp == stamp {
+            t.last_k.saturating_add(1)
+        } else {
+            0
+        };
+        for k in first..first.saturating_add(MAX_SUFFIX) {
+            let id = if k == 0 {
+                base.clone()
+            } else {
+                format!("{base}-{k}")
+            };
             let path = self.inbox.join(format!("{id}.json"));
             if fs::symlink_metadata(&path).is_ok() {
                 continue;
@@ -1186,8 +1201,9 @@ impl Service {
             let (mut file, tmp) = self
                 .create_temp(&self.inbox, TMP_MSG_PREFIX)
                 .map_err(SaveError::Io)?;
+            // Not synced: a message is small and many may arrive; the link below makes it
+            // visible only once written.
             file.write_all(&body).map_err(SaveError::Io)?;
-            file.sync_all().map_err(SaveError::Io)?;
             drop(file);
             let linked = link_no_replace(tmp.path(), &path);
             // Linked under its final name (or failed): the temporary name goes either way.
@@ -1196,6 +1212,8 @@ impl Service {
                 Ok(()) => {
                     t.files += 1;
                     t.bytes += size;
+                    t.last_stamp = stamp;
+                    t.last_k = k;
                     return Ok(id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
