@@ -50,7 +50,8 @@
 //! - Unknown types are read, discarded and ACKed (as v1 does) and counted as bad frames.
 //! - A length over the limit is answered with ERR and the connection is closed without
 //!   reading or allocating the payload. Message payloads in memory across all connections
-//!   are bounded by [`MESSAGE_MEMORY`]; file bytes are never held whole.
+//!   are bounded by [`MESSAGE_MEMORY`] (a message that cannot get its share within 30 s is
+//!   answered `ERR <TYPE> busy` and its connection closed); file bytes are never held whole.
 
 use std::fmt;
 use std::fs;
@@ -119,6 +120,8 @@ pub const DEFAULT_MAX_INBOX_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_INBOX_BYTES: u64 = 64 << 20;
 /// File bytes moved per disk write.
 const IO_CHUNK: usize = 1 << 20;
+/// How long a message waits for its share of [`MESSAGE_MEMORY`] before it is refused.
+const MEMORY_WAIT: Duration = Duration::from_secs(30);
 /// How long a connection is drained after a closing ERR, so the reply gets out.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a client waits for the peer's reason after its upload failed.
@@ -587,6 +590,23 @@ pub struct DataExchangeStats {
     pub truncated: AtomicU64,
 }
 
+impl DataExchangeStats {
+    /// The counters as a JSON object (for Info and metrics).
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "connections": g(&self.connections),
+            "messages": g(&self.messages),
+            "files": g(&self.files),
+            "file_bytes": g(&self.file_bytes),
+            "bad_frames": g(&self.bad_frames),
+            "refused": g(&self.refused),
+            "save_errors": g(&self.save_errors),
+            "truncated": g(&self.truncated),
+        })
+    }
+}
+
 /// Why the service did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -654,8 +674,8 @@ impl DataExchange {
     }
 
     /// The counters.
-    pub fn stats(&self) -> &DataExchangeStats {
-        &self.service.stats
+    pub fn stats(&self) -> Arc<DataExchangeStats> {
+        self.service.stats.clone()
     }
 
     /// The settings.
@@ -695,7 +715,7 @@ struct Service {
     received: PathBuf,
     inbox: PathBuf,
     events: Events,
-    stats: DataExchangeStats,
+    stats: Arc<DataExchangeStats>,
     memory: Arc<Semaphore>,
     received_tally: Arc<Mutex<Tally>>,
     inbox_tally: Mutex<Tally>,
@@ -758,7 +778,7 @@ impl Service {
             received,
             inbox,
             events,
-            stats: DataExchangeStats::default(),
+            stats: Arc::default(),
             memory: Arc::new(Semaphore::new(MESSAGE_MEMORY as usize)),
             received_tally: Arc::default(),
             inbox_tally: Mutex::default(),
@@ -859,10 +879,21 @@ impl Service {
     where
         S: AsyncRead + Unpin,
     {
-        // `len` is at most MAX_PAYLOAD, below the semaphore's size.
-        let Ok(permits) = self.memory.clone().acquire_many_owned(len).await else {
-            return Step::Close;
-        };
+        // `len` is at most MAX_PAYLOAD, below the semaphore's size. The whole payload is
+        // reserved before reading, so readers never wait on each other half-way; a peer
+        // that announces much and sends slowly holds its share, so waiting is bounded.
+        let permits =
+            match tokio::time::timeout(MEMORY_WAIT, self.memory.clone().acquire_many_owned(len))
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Step::Close,
+                Err(_) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    self.warn(from, "message memory exhausted; message refused");
+                    return Step::ReplyAndClose(format!("ERR {kind} busy"));
+                }
+            };
         let Ok(payload) = read_payload(s, len).await else {
             self.stats.truncated.fetch_add(1, Ordering::Relaxed);
             return Step::Close;
@@ -1581,6 +1612,9 @@ pub enum SendError {
     /// The connection failed.
     #[error("connection: {0}")]
     Io(#[from] io::Error),
+    /// The file could not be read (or ended early); the connection is mid-frame.
+    #[error("reading the file: {0}")]
+    File(io::Error),
     /// The peer answered `ERR ...` (the whole reply).
     #[error("peer refused: {0}")]
     Refused(String),
@@ -1635,8 +1669,9 @@ where
         encode_stream_header(name.as_bytes(), size).map_err(invalid)?
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
+    // Err(Ok(e)): the file failed to read; Err(Err(e)): the connection failed.
     let upload = async {
-        wr.write_all(&head).await?;
+        wr.write_all(&head).await.map_err(Err)?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
         while sent < size {
@@ -1644,19 +1679,21 @@ where
             let Some(chunk) = buf.get_mut(..want) else {
                 break;
             };
-            let n = reader.read(chunk).await?;
+            let n = reader.read(chunk).await.map_err(Ok)?;
             if n == 0 {
-                return Err(io::Error::new(
+                return Err(Ok(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the file ended after {sent} of {size} bytes"),
-                ));
+                )));
             }
-            wr.write_all(chunk.get(..n).unwrap_or_default()).await?;
+            wr.write_all(chunk.get(..n).unwrap_or_default())
+                .await
+                .map_err(Err)?;
             sent += n as u64;
             progress(sent);
         }
-        wr.flush().await?;
-        Ok::<_, io::Error>(())
+        wr.flush().await.map_err(Err)?;
+        Ok::<_, Result<io::Error, io::Error>>(())
     };
     let reply = read_reply(&mut rd);
     tokio::pin!(upload, reply);
@@ -1667,7 +1704,9 @@ where
         },
         w = &mut upload => match w {
             Ok(()) => reply.await,
-            Err(e) => match tokio::time::timeout(REPLY_GRACE, reply).await {
+            Err(Ok(e)) => Err(SendError::File(e)),
+            // The peer may have said why it stopped reading.
+            Err(Err(e)) => match tokio::time::timeout(REPLY_GRACE, reply).await {
                 Ok(Err(r @ (SendError::Refused(_) | SendError::Unsupported(_)))) => Err(r),
                 _ => Err(SendError::Io(e)),
             },
@@ -2132,6 +2171,32 @@ mod tests {
             "{e}"
         );
         drop(peer);
+    }
+
+    #[tokio::test]
+    async fn a_short_file_fails_at_once_and_stores_nothing() {
+        let home = tempfile::tempdir().unwrap();
+        let dx = Arc::new(service(home.path()).await);
+        let (mut c, s) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn({
+            let dx = dx.clone();
+            async move { dx.serve(s, peer()).await }
+        });
+        let started = Instant::now();
+        let e = send_file(&mut c, "short", &[1u8; 10][..], 11, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::File(ref e) if e.kind() == io::ErrorKind::UnexpectedEof));
+        assert!(started.elapsed() < REPLY_GRACE);
+        drop(c);
+        srv.await.unwrap();
+        assert!(list_received(home.path()).unwrap().is_empty());
+        assert_eq!(
+            fs::read_dir(home.path().join(RECEIVED_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     impl Frame {
