@@ -1934,8 +1934,32 @@ mod tests {
                 proptest::prop_assert!(h.len <= h.kind.max_len());
                 proptest::prop_assert_eq!(&encode_frame_header(h.kind, h.len)[..], &raw[..8]);
             }
-            let _ = parse_file_payload(&raw);
-            let _ = parse_stream_header(&raw);
+            // The checks of the fuzz target.
+            if let Ok((name, body)) = parse_file_payload(&raw) {
+                let p = encode_file_prefix(name, body.len() as u64).unwrap();
+                proptest::prop_assert_eq!(&p[8..], &raw[..2 + name.len()]);
+            }
+            if let Ok((size, name)) = parse_stream_header(&raw) {
+                let frame = encode_stream_header(name, size).unwrap();
+                proptest::prop_assert_eq!(&frame[8..], &raw[..]);
+            }
+        }
+
+        #[test]
+        fn payloads_round_trip(
+            name in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            size in proptest::prelude::any::<u64>(),
+        ) {
+            let mut frame = encode_file_prefix(&name, body.len() as u64).unwrap();
+            frame.extend_from_slice(&body);
+            let h = parse_frame_header(&frame).unwrap();
+            proptest::prop_assert_eq!((h.kind, h.len as usize), (FrameType::File, frame.len() - 8));
+            proptest::prop_assert_eq!(parse_file_payload(&frame[8..]).unwrap(), (&name[..], &body[..]));
+            let frame = encode_stream_header(&name, size).unwrap();
+            let h = parse_frame_header(&frame).unwrap();
+            proptest::prop_assert_eq!(h.kind, FrameType::FileStream);
+            proptest::prop_assert_eq!(parse_stream_header(&frame[8..]).unwrap(), (size, &name[..]));
         }
     }
 
