@@ -2,6 +2,7 @@
 //! traversal, the stream and datagram engine, trust, and the IPC socket agents use.
 
 pub mod config;
+pub mod dataexchange;
 pub mod driver;
 pub mod engine;
 pub mod events;
