@@ -505,6 +505,9 @@ fn info_json_uses_v1_field_names() {
         "pkts_recv",
         "peer_list",
         "conn_list",
+        // Extensions.
+        "pid",
+        "version",
     ];
     top.sort();
     assert_eq!(keys(&v), top);
