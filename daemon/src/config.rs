@@ -110,6 +110,13 @@ pub struct Cli {
     /// Most connections in total. [default: 4096]
     #[arg(long, env = "PILOT_MAX_CONNS_TOTAL")]
     pub max_conns_total: Option<usize>,
+    /// Largest file the data exchange service accepts, in bytes. [default: 1073741824]
+    #[arg(long, env = "PILOT_MAX_FILE_SIZE")]
+    pub max_file_size: Option<u64>,
+    /// Most bytes of received files kept in <home>/received (0: no limit).
+    /// [default: 17179869184]
+    #[arg(long, env = "PILOT_MAX_RECEIVED_BYTES")]
+    pub max_received_bytes: Option<u64>,
     /// Registry connection over TLS (needs --registry-fingerprint). [default: false]
     #[arg(long, env = "PILOT_REGISTRY_TLS", num_args = 0..=1, default_missing_value = "true")]
     pub registry_tls: Option<bool>,
@@ -180,6 +187,10 @@ pub struct Config {
     pub max_conns_per_port: usize,
     /// Connections in total.
     pub max_conns_total: usize,
+    /// Largest file accepted by the data exchange service.
+    pub max_file_size: u64,
+    /// Most bytes of received files kept (0: no limit).
+    pub max_received_bytes: u64,
     /// TLS to the registry.
     pub registry_tls: bool,
     /// Pinned registry certificate.
@@ -546,6 +557,8 @@ impl Cli {
                 )?,
                 "max-conns-total",
             )?,
+            max_file_size: num(self.max_file_size, "max-file-size", 1 << 30)?,
+            max_received_bytes: num(self.max_received_bytes, "max-received-bytes", 16 << 30)?,
             registry_tls,
             registry_fingerprint,
             webhook: match nonempty(get(self.webhook.clone(), "webhook")) {
@@ -575,6 +588,8 @@ const KNOWN_KEYS: &[&str] = &[
     "allow-plaintext",
     "udp-offload",
     "no-echo",
+    "max-file-size",
+    "max-received-bytes",
     "no-dataexchange",
     "no-eventstream",
     "no-tasks",

@@ -673,6 +673,29 @@ impl DataExchange {
         self.service.serve(stream, from).await;
     }
 
+    /// Stores text received some other way (the stdio service) in the inbox as a TEXT
+    /// message from `from`, with its `message.received` event; the message ID, or why not.
+    pub async fn store_text(&self, from: PilotAddr, text: Vec<u8>) -> Result<String, String> {
+        let svc = self.service.clone();
+        let sender = from.addr.to_string();
+        let len = text.len();
+        let saved =
+            blocking(move || svc.save_message(FrameType::Text, &sender, &text, SystemTime::now()))
+                .await;
+        match saved {
+            Ok(Ok(id)) => {
+                self.service.stats.messages.fetch_add(1, Ordering::Relaxed);
+                self.service.events.emit(
+                    "message.received",
+                    json!({"type": "TEXT", "from": from.addr.to_string(), "size": len}),
+                );
+                Ok(id)
+            }
+            Ok(Err(SaveError::Full)) => Err("inbox full".into()),
+            Ok(Err(SaveError::Io(e))) | Err(e) => Err(format!("save failed: {e}")),
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> Arc<DataExchangeStats> {
         self.service.stats.clone()

@@ -69,6 +69,7 @@ use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
 use crate::nameserver::{parse_request, Nameserver, Record, Request};
 use crate::registry_link::LinkCmd;
+use crate::stdio::{Stdio, STDIO_PORT};
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
 use crate::webhook::{WebhookHandle, WebhookUrl};
 
@@ -117,6 +118,10 @@ pub struct IpcContext {
     pub events: Events,
     /// The nameserver, for the operator's records.
     pub nameserver: Option<Nameserver>,
+    /// The stdio service, which yields port 1000 to a client that binds it.
+    pub stdio: Option<Stdio>,
+    /// The state directory (inbox and received files live under it).
+    pub home: PathBuf,
     /// The webhook poster, whose URL SetWebhook changes. Without one, the URL is only
     /// checked and remembered.
     pub webhook: Option<WebhookHandle>,
@@ -880,7 +885,18 @@ impl ClientCtx {
 
     async fn bind(self, port: u16, slot: Slot) {
         let (tx, rx) = mpsc::channel(LISTEN_EVENTS);
+        // The built-in stdio service gives its port to an agent that asks for it.
+        let stdio = match &self.shared.ctx.stdio {
+            Some(s) if port == STDIO_PORT && s.holds_port().await => {
+                s.release().await;
+                Some(s.clone())
+            }
+            _ => None,
+        };
         if let Err(e) = self.engine().listen(port, tx).await {
+            if let Some(s) = stdio {
+                s.reclaim().await;
+            }
             return slot.error(&self, &e);
         }
         let kept = {
@@ -889,6 +905,7 @@ impl ClientCtx {
         };
         if !kept {
             let _ = self.engine().send(Cmd::Unlisten { port }).await;
+            self.port_released(port).await;
             return slot.error(&self, "client disconnected");
         }
         let ready = slot.send_then(encode(&Message::BindOk { port }));
@@ -1052,6 +1069,16 @@ impl ClientCtx {
         }
         for port in ports {
             let _ = self.engine().send(Cmd::Unlisten { port }).await;
+            self.port_released(port).await;
+        }
+    }
+
+    /// A port this client held is free again: the stdio service takes its port back.
+    async fn port_released(&self, port: u16) {
+        if port == STDIO_PORT {
+            if let Some(s) = &self.shared.ctx.stdio {
+                s.reclaim().await;
+            }
         }
     }
 
@@ -1376,6 +1403,44 @@ impl ClientCtx {
                     .map_err(|e| ExtError::new(code::INTERNAL, e.to_string()))?;
                 Ok(json!({"removed": removed}))
             }
+            ExtRequest::Inbox { clear } => {
+                let home = sh.ctx.home.clone();
+                blocking_json(move || {
+                    use crate::dataexchange as dx;
+                    Ok(if clear {
+                        json!({"cleared": dx::clear_inbox(&home)?})
+                    } else {
+                        let mut m: Vec<Value> = dx::list_inbox(&home)?
+                            .into_iter()
+                            .filter_map(|x| serde_json::to_value(x).ok())
+                            .collect();
+                        let total = m.len();
+                        let omitted = keep_newest_within(&mut m, MAX_LISTING_BYTES);
+                        json!({"total": total, "omitted": omitted, "messages": m,
+                               "dir": dx::inbox_dir(&home)})
+                    })
+                })
+                .await
+            }
+            ExtRequest::Received { clear } => {
+                let home = sh.ctx.home.clone();
+                blocking_json(move || {
+                    use crate::dataexchange as dx;
+                    Ok(if clear {
+                        json!({"cleared": dx::clear_received(&home)?})
+                    } else {
+                        let mut f: Vec<Value> = dx::list_received(&home)?
+                            .into_iter()
+                            .filter_map(|x| serde_json::to_value(x).ok())
+                            .collect();
+                        let total = f.len();
+                        let omitted = keep_newest_within(&mut f, MAX_LISTING_BYTES);
+                        json!({"total": total, "omitted": omitted, "files": f,
+                               "dir": dx::received_dir(&home)})
+                    })
+                })
+                .await
+            }
             ExtRequest::ConnErrors => {
                 lock(&self.state).conn_errors = true;
                 Ok(json!({"conn_errors": true}))
@@ -1665,6 +1730,44 @@ async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Durati
     .await;
     let _ = engine.send(Cmd::Close { conn }).await;
     r
+}
+
+/// Bytes of listed items one reply carries, below the 1 MiB IPC frame limit.
+const MAX_LISTING_BYTES: usize = 900 * 1024;
+
+/// Drops the oldest items (the front) until the rest serialize within `budget` bytes;
+/// returns how many were dropped.
+fn keep_newest_within(items: &mut Vec<Value>, budget: usize) -> usize {
+    let mut used = 0usize;
+    let mut keep = 0usize;
+    for v in items.iter().rev() {
+        let n = serde_json::to_vec(v)
+            .map(|b| b.len() + 1)
+            .unwrap_or(usize::MAX);
+        if used.saturating_add(n) > budget {
+            break;
+        }
+        used += n;
+        keep += 1;
+    }
+    let omitted = items.len() - keep;
+    items.drain(..omitted);
+    omitted
+}
+
+/// Runs file work off the async threads; its JSON, or an `internal` error.
+async fn blocking_json(
+    f: impl FnOnce() -> std::io::Result<Value> + Send + 'static,
+) -> Result<Value, ExtError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(ExtError::new(
+            code::NOT_FOUND,
+            format!("nothing stored yet: {e}"),
+        )),
+        Ok(Err(e)) => Err(ExtError::new(code::INTERNAL, e.to_string())),
+        Err(e) => Err(ExtError::new(code::INTERNAL, e.to_string())),
+    }
 }
 
 /// A nameserver record written as REGISTER arguments (`A alice 0:0000.0000.0001`).

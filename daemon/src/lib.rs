@@ -13,6 +13,7 @@ pub mod nameserver;
 pub mod node;
 pub mod registry_link;
 pub mod services;
+pub mod stdio;
 pub mod synlimit;
 pub mod trust;
 pub mod trust_api;

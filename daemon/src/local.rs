@@ -29,6 +29,7 @@ pub struct LocalListener {
     engine: EngineHandle,
     port: u16,
     events: mpsc::Receiver<AppEvent>,
+    closed: bool,
 }
 
 impl LocalListener {
@@ -40,6 +41,7 @@ impl LocalListener {
             engine: engine.clone(),
             port,
             events,
+            closed: false,
         })
     }
 
@@ -67,8 +69,19 @@ impl LocalListener {
     }
 }
 
+impl LocalListener {
+    /// Unbinds the port now: once this returns, the port is free for another listener.
+    pub async fn close(mut self) {
+        let _ = self.engine.send(Cmd::Unlisten { port: self.port }).await;
+        self.closed = true;
+    }
+}
+
 impl Drop for LocalListener {
     fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
         let engine = self.engine.clone();
         let port = self.port;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -1,6 +1,7 @@
 //! A running daemon: identity, tunnel socket, registry link and engine, started in order.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::lookup_host;
@@ -9,12 +10,14 @@ use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 use tunnel::Identity;
 
 use crate::config::Config;
+use crate::dataexchange::{DataExchange, DataExchangeConfig};
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
 use crate::events::Events;
 use crate::eventstream::{Broker, BrokerLimits};
 use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::nameserver::{NameLimits, Nameserver};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
+use crate::stdio::Stdio;
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
 use crate::tunnels::{TunnelConfig, Tunnels};
 use crate::webhook::{UrlError, Webhook, WebhookHandle, WebhookUrl};
@@ -211,6 +214,10 @@ pub struct Node {
     pub eventstream: Option<Broker>,
     /// The nameserver (port 53), unless turned off.
     pub nameserver: Option<Nameserver>,
+    /// The data exchange service (port 1001), unless turned off.
+    pub dataexchange: Option<Arc<DataExchange>>,
+    /// The stdio service (port 1000), unless turned off (it needs data exchange's inbox).
+    pub stdio: Option<Stdio>,
     /// The trust service.
     pub trust: TrustHandle,
     /// The IPC server.
@@ -274,6 +281,30 @@ impl Node {
                 }
             }
         };
+        let dataexchange = if config.no_dataexchange {
+            None
+        } else {
+            let mut dx = DataExchangeConfig::new(&config.home);
+            dx.max_file_size = config.max_file_size;
+            dx.max_received_bytes = config.max_received_bytes;
+            match crate::dataexchange::start(&daemon.engine, dx, events.clone()).await {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "data exchange service not started");
+                    None
+                }
+            }
+        };
+        let stdio = match (&dataexchange, config.no_stdio) {
+            (Some(dx), false) => match Stdio::start(&daemon.engine, dx.clone()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stdio service not started");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut trust_events = trust.subscribe();
         let feed = events.clone();
         tokio::spawn(async move {
@@ -298,6 +329,8 @@ impl Node {
             trust_handle: Some(trust.clone()),
             webhook: Some(webhook.clone()),
             nameserver: nameserver.clone(),
+            stdio: stdio.clone(),
+            home: config.home.clone(),
             public_key: daemon.public_key.clone(),
         };
         let ipc = match ipc_server::serve(&config.socket, ctx).await {
@@ -317,6 +350,8 @@ impl Node {
             webhook,
             eventstream,
             nameserver,
+            dataexchange,
+            stdio,
             trust,
             ipc,
         })

@@ -59,6 +59,8 @@ fn ctx(d: &Daemon) -> IpcContext {
         webhook: None,
         events: Default::default(),
         nameserver: None,
+        stdio: None,
+        home: PathBuf::from("/nonexistent"),
         public_key: d.public_key.clone(),
     }
 }

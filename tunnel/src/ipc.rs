@@ -1388,6 +1388,22 @@ pub enum ExtRequest {
         /// The record.
         record: String,
     },
+    /// Messages the data exchange and stdio services stored, oldest first. Reply:
+    /// `{"messages": [{"id","type","from","data","bytes","received_at",...}], "total", "dir"}`,
+    /// or with `clear`, `{"cleared": n}` after deleting them.
+    Inbox {
+        /// Delete them instead.
+        #[serde(default)]
+        clear: bool,
+    },
+    /// Files the data exchange service received, oldest first. Reply:
+    /// `{"files": [{"name","bytes","modified","path"}], "total", "dir"}`, or with `clear`,
+    /// `{"cleared": n}` after deleting them.
+    Received {
+        /// Delete them instead.
+        #[serde(default)]
+        clear: bool,
+    },
 }
 
 impl ExtRequest {
@@ -1423,6 +1439,8 @@ impl ExtRequest {
         "name_list",
         "name_add",
         "name_remove",
+        "inbox",
+        "received",
     ];
 
     /// Decodes a request, classifying failures the way the reply should: an unknown `op` is
@@ -1487,6 +1505,8 @@ impl ExtRequest {
             ExtRequest::NameList => "name_list",
             ExtRequest::NameAdd { .. } => "name_add",
             ExtRequest::NameRemove { .. } => "name_remove",
+            ExtRequest::Inbox { .. } => "inbox",
+            ExtRequest::Received { .. } => "received",
         }
     }
 }
@@ -1788,7 +1808,7 @@ mod tests {
 
     #[test]
     fn every_op_is_listed() {
-        assert_eq!(ExtRequest::OPS.len(), 30);
+        assert_eq!(ExtRequest::OPS.len(), 32);
         assert!(ExtRequest::OPS.contains(&ExtRequest::RotateKey.op()));
     }
 

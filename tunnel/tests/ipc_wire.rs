@@ -696,6 +696,8 @@ fn every_ext_request() -> Vec<ExtRequest> {
         ExtRequest::NameRemove {
             record: "N lab 7".into(),
         },
+        ExtRequest::Inbox { clear: false },
+        ExtRequest::Received { clear: true },
     ]
 }
 
