@@ -347,6 +347,64 @@ pub enum Command {
         timeout: Duration,
     },
 
+    /// Send a typed message to a peer's inbox (data exchange service, port 1001).
+    #[command(
+        name = "send-message",
+        after_help = "The message is MESSAGE, else stdin (at most 16 MiB). --type is text \
+                      (default), json (checked before sending) or binary. The peer stores \
+                      it in its inbox (`pilotctl inbox` there) and acknowledges it.\n\n\
+                      Example:\n  pilotctl send-message bob \"hello\"\n  pilotctl \
+                      send-message bob '{\"job\":42}' --type json\n  pilotctl send-message \
+                      bob --type binary < blob.bin"
+    )]
+    SendMessage {
+        peer: String,
+        message: Option<String>,
+        #[arg(long = "type", short = 't', default_value = "text",
+              value_parser = ["text", "json", "binary"])]
+        kind: String,
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        timeout: Duration,
+    },
+
+    /// Send a file to a peer (data exchange service, port 1001).
+    #[command(
+        name = "send-file",
+        after_help = "The peer stores it under its received/ directory with a safe name \
+                      (never overwriting: a taken name gets -1, -2, ...) and acknowledges it \
+                      once complete. Files over 16 MiB stream (a v1 peer cannot take them). \
+                      A progress bar shows on a terminal.\n\nExample:\n  pilotctl \
+                      send-file bob ./report.pdf\n  pilotctl send-file bob data.bin --name \
+                      dataset-v2.bin"
+    )]
+    SendFile {
+        peer: String,
+        path: PathBuf,
+        /// The name the peer stores it under. [default: the file's own name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Give up after this long. [default: no limit]
+        #[arg(long, value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+
+    /// Messages peers sent to this node (send-message, connect).
+    #[command(after_help = "Example:\n  pilotctl inbox\n  pilotctl --json inbox\n  \
+                      pilotctl inbox --clear")]
+    Inbox {
+        /// Delete every stored message.
+        #[arg(long)]
+        clear: bool,
+    },
+
+    /// Files peers sent to this node (send-file).
+    #[command(after_help = "Example:\n  pilotctl received\n  pilotctl received --clear")]
+    Received {
+        /// Delete every received file.
+        #[arg(long)]
+        clear: bool,
+    },
+
     /// Subscribe to a topic on a peer's event stream (port 1002) and print its events.
     #[command(
         after_help = "TOPIC `*` receives every topic. Stops after --count events or \

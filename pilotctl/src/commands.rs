@@ -129,6 +129,20 @@ pub(crate) async fn execute(
             crate::services::publish(&ctx, &peer, &topic, data, stdin).await
         }
         Command::Names(cmd) => crate::services::names(&ctx, cmd).await,
+        Command::SendMessage {
+            peer,
+            message,
+            kind,
+            timeout,
+        } => crate::services::send_message(&ctx, &peer, message, &kind, timeout, stdin).await,
+        Command::SendFile {
+            peer,
+            path,
+            name,
+            timeout,
+        } => crate::services::send_file(&ctx, &peer, &path, name, timeout).await,
+        Command::Inbox { clear } => crate::services::inbox(&ctx, clear).await,
+        Command::Received { clear } => crate::services::received(&ctx, clear).await,
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
             let url = if clear {

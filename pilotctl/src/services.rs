@@ -1,8 +1,11 @@
-//! Commands for the built-in services of a peer: the event stream (port 1002) and the
-//! nameserver (port 53), and the local nameserver's records.
+//! Commands for the built-in services: a peer's data exchange (port 1001), event stream
+//! (port 1002) and nameserver (port 53), and the local inbox, received files and name records.
 
 use std::time::Duration;
 
+use std::fmt::Write as _;
+
+use pilotd::dataexchange::{self, FrameType, SendError, DATA_PORT};
 use pilotd::eventstream::{self, EVENT_STREAM_PORT};
 use pilotd::nameserver::{self, Request, Response};
 use serde_json::{json, Value};
@@ -12,7 +15,7 @@ use tunnel::SocketAddr;
 
 use crate::cli::NamesCmd;
 use crate::commands::{
-    driver_and_peer, ext, io_error, output, timed, Ctx, Stdin, Stdout, DIAL_TIMEOUT,
+    driver_and_peer, ext, io_error, output, progress_bar, timed, Ctx, Stdin, Stdout, DIAL_TIMEOUT,
     MAX_STDIN_MESSAGE,
 };
 use crate::{CtlError, Output};
@@ -277,4 +280,173 @@ fn response_json(r: &Response) -> Value {
         Response::Ok => json!({"type": "OK"}),
         Response::Err(m) => json!({"type": "ERR", "message": m}),
     }
+}
+
+fn send_error(peer: &str, e: SendError) -> CtlError {
+    match e {
+        SendError::Invalid(m) => CtlError::new(code::BAD_REQUEST, m),
+        SendError::Io(e) => io_error(&format!("send to {peer}"), e),
+        SendError::File(e) => CtlError::new(code::BAD_REQUEST, format!("reading the file: {e}")),
+        SendError::Refused(m) => CtlError::new(code::REFUSED, format!("{peer} refused: {m}")),
+        SendError::Unsupported(m) => CtlError::new(
+            code::UNSUPPORTED,
+            format!("{peer} does not accept files over 16 MiB (it answered {m:?})"),
+        ),
+        SendError::Protocol(m) => CtlError::new(code::BAD_REPLY, format!("{peer}: {m}")),
+    }
+}
+
+/// Sends a typed message to the peer's data exchange service (port 1001).
+pub(crate) async fn send_message(
+    ctx: &Ctx,
+    peer: &str,
+    data: Option<String>,
+    kind: &str,
+    timeout: Duration,
+    stdin: Stdin<'_>,
+) -> Result<Output, CtlError> {
+    let kind: FrameType = kind.parse().map_err(|e: dataexchange::BadMessageType| {
+        CtlError::new(code::BAD_REQUEST, e.to_string())
+    })?;
+    let payload = message_or_stdin(data, stdin).await?;
+    if kind == FrameType::Json && serde_json::from_slice::<Value>(&payload).is_err() {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "--type json needs a valid JSON document",
+        ));
+    }
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, DATA_PORT);
+    let label = peer.label();
+    let work = async {
+        let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+        let ack = dataexchange::send_message(&mut stream, kind, &payload)
+            .await
+            .map_err(|e| send_error(&label, e))?;
+        let _ = stream.shutdown().await;
+        Ok::<_, CtlError>(ack)
+    };
+    let ack = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| CtlError::new(code::TIMEOUT, format!("{label} did not acknowledge")))??;
+    let data =
+        json!({"target": label, "type": kind.to_string(), "bytes": payload.len(), "ack": ack});
+    Ok(output(data, format!("{ack} ({label})")))
+}
+
+/// Sends a file to the peer's data exchange service (port 1001).
+pub(crate) async fn send_file(
+    ctx: &Ctx,
+    peer: &str,
+    path: &std::path::Path,
+    name: Option<String>,
+    timeout: Option<Duration>,
+) -> Result<Output, CtlError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, format!("{}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .await
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let size = meta.len();
+    let name = match name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| CtlError::new(code::BAD_REQUEST, "the path names no file"))?,
+    };
+    let (d, peer) = driver_and_peer(ctx, peer).await?;
+    let dst = SocketAddr::new(peer.addr, DATA_PORT);
+    let label = peer.label();
+    let bar = progress_bar(ctx, size, &name);
+    let t0 = std::time::Instant::now();
+    let work = async {
+        let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
+        let reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+        let ack = dataexchange::send_file(&mut stream, &name, reader, size, |n| {
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        })
+        .await
+        .map_err(|e| send_error(&label, e))?;
+        let _ = stream.shutdown().await;
+        Ok::<_, CtlError>(ack)
+    };
+    let r = match timeout {
+        Some(t) => tokio::time::timeout(t, work)
+            .await
+            .map_err(|_| CtlError::new(code::TIMEOUT, format!("{label} did not acknowledge")))?,
+        None => work.await,
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let ack = r?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mbps = size as f64 / secs.max(1e-9) / 1e6;
+    let data = json!({"target": label, "filename": name, "bytes": size, "ack": ack,
+                      "secs": secs, "mbps": mbps});
+    Ok(output(
+        data,
+        format!("Sent {name} ({size} bytes) to {label} in {secs:.2} s ({mbps:.1} MB/s): {ack}"),
+    ))
+}
+
+/// Messages received by the local data exchange and stdio services.
+pub(crate) async fn inbox(ctx: &Ctx, clear: bool) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Inbox { clear }).await?;
+    if clear {
+        let text = format!("Deleted {} messages", v["cleared"]);
+        return Ok(output(v, text));
+    }
+    let mut text = String::new();
+    for m in v["messages"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            text,
+            "{}  {}  from {}  {} bytes\n  {}",
+            m["received_at"].as_str().unwrap_or_default(),
+            m["type"].as_str().unwrap_or_default(),
+            m["from"].as_str().unwrap_or_default(),
+            m["bytes"],
+            m["data"].as_str().unwrap_or_default()
+        );
+    }
+    if text.is_empty() {
+        text = "No messages".into();
+    }
+    Ok(output(v, text))
+}
+
+/// Files received by the local data exchange service.
+pub(crate) async fn received(ctx: &Ctx, clear: bool) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    let v = ext(&d, ExtRequest::Received { clear }).await?;
+    if clear {
+        let text = format!("Deleted {} files", v["cleared"]);
+        return Ok(output(v, text));
+    }
+    let mut text = String::new();
+    for f in v["files"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            text,
+            "{}  {:>12} bytes  {}",
+            f["modified"].as_str().unwrap_or_default(),
+            f["bytes"],
+            f["path"].as_str().unwrap_or_default()
+        );
+    }
+    if text.is_empty() {
+        text = "No files".into();
+    }
+    Ok(output(v, text))
 }

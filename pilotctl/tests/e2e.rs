@@ -672,3 +672,91 @@ async fn name_records() {
         "bad_request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_files_and_stdio() {
+    use sha2::{Digest, Sha256};
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let target = b.addr();
+
+    // Typed messages land in B's inbox.
+    let m = a.ok(&["send-message", &target, "hello bob"]).await;
+    assert_eq!(m["ack"], "ACK TEXT 9 bytes");
+    a.ok(&["send-message", &target, r#"{"job":42}"#, "--type", "json"])
+        .await;
+    assert_eq!(
+        a.err(&["send-message", &target, "{not json", "--type", "json"])
+            .await,
+        "bad_request"
+    );
+    // connect reaches the stdio service on port 1000, which stores the text too.
+    let c = a.ok(&["connect", &target, "--message", "via stdio"]).await;
+    assert!(c.to_string().contains("ACK TEXT 9 bytes"), "{c}");
+    let inbox = b.ok(&["inbox"]).await;
+    let msgs = inbox["messages"].as_array().unwrap();
+    assert_eq!(inbox["total"], 3, "{inbox}");
+    assert_eq!(msgs[0]["type"], "TEXT");
+    assert_eq!(msgs[0]["data"], "hello bob");
+    assert_eq!(msgs[0]["from"], a.addr().as_str());
+    assert_eq!(msgs[1]["type"], "JSON");
+    assert_eq!(msgs[2]["data"], "via stdio");
+    assert_eq!(b.ok(&["inbox", "--clear"]).await["cleared"], 3);
+    assert_eq!(b.ok(&["inbox"]).await["total"], 0);
+
+    // A 100 MiB file arrives whole, with the same SHA-256.
+    let path = dir.path().join("big.bin");
+    let mut data = vec![0u8; 100 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&path, &data).unwrap();
+    let sent = a.ok(&["send-file", &target, path.to_str().unwrap()]).await;
+    assert_eq!(sent["bytes"], 100u64 << 20);
+    let files = b.ok(&["received"]).await;
+    let f = &files["files"][0];
+    assert_eq!(f["name"], "big.bin");
+    let got = std::fs::read(f["path"].as_str().unwrap()).unwrap();
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&data), "file differs");
+    drop((data, got));
+
+    // A hostile name is neutralized and lands inside received/; nothing is overwritten.
+    let small = dir.path().join("s.txt");
+    std::fs::write(&small, b"x").unwrap();
+    for _ in 0..2 {
+        a.ok(&[
+            "send-file",
+            &target,
+            small.to_str().unwrap(),
+            "--name",
+            "../../etc/passwd",
+        ])
+        .await;
+    }
+    let files = b.ok(&["received"]).await;
+    let recv_dir = files["dir"].as_str().unwrap().to_owned();
+    let names: Vec<&str> = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"passwd") && names.contains(&"passwd-1"),
+        "{names:?}"
+    );
+    for f in files["files"].as_array().unwrap() {
+        let p = std::path::Path::new(f["path"].as_str().unwrap());
+        assert_eq!(p.parent().unwrap(), std::path::Path::new(&recv_dir));
+    }
+    assert_eq!(
+        a.err(&["send-file", &target, "/nonexistent/file"]).await,
+        "bad_request"
+    );
+}
