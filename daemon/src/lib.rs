@@ -10,6 +10,7 @@ pub mod local;
 pub mod node;
 pub mod registry_link;
 pub mod services;
+pub mod tasks;
 pub mod trust;
 pub mod trust_api;
 pub mod tunnels;
