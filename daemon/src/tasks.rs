@@ -689,7 +689,9 @@ pub fn parse_frame(buf: &[u8]) -> Result<(Request, usize), FrameError> {
         .ok_or(FrameError::Truncated)?;
     let h = FrameHeader::parse(head)?;
     let end = FRAME_HEADER_LEN + h.len as usize;
-    let body = buf.get(FRAME_HEADER_LEN..end).ok_or(FrameError::Truncated)?;
+    let body = buf
+        .get(FRAME_HEADER_LEN..end)
+        .ok_or(FrameError::Truncated)?;
     Ok((parse_request(h.kind, body)?, end))
 }
 
@@ -731,8 +733,7 @@ async fn read_header<R: AsyncRead + Unpin>(
 // Base64 (standard alphabet, as Go encodes `[]byte` in JSON)
 
 mod b64 {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
     /// Standard base64 with padding.
     pub fn encode(data: &[u8]) -> String {
@@ -1406,12 +1407,13 @@ impl TaskService {
         })
         .await
         .map_err(|_| TaskError::Stopped)??;
-        let listener = LocalListener::bind(&engine, TASK_PORT)
-            .await
-            .map_err(|e| TaskError::Connection {
-                peer: format!("port {TASK_PORT}"),
-                reason: e,
-            })?;
+        let listener =
+            LocalListener::bind(&engine, TASK_PORT)
+                .await
+                .map_err(|e| TaskError::Connection {
+                    peer: format!("port {TASK_PORT}"),
+                    reason: e,
+                })?;
         let inner = Arc::new(Inner {
             config,
             engine,
@@ -1472,8 +1474,8 @@ impl TaskService {
 
 fn save_settings(store: &mut Store, on: bool) -> Result<(), TaskError> {
     let path = store.settings_path();
-    let bytes = serde_json::to_vec_pretty(&Settings { accept_tasks: on })
-        .map_err(|e| io_err(&path, e))?;
+    let bytes =
+        serde_json::to_vec_pretty(&Settings { accept_tasks: on }).map_err(|e| io_err(&path, e))?;
     write_atomic(&path, &bytes).map_err(|e| io_err(&path, e))
 }
 
@@ -1537,7 +1539,9 @@ impl Inner {
             } => {
                 let r = self.on_submit(&task_id, description, remote).await;
                 reply(task_id, r, "Task received with status NEW", || {
-                    self.counters.submits_refused.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .submits_refused
+                        .fetch_add(1, Ordering::Relaxed);
                 })
             }
             Request::StatusUpdate {
@@ -1549,7 +1553,9 @@ impl Inner {
                     .on_status(task_id.clone(), status, justification, remote)
                     .await;
                 reply(task_id, r, "Status updated", || {
-                    self.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .updates_refused
+                        .fetch_add(1, Ordering::Relaxed);
                 })
             }
             Request::SendResults {
@@ -1562,7 +1568,9 @@ impl Inner {
                     .on_results(task_id.clone(), result, completed_at, times, remote)
                     .await;
                 reply(task_id, r, "Results received", || {
-                    self.counters.updates_refused.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .updates_refused
+                        .fetch_add(1, Ordering::Relaxed);
                 })
             }
         };
@@ -1682,9 +1690,7 @@ impl Inner {
                             f.accepted_at = format_rfc3339(now / 1000);
                             f.time_idle_ms = ms_since(&f.created_at, now);
                         }
-                        TaskStatus::Executing => {
-                            f.execute_started_at = format_rfc3339(now / 1000)
-                        }
+                        TaskStatus::Executing => f.execute_started_at = format_rfc3339(now / 1000),
                         _ => {}
                     }
                     st.save(TaskKind::Submitted, f.clone())
@@ -1732,36 +1738,38 @@ impl Inner {
     ) -> Result<(), String> {
         let peer = remote.addr;
         let (file, bytes, result_type) = self
-            .with_store(move |st| -> Result<(TaskFile, usize, &'static str), String> {
-                let e = st
-                    .get(TaskKind::Submitted, &id)
-                    .filter(|e| e.peer == Some(peer))
-                    .ok_or("unknown task")?;
-                let mut f = e.file.clone();
-                if !matches!(
-                    f.status,
-                    TaskStatus::New | TaskStatus::Accepted | TaskStatus::Executing
-                ) {
-                    return Err(format!("task is {}", f.status));
-                }
-                let (name, data, result_type) = match &result {
-                    ResultData::Text(t) => ("result.txt".to_owned(), t.as_bytes(), "text"),
-                    ResultData::File { name, data } => (name.clone(), data.as_slice(), "file"),
-                };
-                let path = st.dir.join("results").join(format!("{id}_{name}"));
-                write_atomic(&path, data).map_err(|e| {
-                    tracing::warn!(path = %path.display(), error = %e, "result not saved");
-                    "results could not be stored".to_owned()
-                })?;
-                f.status = TaskStatus::Completed;
-                f.status_justification = "Task completed with results".into();
-                f.completed_at = format_rfc3339(completed_at.unwrap_or_else(now_secs));
-                [f.time_idle_ms, f.time_staged_ms, f.time_cpu_ms] = times;
-                f.result_file = path.display().to_string();
-                st.save(TaskKind::Submitted, f.clone())
-                    .map_err(|_| "task could not be stored".to_owned())?;
-                Ok((f, data.len(), result_type))
-            })
+            .with_store(
+                move |st| -> Result<(TaskFile, usize, &'static str), String> {
+                    let e = st
+                        .get(TaskKind::Submitted, &id)
+                        .filter(|e| e.peer == Some(peer))
+                        .ok_or("unknown task")?;
+                    let mut f = e.file.clone();
+                    if !matches!(
+                        f.status,
+                        TaskStatus::New | TaskStatus::Accepted | TaskStatus::Executing
+                    ) {
+                        return Err(format!("task is {}", f.status));
+                    }
+                    let (name, data, result_type) = match &result {
+                        ResultData::Text(t) => ("result.txt".to_owned(), t.as_bytes(), "text"),
+                        ResultData::File { name, data } => (name.clone(), data.as_slice(), "file"),
+                    };
+                    let path = st.dir.join("results").join(format!("{id}_{name}"));
+                    write_atomic(&path, data).map_err(|e| {
+                        tracing::warn!(path = %path.display(), error = %e, "result not saved");
+                        "results could not be stored".to_owned()
+                    })?;
+                    f.status = TaskStatus::Completed;
+                    f.status_justification = "Task completed with results".into();
+                    f.completed_at = format_rfc3339(completed_at.unwrap_or_else(now_secs));
+                    [f.time_idle_ms, f.time_staged_ms, f.time_cpu_ms] = times;
+                    f.result_file = path.display().to_string();
+                    st.save(TaskKind::Submitted, f.clone())
+                        .map_err(|_| "task could not be stored".to_owned())?;
+                    Ok((f, data.len(), result_type))
+                },
+            )
             .await
             .map_err(|e| e.to_string())??;
         tracing::info!(task = %file.task_id, peer = %peer, bytes, "task results received");
@@ -1820,13 +1828,11 @@ impl Inner {
             peer: peer.clone(),
             reason: e,
         };
-        let mut s: LocalStream = tokio::time::timeout(
-            t,
-            local::dial(&self.engine, PilotAddr::new(dst, TASK_PORT)),
-        )
-        .await
-        .map_err(|_| TaskError::Timeout(peer.clone()))?
-        .map_err(conn_err)?;
+        let mut s: LocalStream =
+            tokio::time::timeout(t, local::dial(&self.engine, PilotAddr::new(dst, TASK_PORT)))
+                .await
+                .map_err(|_| TaskError::Timeout(peer.clone()))?
+                .map_err(conn_err)?;
         let mut replies = Vec::new();
         for f in frames {
             let one = async {
@@ -2240,7 +2246,9 @@ impl TaskHandle {
 
     /// One task's whole record.
     pub fn get(&self, kind: TaskKind, id: &str) -> Option<TaskFile> {
-        lock(&self.inner.store).get(kind, id).map(|e| e.file.clone())
+        lock(&self.inner.store)
+            .get(kind, id)
+            .map(|e| e.file.clone())
     }
 
     /// Received tasks waiting for a decision or for execution (NEW and ACCEPTED), in
@@ -2278,7 +2286,9 @@ impl TaskHandle {
         let (f, peer) = self
             .inner
             .with_store(move |st| {
-                let e = st.get(kind, &i).ok_or_else(|| TaskError::NotFound(i.clone()))?;
+                let e = st
+                    .get(kind, &i)
+                    .ok_or_else(|| TaskError::NotFound(i.clone()))?;
                 let (mut f, peer) = (e.file.clone(), e.peer);
                 check(&mut f, now_ms())?;
                 st.save(kind, f.clone())?;
@@ -2631,11 +2641,20 @@ mod tests {
 
     #[test]
     fn file_names_are_reduced_to_safe_base_names() {
-        assert_eq!(sanitize_filename("report.pdf").as_deref(), Some("report.pdf"));
-        assert_eq!(sanitize_filename("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(
+            sanitize_filename("report.pdf").as_deref(),
+            Some("report.pdf")
+        );
+        assert_eq!(
+            sanitize_filename("../../etc/passwd").as_deref(),
+            Some("passwd")
+        );
         assert_eq!(sanitize_filename("..\\..\\x.txt").as_deref(), Some("x.txt"));
         assert_eq!(sanitize_filename(".bashrc").as_deref(), Some("bashrc"));
-        assert_eq!(sanitize_filename("a\nb\u{7}.csv").as_deref(), Some("ab.csv"));
+        assert_eq!(
+            sanitize_filename("a\nb\u{7}.csv").as_deref(),
+            Some("ab.csv")
+        );
         assert_eq!(sanitize_filename(".."), None);
         assert_eq!(sanitize_filename("dir/"), None);
         assert_eq!(sanitize_filename(""), None);
@@ -2653,8 +2672,14 @@ mod tests {
             FrameHeader::parse(b)
         };
         assert_eq!(h(4, MAX_FRAME).unwrap().len, MAX_FRAME);
-        assert!(matches!(h(4, MAX_FRAME + 1), Err(FrameError::TooLarge { .. })));
-        assert!(matches!(h(1, MAX_SMALL_FRAME + 1), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            h(4, MAX_FRAME + 1),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            h(1, MAX_SMALL_FRAME + 1),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert_eq!(h(2, 10), Err(FrameError::UnknownType(2)));
         assert_eq!(h(0, 0), Err(FrameError::UnknownType(0)));
     }
@@ -2678,7 +2703,10 @@ mod tests {
         assert_eq!(parse_frame(&f[..f.len() - 1]), Err(FrameError::Truncated));
         let bad = encode_frame(1, br#"{"task_id":"../../x","task_description":"d"}"#);
         assert_eq!(parse_frame(&bad), Err(FrameError::BadTaskId));
-        let new = encode_frame(3, format!(r#"{{"task_id":"{id}","status":"NEW"}}"#).as_bytes());
+        let new = encode_frame(
+            3,
+            format!(r#"{{"task_id":"{id}","status":"NEW"}}"#).as_bytes(),
+        );
         assert!(matches!(parse_frame(&new), Err(FrameError::Invalid(_))));
         let file = encode_frame(
             4,
