@@ -15,6 +15,7 @@ pub mod registry_link;
 pub mod services;
 pub mod stdio;
 pub mod synlimit;
+pub mod tasks;
 pub mod trust;
 pub mod trust_api;
 pub mod tunnels;
