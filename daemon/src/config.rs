@@ -110,6 +110,10 @@ pub struct Cli {
     /// Most connections in total. [default: 4096]
     #[arg(long, env = "PILOT_MAX_CONNS_TOTAL")]
     pub max_conns_total: Option<usize>,
+    /// Accept tasks from peers (the setting is kept in <home>/tasks/settings.json;
+    /// `pilotctl enable-tasks` changes it at run time). [default: the kept setting, else off]
+    #[arg(long, env = "PILOT_ACCEPT_TASKS", num_args = 0..=1, default_missing_value = "true")]
+    pub accept_tasks: Option<bool>,
     /// Largest file the data exchange service accepts, in bytes. [default: 1073741824]
     #[arg(long, env = "PILOT_MAX_FILE_SIZE")]
     pub max_file_size: Option<u64>,
@@ -187,6 +191,8 @@ pub struct Config {
     pub max_conns_per_port: usize,
     /// Connections in total.
     pub max_conns_total: usize,
+    /// Accept tasks: `None` keeps the setting kept in the state directory.
+    pub accept_tasks: Option<bool>,
     /// Largest file accepted by the data exchange service.
     pub max_file_size: u64,
     /// Most bytes of received files kept (0: no limit).
@@ -557,6 +563,13 @@ impl Cli {
                 )?,
                 "max-conns-total",
             )?,
+            accept_tasks: match self.accept_tasks {
+                Some(b) => Some(b),
+                None => match get(None, "accept-tasks") {
+                    Some(_) => Some(bool_of(None, "accept-tasks", false)?),
+                    None => None,
+                },
+            },
             max_file_size: num(self.max_file_size, "max-file-size", 1 << 30)?,
             max_received_bytes: num(self.max_received_bytes, "max-received-bytes", 16 << 30)?,
             registry_tls,
@@ -589,6 +602,7 @@ const KNOWN_KEYS: &[&str] = &[
     "udp-offload",
     "no-echo",
     "max-file-size",
+    "accept-tasks",
     "max-received-bytes",
     "no-dataexchange",
     "no-eventstream",

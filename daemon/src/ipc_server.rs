@@ -70,6 +70,7 @@ use crate::events::Events;
 use crate::nameserver::{parse_request, Nameserver, Record, Request};
 use crate::registry_link::LinkCmd;
 use crate::stdio::{Stdio, STDIO_PORT};
+use crate::tasks::{read_result_file, ResultInput, TaskError, TaskHandle, TaskKind};
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
 use crate::webhook::{WebhookHandle, WebhookUrl};
 
@@ -118,6 +119,8 @@ pub struct IpcContext {
     pub events: Events,
     /// The nameserver, for the operator's records.
     pub nameserver: Option<Nameserver>,
+    /// The task service.
+    pub tasks: Option<TaskHandle>,
     /// The stdio service, which yields port 1000 to a client that binds it.
     pub stdio: Option<Stdio>,
     /// The state directory (inbox and received files live under it).
@@ -811,9 +814,15 @@ impl ClientCtx {
             },
             Message::SetTaskExec { enabled } => {
                 let req = json!({"type": "set_task_exec", "node_id": null, "enabled": enabled});
-                spawn_reply!(|this, slot| this
-                    .registry_reply(slot, req, |json| Message::SetTaskExecOk { json })
-                    .await)
+                spawn_reply!(|this, slot| {
+                    if let Some(t) = &this.shared.ctx.tasks {
+                        if let Err(e) = t.set_enabled(enabled).await {
+                            return slot.error(&this, &e.to_string());
+                        }
+                    }
+                    this.registry_reply(slot, req, |json| Message::SetTaskExecOk { json })
+                        .await
+                })
             }
             Message::SetWebhook { url } => {
                 let frame = match self.shared.set_webhook(url) {
@@ -1372,6 +1381,9 @@ impl ClientCtx {
                 to_value(&ipc::WebhookReply { webhook: url })
             }
             ExtRequest::SetTaskExec { enabled } => {
+                if let Some(t) = &sh.ctx.tasks {
+                    t.set_enabled(enabled).await.map_err(task_error)?;
+                }
                 sh.registry(json!({"type": "set_task_exec", "node_id": null, "enabled": enabled}))
                     .await
                     .map_err(registry_error)?;
@@ -1441,11 +1453,99 @@ impl ClientCtx {
                 })
                 .await
             }
+            ExtRequest::TaskSubmit {
+                node_id,
+                description,
+            } => {
+                let t = self.tasks()?;
+                let r = t
+                    .submit(Addr::new(0, node_id), &description)
+                    .await
+                    .map_err(task_error)?;
+                to_value(&r)
+            }
+            ExtRequest::TaskList { kind } => {
+                let t = self.tasks()?;
+                let kind = match kind.as_deref() {
+                    None | Some("") | Some("all") => None,
+                    Some("received") => Some(TaskKind::Received),
+                    Some("submitted") => Some(TaskKind::Submitted),
+                    Some(other) => {
+                        return Err(ExtError::new(
+                            code::BAD_REQUEST,
+                            format!("task list kind {other:?}: use received or submitted"),
+                        ))
+                    }
+                };
+                let tasks = t.list(kind);
+                Ok(json!({"total": tasks.len(), "tasks": to_value(&tasks)?}))
+            }
+            ExtRequest::TaskQueue => {
+                let q = self.tasks()?.queue();
+                Ok(json!({"count": q.len(), "queue": to_value(&q)?}))
+            }
+            ExtRequest::TaskAccept { task_id } => {
+                check_task_id(&task_id)?;
+                to_value(&self.tasks()?.accept(&task_id).await.map_err(task_error)?)
+            }
+            ExtRequest::TaskDecline {
+                task_id,
+                justification,
+            } => {
+                check_task_id(&task_id)?;
+                to_value(
+                    &self
+                        .tasks()?
+                        .decline(&task_id, &justification)
+                        .await
+                        .map_err(task_error)?,
+                )
+            }
+            ExtRequest::TaskCancel { task_id } => {
+                check_task_id(&task_id)?;
+                to_value(&self.tasks()?.cancel(&task_id).await.map_err(task_error)?)
+            }
+            ExtRequest::TaskExecute => {
+                to_value(&self.tasks()?.execute().await.map_err(task_error)?)
+            }
+            ExtRequest::TaskResults {
+                task_id,
+                text,
+                file,
+            } => {
+                check_task_id(&task_id)?;
+                let t = self.tasks()?;
+                let input = match (text, file) {
+                    (Some(text), None) => ResultInput::Text(text),
+                    (None, Some(path)) => tokio::task::spawn_blocking(move || {
+                        read_result_file(std::path::Path::new(&path))
+                    })
+                    .await
+                    .map_err(|e| ExtError::new(code::INTERNAL, e.to_string()))?
+                    .map_err(task_error)?,
+                    _ => {
+                        return Err(ExtError::new(
+                            code::BAD_REQUEST,
+                            "give the results as text or as a file, not both",
+                        ))
+                    }
+                };
+                to_value(&t.send_results(&task_id, input).await.map_err(task_error)?)
+            }
             ExtRequest::ConnErrors => {
                 lock(&self.state).conn_errors = true;
                 Ok(json!({"conn_errors": true}))
             }
         }
+    }
+
+    fn tasks(&self) -> Result<&TaskHandle, ExtError> {
+        self.shared.ctx.tasks.as_ref().ok_or_else(|| {
+            ExtError::new(
+                code::UNAVAILABLE,
+                "the task service is off (pilotd --no-tasks)",
+            )
+        })
     }
 
     fn nameserver(&self) -> Result<&Nameserver, ExtError> {
@@ -1730,6 +1830,32 @@ async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Durati
     .await;
     let _ = engine.send(Cmd::Close { conn }).await;
     r
+}
+
+/// Task IDs are `8-4-4-4-12` lowercase hex, as pilotctl shows them.
+fn check_task_id(id: &str) -> Result<(), ExtError> {
+    if crate::tasks::valid_task_id(id) {
+        Ok(())
+    } else {
+        Err(ExtError::new(
+            code::BAD_REQUEST,
+            format!("{id:?} is not a task ID (8-4-4-4-12 lowercase hex, as `tasks list` shows)"),
+        ))
+    }
+}
+
+/// A task service failure with the closest stable code.
+fn task_error(e: TaskError) -> ExtError {
+    let c = match e.code() {
+        "not_found" => code::NOT_FOUND,
+        "unavailable" => code::UNAVAILABLE,
+        "timeout" => code::TIMEOUT,
+        "connection_failed" => code::REFUSED,
+        "internal" => code::INTERNAL,
+        // invalid_argument, invalid_state, expired
+        _ => code::BAD_REQUEST,
+    };
+    ExtError::new(c, e.to_string())
 }
 
 /// Bytes of listed items one reply carries, below the 1 MiB IPC frame limit.

@@ -18,6 +18,7 @@ use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::nameserver::{NameLimits, Nameserver};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
 use crate::stdio::Stdio;
+use crate::tasks::{TaskConfig, TaskService};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
 use crate::tunnels::{TunnelConfig, Tunnels};
 use crate::webhook::{UrlError, Webhook, WebhookHandle, WebhookUrl};
@@ -218,6 +219,8 @@ pub struct Node {
     pub dataexchange: Option<Arc<DataExchange>>,
     /// The stdio service (port 1000), unless turned off (it needs data exchange's inbox).
     pub stdio: Option<Stdio>,
+    /// The task service (port 1003), unless turned off.
+    pub tasks: Option<TaskService>,
     /// The trust service.
     pub trust: TrustHandle,
     /// The IPC server.
@@ -305,6 +308,28 @@ impl Node {
             },
             _ => None,
         };
+        let tasks = if config.no_tasks {
+            None
+        } else {
+            let cfg = TaskConfig {
+                enabled: config.accept_tasks,
+                ..TaskConfig::new(&config.home)
+            };
+            match TaskService::start(
+                cfg,
+                daemon.engine.clone(),
+                daemon.link.clone(),
+                events.clone(),
+            )
+            .await
+            {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "task service not started");
+                    None
+                }
+            }
+        };
         let mut trust_events = trust.subscribe();
         let feed = events.clone();
         tokio::spawn(async move {
@@ -330,6 +355,7 @@ impl Node {
             webhook: Some(webhook.clone()),
             nameserver: nameserver.clone(),
             stdio: stdio.clone(),
+            tasks: tasks.as_ref().map(TaskService::handle),
             home: config.home.clone(),
             public_key: daemon.public_key.clone(),
         };
@@ -352,6 +378,7 @@ impl Node {
             nameserver,
             dataexchange,
             stdio,
+            tasks,
             trust,
             ipc,
         })
@@ -361,6 +388,9 @@ impl Node {
     /// connection (FIN) and stops the engine.
     pub async fn shutdown(self) {
         self.ipc.shutdown().await;
+        if let Some(t) = self.tasks {
+            t.stop().await;
+        }
         if let Some(ns) = &self.nameserver {
             if let Err(e) = ns.flush().await {
                 tracing::warn!(error = %e, "nameserver records not saved");

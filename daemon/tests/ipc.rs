@@ -60,6 +60,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         events: Default::default(),
         nameserver: None,
         stdio: None,
+        tasks: None,
         home: PathBuf::from("/nonexistent"),
         public_key: d.public_key.clone(),
     }

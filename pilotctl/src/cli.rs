@@ -443,6 +443,17 @@ pub enum Command {
     )]
     Names(NamesCmd),
 
+    /// Hand tasks to peers and work on tasks peers hand to this node (port 1003).
+    #[command(
+        subcommand,
+        visible_alias = "task",
+        after_help = "A peer accepts tasks only after `pilotctl enable-tasks` there.\n\n\
+                      Example:\n  pilotctl tasks submit bob \"summarize today's logs\"\n  \
+                      pilotctl tasks list --type received\n  pilotctl tasks accept <id>\n  \
+                      pilotctl tasks execute\n  pilotctl tasks results <id> --text \"done\""
+    )]
+    Tasks(TasksCmd),
+
     /// Start, stop or check pilotd for this socket.
     #[command(
         subcommand,
@@ -530,6 +541,66 @@ pub enum NamesCmd {
         peer: String,
         #[arg(required = true, num_args = 2..=3)]
         query: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TasksCmd {
+    /// Hand a task to a peer; it answers at once whether it accepts it into its queue.
+    #[command(
+        after_help = "Example:\n  pilotctl tasks submit bob \"resize the images in \
+                      bucket 7\""
+    )]
+    Submit {
+        peer: String,
+        #[arg(required = true, trailing_var_arg = true)]
+        description: Vec<String>,
+    },
+    /// Tasks received from peers and submitted to them, with their status.
+    #[command(
+        after_help = "Example:\n  pilotctl tasks list\n  pilotctl tasks list --type \
+                      submitted"
+    )]
+    List {
+        #[arg(long = "type", value_parser = ["received", "submitted"])]
+        kind: Option<String>,
+    },
+    /// Received tasks waiting to run (NEW and ACCEPTED), oldest first.
+    #[command(after_help = "Example:\n  pilotctl tasks queue")]
+    Queue,
+    /// Accept a received task; the submitter is told.
+    #[command(
+        after_help = "Example:\n  pilotctl tasks accept 1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    )]
+    Accept { task_id: String },
+    /// Decline a received task with a reason; the submitter is told.
+    #[command(after_help = "Example:\n  pilotctl tasks decline <id> \"no GPU here\"")]
+    Decline {
+        task_id: String,
+        #[arg(required = true, trailing_var_arg = true)]
+        justification: Vec<String>,
+    },
+    /// Withdraw a task this node submitted.
+    #[command(after_help = "Example:\n  pilotctl tasks cancel <id>")]
+    Cancel { task_id: String },
+    /// Start the oldest accepted task (its status becomes EXECUTING).
+    #[command(after_help = "Example:\n  pilotctl tasks execute")]
+    Execute,
+    /// Send a task's results to its submitter, as text or a file.
+    #[command(
+        after_help = "A file must be at most 8 MiB with a document, data, image or \
+                      model extension (md txt rtf docx pdf pptx csv parquet xlsx xls jpg png \
+                      svg gif webp pth pt onnx h5 pb ckpt safetensors bin ...); source code \
+                      is refused.\n\nExample:\n  \
+                      pilotctl tasks results <id> --text \"42\"\n  pilotctl tasks results \
+                      <id> --file out.csv"
+    )]
+    Results {
+        task_id: String,
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 

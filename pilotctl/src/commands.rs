@@ -142,6 +142,7 @@ pub(crate) async fn execute(
             timeout,
         } => crate::services::send_file(&ctx, &peer, &path, name, timeout).await,
         Command::Inbox { clear } => crate::services::inbox(&ctx, clear).await,
+        Command::Tasks(cmd) => crate::services::tasks(&ctx, cmd).await,
         Command::Received { clear } => crate::services::received(&ctx, clear).await,
         Command::Networks(cmd) => networks(&ctx, cmd).await,
         Command::Webhook { url, clear } => {
@@ -337,7 +338,7 @@ impl Peer {
 }
 
 /// Turns a parsed target into a node, asking the registry (through the daemon) for hostnames.
-async fn resolve(d: &Driver, target: &Target) -> Result<Peer, CtlError> {
+pub(crate) async fn resolve(d: &Driver, target: &Target) -> Result<Peer, CtlError> {
     let peer = match target {
         Target::Addr(a) => Peer {
             addr: *a,

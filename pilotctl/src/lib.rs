@@ -47,7 +47,7 @@ use clap::Parser;
 use serde_json::Value;
 use tokio::io::AsyncRead;
 
-pub use cli::{Cli, Command, DaemonCmd, NamesCmd, NetworksCmd};
+pub use cli::{Cli, Command, DaemonCmd, NamesCmd, NetworksCmd, TasksCmd};
 pub use tunnel::ipc::code;
 
 /// Exit status on success.

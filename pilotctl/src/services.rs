@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::ipc::{code, ExtRequest};
 use tunnel::SocketAddr;
 
-use crate::cli::NamesCmd;
+use crate::cli::{NamesCmd, TasksCmd};
 use crate::commands::{
     driver_and_peer, ext, io_error, output, progress_bar, timed, Ctx, Stdin, Stdout, DIAL_TIMEOUT,
     MAX_STDIN_MESSAGE,
@@ -447,6 +447,152 @@ pub(crate) async fn received(ctx: &Ctx, clear: bool) -> Result<Output, CtlError>
     }
     if text.is_empty() {
         text = "No files".into();
+    }
+    Ok(output(v, text))
+}
+
+pub(crate) async fn tasks(ctx: &Ctx, cmd: TasksCmd) -> Result<Output, CtlError> {
+    let d = ctx.driver().await?;
+    match cmd {
+        TasksCmd::Submit { peer, description } => {
+            let target = crate::parse::parse_target(&peer)?;
+            let peer = crate::commands::resolve(&d, &target).await?;
+            let v = ext(
+                &d,
+                ExtRequest::TaskSubmit {
+                    node_id: peer.node(),
+                    description: description.join(" "),
+                },
+            )
+            .await?;
+            if v["accepted"] != true {
+                return Err(CtlError::new(
+                    code::REFUSED,
+                    format!(
+                        "{} refused the task: {}",
+                        peer.label(),
+                        v["message"].as_str().unwrap_or_default()
+                    ),
+                ));
+            }
+            let text = format!(
+                "Task {} accepted by {} ({})",
+                v["task_id"].as_str().unwrap_or_default(),
+                peer.label(),
+                v["message"].as_str().unwrap_or_default()
+            );
+            Ok(output(v, text))
+        }
+        TasksCmd::List { kind } => {
+            let v = ext(&d, ExtRequest::TaskList { kind }).await?;
+            let mut text = String::new();
+            for t in v["tasks"].as_array().into_iter().flatten() {
+                let s = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+                let _ = writeln!(
+                    text,
+                    "{}  {:<10} {:<9} from {} to {}\n  {}",
+                    s("task_id"),
+                    s("status"),
+                    s("category"),
+                    s("from"),
+                    s("to"),
+                    s("description")
+                );
+            }
+            if text.is_empty() {
+                text = "No tasks".into();
+            }
+            Ok(output(v, text))
+        }
+        TasksCmd::Queue => {
+            let v = ext(&d, ExtRequest::TaskQueue).await?;
+            let mut text = String::new();
+            for t in v["queue"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    text,
+                    "{}  from {}  {}",
+                    t["task_id"].as_str().unwrap_or_default(),
+                    t["from"].as_str().unwrap_or_default(),
+                    t["description"].as_str().unwrap_or_default()
+                );
+            }
+            if text.is_empty() {
+                text = "The queue is empty".into();
+            }
+            Ok(output(v, text))
+        }
+        TasksCmd::Accept { task_id } => {
+            status_output(ext(&d, ExtRequest::TaskAccept { task_id }).await?)
+        }
+        TasksCmd::Decline {
+            task_id,
+            justification,
+        } => status_output(
+            ext(
+                &d,
+                ExtRequest::TaskDecline {
+                    task_id,
+                    justification: justification.join(" "),
+                },
+            )
+            .await?,
+        ),
+        TasksCmd::Cancel { task_id } => {
+            status_output(ext(&d, ExtRequest::TaskCancel { task_id }).await?)
+        }
+        TasksCmd::Execute => {
+            let v = ext(&d, ExtRequest::TaskExecute).await?;
+            let text = format!(
+                "Executing {} from {}: {}",
+                v["task_id"].as_str().unwrap_or_default(),
+                v["from"].as_str().unwrap_or_default(),
+                v["task_description"].as_str().unwrap_or_default()
+            );
+            Ok(output(v, text))
+        }
+        TasksCmd::Results {
+            task_id,
+            text,
+            file,
+        } => {
+            let file = match file {
+                Some(p) => Some(
+                    std::fs::canonicalize(&p)
+                        .map_err(|e| {
+                            CtlError::new(code::BAD_REQUEST, format!("{}: {e}", p.display()))
+                        })?
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+                None => None,
+            };
+            let v = ext(
+                &d,
+                ExtRequest::TaskResults {
+                    task_id,
+                    text,
+                    file,
+                },
+            )
+            .await?;
+            let text = format!(
+                "Results of {} sent to {}",
+                v["task_id"].as_str().unwrap_or_default(),
+                v["sent_to"].as_str().unwrap_or_default()
+            );
+            Ok(output(v, text))
+        }
+    }
+}
+
+fn status_output(v: Value) -> Result<Output, CtlError> {
+    let mut text = format!(
+        "Task {} is {}",
+        v["task_id"].as_str().unwrap_or_default(),
+        v["status"].as_str().unwrap_or_default()
+    );
+    if v["notified"] == false {
+        text.push_str(" (the other side could not be told yet)");
     }
     Ok(output(v, text))
 }

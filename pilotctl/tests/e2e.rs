@@ -760,3 +760,63 @@ async fn messages_files_and_stdio() {
         "bad_request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegated_task_and_its_result() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let target = b.addr();
+
+    // B does not take tasks until it says so.
+    assert_eq!(
+        a.err(&["tasks", "submit", &target, "add", "2", "and", "3"])
+            .await,
+        "refused"
+    );
+    b.ok(&["enable-tasks"]).await;
+    let sub = a
+        .ok(&["tasks", "submit", &target, "add", "2", "and", "3"])
+        .await;
+    assert_eq!(sub["accepted"], true, "{sub}");
+    let id = sub["task_id"].as_str().unwrap().to_owned();
+
+    let list = b.ok(&["tasks", "list", "--type", "received"]).await;
+    let t = &list["tasks"][0];
+    assert_eq!(t["task_id"], id.as_str());
+    assert_eq!(t["status"], "NEW");
+    assert_eq!(t["description"], "add 2 and 3");
+    assert_eq!(t["from"], a.addr().as_str());
+
+    b.ok(&["tasks", "accept", &id]).await;
+    assert_eq!(b.ok(&["tasks", "queue"]).await["count"], 1);
+    let ex = b.ok(&["tasks", "execute"]).await;
+    assert_eq!(ex["task_id"], id.as_str());
+    let res = b.ok(&["tasks", "results", &id, "--text", "5"]).await;
+    assert_eq!(res["task_id"], id.as_str());
+
+    // A sees the task done and holds its result.
+    let t0 = Instant::now();
+    let last = loop {
+        let l = a.ok(&["tasks", "list", "--type", "submitted"]).await;
+        if matches!(
+            l["tasks"][0]["status"].as_str(),
+            Some("COMPLETED" | "SUCCEEDED")
+        ) {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never done: {l}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let result_file = last["tasks"][0]["result_file"].as_str().unwrap().to_owned();
+    assert_eq!(std::fs::read_to_string(result_file).unwrap(), "5");
+
+    // Unknown and malformed IDs are errors with codes.
+    assert_eq!(b.err(&["tasks", "accept", "../../x"]).await, "bad_request");
+    assert_eq!(
+        b.err(&["tasks", "accept", "00000000-0000-4000-8000-000000000000"])
+            .await,
+        "not_found"
+    );
+}

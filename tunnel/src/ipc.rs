@@ -1404,6 +1404,58 @@ pub enum ExtRequest {
         #[serde(default)]
         clear: bool,
     },
+    /// Hands a task to a peer's task service (port 1003). Reply:
+    /// `{"target","task_id","task","status","message","accepted"}`; a refusal by the peer is
+    /// `accepted: false` with its message.
+    TaskSubmit {
+        /// The peer.
+        node_id: u32,
+        /// What to do.
+        description: String,
+    },
+    /// Tasks this node received and submitted, or one kind (`received`, `submitted`). Reply:
+    /// `{"tasks": [{"task_id","description","status","from","to","created_at",...}], "total"}`.
+    TaskList {
+        /// `received` or `submitted`; both when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+    },
+    /// Received tasks waiting (NEW and ACCEPTED), oldest first. Reply: `{"queue": [...],
+    /// "count"}`.
+    TaskQueue,
+    /// Accepts a received task. Reply: `{"task_id","status","message","notified"}`.
+    TaskAccept {
+        /// The task.
+        task_id: String,
+    },
+    /// Declines a received task, telling the submitter why. Reply as for `TaskAccept`.
+    TaskDecline {
+        /// The task.
+        task_id: String,
+        /// Why.
+        justification: String,
+    },
+    /// Withdraws a task this node submitted. Reply as for `TaskAccept`.
+    TaskCancel {
+        /// The task.
+        task_id: String,
+    },
+    /// Starts the oldest accepted task. Reply: `{"task_id","task_description","status",
+    /// "from","notified"}`.
+    TaskExecute,
+    /// Sends a task's results to its submitter: `text`, or the file at `file` (read by the
+    /// daemon; its extension must be on the allowed list). Reply: `{"task_id","status",
+    /// "sent_to","sent_type",...}`.
+    TaskResults {
+        /// The task.
+        task_id: String,
+        /// Text results.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        /// A results file on the daemon's host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+    },
 }
 
 impl ExtRequest {
@@ -1441,6 +1493,14 @@ impl ExtRequest {
         "name_remove",
         "inbox",
         "received",
+        "task_submit",
+        "task_list",
+        "task_queue",
+        "task_accept",
+        "task_decline",
+        "task_cancel",
+        "task_execute",
+        "task_results",
     ];
 
     /// Decodes a request, classifying failures the way the reply should: an unknown `op` is
@@ -1507,6 +1567,14 @@ impl ExtRequest {
             ExtRequest::NameRemove { .. } => "name_remove",
             ExtRequest::Inbox { .. } => "inbox",
             ExtRequest::Received { .. } => "received",
+            ExtRequest::TaskSubmit { .. } => "task_submit",
+            ExtRequest::TaskList { .. } => "task_list",
+            ExtRequest::TaskQueue => "task_queue",
+            ExtRequest::TaskAccept { .. } => "task_accept",
+            ExtRequest::TaskDecline { .. } => "task_decline",
+            ExtRequest::TaskCancel { .. } => "task_cancel",
+            ExtRequest::TaskExecute => "task_execute",
+            ExtRequest::TaskResults { .. } => "task_results",
         }
     }
 }
@@ -1808,7 +1876,7 @@ mod tests {
 
     #[test]
     fn every_op_is_listed() {
-        assert_eq!(ExtRequest::OPS.len(), 32);
+        assert_eq!(ExtRequest::OPS.len(), 40);
         assert!(ExtRequest::OPS.contains(&ExtRequest::RotateKey.op()));
     }
 

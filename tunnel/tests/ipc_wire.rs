@@ -698,6 +698,30 @@ fn every_ext_request() -> Vec<ExtRequest> {
         },
         ExtRequest::Inbox { clear: false },
         ExtRequest::Received { clear: true },
+        ExtRequest::TaskSubmit {
+            node_id: 5,
+            description: "sum 2 and 3".into(),
+        },
+        ExtRequest::TaskList {
+            kind: Some("received".into()),
+        },
+        ExtRequest::TaskQueue,
+        ExtRequest::TaskAccept {
+            task_id: "0123abcd-0000-4000-8000-000000000001".into(),
+        },
+        ExtRequest::TaskDecline {
+            task_id: "0123abcd-0000-4000-8000-000000000001".into(),
+            justification: "busy".into(),
+        },
+        ExtRequest::TaskCancel {
+            task_id: "0123abcd-0000-4000-8000-000000000001".into(),
+        },
+        ExtRequest::TaskExecute,
+        ExtRequest::TaskResults {
+            task_id: "0123abcd-0000-4000-8000-000000000001".into(),
+            text: Some("5".into()),
+            file: None,
+        },
     ]
 }
 
