@@ -820,3 +820,84 @@ async fn a_delegated_task_and_its_result() {
         "not_found"
     );
 }
+
+/// A minimal HTTP endpoint: every POST body (JSON) goes to the channel; answers 200.
+async fn hook_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Parse every complete request in the buffer.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            break;
+                        }
+                        let body = buf[end + 4..end + 4 + len].to_vec();
+                        buf.drain(..end + 4 + len);
+                        let _ = tx.send(serde_json::from_slice(&body).unwrap());
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_events_reach_the_configured_url() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let (url, mut events) = hook_server().await;
+    let set = b.ok(&["webhook", &url]).await;
+    assert_eq!(set["webhook"], url.as_str());
+
+    a.ok(&["send-message", &b.addr(), "for the hook"]).await;
+    let want = ["conn.established", "message.received"];
+    let mut seen = Vec::new();
+    while !want.iter().all(|w| seen.iter().any(|s: &String| s == w)) {
+        let ev = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("events so far: {seen:?}"))
+            .unwrap();
+        assert_eq!(ev["node_id"], b.id, "{ev}");
+        assert!(ev["timestamp"].as_str().unwrap().ends_with('Z'), "{ev}");
+        if ev["event"] == "message.received" {
+            assert_eq!(ev["data"]["type"], "TEXT");
+            assert_eq!(ev["data"]["from"], a.addr().as_str());
+            assert_eq!(ev["data"]["size"], 12);
+        }
+        seen.push(ev["event"].as_str().unwrap().to_owned());
+    }
+    let info = b.ok(&["info"]).await;
+    assert!(
+        info["webhook"]["delivered"].as_u64().unwrap() >= 2,
+        "{info}"
+    );
+    assert_eq!(
+        b.err(&["webhook", "https://example.com/x"]).await,
+        "bad_request"
+    );
+}
