@@ -101,9 +101,14 @@ pub struct Cli {
     /// Close connections idle this long (e.g. 120s). [default: 120s]
     #[arg(long, env = "PILOT_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
-    /// Most new inbound connections per second. [default: 100]
+    /// Most new inbound connections per second from all peers together, 0 for no limit
+    /// (each second's worth may come at once). [default: 1000]
     #[arg(long, env = "PILOT_SYN_RATE_LIMIT")]
     pub syn_rate_limit: Option<u32>,
+    /// Most new inbound connections per second from one peer, 0 for no limit.
+    /// [default: 200]
+    #[arg(long, env = "PILOT_SYN_RATE_LIMIT_PER_PEER")]
+    pub syn_rate_limit_per_peer: Option<u32>,
     /// Most connections per local port. [default: 1024]
     #[arg(long, env = "PILOT_MAX_CONNS_PER_PORT")]
     pub max_conns_per_port: Option<usize>,
@@ -185,8 +190,10 @@ pub struct Config {
     /// Idle connection timeout.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
-    /// New inbound connections per second.
+    /// New inbound connections per second (0: no limit).
     pub syn_rate_limit: u32,
+    /// New inbound connections per second from one peer (0: no limit).
+    pub syn_rate_limit_per_peer: u32,
     /// Connections per local port.
     pub max_conns_per_port: usize,
     /// Connections in total.
@@ -544,9 +551,15 @@ impl Cli {
             syn_rate_limit: u32::try_from(num(
                 self.syn_rate_limit.map(u64::from),
                 "syn-rate-limit",
-                100,
+                1000,
             )?)
             .map_err(|_| invalid("syn-rate-limit", "too large"))?,
+            syn_rate_limit_per_peer: u32::try_from(num(
+                self.syn_rate_limit_per_peer.map(u64::from),
+                "syn-rate-limit-per-peer",
+                200,
+            )?)
+            .map_err(|_| invalid("syn-rate-limit-per-peer", "too large"))?,
             max_conns_per_port: max(
                 num(
                     self.max_conns_per_port.map(|v| v as u64),
@@ -615,6 +628,7 @@ const KNOWN_KEYS: &[&str] = &[
     "keepalive",
     "idle-timeout",
     "syn-rate-limit",
+    "syn-rate-limit-per-peer",
     "max-conns-per-port",
     "max-conns-total",
     "registry-tls",

@@ -30,7 +30,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::events::Events;
 use crate::registry_link::{LinkCmd, LinkEvent};
-use crate::synlimit::{SynLimiter, PER_SOURCE_PER_SEC};
+use crate::synlimit::SynLimiter;
 use crate::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
 use crate::udp;
 
@@ -314,9 +314,10 @@ pub struct EngineConfig {
     pub offload: bool,
     /// Where node, connection and datagram events go (webhooks).
     pub events: Events,
-    /// New inbound connections accepted per second from all peers together (0: no limit);
-    /// each peer gets at most [`PER_SOURCE_PER_SEC`] of them.
+    /// New inbound connections accepted per second from all peers together (0: no limit).
     pub syn_per_sec: u32,
+    /// New inbound connections accepted per second from one peer (0: no limit).
+    pub syn_per_peer_per_sec: u32,
 }
 
 struct Conn {
@@ -399,14 +400,7 @@ impl Engine {
         let (tx, cmds) = mpsc::channel(1024);
         let (node_tx, node_rx) = watch::channel(tunnels.node());
         let offload = config.offload;
-        let syn_limit = SynLimiter::new(
-            config.syn_per_sec,
-            if config.syn_per_sec == 0 {
-                0
-            } else {
-                PER_SOURCE_PER_SEC.min(config.syn_per_sec)
-            },
-        );
+        let syn_limit = SynLimiter::new(config.syn_per_sec, config.syn_per_peer_per_sec);
         // A random start for ephemeral ports, so a restarted node does not reuse the 4-tuples
         // its peers may still hold from before.
         let endpoint = Endpoint::new(

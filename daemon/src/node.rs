@@ -161,6 +161,7 @@ impl Daemon {
                 offload: config.udp_offload,
                 events: events.clone(),
                 syn_per_sec: config.syn_rate_limit,
+                syn_per_peer_per_sec: config.syn_rate_limit_per_peer,
             },
             link_tx.clone(),
             ev_rx,

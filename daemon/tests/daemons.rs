@@ -32,8 +32,11 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 /// One test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A port the daemons listen on for the echo service of these tests.
+/// A port the daemons listen on for the echo service of these tests (the stdio service
+/// yields it to them).
 const ECHO_PORT: u16 = 1000;
+/// A port no built-in service uses.
+const KNOCK_PORT: u16 = 4242;
 
 // ---------------------------------------------------------------------------------------------
 // Registry, beacon and daemon processes
@@ -853,8 +856,8 @@ async fn private_node_is_hidden_without_trust() {
     // Not reachable: no stream, no datagram, and no tunnel to it.
     let why = echo_fails(&e, d.addr(ECHO_PORT), Duration::from_secs(5)).await;
     assert!(why.contains("dial"), "{why}");
-    let _knock = dd.listen(ECHO_PORT + 1).await.unwrap();
-    de.send_to(d.addr(ECHO_PORT + 1), b"knock").await.unwrap();
+    let _knock = dd.listen(KNOCK_PORT).await.unwrap();
+    de.send_to(d.addr(KNOCK_PORT), b"knock").await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(1), dd.recv_from()).await;
     assert!(got.is_err(), "a datagram reached the private node: {got:?}");
     let info = de.info().await.unwrap();

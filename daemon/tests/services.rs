@@ -172,3 +172,50 @@ async fn local_streams_carry_bytes_both_ways_and_a_slow_one_holds_up_no_other() 
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syn_rate_limits_drop_new_attempts_and_dialers_retry() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&reg, &dir.path().join("a"), true).await;
+    let home = dir.path().join("b");
+    let cli = Cli {
+        registry: Some(reg.clone()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        socket: Some(home.join("pilotd.sock")),
+        home: Some(home),
+        public: Some(true),
+        syn_rate_limit_per_peer: Some(5),
+        ..Cli::default()
+    };
+    let b = Node::start(&cli.resolve().unwrap()).await.unwrap();
+    a.daemon.registered(Duration::from_secs(10)).await.unwrap();
+    let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
+
+    // 20 dials at once to B's echo port: 5 pass at once, the rest are dropped and get in
+    // as their SYNs are retransmitted and the bucket refills.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let engine = a.daemon.engine.clone();
+        set.spawn(async move {
+            let (tx, _rx) = mpsc::channel(8);
+            engine
+                .dial(PilotAddr::new(Addr::new(0, nb), 7), tx)
+                .await
+                .map(|(conn, _)| conn)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        if r.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 20, "every dial gets through in the end");
+    let info = b.daemon.engine.info().await.unwrap();
+    let refused = info["refused_syn_rate"].as_u64().unwrap();
+    assert!(refused >= 10, "refused {refused}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
