@@ -277,6 +277,10 @@ pub struct TaskFile {
     pub task_description: String,
     /// When it was recorded (RFC 3339 UTC).
     pub created_at: String,
+    /// When it was recorded, in nanoseconds since the Unix epoch: orders tasks recorded in the
+    /// same second after a restart (extension; absent in v1 files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ns: Option<u64>,
     /// Its status.
     pub status: TaskStatus,
     /// Why it has that status.
@@ -1103,6 +1107,14 @@ fn now_secs() -> i64 {
     now_ms() / 1000
 }
 
+/// Nanoseconds since the Unix epoch (0 before it).
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Milliseconds from an RFC 3339 time to now; 0 if it does not parse.
 fn ms_since(t: &str, now_ms: i64) -> i64 {
     parse_rfc3339(t)
@@ -1158,7 +1170,9 @@ impl Store {
             let mut files = st.load_dir(kind)?;
             files.sort_by(|a, b| {
                 let t = |f: &TaskFile| parse_rfc3339(&f.created_at).unwrap_or(0);
-                t(a).cmp(&t(b)).then_with(|| a.task_id.cmp(&b.task_id))
+                t(a).cmp(&t(b))
+                    .then_with(|| a.created_ns.cmp(&b.created_ns))
+                    .then_with(|| a.task_id.cmp(&b.task_id))
             });
             for f in files {
                 st.put(kind, f);
@@ -1618,6 +1632,7 @@ impl Inner {
             task_id: id.to_owned(),
             task_description: description,
             created_at: format_rfc3339(now_secs()),
+            created_ns: Some(now_nanos()),
             status: TaskStatus::New,
             status_justification: "A new task was created".into(),
             from: from.to_string(),
@@ -2139,6 +2154,7 @@ impl TaskHandle {
             task_id: id.clone(),
             task_description: description.to_owned(),
             created_at: format_rfc3339(now_secs()),
+            created_ns: Some(now_nanos()),
             status: TaskStatus::New,
             status_justification: "A new task was created".into(),
             from: me.to_string(),
@@ -2764,6 +2780,7 @@ mod tests {
             task_id: "0123abcd-ef01-2345-6789-abcdef012345".into(),
             task_description: "d".into(),
             created_at: "2024-01-01T00:00:00Z".into(),
+            created_ns: None,
             status: TaskStatus::New,
             status_justification: "A new task was created".into(),
             from: "0:0000.0000.0001".into(),

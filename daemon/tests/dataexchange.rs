@@ -35,6 +35,12 @@ async fn node(registry: &str, home: &Path) -> Node {
         socket: Some(home.join("pilotd.sock")),
         public: Some(true),
         no_echo: Some(true),
+        // This file starts the service under test itself.
+        no_dataexchange: Some(true),
+        no_stdio: Some(true),
+        no_eventstream: Some(true),
+        no_nameserver: Some(true),
+        no_tasks: Some(true),
         ..Cli::default()
     };
     Node::start(&cli.resolve().unwrap()).await.unwrap()
