@@ -67,6 +67,8 @@ pub const STREAM_BUFFER: usize = 64;
 pub const ACCEPT_BACKLOG: usize = 128;
 /// Datagrams buffered for [`Driver::recv_from`]; more are dropped (and counted).
 pub const DATAGRAM_BUFFER: usize = 256;
+/// How long `connect` waits for the daemon to take the `conn_errors` request.
+const CONNECT_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest chunk of stream data sent in one message.
 pub const MAX_WRITE: usize = 256 * 1024;
 /// Frames queued for the socket before writers wait.
@@ -318,7 +320,7 @@ impl Driver {
         };
         // Ask to hear of failed connections. A daemon without the extension answers with an
         // error; its failures then read as EOF, as in v1.
-        let _ = d.ext(&ExtRequest::ConnErrors).await;
+        let _ = tokio::time::timeout(CONNECT_PROBE, d.ext(&ExtRequest::ConnErrors)).await;
         Ok(d)
     }
 

@@ -815,13 +815,19 @@ impl ClientCtx {
             Message::SetTaskExec { enabled } => {
                 let req = json!({"type": "set_task_exec", "node_id": null, "enabled": enabled});
                 spawn_reply!(|this, slot| {
+                    // The registry first: if it cannot be told, nothing changes.
+                    let reply = match this.shared.registry(req).await {
+                        Ok(v) => v,
+                        Err(e) => return slot.error(&this, &e),
+                    };
                     if let Some(t) = &this.shared.ctx.tasks {
                         if let Err(e) = t.set_enabled(enabled).await {
                             return slot.error(&this, &e.to_string());
                         }
                     }
-                    this.registry_reply(slot, req, |json| Message::SetTaskExecOk { json })
-                        .await
+                    slot.send(encode(&Message::SetTaskExecOk {
+                        json: &json_bytes(&reply),
+                    }))
                 })
             }
             Message::SetWebhook { url } => {
@@ -895,17 +901,11 @@ impl ClientCtx {
     async fn bind(self, port: u16, slot: Slot) {
         let (tx, rx) = mpsc::channel(LISTEN_EVENTS);
         // The built-in stdio service gives its port to an agent that asks for it.
-        let stdio = match &self.shared.ctx.stdio {
-            Some(s) if port == STDIO_PORT && s.holds_port().await => {
-                s.release().await;
-                Some(s.clone())
-            }
-            _ => None,
+        let bound = match &self.shared.ctx.stdio {
+            Some(s) if port == STDIO_PORT => s.yield_port(|| self.engine().listen(port, tx)).await,
+            _ => self.engine().listen(port, tx).await,
         };
-        if let Err(e) = self.engine().listen(port, tx).await {
-            if let Some(s) = stdio {
-                s.reclaim().await;
-            }
+        if let Err(e) = bound {
             return slot.error(&self, &e);
         }
         let kept = {
@@ -1381,12 +1381,13 @@ impl ClientCtx {
                 to_value(&ipc::WebhookReply { webhook: url })
             }
             ExtRequest::SetTaskExec { enabled } => {
-                if let Some(t) = &sh.ctx.tasks {
-                    t.set_enabled(enabled).await.map_err(task_error)?;
-                }
+                // The registry first: if it cannot be told, nothing changes.
                 sh.registry(json!({"type": "set_task_exec", "node_id": null, "enabled": enabled}))
                     .await
                     .map_err(registry_error)?;
+                if let Some(t) = &sh.ctx.tasks {
+                    t.set_enabled(enabled).await.map_err(task_error)?;
+                }
                 to_value(&ipc::TaskExecReply {
                     node_id: me,
                     enabled,
@@ -1394,8 +1395,10 @@ impl ClientCtx {
             }
             ExtRequest::NameList => {
                 let ns = self.nameserver()?;
-                let records: Vec<Value> = ns.list().iter().map(|r| r.to_json()).collect();
-                Ok(json!({"total": records.len(), "records": records}))
+                let mut records: Vec<Value> = ns.list().iter().map(|r| r.to_json()).collect();
+                let total = records.len();
+                let omitted = keep_newest_within(&mut records, MAX_LISTING_BYTES);
+                Ok(json!({"total": total, "omitted": omitted, "records": records}))
             }
             ExtRequest::NameAdd { record } => {
                 let ns = self.nameserver()?;
@@ -1478,11 +1481,24 @@ impl ClientCtx {
                     }
                 };
                 let tasks = t.list(kind);
-                Ok(json!({"total": tasks.len(), "tasks": to_value(&tasks)?}))
+                let mut tasks: Vec<Value> = tasks
+                    .iter()
+                    .filter_map(|t| serde_json::to_value(t).ok())
+                    .collect();
+                let total = tasks.len();
+                let omitted = keep_newest_within(&mut tasks, MAX_LISTING_BYTES);
+                Ok(json!({"total": total, "omitted": omitted, "tasks": tasks}))
             }
             ExtRequest::TaskQueue => {
-                let q = self.tasks()?.queue();
-                Ok(json!({"count": q.len(), "queue": to_value(&q)?}))
+                let mut q: Vec<Value> = self
+                    .tasks()?
+                    .queue()
+                    .iter()
+                    .filter_map(|t| serde_json::to_value(t).ok())
+                    .collect();
+                let count = q.len();
+                let omitted = keep_newest_within(&mut q, MAX_LISTING_BYTES);
+                Ok(json!({"count": count, "omitted": omitted, "queue": q}))
             }
             ExtRequest::TaskAccept { task_id } => {
                 check_task_id(&task_id)?;
@@ -1861,24 +1877,54 @@ fn task_error(e: TaskError) -> ExtError {
 /// Bytes of listed items one reply carries, below the 1 MiB IPC frame limit.
 const MAX_LISTING_BYTES: usize = 900 * 1024;
 
-/// Drops the oldest items (the front) until the rest serialize within `budget` bytes;
-/// returns how many were dropped.
+/// Longest text field (message data, task description) shown in a listing; longer ones are
+/// cut and marked `"truncated": true` (the whole text stays on disk).
+const MAX_LISTED_TEXT: usize = 4096;
+
+/// Makes a listing fit one reply: cuts long text fields, then keeps the newest items (the
+/// back) that fit in `budget` bytes; returns how many were left out.
 fn keep_newest_within(items: &mut Vec<Value>, budget: usize) -> usize {
+    for v in items.iter_mut() {
+        let Some(o) = v.as_object_mut() else { continue };
+        let mut cut = false;
+        for key in [
+            "data",
+            "description",
+            "task_description",
+            "status_justification",
+        ] {
+            if let Some(Value::String(t)) = o.get_mut(key) {
+                if t.len() > MAX_LISTED_TEXT {
+                    let mut end = MAX_LISTED_TEXT;
+                    while !t.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    t.truncate(end);
+                    cut = true;
+                }
+            }
+        }
+        if cut {
+            o.insert("truncated".into(), Value::Bool(true));
+        }
+    }
     let mut used = 0usize;
-    let mut keep = 0usize;
-    for v in items.iter().rev() {
+    let mut keep = vec![false; items.len()];
+    for (i, v) in items.iter().enumerate().rev() {
         let n = serde_json::to_vec(v)
             .map(|b| b.len() + 1)
             .unwrap_or(usize::MAX);
-        if used.saturating_add(n) > budget {
-            break;
+        if used.saturating_add(n) <= budget {
+            used += n;
+            if let Some(k) = keep.get_mut(i) {
+                *k = true;
+            }
         }
-        used += n;
-        keep += 1;
     }
-    let omitted = items.len() - keep;
-    items.drain(..omitted);
-    omitted
+    let before = items.len();
+    let mut it = keep.iter();
+    items.retain(|_| it.next().copied().unwrap_or(false));
+    before - items.len()
 }
 
 /// Runs file work off the async threads; its JSON, or an `internal` error.
@@ -1954,4 +2000,30 @@ fn registry_error(e: String) -> ExtError {
         code::REFUSED
     };
     ExtError::new(c, e)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn listings_cut_long_text_and_keep_the_newest_that_fit() {
+        let mut items: Vec<Value> = (0..10)
+            .map(|i| json!({"id": i, "data": "x".repeat(if i == 8 { 100_000 } else { 10 })}))
+            .collect();
+        // Everything fits once the long text is cut.
+        assert_eq!(keep_newest_within(&mut items, 100_000), 0);
+        assert_eq!(items.len(), 10);
+        assert_eq!(items[8]["truncated"], true);
+        assert_eq!(items[8]["data"].as_str().unwrap().len(), MAX_LISTED_TEXT);
+        assert!(items[7].get("truncated").is_none());
+        // A small budget keeps the newest items (the back), never an older one past a gap.
+        let omitted = keep_newest_within(&mut items, 200);
+        assert!(omitted > 0);
+        let ids: Vec<u64> = items.iter().map(|v| v["id"].as_u64().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(*ids.last().unwrap(), 9);
+        assert_eq!(ids.len() + omitted, 10);
+    }
 }

@@ -8,14 +8,15 @@
 //!
 //! Port 1000 is also where applications listen by convention (v1 has no service there). So
 //! the service steps aside: when an agent binds port 1000 over IPC, the service releases the
-//! port ([`Stdio::release`]) and takes it back once the agent lets it go
-//! ([`Stdio::reclaim`]).
+//! port ([`Stdio::yield_port`]) and takes it back once the agent lets it go
+//! ([`Stdio::reclaim`]). At most [`MAX_STDIO_CONNS`] connections are served at once, each for
+//! at most [`STDIO_DEADLINE`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tunnel::SocketAddr as PilotAddr;
 
 use crate::dataexchange::DataExchange;
@@ -28,12 +29,18 @@ pub const STDIO_PORT: u16 = tunnel::addr::port::STDIO;
 pub const MAX_STDIO_TEXT: usize = 1 << 20;
 /// How long the service waits for more text before answering.
 pub const STDIO_IDLE: Duration = Duration::from_secs(30);
+/// Longest a connection may take to send its text.
+pub const STDIO_DEADLINE: Duration = Duration::from_secs(120);
+/// Connections served at once; more are closed at once.
+pub const MAX_STDIO_CONNS: usize = 64;
 
 /// The running service. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Stdio {
     engine: EngineHandle,
     store: Arc<DataExchange>,
+    /// Connections served at once.
+    slots: Arc<Semaphore>,
     /// The accept task while the service holds the port.
     running: Arc<Mutex<Option<Running>>>,
 }
@@ -50,6 +57,7 @@ impl Stdio {
         let s = Stdio {
             engine: engine.clone(),
             store,
+            slots: Arc::new(Semaphore::new(MAX_STDIO_CONNS)),
             running: Arc::default(),
         };
         s.reclaim_inner().await?;
@@ -61,40 +69,74 @@ impl Stdio {
         self.running.lock().await.is_some()
     }
 
-    /// Releases the port so that an application can bind it; connections being served
-    /// finish. Once this returns the port is free.
-    pub async fn release(&self) {
-        let taken = self.running.lock().await.take();
-        if let Some(r) = taken {
+    /// Gives the port to `bind` (an application binding it): the service releases it, `bind`
+    /// runs, and if `bind` fails the service takes the port back. Nothing else can take or
+    /// release the port in between.
+    pub async fn yield_port<F, Fut, T, E>(&self, bind: F) -> Result<T, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut running = self.running.lock().await;
+        let held = running.take();
+        let was_held = held.is_some();
+        if let Some(r) = held {
             let _ = r.stop.send(());
             let _ = r.done.await;
         }
+        let r = bind().await;
+        if r.is_err() && was_held {
+            if let Err(e) = self.bind_locked(&mut running).await {
+                tracing::warn!(error = %e, "stdio service could not take its port back");
+            }
+        }
+        r
     }
 
-    /// Takes the port back after [`release`](Stdio::release) (a no-op while it holds it, or
-    /// while someone else has bound it).
+    /// Takes the port back once the application that had it lets it go (a no-op while the
+    /// service holds it, or while someone else has bound it).
     pub async fn reclaim(&self) {
-        if let Err(e) = self.reclaim_inner().await {
+        let mut running = self.running.lock().await;
+        if let Err(e) = self.bind_locked(&mut running).await {
             tracing::debug!(error = %e, "stdio service: port still taken");
         }
     }
 
     async fn reclaim_inner(&self) -> Result<(), String> {
         let mut running = self.running.lock().await;
+        self.bind_locked(&mut running).await
+    }
+
+    async fn bind_locked(&self, running: &mut Option<Running>) -> Result<(), String> {
         if running.is_some() {
             return Ok(());
         }
         let mut listener = LocalListener::bind(&self.engine, STDIO_PORT).await?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let store = self.store.clone();
+        let slots = self.slots.clone();
         let done = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
                     acc = listener.accept() => match acc {
-                        Some((stream, remote)) => {
-                            tokio::spawn(serve(stream, remote, store.clone()));
-                        }
+                        Some((stream, remote)) => match slots.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let store = store.clone();
+                                tokio::spawn(async move {
+                                    let _ = tokio::time::timeout(
+                                        STDIO_DEADLINE,
+                                        serve(stream, remote, store),
+                                    )
+                                    .await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "stdio service busy; connection closed");
+                                drop(stream);
+                            }
+                        },
                         None => return,
                     },
                 }

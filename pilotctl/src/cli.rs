@@ -389,8 +389,11 @@ pub enum Command {
     },
 
     /// Messages peers sent to this node (send-message, connect).
-    #[command(after_help = "Example:\n  pilotctl inbox\n  pilotctl --json inbox\n  \
-                      pilotctl inbox --clear")]
+    #[command(
+        visible_alias = "receive",
+        after_help = "Example:\n  pilotctl inbox\n  pilotctl --json inbox\n  \
+                      pilotctl inbox --clear"
+    )]
     Inbox {
         /// Delete every stored message.
         #[arg(long)]

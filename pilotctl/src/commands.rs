@@ -117,7 +117,7 @@ pub(crate) async fn execute(
             count,
             timeout,
         } => traceroute(&ctx, &peer, count, timeout).await,
-        Command::Completions { shell } => completions(shell, stdout),
+        Command::Completions { shell } => completions(&ctx, shell, stdout),
         Command::Daemon(cmd) => crate::daemon::run(&ctx, cmd).await,
         Command::Subscribe {
             peer,
@@ -338,6 +338,23 @@ impl Peer {
 }
 
 /// Turns a parsed target into a node, asking the registry (through the daemon) for hostnames.
+/// All of stdin, refusing more than [`MAX_STDIN_MESSAGE`] bytes instead of cutting it.
+pub(crate) async fn read_stdin(stdin: Stdin<'_>) -> Result<Vec<u8>, CtlError> {
+    let mut buf = Vec::new();
+    stdin
+        .take(MAX_STDIN_MESSAGE + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| io_error("read stdin", e))?;
+    if buf.len() as u64 > MAX_STDIN_MESSAGE {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            format!("stdin holds more than {MAX_STDIN_MESSAGE} bytes; send it as a file"),
+        ));
+    }
+    Ok(buf)
+}
+
 pub(crate) async fn resolve(d: &Driver, target: &Target) -> Result<Peer, CtlError> {
     let peer = match target {
         Target::Addr(a) => Peer {
@@ -571,7 +588,17 @@ async fn rotate_key(ctx: &Ctx) -> Result<Output, CtlError> {
     ))
 }
 
-fn completions(shell: clap_complete::Shell, stdout: Stdout<'_>) -> Result<Output, CtlError> {
+fn completions(
+    ctx: &Ctx,
+    shell: clap_complete::Shell,
+    stdout: Stdout<'_>,
+) -> Result<Output, CtlError> {
+    if ctx.json {
+        return Err(CtlError::new(
+            code::BAD_REQUEST,
+            "completions prints a shell script; run it without --json",
+        ));
+    }
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     clap_complete::generate(shell, &mut cmd, "pilotctl", stdout);
@@ -1142,15 +1169,7 @@ async fn send_message(
     };
     let payload = match message {
         Some(m) => m.clone().into_bytes(),
-        None => {
-            let mut buf = Vec::new();
-            stdin
-                .take(MAX_STDIN_MESSAGE)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| io_error("read stdin", e))?;
-            buf
-        }
+        None => read_stdin(stdin).await?,
     };
     let d = ctx.driver().await?;
     let peer = resolve(&d, &target).await?;
@@ -1389,8 +1408,10 @@ async fn traceroute(
             }
             Ok(Err(e)) => return Err(io_error("probe", e)),
             Err(_) => {
-                let _ = writeln!(text, "  probe {i}  timeout");
+                // A late echo would be read as the next probe's: stop here.
+                let _ = writeln!(text, "  probe {i}  timeout (no further probes)");
                 samples.push(json!({"seq": i, "error": "timeout"}));
+                break;
             }
         }
     }

@@ -75,7 +75,15 @@ async fn start(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
+    // Private: the daemon's state (its identity) may live here too.
+    let made = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+    };
+    if let Err(e) = made {
         return Err(CtlError::new(
             code::INTERNAL,
             format!("cannot create {}: {e}", dir.display()),
@@ -123,7 +131,9 @@ async fn start(
                 ),
             ));
         }
-        if let Ok(i) = info(ctx).await {
+        let answered = info(ctx).await.ok();
+        // Registration follows the socket within milliseconds; report the node once it has.
+        if let Some(i) = answered.filter(|i| i.node_id != 0 || Instant::now() >= deadline) {
             let data = json!({
                 "pid": pid,
                 "node_id": i.node_id,
@@ -132,9 +142,13 @@ async fn start(
                 "socket": ctx.socket.display().to_string(),
                 "log_file": log.display().to_string(),
             });
+            let node = if i.node_id == 0 {
+                "not registered yet (see the log)".to_owned()
+            } else {
+                format!("node {}", i.address)
+            };
             let text = format!(
-                "pilotd started (pid {pid}), node {} on {}; log {}",
-                i.address,
+                "pilotd started (pid {pid}), {node} on {}; log {}",
                 ctx.socket.display(),
                 log.display()
             );
@@ -144,7 +158,8 @@ async fn start(
             return Err(CtlError::new(
                 code::TIMEOUT,
                 format!(
-                    "pilotd (pid {pid}) did not answer on {} within {}; see {}",
+                    "pilotd (pid {pid}) did not answer on {} within {}; it may still be \
+                     starting (stop it with `kill {pid}`); see {}",
                     ctx.socket.display(),
                     fmt_duration(wait),
                     log.display()
@@ -242,7 +257,9 @@ async fn status(ctx: &Ctx, check: bool) -> Result<Output, CtlError> {
             );
             Ok(output(data, text))
         }
-        Err(e) if e.code == code::DAEMON_DOWN && !check => Ok(output(
+        // Nothing printed, exit status 1.
+        Err(e) if check => Err(CtlError::new(&e.code, String::new())),
+        Err(e) if e.code == code::DAEMON_DOWN => Ok(output(
             json!({"running": false, "socket": ctx.socket.display().to_string(),
                    "reason": e.message}),
             format!("pilotd is not running: {}", e.message),

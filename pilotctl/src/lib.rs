@@ -176,6 +176,8 @@ where
             let _ = stdout.flush();
             EXIT_OK
         }
+        // An empty message means the command reports by its exit status alone.
+        Err(e) if e.message.is_empty() => EXIT_ERROR,
         Err(e) => {
             if json {
                 print_error(stdout, &e);

@@ -9,14 +9,14 @@ use pilotd::dataexchange::{self, FrameType, SendError, DATA_PORT};
 use pilotd::eventstream::{self, EVENT_STREAM_PORT};
 use pilotd::nameserver::{self, Request, Response};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tunnel::ipc::{code, ExtRequest};
 use tunnel::SocketAddr;
 
 use crate::cli::{NamesCmd, TasksCmd};
 use crate::commands::{
-    driver_and_peer, ext, io_error, output, progress_bar, timed, Ctx, Stdin, Stdout, DIAL_TIMEOUT,
-    MAX_STDIN_MESSAGE,
+    driver_and_peer, ext, io_error, output, progress_bar, read_stdin, timed, Ctx, Stdin, Stdout,
+    DIAL_TIMEOUT,
 };
 use crate::{CtlError, Output};
 
@@ -27,16 +27,22 @@ const NAMESERVER_PORT: u16 = 53;
 async fn message_or_stdin(data: Option<String>, stdin: Stdin<'_>) -> Result<Vec<u8>, CtlError> {
     match data {
         Some(d) => Ok(d.into_bytes()),
-        None => {
-            let mut buf = Vec::new();
-            stdin
-                .take(MAX_STDIN_MESSAGE)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| io_error("read stdin", e))?;
-            Ok(buf)
+        None => read_stdin(stdin).await,
+    }
+}
+
+/// Text from a peer, safe to print on a terminal: control characters other than newline
+/// and tab are shown escaped.
+pub(crate) fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
+    out
 }
 
 fn stream_error(what: &str, e: impl std::fmt::Display) -> CtlError {
@@ -78,9 +84,10 @@ pub(crate) async fn subscribe(
     }
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut events = Vec::new();
+    let mut received = 0u64;
     let mut timed_out = false;
     let mut ended = false;
-    while count.is_none_or(|c| (events.len() as u64) < c) {
+    while count.is_none_or(|c| received < c) {
         let next = eventstream::next_event(&mut stream);
         let got = match deadline {
             Some(at) => match tokio::time::timeout_at(at, next).await {
@@ -97,13 +104,15 @@ pub(crate) async fn subscribe(
             break;
         };
         let text = String::from_utf8_lossy(&payload).into_owned();
-        if !ctx.json {
-            let _ = writeln!(stdout, "[{t}] {text}");
+        received += 1;
+        if ctx.json {
+            events.push(json!({"topic": t, "data": text, "bytes": payload.len()}));
+        } else {
+            let _ = writeln!(stdout, "[{}] {}", clean(&t), clean(&text));
             let _ = stdout.flush();
         }
-        events.push(json!({"topic": t, "data": text, "bytes": payload.len()}));
     }
-    let n = events.len();
+    let n = received;
     let data = json!({
         "target": peer.label(),
         "topic": topic,
@@ -418,7 +427,14 @@ pub(crate) async fn inbox(ctx: &Ctx, clear: bool) -> Result<Output, CtlError> {
             m["type"].as_str().unwrap_or_default(),
             m["from"].as_str().unwrap_or_default(),
             m["bytes"],
-            m["data"].as_str().unwrap_or_default()
+            clean(m["data"].as_str().unwrap_or_default())
+        );
+    }
+    if v["omitted"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            text,
+            "({} older messages not shown; the reply has a size limit)",
+            v["omitted"]
         );
     }
     if text.is_empty() {
@@ -442,8 +458,11 @@ pub(crate) async fn received(ctx: &Ctx, clear: bool) -> Result<Output, CtlError>
             "{}  {:>12} bytes  {}",
             f["modified"].as_str().unwrap_or_default(),
             f["bytes"],
-            f["path"].as_str().unwrap_or_default()
+            clean(f["path"].as_str().unwrap_or_default())
         );
+    }
+    if v["omitted"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(text, "({} older files not shown)", v["omitted"]);
     }
     if text.is_empty() {
         text = "No files".into();
@@ -476,7 +495,7 @@ pub(crate) async fn tasks(ctx: &Ctx, cmd: TasksCmd) -> Result<Output, CtlError> 
                 ));
             }
             let text = format!(
-                "Task {} accepted by {} ({})",
+                "Task {} queued at {} ({}); it runs once they accept it",
                 v["task_id"].as_str().unwrap_or_default(),
                 peer.label(),
                 v["message"].as_str().unwrap_or_default()
@@ -487,7 +506,7 @@ pub(crate) async fn tasks(ctx: &Ctx, cmd: TasksCmd) -> Result<Output, CtlError> 
             let v = ext(&d, ExtRequest::TaskList { kind }).await?;
             let mut text = String::new();
             for t in v["tasks"].as_array().into_iter().flatten() {
-                let s = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+                let s = |k: &str| clean(t[k].as_str().unwrap_or_default());
                 let _ = writeln!(
                     text,
                     "{}  {:<10} {:<9} from {} to {}\n  {}",
@@ -513,7 +532,7 @@ pub(crate) async fn tasks(ctx: &Ctx, cmd: TasksCmd) -> Result<Output, CtlError> 
                     "{}  from {}  {}",
                     t["task_id"].as_str().unwrap_or_default(),
                     t["from"].as_str().unwrap_or_default(),
-                    t["description"].as_str().unwrap_or_default()
+                    clean(t["description"].as_str().unwrap_or_default())
                 );
             }
             if text.is_empty() {

@@ -223,3 +223,24 @@ async fn completions_are_generated_for_each_shell() {
     let out = run_captured(&["completions", "tcsh"]).await;
     assert_eq!(out.status, EXIT_USAGE);
 }
+
+#[tokio::test]
+async fn oversized_stdin_is_refused_not_cut() {
+    let big = vec![b'x'; (16 << 20) + 1];
+    let out = pilotctl::run_captured_with_stdin(
+        &["--json", "--socket", NO_SOCKET, "send", "bob:5000"],
+        big,
+    )
+    .await;
+    assert_eq!(out.status, EXIT_ERROR);
+    assert_eq!(out.json()["code"], "bad_request", "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn status_check_prints_nothing() {
+    let out = run_captured(&["--socket", NO_SOCKET, "daemon", "status", "--check"]).await;
+    assert_eq!(out.status, EXIT_ERROR);
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    let out = run_captured(&["--json", "completions", "bash"]).await;
+    assert_eq!(out.json()["code"], "bad_request");
+}
