@@ -901,3 +901,53 @@ async fn webhook_events_reach_the_configured_url() {
         "bad_request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_with_token_and_invite_rules() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let owner = start(&reg, &dir.path().join("o"), true).await;
+    let p = start(&reg, &dir.path().join("p"), true).await;
+
+    // Token: the right token joins, a wrong one is refused.
+    let net = owner
+        .ok(&[
+            "networks",
+            "create",
+            "tok",
+            "--join-rule",
+            "token",
+            "--token",
+            "s3cret",
+        ])
+        .await;
+    let id = net["id"].as_u64().unwrap().to_string();
+    let bad = p.err(&["networks", "join", &id, "--token", "wrong"]).await;
+    assert!(bad == "refused" || bad == "bad_request", "{bad}");
+    let ok = p.ok(&["networks", "join", &id, "--token", "s3cret"]).await;
+    assert_eq!(ok["node_id"], p.id);
+
+    // Invite: joining without an invitation is refused; after one, it works.
+    let net = owner
+        .ok(&["networks", "create", "inv", "--join-rule", "invite"])
+        .await;
+    let id = net["id"].as_u64().unwrap().to_string();
+    let refused = p
+        .err(&["networks", "join", &id, "--inviter", &owner.addr()])
+        .await;
+    assert!(
+        refused == "refused" || refused == "bad_request",
+        "{refused}"
+    );
+    owner.ok(&["networks", "invite", &id, &p.addr()]).await;
+    let ok = p
+        .ok(&["networks", "join", &id, "--inviter", &owner.addr()])
+        .await;
+    assert_eq!(ok["node_id"], p.id);
+    let list = p.ok(&["networks", "list"]).await;
+    assert!(list["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == "inv"));
+}
