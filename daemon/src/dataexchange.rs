@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,7 @@ use tunnel::SocketAddr as PilotAddr;
 use crate::engine::EngineHandle;
 use crate::events::Events;
 use crate::local::LocalListener;
+use crate::ratelog::LogGate;
 use crate::trust::format_rfc3339;
 
 // ---------------------------------------------------------------------------------------
@@ -726,12 +727,6 @@ struct Tally {
     last_k: u32,
 }
 
-#[derive(Debug, Default)]
-struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
 #[derive(Debug)]
 struct Service {
     cfg: DataExchangeConfig,
@@ -742,7 +737,7 @@ struct Service {
     memory: Arc<Semaphore>,
     received_tally: Arc<Mutex<Tally>>,
     inbox_tally: Mutex<Tally>,
-    warn: Mutex<WarnLimiter>,
+    warn: LogGate,
     seq: AtomicU64,
 }
 
@@ -805,25 +800,16 @@ impl Service {
             memory: Arc::new(Semaphore::new(MESSAGE_MEMORY as usize)),
             received_tally: Arc::default(),
             inbox_tally: Mutex::default(),
-            warn: Mutex::default(),
+            warn: LogGate::new(WARN_INTERVAL),
             seq: AtomicU64::new(0),
         }))
     }
 
     /// Logs a problem, at most once per [`WARN_INTERVAL`].
     fn warn(&self, peer: &PilotAddr, what: &str) {
-        let now = Instant::now();
-        let mut w = lock(&self.warn);
-        if w.last
-            .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
-        {
-            w.suppressed += 1;
-            return;
+        if let Some(suppressed) = self.warn.allow() {
+            tracing::warn!(peer = %peer, suppressed, "data exchange: {what}");
         }
-        let suppressed = std::mem::take(&mut w.suppressed);
-        w.last = Some(now);
-        drop(w);
-        tracing::warn!(peer = %peer, suppressed, "data exchange: {what}");
     }
 
     fn bad_frame(&self, peer: &PilotAddr, what: &str) {
@@ -2229,7 +2215,7 @@ mod tests {
             let dx = dx.clone();
             async move { dx.serve(s, peer()).await }
         });
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let e = send_file(&mut c, "short", &[1u8; 10][..], 11, |_| {})
             .await
             .unwrap_err();

@@ -58,6 +58,7 @@ use tunnel::SocketAddr as PilotAddr;
 use crate::engine::EngineHandle;
 use crate::events::Events;
 use crate::local::LocalListener;
+use crate::ratelog::LogGate;
 
 // ---------------------------------------------------------------------------------------
 // Wire constants (v1 wire §8.3)
@@ -433,9 +434,9 @@ struct Inner {
     slow_disconnects: AtomicU64,
     bad_frames: AtomicU64,
     refused: AtomicU64,
-    log_bad: RateLog,
-    log_drop: RateLog,
-    log_refused: RateLog,
+    log_bad: LogGate,
+    log_drop: LogGate,
+    log_refused: LogGate,
 }
 
 #[derive(Debug, Default)]
@@ -498,9 +499,9 @@ impl Broker {
                 slow_disconnects: AtomicU64::new(0),
                 bad_frames: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
-                log_bad: RateLog::default(),
-                log_drop: RateLog::default(),
-                log_refused: RateLog::default(),
+                log_bad: LogGate::new(LOG_EVERY),
+                log_drop: LogGate::new(LOG_EVERY),
+                log_refused: LogGate::new(LOG_EVERY),
             }),
         }
     }
@@ -636,14 +637,14 @@ impl Inner {
 
     fn refuse(&self, remote: PilotAddr, why: &str) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        if self.log_refused.ready() {
+        if self.log_refused.allow().is_some() {
             tracing::warn!(peer = %remote, why, "eventstream: connection refused");
         }
     }
 
     fn bad_frame(&self, remote: PilotAddr, e: &FrameError) {
         self.bad_frames.fetch_add(1, Ordering::Relaxed);
-        if self.log_bad.ready() {
+        if self.log_bad.allow().is_some() {
             tracing::warn!(peer = %remote, error = %e, "eventstream: bad frame; closing");
         }
     }
@@ -751,7 +752,7 @@ impl Inner {
                 sub.kill.notify_one();
                 self.emit_unsubscribed(&sub);
                 self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                if self.log_drop.ready() {
+                if self.log_drop.allow().is_some() {
                     tracing::warn!(peer = %sub.remote, topic = %sub.topic,
                         "eventstream: subscriber does not read; disconnected");
                 }
@@ -762,7 +763,7 @@ impl Inner {
         self.delivered.fetch_add(delivered, Ordering::Relaxed);
         if dropped > 0 {
             self.dropped.fetch_add(dropped, Ordering::Relaxed);
-            if self.log_drop.ready() {
+            if self.log_drop.allow().is_some() {
                 tracing::warn!(topic = %topic, dropped,
                     "eventstream: subscriber queues full; events dropped");
             }
@@ -822,26 +823,6 @@ fn remove_sub(st: &mut State, id: u64) -> Option<Sub> {
         }
     }
     Some(sub)
-}
-
-/// Lets one warning of a kind through every [`LOG_EVERY`].
-#[derive(Debug, Default)]
-struct RateLog {
-    last: Mutex<Option<Instant>>,
-}
-
-impl RateLog {
-    fn ready(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        match *last {
-            Some(t) if now.duration_since(t) < LOG_EVERY => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
-        }
-    }
 }
 
 #[cfg(test)]

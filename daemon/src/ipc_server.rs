@@ -68,6 +68,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
 use crate::nameserver::{parse_request, Nameserver, Record, Request};
+use crate::ratelog::LogGate;
 use crate::registry_link::LinkCmd;
 use crate::stdio::{Stdio, STDIO_PORT};
 use crate::tasks::{read_result_file, ResultInput, TaskError, TaskHandle, TaskKind};
@@ -206,31 +207,16 @@ struct Shared {
     webhook: Mutex<String>,
     /// The hostname set through this server, which the engine's Info does not know about.
     hostname: Mutex<Option<String>>,
-    warn: Mutex<WarnLimiter>,
+    warn: LogGate,
     next_client: AtomicU64,
-}
-
-#[derive(Debug)]
-struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
 }
 
 impl Shared {
     /// Logs a protocol problem, at most once per [`WARN_INTERVAL`].
     fn warn(&self, client: u64, what: &str, detail: impl Display) {
-        let now = Instant::now();
-        let mut w = lock(&self.warn);
-        if w.last
-            .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
-        {
-            w.suppressed += 1;
-            return;
+        if let Some(suppressed) = self.warn.allow() {
+            tracing::warn!(client, suppressed, "IPC {what}: {detail}");
         }
-        let suppressed = std::mem::take(&mut w.suppressed);
-        w.last = Some(now);
-        drop(w);
-        tracing::warn!(client, suppressed, "IPC {what}: {detail}");
     }
 }
 
@@ -337,10 +323,7 @@ pub async fn serve(path: &Path, ctx: IpcContext) -> io::Result<IpcServer> {
         ctx,
         stats: Arc::new(IpcStats::default()),
         hostname: Mutex::new(None),
-        warn: Mutex::new(WarnLimiter {
-            last: None,
-            suppressed: 0,
-        }),
+        warn: LogGate::new(WARN_INTERVAL),
         next_client: AtomicU64::new(1),
     });
     let (stop, stop_rx) = watch::channel(false);

@@ -11,6 +11,7 @@ pub mod ipc_server;
 pub mod local;
 pub mod nameserver;
 pub mod node;
+pub mod ratelog;
 pub mod registry_link;
 pub mod services;
 pub mod stdio;

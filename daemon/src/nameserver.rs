@@ -66,6 +66,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::EngineHandle;
 use crate::local::LocalListener;
+use crate::ratelog::LogGate;
 
 // ---------------------------------------------------------------------------------------
 // Constants
@@ -992,8 +993,8 @@ struct Inner {
     bad_requests: AtomicU64,
     refused: AtomicU64,
     save_errors: AtomicU64,
-    log_bad: RateLog,
-    log_save: RateLog,
+    log_bad: LogGate,
+    log_save: LogGate,
 }
 
 impl Nameserver {
@@ -1033,8 +1034,8 @@ impl Nameserver {
                 bad_requests: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 save_errors: AtomicU64::new(0),
-                log_bad: RateLog::default(),
-                log_save: RateLog::default(),
+                log_bad: LogGate::new(LOG_EVERY),
+                log_save: LogGate::new(LOG_EVERY),
             }),
         })
     }
@@ -1102,7 +1103,7 @@ impl Nameserver {
 
     fn bad_request(&self, remote: PilotAddr, e: &RequestError) -> Response {
         self.inner.bad_requests.fetch_add(1, Ordering::Relaxed);
-        if self.inner.log_bad.ready() {
+        if self.inner.log_bad.allow().is_some() {
             tracing::warn!(peer = %remote, error = %e, "nameserver: bad request");
         }
         Response::Err(e.to_string())
@@ -1118,7 +1119,7 @@ impl Nameserver {
         }
         if register && matches!(resp, Response::Err(_)) {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            if self.inner.log_bad.ready() {
+            if self.inner.log_bad.allow().is_some() {
                 tracing::warn!(peer = %remote, response = %resp.to_text(),
                     "nameserver: registration refused");
             }
@@ -1180,7 +1181,7 @@ impl Nameserver {
     async fn save_logged(&self) {
         if let Err(e) = self.flush().await {
             self.inner.save_errors.fetch_add(1, Ordering::Relaxed);
-            if self.inner.log_save.ready() {
+            if self.inner.log_save.allow().is_some() {
                 tracing::warn!(error = %e, "nameserver: store not written");
             }
         }
@@ -1314,26 +1315,6 @@ pub async fn query<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let text = std::str::from_utf8(&buf).map_err(|_| ResponseError("not UTF-8".into()))?;
     Ok(parse_response(text)?)
-}
-
-/// Lets one warning of a kind through every [`LOG_EVERY`].
-#[derive(Debug, Default)]
-struct RateLog {
-    last: Mutex<Option<Instant>>,
-}
-
-impl RateLog {
-    fn ready(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        match *last {
-            Some(t) if now.duration_since(t) < LOG_EVERY => false,
-            _ => {
-                *last = Some(now);
-                true
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -90,6 +90,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 use crate::engine::{Cmd, EngineHandle};
 use crate::events::Events;
 use crate::local::{self, LocalListener, LocalStream};
+use crate::ratelog::LogGate;
 use crate::registry_link::LinkCmd;
 use crate::trust::{format_rfc3339, parse_rfc3339};
 
@@ -316,6 +317,30 @@ pub struct TaskFile {
     /// Where the results were saved (submitted tasks; not a v1 key).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub result_file: String,
+}
+
+impl TaskFile {
+    /// A NEW task from `from` to `to`, recorded now.
+    fn new(task_id: String, task_description: String, from: Addr, to: Addr) -> TaskFile {
+        TaskFile {
+            task_id,
+            task_description,
+            created_at: format_rfc3339(now_secs()),
+            created_ns: Some(now_nanos()),
+            status: TaskStatus::New,
+            status_justification: "A new task was created".into(),
+            from: from.to_string(),
+            to: to.to_string(),
+            accepted_at: String::new(),
+            staged_at: String::new(),
+            execute_started_at: String::new(),
+            completed_at: String::new(),
+            time_idle_ms: 0,
+            time_staged_ms: 0,
+            time_cpu_ms: 0,
+            result_file: String::new(),
+        }
+    }
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -1330,27 +1355,6 @@ impl Store {
 // ---------------------------------------------------------------------------------------
 // Service
 
-/// Drops repeated log lines: at most one per second per gate.
-#[derive(Debug, Default)]
-struct LogGate {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl LogGate {
-    /// `Some(n)` when a line may be logged now, `n` being the lines suppressed since the last.
-    fn allow(&self) -> Option<u64> {
-        let mut last = lock(&self.last);
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 #[derive(Debug, Default)]
 struct Counters {
     bad_headers: AtomicU64,
@@ -1439,7 +1443,7 @@ impl TaskService {
             conns: Arc::new(Semaphore::new(MAX_CONNS)),
             budget: Arc::new(Semaphore::new(BODY_BUDGET as usize)),
             counters: Counters::default(),
-            log: LogGate::default(),
+            log: LogGate::new(Duration::from_secs(1)),
         });
         let tasks = vec![
             tokio::spawn(serve(inner.clone(), listener)),
@@ -1628,24 +1632,7 @@ impl Inner {
                 ));
             }
         }
-        let file = TaskFile {
-            task_id: id.to_owned(),
-            task_description: description,
-            created_at: format_rfc3339(now_secs()),
-            created_ns: Some(now_nanos()),
-            status: TaskStatus::New,
-            status_justification: "A new task was created".into(),
-            from: from.to_string(),
-            to: me.to_string(),
-            accepted_at: String::new(),
-            staged_at: String::new(),
-            execute_started_at: String::new(),
-            completed_at: String::new(),
-            time_idle_ms: 0,
-            time_staged_ms: 0,
-            time_cpu_ms: 0,
-            result_file: String::new(),
-        };
+        let file = TaskFile::new(id.to_owned(), description, from, me);
         let saved = file.clone();
         let retry = self
             .with_store(move |st| {
@@ -2150,24 +2137,7 @@ impl TaskHandle {
         }
         let me = self.inner.me()?;
         let id = new_task_id();
-        let file = TaskFile {
-            task_id: id.clone(),
-            task_description: description.to_owned(),
-            created_at: format_rfc3339(now_secs()),
-            created_ns: Some(now_nanos()),
-            status: TaskStatus::New,
-            status_justification: "A new task was created".into(),
-            from: me.to_string(),
-            to: target.to_string(),
-            accepted_at: String::new(),
-            staged_at: String::new(),
-            execute_started_at: String::new(),
-            completed_at: String::new(),
-            time_idle_ms: 0,
-            time_staged_ms: 0,
-            time_cpu_ms: 0,
-            result_file: String::new(),
-        };
+        let file = TaskFile::new(id.clone(), description.to_owned(), me, target);
         // Recorded first, so a status update that races the reply finds it.
         let saved = file.clone();
         self.inner

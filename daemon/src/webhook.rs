@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::events::{Event, Events};
+use crate::ratelog::LogGate;
 
 /// Deadline of one delivery: resolve, connect, send, read the response (v1: 5 s).
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -368,7 +369,7 @@ impl Webhook {
             timeout: config.timeout,
             counters: counters.clone(),
             conn: None,
-            log: LogLimiter::default(),
+            log: LogGate::new(LOG_INTERVAL),
         };
         tokio::spawn(poster.run(events, url_rx));
         WebhookHandle {
@@ -724,35 +725,13 @@ async fn post(
     Ok(a.status)
 }
 
-/// At most one warning per [`LOG_INTERVAL`].
-#[derive(Debug, Default)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(warnings suppressed since the last one)` if a warning may be logged now.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 /// The delivery task's state.
 struct Poster {
     node_id: watch::Receiver<u32>,
     timeout: Duration,
     counters: Arc<Counters>,
     conn: Option<Conn>,
-    log: LogLimiter,
+    log: LogGate,
 }
 
 impl Poster {
@@ -804,7 +783,7 @@ impl Poster {
             }
             Ok(status) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.log.allow(Instant::now()) {
+                if let Some(suppressed) = self.log.allow() {
                     tracing::warn!(host = %url.authority, event, status, suppressed, "webhook answered with an error status");
                 }
             }
@@ -813,7 +792,7 @@ impl Poster {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
                 if matches!(e, PostError::Cancelled) {
                     tracing::debug!(host = %url.authority, event, "webhook delivery cancelled by a URL change");
-                } else if let Some(suppressed) = self.log.allow(Instant::now()) {
+                } else if let Some(suppressed) = self.log.allow() {
                     tracing::warn!(host = %url.authority, event, suppressed, "webhook delivery failed: {e}");
                 }
             }
@@ -1006,15 +985,5 @@ mod tests {
             "A: b\r\n".repeat(MAX_HEADERS + 1)
         );
         assert!(parse_head(many.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn warnings_are_rate_limited() {
-        let mut l = LogLimiter::default();
-        let t = Instant::now();
-        assert_eq!(l.allow(t), Some(0));
-        assert_eq!(l.allow(t + Duration::from_secs(1)), None);
-        assert_eq!(l.allow(t + Duration::from_secs(2)), None);
-        assert_eq!(l.allow(t + LOG_INTERVAL), Some(2));
     }
 }

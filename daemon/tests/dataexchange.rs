@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pilotd::config::Cli;
 use pilotd::dataexchange::{
     self, list_inbox, list_received, send_file, send_message, DataExchange, DataExchangeConfig,
     FrameType, SendError, DATA_PORT,
@@ -25,26 +24,6 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 mod support;
 use support::registry;
-
-async fn node(registry: &str, home: &Path) -> Node {
-    let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
-        public: Some(true),
-        no_echo: Some(true),
-        // This file starts the service under test itself.
-        no_dataexchange: Some(true),
-        no_stdio: Some(true),
-        no_eventstream: Some(true),
-        no_nameserver: Some(true),
-        no_tasks: Some(true),
-        ..Cli::default()
-    };
-    Node::start(&cli.resolve().unwrap()).await.unwrap()
-}
 
 /// Two registered nodes, A and B, with the data exchange service on B.
 struct Pair {
@@ -64,8 +43,8 @@ impl Pair {
         let reg = registry().await;
         let dir = tempfile::tempdir().unwrap();
         let (a_home, b_home) = (dir.path().join("a"), dir.path().join("b"));
-        let a = node(&reg, &a_home).await;
-        let b = node(&reg, &b_home).await;
+        let a = support::bare_node(&reg, &a_home).await;
+        let b = support::bare_node(&reg, &b_home).await;
         let na = a.daemon.registered(Duration::from_secs(10)).await.unwrap();
         let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
         let mut cfg = DataExchangeConfig::new(&b_home);

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use pilotd::config::Cli;
 use pilotd::events::{Event, Events};
 use pilotd::eventstream::{
     encode_frame, next_event, publish, subscribe, Broker, BrokerLimits, EVENT_STREAM_PORT,
@@ -22,26 +21,6 @@ use support::registry;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn node(registry: &str, home: &std::path::Path) -> Node {
-    let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
-        public: Some(true),
-        no_echo: Some(true),
-        // This file starts the service under test itself.
-        no_dataexchange: Some(true),
-        no_stdio: Some(true),
-        no_eventstream: Some(true),
-        no_nameserver: Some(true),
-        no_tasks: Some(true),
-        ..Cli::default()
-    };
-    Node::start(&cli.resolve().unwrap()).await.unwrap()
-}
-
 /// Two registered nodes; B runs a broker with `limits`.
 struct Pair {
     a: Node,
@@ -55,8 +34,8 @@ struct Pair {
 async fn pair(limits: BrokerLimits) -> Pair {
     let reg = registry().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = node(&reg, &dir.path().join("a")).await;
-    let b = node(&reg, &dir.path().join("b")).await;
+    let a = support::bare_node(&reg, &dir.path().join("a")).await;
+    let b = support::bare_node(&reg, &dir.path().join("b")).await;
     a.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let (ev, events) = Events::channel();

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use pilotd::config::Cli;
 use pilotd::local::dial;
 use pilotd::nameserver::{
     parse_request, query, NameLimits, Nameserver, Origin, Record, RecordKey, Request, Response,
@@ -19,26 +18,6 @@ mod support;
 use support::registry;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn node(registry: &str, home: &std::path::Path) -> Node {
-    let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
-        public: Some(true),
-        no_echo: Some(true),
-        // This file starts the service under test itself.
-        no_dataexchange: Some(true),
-        no_stdio: Some(true),
-        no_eventstream: Some(true),
-        no_nameserver: Some(true),
-        no_tasks: Some(true),
-        ..Cli::default()
-    };
-    Node::start(&cli.resolve().unwrap()).await.unwrap()
-}
 
 /// One request from `from` to the nameserver on node `to`.
 async fn ask(from: &Node, to: u32, line: &str) -> Response {
@@ -64,9 +43,9 @@ fn err(r: &Response) -> bool {
 async fn register_query_authorize_and_persist() {
     let reg = registry().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = node(&reg, &dir.path().join("a")).await;
-    let b = node(&reg, &dir.path().join("b")).await;
-    let c = node(&reg, &dir.path().join("c")).await;
+    let a = support::bare_node(&reg, &dir.path().join("a")).await;
+    let b = support::bare_node(&reg, &dir.path().join("b")).await;
+    let c = support::bare_node(&reg, &dir.path().join("c")).await;
     let na = a.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let nc = c.daemon.registered(Duration::from_secs(10)).await.unwrap();
@@ -238,8 +217,8 @@ async fn register_query_authorize_and_persist() {
 async fn remote_registrations_are_written_soon() {
     let reg = registry().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = node(&reg, &dir.path().join("a")).await;
-    let b = node(&reg, &dir.path().join("b")).await;
+    let a = support::bare_node(&reg, &dir.path().join("a")).await;
+    let b = support::bare_node(&reg, &dir.path().join("b")).await;
     let na = a.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
     let store = dir.path().join("ns");

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
-use pilotd::config::Cli;
 use pilotd::engine::EngineHandle;
 use pilotd::events::{Event, Events};
 use pilotd::node::Node;
@@ -28,23 +27,7 @@ use support::registry;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn node(registry: &str, home: &Path) -> (Node, u32) {
-    let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
-        public: Some(true),
-        no_echo: Some(true),
-        // This file starts the service under test itself.
-        no_dataexchange: Some(true),
-        no_stdio: Some(true),
-        no_eventstream: Some(true),
-        no_nameserver: Some(true),
-        no_tasks: Some(true),
-        ..Cli::default()
-    };
-    let n = Node::start(&cli.resolve().unwrap()).await.unwrap();
+    let n = support::bare_node(registry, home).await;
     let id = n.daemon.registered(WAIT).await.unwrap();
     (n, id)
 }

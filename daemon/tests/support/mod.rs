@@ -22,3 +22,27 @@ pub async fn registry() -> String {
     tokio::spawn(reg.serve(l, None, std::future::pending()));
     addr.to_string()
 }
+
+/// A public node on loopback with none of the built-in services, for tests that start the
+/// service under test on its engine themselves.
+#[allow(dead_code)]
+pub async fn bare_node(registry: &str, home: &std::path::Path) -> pilotd::node::Node {
+    let cli = pilotd::config::Cli {
+        registry: Some(registry.into()),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.into()),
+        socket: Some(home.join("pilotd.sock")),
+        public: Some(true),
+        no_echo: Some(true),
+        no_dataexchange: Some(true),
+        no_stdio: Some(true),
+        no_eventstream: Some(true),
+        no_nameserver: Some(true),
+        no_tasks: Some(true),
+        ..pilotd::config::Cli::default()
+    };
+    pilotd::node::Node::start(&cli.resolve().unwrap())
+        .await
+        .unwrap()
+}
