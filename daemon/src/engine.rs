@@ -514,6 +514,11 @@ impl Engine {
                     self.endpoint.handle_timeout(now);
                     if now >= tick {
                         self.tunnels.handle_timeout(now);
+                        while let Some(node) = self.tunnels.poll_resolve() {
+                            if self.resolving.insert(node) {
+                                let _ = self.link.try_send(LinkCmd::Resolve(node));
+                            }
+                        }
                         tick = now + self.tunnels.next_timeout();
                     }
                     let ids: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -1076,6 +1081,13 @@ impl Engine {
                 }
             }
             LinkEvent::Disconnected(_) => {}
+            LinkEvent::Rotated(key) => {
+                self.tunnels.set_identity(now, (*key).clone());
+                self.config.events.emit(
+                    "node.key_rotated",
+                    json!({"public_key": pilot_registry::auth::b64(key.verifying_key().as_bytes())}),
+                );
+            }
         }
     }
 

@@ -67,6 +67,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
+use crate::identity::NodeIdentity;
 use crate::nameserver::{parse_request, Nameserver, Record, Request};
 use crate::ratelog::LogGate;
 use crate::registry_link::LinkCmd;
@@ -129,9 +130,9 @@ pub struct IpcContext {
     /// The webhook poster, whose URL SetWebhook changes. Without one, the URL is only
     /// checked and remembered.
     pub webhook: Option<WebhookHandle>,
-    /// The node's Ed25519 public key, standard base64, for Info (the engine does not hold
-    /// the identity).
-    pub public_key: String,
+    /// The node's identity: its public key for Info (the engine does not hold the identity),
+    /// and the key RotateKey replaces.
+    pub identity: Arc<NodeIdentity>,
 }
 
 /// Counters of the IPC server, readable at any time (see [`IpcStats::to_json`]).
@@ -1200,10 +1201,15 @@ impl ClientCtx {
                     .map_err(registry_error)?;
                 to_value(&ipc::NodeReply { node_id: me })
             }
-            ExtRequest::RotateKey => Err(ExtError::new(
-                code::UNSUPPORTED,
-                "key rotation is not available in this daemon yet",
-            )),
+            ExtRequest::RotateKey => {
+                sh.link_request(LinkCmd::Rotate)
+                    .await
+                    .map_err(registry_error)?;
+                to_value(&ipc::RotateKeyReply {
+                    node_id: me,
+                    public_key: sh.ctx.identity.public_key_base64(),
+                })
+            }
             ExtRequest::NetworkList => {
                 let v = sh
                     .registry(json!({"type": "list_networks"}))
@@ -1718,8 +1724,11 @@ impl Shared {
                 .get("public_key")
                 .and_then(Value::as_str)
                 .is_some_and(|k| !k.is_empty());
-            if !has_key && !self.ctx.public_key.is_empty() {
-                o.insert("public_key".into(), json!(self.ctx.public_key));
+            if !has_key {
+                o.insert(
+                    "public_key".into(),
+                    json!(self.ctx.identity.public_key_base64()),
+                );
             }
             o.insert("ipc".into(), self.stats.to_json());
             o.insert("pid".into(), json!(std::process::id()));
@@ -1754,10 +1763,18 @@ impl Shared {
     }
 
     async fn registry(&self, req: Value) -> Result<Value, String> {
+        self.link_request(|tx| LinkCmd::Call(req, tx)).await
+    }
+
+    /// Sends the registry link a command answered on a channel, bounded in time.
+    async fn link_request(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<Value, String>>) -> LinkCmd,
+    ) -> Result<Value, String> {
         let (tx, rx) = oneshot::channel();
         self.ctx
             .link
-            .send(LinkCmd::Call(req, tx))
+            .send(cmd(tx))
             .await
             .map_err(|_| "registry link stopped".to_owned())?;
         match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
@@ -1968,7 +1985,10 @@ fn unavailable(e: impl Display) -> ExtError {
 /// Classifies a registry failure (the link reports only its text).
 fn registry_error(e: String) -> ExtError {
     let l = e.to_ascii_lowercase();
-    let c = if l.contains("unreachable") || l.contains("link stopped") {
+    let c = if l.contains("unreachable")
+        || l.contains("link stopped")
+        || l.contains("connection broke")
+    {
         code::UNAVAILABLE
     } else if l.contains("timed out") {
         code::TIMEOUT

@@ -7,6 +7,8 @@ pub mod driver;
 pub mod engine;
 pub mod events;
 pub mod eventstream;
+pub mod fsutil;
+pub mod identity;
 pub mod ipc_server;
 pub mod local;
 pub mod nameserver;

@@ -65,6 +65,7 @@ use tokio::sync::Notify;
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::EngineHandle;
+use crate::fsutil::write_atomic;
 use crate::local::LocalListener;
 use crate::ratelog::LogGate;
 
@@ -1244,38 +1245,6 @@ async fn read_request<S: AsyncRead + Unpin>(
         return Ok(None);
     }
     Ok(Some(buf))
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename, then syncs the
-/// directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let tmp = dir.join(format!(".{STORE_FILE}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use tokio::net::lookup_host;
 use tokio::sync::mpsc;
 use tunnel::stream::{Config as StreamConfig, EndpointConfig};
-use tunnel::Identity;
 
 use crate::config::Config;
 use crate::dataexchange::{DataExchange, DataExchangeConfig};
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
 use crate::events::Events;
 use crate::eventstream::{Broker, BrokerLimits};
+use crate::identity::NodeIdentity;
 use crate::ipc_server::{self, IpcContext, IpcServer};
 use crate::nameserver::{NameLimits, Nameserver};
 use crate::registry_link::{self, LinkCmd, LinkConfig};
@@ -70,10 +70,8 @@ pub struct Daemon {
     pub link: mpsc::Sender<LinkCmd>,
     /// The tunnel socket's local address.
     pub udp_addr: SocketAddr,
-    /// Our identity's public key, base64.
-    pub public_key: String,
-    /// Our identity.
-    pub identity: ed25519_dalek::SigningKey,
+    /// Our identity (a rotation replaces its key).
+    pub identity: Arc<NodeIdentity>,
     /// Handshake events pushed by the registry, for the trust service.
     pub pushes: Option<mpsc::Receiver<serde_json::Value>>,
     task: tokio::task::JoinHandle<()>,
@@ -96,8 +94,8 @@ impl Daemon {
 
     /// Starts the daemon's parts, reporting node, connection and datagram events to `events`.
     pub async fn start_with_events(config: &Config, events: Events) -> Result<Daemon, StartError> {
-        let (identity, created) = Identity::load_or_create(&config.identity, &mut rand_core::OsRng)
-            .map_err(|e| StartError::Identity {
+        let (identity, created) =
+            NodeIdentity::load_or_create(&config.identity).map_err(|e| StartError::Identity {
                 path: config.identity.display().to_string(),
                 reason: e.to_string(),
             })?;
@@ -120,9 +118,10 @@ impl Daemon {
             ),
             None => None,
         };
+        let identity = Arc::new(identity);
         let tunnels = Tunnels::new(
             0,
-            identity.signing_key().clone(),
+            (*identity.key()).clone(),
             TunnelConfig {
                 refuse_plaintext: !config.allow_plaintext,
                 beacon,
@@ -133,7 +132,7 @@ impl Daemon {
         let listen_port = config.endpoint.map_or(udp_addr.port(), |e| e.port());
         let link_config = LinkConfig {
             registry: config.registry.clone(),
-            identity: identity.signing_key().clone(),
+            identity: identity.clone(),
             listen_port,
             owner: config.owner.clone(),
             hostname: config.hostname.clone(),
@@ -172,8 +171,7 @@ impl Daemon {
             engine: handle,
             link: link_tx,
             udp_addr,
-            public_key: identity.public_key_base64(),
-            identity: identity.signing_key().clone(),
+            identity,
             pushes: Some(push_rx),
             task,
         })
@@ -358,7 +356,7 @@ impl Node {
             stdio: stdio.clone(),
             tasks: tasks.as_ref().map(TaskService::handle),
             home: config.home.clone(),
-            public_key: daemon.public_key.clone(),
+            identity: daemon.identity.clone(),
         };
         let ipc = match ipc_server::serve(&config.socket, ctx).await {
             Ok(s) => s,

@@ -5,12 +5,16 @@
 //! awaited on the packet path; the engine sends commands and receives events.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use pilot_registry::client::{Client, ClientError};
+use pilot_registry::auth::{b64, decode_key};
+use pilot_registry::client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::identity::NodeIdentity;
 
 /// Backoff between reconnection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
@@ -22,8 +26,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct LinkConfig {
     /// Registry address.
     pub registry: String,
-    /// Identity key.
-    pub identity: SigningKey,
+    /// Identity key (replaced by a rotation).
+    pub identity: Arc<NodeIdentity>,
     /// The UDP port to register (the registry keeps our TCP source IP).
     pub listen_port: u16,
     /// Owner string.
@@ -46,6 +50,9 @@ pub enum LinkCmd {
     /// Any request, answered on the channel. The link fills `node_id` fields signed by this
     /// node's session.
     Call(Value, oneshot::Sender<Result<Value, String>>),
+    /// Replace the node's identity key (see [`crate::identity`]); answered with the
+    /// registry's `rotate_key_ok`.
+    Rotate(oneshot::Sender<Result<Value, String>>),
 }
 
 /// What the link reports.
@@ -66,6 +73,8 @@ pub enum LinkEvent {
     Endpoint(u32, Result<SocketAddr, String>),
     /// The registry connection broke; reconnecting.
     Disconnected(String),
+    /// The node's identity key was replaced: tunnels are re-keyed under the new one.
+    Rotated(Arc<SigningKey>),
 }
 
 /// Runs the link until `cmds` closes. Pushed handshake events (`handshake_request`,
@@ -115,7 +124,7 @@ async fn fail(cmd: LinkCmd, why: &str, events: &mpsc::Sender<LinkEvent>) {
         LinkCmd::Resolve(n) => {
             let _ = events.send(LinkEvent::Endpoint(n, Err(why.into()))).await;
         }
-        LinkCmd::Call(_, reply) => {
+        LinkCmd::Call(_, reply) | LinkCmd::Rotate(reply) => {
             let _ = reply.send(Err(why.into()));
         }
     }
@@ -150,10 +159,12 @@ async fn session(
                 "connect timed out",
             ))
         })??;
+    settle_rotation(&mut c, config, events).await?;
     let listen = format!("0.0.0.0:{}", config.listen_port);
+    let identity = config.identity.key();
     let reply = tokio::time::timeout(
         CALL_TIMEOUT,
-        c.register_proven(&config.identity, &listen, config.hostname.as_deref()),
+        c.register_proven(&identity, &listen, config.hostname.as_deref()),
     )
     .await
     .map_err(|_| {
@@ -229,7 +240,7 @@ async fn session(
                     LinkCmd::Lookup(n) => {
                         let r = call(&mut c, &json!({"type": "lookup", "node_id": n})).await;
                         let key = match &r {
-                            Ok(v) => v.get("public_key").and_then(Value::as_str).and_then(|k| pilot_registry::auth::decode_key(k).ok()),
+                            Ok(v) => v.get("public_key").and_then(Value::as_str).and_then(|k| decode_key(k).ok()),
                             Err(e) if refused(e) => None,
                             Err(_) => { fail(LinkCmd::Lookup(n), "registry unreachable", events).await; return r.map(drop); }
                         };
@@ -259,10 +270,104 @@ async fn session(
                             Err(e) => { let _ = reply.send(Err(e.to_string())); return Err(e); }
                         }
                     }
+                    LinkCmd::Rotate(reply) => rotate(&mut c, config, node, events, reply).await?,
                 }
             }
         }
     }
+}
+
+/// Replaces the identity key: the new key is kept in the pending file before the registry
+/// is asked, so a crash or a lost answer is settled by [`settle_rotation`]. Returns an error
+/// only when the connection broke.
+async fn rotate(
+    c: &mut Client<tokio::net::TcpStream>,
+    config: &LinkConfig,
+    node: u32,
+    events: &mpsc::Sender<LinkEvent>,
+    reply: oneshot::Sender<Result<Value, String>>,
+) -> Result<(), ClientError> {
+    let new = match config.identity.prepare(node) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = reply.send(Err(e.to_string()));
+            return Ok(());
+        }
+    };
+    let req = json!({
+        "type": "rotate_key",
+        "node_id": node,
+        "signature": sign_v1(&config.identity.key(), &format!("rotate:{node}")),
+        "new_public_key": b64(new.verifying_key().as_bytes()),
+    });
+    match call(c, &req).await {
+        Ok(v) => {
+            adopt(config, new, events).await;
+            let _ = reply.send(Ok(v));
+            Ok(())
+        }
+        Err(ClientError::Refused { message, .. }) => {
+            if let Err(e) = config.identity.abandon() {
+                tracing::warn!(error = %e, "could not remove the refused key");
+            }
+            let _ = reply.send(Err(message));
+            Ok(())
+        }
+        Err(e) => {
+            let _ = reply.send(Err(format!(
+                "the registry connection broke before it answered ({e}); the key in use is \
+                 settled with the registry when the daemon reconnects"
+            )));
+            Err(e)
+        }
+    }
+}
+
+/// Makes `key` current (the registry holds it now) and tells the engine.
+async fn adopt(config: &LinkConfig, key: SigningKey, events: &mpsc::Sender<LinkEvent>) {
+    if let Err(e) = config.identity.commit(key) {
+        // The key is in use; the pending file stays and the next start settles it again.
+        tracing::error!(error = %e, "rotated key in use but not saved");
+    }
+    tracing::info!(public_key = %config.identity.public_key_base64(), "identity key rotated");
+    let _ = events.send(LinkEvent::Rotated(config.identity.key())).await;
+}
+
+/// Before registering: a rotation left unsettled (a crash, or a connection lost before the
+/// registry's answer) is decided by the key the registry holds for the node.
+async fn settle_rotation(
+    c: &mut Client<tokio::net::TcpStream>,
+    config: &LinkConfig,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Result<(), ClientError> {
+    let pending = match config.identity.pending() {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable pending key rotation; the current key is used");
+            return Ok(());
+        }
+    };
+    let held = match call(c, &json!({"type": "lookup", "node_id": pending.node})).await {
+        Ok(v) => v
+            .get("public_key")
+            .and_then(Value::as_str)
+            .and_then(|k| decode_key(k).ok()),
+        Err(e) if refused(&e) => None,
+        Err(e) => return Err(e),
+    };
+    if held == Some(pending.key.verifying_key().to_bytes()) {
+        adopt(config, pending.key, events).await;
+    } else {
+        tracing::info!(
+            node = pending.node,
+            "the registry did not take the pending key; it is discarded"
+        );
+        if let Err(e) = config.identity.abandon() {
+            tracing::warn!(error = %e, "could not remove the pending key");
+        }
+    }
+    Ok(())
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -279,7 +384,7 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
     loop {
         let r: Result<(), ClientError> = async {
             let mut c = Client::connect(&config.registry).await?;
-            c.authenticate(node, &config.identity).await?;
+            c.authenticate(node, &config.identity.key()).await?;
             c.call(&json!({"type": "watch"})).await?;
             loop {
                 let ev = c.next().await?;

@@ -74,8 +74,7 @@
 //! token).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -89,6 +88,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{Cmd, EngineHandle};
 use crate::events::Events;
+use crate::fsutil::write_atomic;
 use crate::local::{self, LocalListener, LocalStream};
 use crate::ratelog::LogGate;
 use crate::registry_link::LinkCmd;
@@ -1145,34 +1145,6 @@ fn ms_since(t: &str, now_ms: i64) -> i64 {
     parse_rfc3339(t)
         .map(|s| now_ms.saturating_sub(s.saturating_mul(1000)).max(0))
         .unwrap_or(0)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory (mode 0600, not
-/// following links), fsync and rename, then syncs the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 impl Store {

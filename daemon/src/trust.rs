@@ -65,8 +65,6 @@
 //! file that cannot be read is an error at start: trust is never dropped silently.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -80,6 +78,8 @@ use tunnel::ipc::{HandshakeStatus, PendingEntry, PendingList, TrustedEntry, Trus
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, TrustGate};
+use crate::fsutil::write_atomic;
+use crate::identity::NodeIdentity;
 use crate::registry_link::LinkCmd;
 use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
 
@@ -132,7 +132,7 @@ pub struct TrustConfig {
     /// The state directory; trust lives in `<home>/trust.json`.
     pub home: PathBuf,
     /// This node's identity key (signs handshake messages).
-    pub identity: SigningKey,
+    pub identity: Arc<NodeIdentity>,
     /// Whether the node is public (everyone may reach every port).
     pub public: bool,
     /// How often the registry inbox is polled, in addition to pushed events.
@@ -141,7 +141,7 @@ pub struct TrustConfig {
 
 impl TrustConfig {
     /// Settings with the default poll interval.
-    pub fn new(home: impl Into<PathBuf>, identity: SigningKey, public: bool) -> Self {
+    pub fn new(home: impl Into<PathBuf>, identity: Arc<NodeIdentity>, public: bool) -> Self {
         TrustConfig {
             home: home.into(),
             identity,
@@ -371,7 +371,7 @@ impl TrustService {
         let (events, _) = broadcast::channel(256);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(64);
-        let key = Arc::new(config.identity.clone());
+        let key = config.identity.clone();
         tokio::spawn(
             Listener {
                 engine: engine.clone(),
@@ -595,35 +595,6 @@ fn render(st: &State) -> Result<Vec<u8>, String> {
     let mut out = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
     out.push(b'\n');
     Ok(out)
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename, then syncs the
-/// directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| TRUST_FILE.to_owned());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1116,7 +1087,7 @@ async fn check(
 #[derive(Debug)]
 struct Actor {
     path: PathBuf,
-    key: Arc<SigningKey>,
+    key: Arc<NodeIdentity>,
     engine: EngineHandle,
     link: mpsc::Sender<LinkCmd>,
     gate: Arc<Gate>,
@@ -1223,7 +1194,7 @@ impl Actor {
         justification: &str,
         reason: &str,
     ) {
-        let body = build(&self.key, me, peer, kind, justification, reason);
+        let body = build(&self.key.key(), me, peer, kind, justification, reason);
         let engine = self.engine.clone();
         tokio::spawn(async move {
             if let Err(e) = send_direct(&engine, peer, &body).await {
@@ -1296,7 +1267,7 @@ impl Actor {
                 });
                 // Directly first, so that a reachable requester sees the reason before the
                 // registry's answer (which has none) arrives.
-                let body = build(&self.key, me, peer, REJECT, "", &reason);
+                let body = build(&self.key.key(), me, peer, REJECT, "", &reason);
                 let engine = self.engine.clone();
                 let link = self.link.clone();
                 tokio::spawn(async move {
@@ -1399,7 +1370,7 @@ impl Actor {
             "justification": justification,
         });
         let relayed = registry(&self.link, req).await;
-        let body = build(&self.key, me, peer, REQUEST, &justification, "");
+        let body = build(&self.key.key(), me, peer, REQUEST, &justification, "");
         match relayed {
             Ok(_) => {
                 self.spawn_direct_body(peer, body);

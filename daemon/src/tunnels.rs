@@ -39,6 +39,9 @@ pub const TAILROOM: usize = TAG_LEN;
 
 /// Without an answer on the direct path for this long, a peer is tried through the relay.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Least time between two registry look-ups of the endpoint of a direct peer that stopped
+/// answering (it may have restarted on another port or moved without sending first).
+pub const RERESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a relayed peer is probed for a direct path.
 pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Least time between two PILA we send one peer unprompted or in answer.
@@ -49,6 +52,9 @@ pub const PEER_IDLE: Duration = Duration::from_secs(600);
 pub const QUEUE_PER_PEER: usize = 64;
 /// PILA held while the sender's key is looked up.
 pub const MAX_PENDING_PILA: usize = 256;
+/// Least time between two look-ups of a cached key that a PILA failed to verify against (the
+/// peer may have rotated its key).
+pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a peer is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -73,6 +79,7 @@ struct Peer {
     unanswered_since: Option<Instant>,
     last_pila: Option<Instant>,
     last_probe: Option<Instant>,
+    last_resolve: Option<Instant>,
     queue: VecDeque<Vec<u8>>,
     stats: PeerStats,
 }
@@ -213,7 +220,11 @@ pub struct Tunnels {
     peers: HashMap<u32, Peer>,
     keys: HashMap<u32, VerifyingKey>,
     pending_pila: HashMap<u32, (SocketAddr, bool, AuthKeyExchangeRepr)>,
+    /// When a cached key was last looked up again after a PILA failed against it.
+    refetched: HashMap<u32, Instant>,
     out: VecDeque<Transmit>,
+    /// Peers whose endpoint should be looked up again.
+    resolve: VecDeque<u32>,
     drops: HashMap<Drop, u64>,
     /// Our PILA for the current node ID (it changes only with the node ID).
     pila: Vec<u8>,
@@ -242,7 +253,9 @@ impl Tunnels {
             peers: HashMap::new(),
             keys: HashMap::new(),
             pending_pila: HashMap::new(),
+            refetched: HashMap::new(),
             out: VecDeque::new(),
+            resolve: VecDeque::new(),
             drops: HashMap::new(),
             pila: Vec::new(),
         }
@@ -276,6 +289,26 @@ impl Tunnels {
         }
     }
 
+    /// Replaces our identity key (a rotation). Every tunnel is re-keyed under it: a fresh
+    /// X25519 key, all sessions dropped, and our new PILA sent to every peer we know how to
+    /// reach, so nothing after the rotation is authenticated by the old key.
+    pub fn set_identity(&mut self, now: Instant, identity: SigningKey) {
+        self.identity = identity;
+        self.secret = StaticSecret::random_from_rng(OsRng);
+        self.public = PublicKey::from(&self.secret).to_bytes();
+        self.pila = build_auth_key_exchange(&self.identity, self.me, &self.public)
+            .to_bytes()
+            .to_vec();
+        let nodes: Vec<u32> = self.peers.keys().copied().collect();
+        for node in nodes {
+            if let Some(p) = self.peers.get_mut(&node) {
+                p.session = None;
+                p.peer_x25519 = None;
+            }
+            self.send_pila(now, node, true);
+        }
+    }
+
     /// A signed Discover for the beacon (v1 beacons read it as a plain one).
     pub fn signed_discover(&self, unix_ms: u64) -> [u8; bw::SIGNED_DISCOVER_LEN] {
         bw::signed_discover(&self.identity, self.me, unix_ms)
@@ -300,6 +333,30 @@ impl Tunnels {
         if let Some((src, relayed, pila)) = self.pending_pila.remove(&node) {
             let _ = self.accept_pila(now, src, relayed, &pila);
         }
+    }
+
+    /// Whether a PILA from `node` that failed against its cached key may trigger a new
+    /// look-up now; records it if so. Bounded like the pending PILA.
+    fn may_refetch(&mut self, now: Instant, node: u32) -> bool {
+        if self
+            .refetched
+            .get(&node)
+            .is_some_and(|&t| now.duration_since(t) < KEY_REFETCH_INTERVAL)
+        {
+            return false;
+        }
+        if self.pending_pila.len() >= MAX_PENDING_PILA && !self.pending_pila.contains_key(&node) {
+            return false;
+        }
+        if self.refetched.len() >= MAX_PENDING_PILA {
+            self.refetched
+                .retain(|_, t| now.duration_since(*t) < KEY_REFETCH_INTERVAL);
+            if self.refetched.len() >= MAX_PENDING_PILA {
+                return false;
+            }
+        }
+        self.refetched.insert(node, now);
+        true
     }
 
     /// Whether the registered key of `node` is known.
@@ -379,6 +436,7 @@ impl Tunnels {
             unanswered_since: None,
             last_pila: None,
             last_probe: None,
+            last_resolve: None,
             queue: VecDeque::new(),
             stats: PeerStats::default(),
         })
@@ -462,6 +520,12 @@ impl Tunnels {
                 }
                 match self.accept_pila(now, src, relayed, &pila) {
                     Ok(()) => Received::Handled,
+                    Err(Drop::BadKeyExchange) if self.may_refetch(now, pila.node) => {
+                        // The peer may have rotated its key: look it up again, at most once
+                        // per interval, and try this PILA against the answer.
+                        self.pending_pila.insert(pila.node, (src, relayed, pila));
+                        Received::NeedKey(pila.node)
+                    }
                     Err(d) => self.drop(d),
                 }
             }
@@ -750,6 +814,13 @@ impl Tunnels {
                     let direct_silent = p
                         .last_direct_rx
                         .is_none_or(|t| now.duration_since(t) >= DIRECT_TIMEOUT);
+                    let resolve_due = p
+                        .last_resolve
+                        .is_none_or(|t| now.duration_since(t) >= RERESOLVE_INTERVAL);
+                    if stuck && direct_silent && resolve_due && p.endpoint.is_some() {
+                        p.last_resolve = Some(now);
+                        self.resolve.push_back(node);
+                    }
                     if stuck && direct_silent && beacon.is_some() {
                         p.path = Path::Relay;
                         p.stats.path_changes += 1;
@@ -787,6 +858,12 @@ impl Tunnels {
                 }
             }
         }
+    }
+
+    /// A peer whose endpoint [`Tunnels::handle_timeout`] wants looked up again in the
+    /// registry (the answer goes to [`Tunnels::set_endpoint`]).
+    pub fn poll_resolve(&mut self) -> Option<u32> {
+        self.resolve.pop_front()
     }
 
     /// When [`Tunnels::handle_timeout`] next has work.
@@ -943,6 +1020,89 @@ mod tests {
         assert_eq!(peers[0].endpoint, Some(b.addr));
     }
 
+    /// One PILA from `from` to `to`, returning what `to` made of it.
+    fn deliver_pila(now: Instant, from: &mut Node, to: &mut Node) -> Option<Received> {
+        let mut last = None;
+        while let Some(tx) = from.t.poll_transmit() {
+            if tx.dst == to.addr && matches!(Frame::parse(&tx.bytes), Ok(Frame::AuthKeyExchange(_)))
+            {
+                let mut b = tx.bytes.clone();
+                last = Some(to.t.handle(now, from.addr, &mut b));
+            }
+        }
+        last
+    }
+
+    #[test]
+    fn a_rotated_key_rekeys_tunnels_and_peers_look_it_up_again() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        for _ in 0..4 {
+            pump_pilas(now, &mut a, &mut b);
+            pump_pilas(now, &mut b, &mut a);
+        }
+        assert!(a.t.peers()[0].encrypted && b.t.peers()[0].encrypted);
+
+        let new = SigningKey::from_bytes(&[7; 32]);
+        a.t.set_identity(now, new.clone());
+        assert!(
+            !a.t.peers()[0].encrypted,
+            "sessions made under the old key are gone"
+        );
+        // B's cached key no longer verifies A's PILA: B asks for the key again...
+        assert!(matches!(
+            deliver_pila(now, &mut a, &mut b),
+            Some(Received::NeedKey(1))
+        ));
+        // ...and the registry's answer completes the exchange held meanwhile.
+        b.t.set_key(now, 1, new.verifying_key());
+        assert!(b.t.peers()[0].encrypted);
+        pump_pilas(now, &mut b, &mut a);
+        assert!(a.t.peers()[0].encrypted);
+
+        // A forger's PILA for A, signed by another key, triggers one look-up per interval at
+        // most; the rest are dropped.
+        let mut m = node(1, 9, 4009, None);
+        m.t.set_key(now, 2, b.t.identity.verifying_key());
+        m.t.set_endpoint(now, 2, b.addr);
+        assert!(matches!(
+            deliver_pila(now, &mut m, &mut b),
+            Some(Received::Dropped(Drop::BadKeyExchange))
+        ));
+        let later = now + KEY_REFETCH_INTERVAL;
+        m.t.set_endpoint(later, 2, b.addr);
+        assert!(matches!(
+            deliver_pila(later, &mut m, &mut b),
+            Some(Received::NeedKey(1))
+        ));
+        b.t.set_key(later, 1, new.verifying_key());
+        assert!(b.t.peers()[0].encrypted, "the forged PILA changed nothing");
+        m.t.set_endpoint(later, 2, b.addr);
+        assert!(matches!(
+            deliver_pila(later, &mut m, &mut b),
+            Some(Received::Dropped(Drop::BadKeyExchange))
+        ));
+    }
+
+    #[test]
+    fn a_silent_direct_peer_is_looked_up_again_once_per_interval() {
+        let (mut a, b) = pair();
+        let t0 = Instant::now();
+        a.t.set_endpoint(t0, 2, b.addr);
+        send(t0, &mut a, 2, b"unanswered");
+        a.t.handle_timeout(t0);
+        assert_eq!(a.t.poll_resolve(), None, "not silent long enough");
+        let t1 = t0 + DIRECT_TIMEOUT;
+        a.t.handle_timeout(t1);
+        assert_eq!(a.t.poll_resolve(), Some(2));
+        assert_eq!(a.t.poll_resolve(), None);
+        a.t.handle_timeout(t1 + Duration::from_secs(1));
+        assert_eq!(a.t.poll_resolve(), None, "once per interval");
+        a.t.handle_timeout(t1 + RERESOLVE_INTERVAL);
+        assert_eq!(a.t.poll_resolve(), Some(2));
+    }
+
     #[test]
     fn spoofed_inner_source_is_dropped() {
         let (mut a, mut b) = pair();
@@ -973,9 +1133,16 @@ mod tests {
             b.t.handle(now, a.addr, &mut pilt),
             Received::Dropped(Drop::Plaintext)
         ));
-        // A PILA signed by the wrong key.
+        // A PILA signed by the wrong key: the first makes B look A's key up again (A may
+        // have rotated it); against the same key it is refused, and so is the next.
         let mallory = SigningKey::from_bytes(&[9; 32]);
         let forged = build_auth_key_exchange(&mallory, 1, &[5; 32]).to_bytes();
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut forged.to_vec()),
+            Received::NeedKey(1)
+        ));
+        b.t.set_key(now, 1, a.t.identity.verifying_key());
+        assert!(b.t.peers().iter().all(|p| !p.encrypted));
         assert!(matches!(
             b.t.handle(now, a.addr, &mut forged.to_vec()),
             Received::Dropped(Drop::BadKeyExchange)

@@ -62,7 +62,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         stdio: None,
         tasks: None,
         home: PathBuf::from("/nonexistent"),
-        public_key: d.public_key.clone(),
+        identity: d.identity.clone(),
     }
 }
 

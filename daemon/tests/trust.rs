@@ -12,6 +12,7 @@ use pilot_registry::auth::b64;
 use pilot_registry::client::sign_v1;
 use pilotd::config::Cli;
 use pilotd::engine::{AppEvent, Cmd, EngineHandle};
+use pilotd::identity::NodeIdentity;
 use pilotd::node::Daemon;
 use pilotd::trust::{TrustConfig, TrustEvent, TrustHandle, TrustService};
 use pilotd::trust_api::{TrustCmd, TrustOp, TrustSender};
@@ -62,7 +63,7 @@ async fn node_with(registry: &str, home: &Path, public: bool, pushes: bool) -> N
         } else {
             Duration::from_secs(3600)
         },
-        ..TrustConfig::new(home, key.clone(), public)
+        ..TrustConfig::new(home, daemon.identity.clone(), public)
     };
     let (trust, handle) =
         TrustService::start(config, daemon.engine.clone(), daemon.link.clone(), p)
@@ -614,7 +615,11 @@ async fn trust_and_pending_requests_survive_a_restart() {
     let d = start_daemon(&reg, &bad, false).await;
     std::fs::write(bad.join("trust.json"), b"{\"trusted\": [{\"node_id\": ").unwrap();
     let e = TrustService::start(
-        TrustConfig::new(&bad, identity(&bad), false),
+        TrustConfig::new(
+            &bad,
+            Arc::new(NodeIdentity::in_memory(identity(&bad))),
+            false,
+        ),
         d.engine.clone(),
         d.link.clone(),
         None,

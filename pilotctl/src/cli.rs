@@ -327,7 +327,10 @@ pub enum Command {
     /// one signs the change. The address stays the same.
     #[command(
         name = "rotate-key",
-        after_help = "Peers that trusted the old key see the new one on their next lookup.\n\n\
+        after_help = "The new key is saved in the identity file (the old one is gone) and every \
+                      tunnel is re-keyed under it. Peers look the new key up when its key \
+                      exchange reaches them; trust and the node ID are kept. A crash during the \
+                      rotation is settled with the registry on the next start.\n\n\
                       Example:\n  pilotctl rotate-key"
     )]
     RotateKey,

@@ -951,3 +951,59 @@ async fn networks_with_token_and_invite_rules() {
         .iter()
         .any(|n| n["name"] == "inv"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_key_keeps_the_address_and_peers_follow() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let home_a = dir.path().join("a");
+    let a = start(&reg, &home_a, true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    // B holds A's key and a session with A before the rotation.
+    assert_eq!(
+        b.ok(&["ping", &a.addr(), "-c", "1"]).await["summary"]["received"],
+        1
+    );
+    let old = a.ok(&["info"]).await["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let r = a.ok(&["rotate-key"]).await;
+    assert_eq!(r["node_id"], a.id);
+    let new = r["public_key"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(a.ok(&["info"]).await["public_key"], new.as_str());
+    assert_eq!(
+        b.ok(&["lookup", &a.addr()]).await["public_key"],
+        new.as_str()
+    );
+    let on_disk = tunnel::Identity::load(&home_a.join("identity.json")).unwrap();
+    assert_eq!(on_disk.public_key_base64(), new);
+    assert!(!home_a.join("identity.json.next").exists());
+
+    // Both directions work again: A's tunnels were re-keyed under the new key, and B looks
+    // up A's key again when A's key exchange no longer verifies against the cached one.
+    let ping = b
+        .ok(&["ping", &a.addr(), "-c", "3", "--timeout", "5s"])
+        .await;
+    assert!(ping["summary"]["received"].as_u64().unwrap() >= 1, "{ping}");
+    let ping = a
+        .ok(&["ping", &b.addr(), "-c", "2", "--timeout", "5s"])
+        .await;
+    assert!(ping["summary"]["received"].as_u64().unwrap() >= 1, "{ping}");
+
+    // A restart keeps the node ID and the new key.
+    let id = a.id;
+    a.node.shutdown().await;
+    let a = start(&reg, &home_a, true).await;
+    assert_eq!(a.id, id);
+    assert_eq!(a.ok(&["info"]).await["public_key"], new.as_str());
+    assert_eq!(
+        b.ok(&["ping", &a.addr(), "-c", "2", "--timeout", "5s"])
+            .await["summary"]["received"]
+            .as_u64()
+            .map(|n| n >= 1),
+        Some(true)
+    );
+}
