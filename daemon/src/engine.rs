@@ -342,10 +342,18 @@ struct Counters {
     send_errors: u64,
     untrusted: u64,
     syn_limited: u64,
+    loopback_dropped: u64,
     /// When the last dropped-datagram warning was logged, and drops since.
     drop_log: Option<Instant>,
     drops_unlogged: u64,
 }
+
+/// Packets to our own address waiting to be delivered; more are dropped (the transport
+/// retransmits).
+const MAX_LOOPBACK: usize = 4096;
+/// Delivery rounds of packets to our own address per flush, so that a local transfer never
+/// holds the engine from its other work.
+const LOOPBACK_ROUNDS: usize = 64;
 
 /// At most one dropped-datagram warning per this interval.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -366,6 +374,8 @@ pub struct Engine {
     resolving: HashSet<u32>,
     looking_up: HashSet<u32>,
     blocked: HashSet<ConnId>,
+    /// Packets to our own address, delivered without a tunnel.
+    loopback: VecDeque<Vec<u8>>,
     counters: Counters,
     started: Instant,
     registered: Option<Value>,
@@ -425,6 +435,7 @@ impl Engine {
             resolving: HashSet::new(),
             looking_up: HashSet::new(),
             blocked: HashSet::new(),
+            loopback: VecDeque::new(),
             counters: Counters::default(),
             started: Instant::now(),
             registered: None,
@@ -471,6 +482,9 @@ impl Engine {
                 .min(tick);
             if !self.blocked.is_empty() {
                 deadline = deadline.min(now + Duration::from_millis(2));
+            }
+            if !self.loopback.is_empty() {
+                deadline = now;
             }
             tokio::select! {
                 r = self.socket.readable() => {
@@ -627,7 +641,7 @@ impl Engine {
                     Protocol::Datagram => true,
                     _ => false,
                 };
-                if opens && !gate.allows(peer, p.dst_port()) {
+                if opens && !self.is_me(peer) && !gate.allows(peer, p.dst_port()) {
                     self.counters.untrusted += 1;
                     tracing::debug!(peer, port = p.dst_port(), "refused: peer is not trusted");
                     // The peer is authenticated by the tunnel: tell it at once (RST, as for a
@@ -646,11 +660,13 @@ impl Engine {
                 }
             }
             Incoming::Datagram(d) => {
-                self.config.events.emit(
-                    "data.datagram",
-                    json!({"src_addr": d.src.addr.to_string(), "src_port": d.src.port,
-                           "dst_port": d.dst_port, "size": d.data.len()}),
-                );
+                if self.config.events.wanted() {
+                    self.config.events.emit(
+                        "data.datagram",
+                        json!({"src_addr": d.src.addr.to_string(), "src_port": d.src.port,
+                               "dst_port": d.dst_port, "size": d.data.len()}),
+                    );
+                }
                 if let Some(Listener { events, .. }) = self.listeners.get(&d.dst_port) {
                     let _ = events.try_send(AppEvent::Datagram {
                         src: d.src,
@@ -1001,8 +1017,28 @@ impl Engine {
             return;
         };
         let node = dst.addr.node;
-        let sent = self.tunnels.seal(now, node, buf, n);
+        if self.is_me(node) {
+            self.loop_back(n);
+            return;
+        }
+        let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
         self.after_seal(node, sent, true);
+    }
+
+    fn is_me(&self, node: u32) -> bool {
+        node != 0 && node == self.tunnels.node()
+    }
+
+    /// Queues the packet at `sendbuf[HEADROOM..HEADROOM + n]`, addressed to ourselves, for
+    /// delivery as if it had arrived through a tunnel.
+    fn loop_back(&mut self, n: usize) {
+        if self.loopback.len() >= MAX_LOOPBACK {
+            self.counters.loopback_dropped += 1;
+            return;
+        }
+        if let Some(p) = self.sendbuf.get(HEADROOM..HEADROOM + n) {
+            self.loopback.push_back(p.to_vec());
+        }
     }
 
     fn after_seal(
@@ -1136,21 +1172,16 @@ impl Engine {
     }
 
     async fn flush(&mut self, now: Instant) {
-        while let Some((n, dst)) = self
-            .endpoint
-            .poll_transmit(now, &mut self.sendbuf[HEADROOM..])
-        {
-            let node = dst.addr.node;
-            let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
-            if let Some((ep, range)) = self.after_seal(node, sent, false) {
-                if range.1 > self.sendbuf.len() || range.0 > range.1 {
-                    continue;
-                }
-                if !self.batch.fits(ep, range.1 - range.0) {
-                    let f = self.batch.flush(&self.socket).await;
-                    self.count_flushed(f);
-                }
-                self.batch.push(ep, &self.sendbuf[range.0..range.1]);
+        let mut rounds = 0;
+        loop {
+            self.flush_endpoint(now).await;
+            if self.loopback.is_empty() || rounds == LOOPBACK_ROUNDS {
+                break;
+            }
+            rounds += 1;
+            let me = self.tunnels.node();
+            for p in std::mem::take(&mut self.loopback) {
+                self.on_packet(now, me, &p);
             }
         }
         if !self.batch.is_empty() {
@@ -1164,6 +1195,32 @@ impl Engine {
                     self.counters.bytes_sent += k as u64;
                 }
                 Err(_) => self.counters.send_errors += 1,
+            }
+        }
+    }
+
+    /// Seals and batches what the connection table has queued; packets to ourselves go to
+    /// the loopback queue.
+    async fn flush_endpoint(&mut self, now: Instant) {
+        while let Some((n, dst)) = self
+            .endpoint
+            .poll_transmit(now, &mut self.sendbuf[HEADROOM..])
+        {
+            let node = dst.addr.node;
+            if self.is_me(node) {
+                self.loop_back(n);
+                continue;
+            }
+            let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
+            if let Some((ep, range)) = self.after_seal(node, sent, false) {
+                if range.1 > self.sendbuf.len() || range.0 > range.1 {
+                    continue;
+                }
+                if !self.batch.fits(ep, range.1 - range.0) {
+                    let f = self.batch.flush(&self.socket).await;
+                    self.count_flushed(f);
+                }
+                self.batch.push(ep, &self.sendbuf[range.0..range.1]);
             }
         }
     }
@@ -1216,6 +1273,7 @@ impl Engine {
             "pkts_recv": self.counters.pkts_recv,
             "refused_untrusted": self.counters.untrusted,
             "refused_syn_rate": self.counters.syn_limited,
+            "loopback_dropped": self.counters.loopback_dropped,
             "public_endpoint": self.public_endpoint.or(self.config.endpoint_override).map(|e| e.to_string()),
             "peer_list": peers.iter().map(|p| json!({
                 "node_id": p.node,

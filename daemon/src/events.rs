@@ -6,7 +6,7 @@
 //! (or nothing listens) they are dropped and counted. So the packet path and the services can
 //! emit freely.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -32,6 +32,7 @@ pub struct Event {
 pub struct Events {
     tx: Option<mpsc::Sender<Event>>,
     dropped: Arc<AtomicU64>,
+    wanted: Arc<AtomicBool>,
 }
 
 impl Events {
@@ -42,6 +43,7 @@ impl Events {
             Events {
                 tx: Some(tx),
                 dropped: Arc::default(),
+                wanted: Arc::new(AtomicBool::new(true)),
             },
             rx,
         )
@@ -75,6 +77,18 @@ impl Events {
         }
     }
 
+    /// Whether the events are consumed now. Emitters on the packet path check it before they
+    /// build an event.
+    pub fn wanted(&self) -> bool {
+        self.tx.is_some() && self.wanted.load(Ordering::Relaxed)
+    }
+
+    /// Tells emitters whether the events are consumed (the webhook poster discards them while
+    /// it has no URL). Emitting stays allowed either way.
+    pub fn set_wanted(&self, on: bool) {
+        self.wanted.store(on, Ordering::Relaxed);
+    }
+
     /// Events dropped so far because the queue was full or nothing listened.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -99,5 +113,9 @@ mod tests {
         let off = Events::default();
         off.emit_bare("node.deregistered");
         assert_eq!(off.dropped(), 1);
+        assert!(!off.wanted());
+        assert!(ev.wanted());
+        ev.clone().set_wanted(false);
+        assert!(!ev.wanted(), "clones share the flag");
     }
 }

@@ -1698,11 +1698,13 @@ impl ClientCtx {
 }
 
 impl Shared {
-    /// The engine's Info JSON, with the hostname set through this server and the IPC counters.
     /// Points webhooks at `url` ("" stops them). A bad URL is refused and the old one stays.
     fn set_webhook(&self, url: &str) -> Result<(), String> {
         match &self.ctx.webhook {
-            Some(h) => h.set(url).map_err(|e| format!("webhook URL: {e}"))?,
+            Some(h) => {
+                h.set(url).map_err(|e| format!("webhook URL: {e}"))?;
+                self.ctx.events.set_wanted(!url.is_empty());
+            }
             None if url.is_empty() => {}
             None => {
                 WebhookUrl::parse(url).map_err(|e| format!("webhook URL: {e}"))?;

@@ -235,6 +235,7 @@ impl Node {
         };
         let (events, events_rx) = Events::channel();
         let mut daemon = Daemon::start_with_events(config, events.clone()).await?;
+        events.set_wanted(url.is_some());
         let webhook = Webhook::start(events_rx, url, daemon.engine.node_watch());
         let trust = TrustService::start(
             TrustConfig::new(&config.home, daemon.identity.clone(), config.public),

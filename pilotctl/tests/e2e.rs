@@ -875,7 +875,9 @@ async fn webhook_events_reach_the_configured_url() {
     assert_eq!(set["webhook"], url.as_str());
 
     a.ok(&["send-message", &b.addr(), "for the hook"]).await;
-    let want = ["conn.established", "message.received"];
+    a.ok(&["send", &b.addr(), "5000", "--datagram", "dgram"])
+        .await;
+    let want = ["conn.established", "message.received", "data.datagram"];
     let mut seen = Vec::new();
     while !want.iter().all(|w| seen.iter().any(|s: &String| s == w)) {
         let ev = tokio::time::timeout(Duration::from_secs(20), events.recv())
@@ -884,6 +886,10 @@ async fn webhook_events_reach_the_configured_url() {
             .unwrap();
         assert_eq!(ev["node_id"], b.id, "{ev}");
         assert!(ev["timestamp"].as_str().unwrap().ends_with('Z'), "{ev}");
+        if ev["event"] == "data.datagram" {
+            assert_eq!(ev["data"]["dst_port"], 5000, "{ev}");
+            assert_eq!(ev["data"]["size"], 5, "{ev}");
+        }
         if ev["event"] == "message.received" {
             assert_eq!(ev["data"]["type"], "TEXT");
             assert_eq!(ev["data"]["from"], a.addr().as_str());
@@ -1006,4 +1012,23 @@ async fn rotate_key_keeps_the_address_and_peers_follow() {
             .map(|n| n >= 1),
         Some(true)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_own_address() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Private: its own traffic needs no trust.
+    let a = start(&reg, &dir.path().join("a"), false).await;
+    let ping = a.ok(&["ping", &a.addr(), "-c", "2"]).await;
+    assert_eq!(ping["summary"]["received"], 2, "{ping}");
+    let m = a.ok(&["send-message", &a.addr(), "note to self"]).await;
+    assert_eq!(m["ack"], "ACK TEXT 12 bytes");
+    let inbox = a.ok(&["inbox"]).await;
+    assert_eq!(inbox["messages"][0]["data"], "note to self", "{inbox}");
+    assert_eq!(inbox["messages"][0]["from"], a.addr().as_str());
+    let bench = a.ok(&["bench", &a.addr(), "--size", "8M"]).await;
+    assert_eq!(bench["recv_bytes"], 8 << 20);
+    let info = a.ok(&["info"]).await;
+    assert_eq!(info["peers"], 0, "no tunnel to ourselves: {info}");
 }
