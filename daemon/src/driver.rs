@@ -198,6 +198,7 @@ struct Inner {
     state: Arc<Mutex<State>>,
     datagrams: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
     demux: tokio::task::JoinHandle<()>,
+    peer_pid: Option<i32>,
 }
 
 impl Drop for Inner {
@@ -304,6 +305,7 @@ impl Driver {
                 path: path.display().to_string(),
                 source,
             })?;
+        let peer_pid = sock.peer_cred().ok().and_then(|c| c.pid());
         let (rd, wr) = sock.into_split();
         let (out, out_rx) = mpsc::channel(OUT_FRAMES);
         let (dg_tx, dg_rx) = mpsc::channel(DATAGRAM_BUFFER);
@@ -316,12 +318,20 @@ impl Driver {
                 state,
                 datagrams: tokio::sync::Mutex::new(dg_rx),
                 demux,
+                peer_pid,
             }),
         };
         // Ask to hear of failed connections. A daemon without the extension answers with an
         // error; its failures then read as EOF, as in v1.
         let _ = tokio::time::timeout(CONNECT_PROBE, d.ext(&ExtRequest::ConnErrors)).await;
         Ok(d)
+    }
+
+    /// The daemon's process ID as the kernel reports it for the socket (`SO_PEERCRED`), in
+    /// this process's PID namespace: 0 when the daemon runs in a namespace this process
+    /// cannot see, `None` when the kernel gave none.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.inner.peer_pid
     }
 
     /// Opens a stream connection to `addr`. Errors carry the daemon's text, e.g.

@@ -115,6 +115,8 @@ async fn echo_one_mib_through_both_ipc_sockets() {
     let (_dir, a, b) = pair().await;
     let _echo = echo_service(&b.sock, 1000).await;
     let da = Driver::connect(&a.sock).await.unwrap();
+    // The daemon runs in this process: the kernel names it as the socket's peer.
+    assert_eq!(da.peer_pid(), Some(std::process::id() as i32));
     let data = pattern(1 << 20, 7);
     let got = round_trip(&da, PilotAddr::new(Addr::new(0, b.id), 1000), data.clone()).await;
     assert_eq!(got.len(), data.len());

@@ -185,16 +185,29 @@ fn alive(pid: Pid) -> bool {
 }
 
 async fn stop(ctx: &Ctx, wait: Duration) -> Result<Output, CtlError> {
-    let i = info(ctx).await?;
-    let raw = i32::try_from(i.pid)
-        .ok()
-        .filter(|&p| p > 1)
-        .ok_or_else(|| {
-            CtlError::new(
+    let d = ctx.driver().await?;
+    let i: ipc::Info = decode(&ext(&d, ExtRequest::Info).await?)?;
+    // The kernel's word on who holds the socket, not the daemon's: the reported pid is from
+    // the daemon's PID namespace, which may not be ours (a container with the socket mounted).
+    let raw = match d.peer_pid() {
+        Some(0) => {
+            return Err(CtlError::new(
                 code::UNSUPPORTED,
-                "the daemon does not report its process ID; stop it with its service manager",
-            )
-        })?;
+                "pilotd runs in another PID namespace; stop it with its service manager or \
+                 from inside its container",
+            ))
+        }
+        Some(p) => Some(p),
+        None => i32::try_from(i.pid).ok(),
+    }
+    .filter(|&p| p > 1)
+    .ok_or_else(|| {
+        CtlError::new(
+            code::UNSUPPORTED,
+            "the daemon's process ID is unknown; stop it with its service manager",
+        )
+    })?;
+    drop(d);
     let pid = Pid::from_raw(raw);
     kill(pid, Signal::SIGTERM).map_err(|e| {
         CtlError::new(
