@@ -114,6 +114,10 @@ pub enum Cmd {
     Unlisten {
         /// The port.
         port: u16,
+        /// The event channel the port was listened with: the port is unbound only if it is
+        /// still that listener's (a late unbind never takes a port someone bound since).
+        /// `None` unbinds whoever holds it.
+        owner: Option<mpsc::WeakSender<AppEvent>>,
     },
     /// Open a connection.
     Dial {
@@ -934,9 +938,16 @@ impl Engine {
                 };
                 let _ = reply.send(r);
             }
-            Cmd::Unlisten { port } => {
-                self.listeners.remove(&port);
-                self.endpoint.unlisten(now, port);
+            Cmd::Unlisten { port, owner } => {
+                let held = self.listeners.get(&port).is_some_and(|l| {
+                    owner
+                        .as_ref()
+                        .is_none_or(|w| w.upgrade().is_some_and(|s| s.same_channel(&l.events)))
+                });
+                if held {
+                    self.listeners.remove(&port);
+                    self.endpoint.unlisten(now, port);
+                }
             }
             Cmd::Dial { dst, events, reply } => {
                 if self.tunnels.node() == 0 {

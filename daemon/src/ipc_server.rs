@@ -897,7 +897,10 @@ impl ClientCtx {
             !s.closed && s.ports.insert(port)
         };
         if !kept {
-            let _ = self.engine().send(Cmd::Unlisten { port }).await;
+            let _ = self
+                .engine()
+                .send(Cmd::Unlisten { port, owner: None })
+                .await;
             self.port_released(port).await;
             return slot.error(&self, "client disconnected");
         }
@@ -1061,7 +1064,10 @@ impl ClientCtx {
             let _ = slot.queue.send(ConnOp::Close);
         }
         for port in ports {
-            let _ = self.engine().send(Cmd::Unlisten { port }).await;
+            let _ = self
+                .engine()
+                .send(Cmd::Unlisten { port, owner: None })
+                .await;
             self.port_released(port).await;
         }
     }

@@ -29,6 +29,8 @@ pub struct LocalListener {
     engine: EngineHandle,
     port: u16,
     events: mpsc::Receiver<AppEvent>,
+    /// The engine's end of `events`, to unbind only our own listener.
+    owner: mpsc::WeakSender<AppEvent>,
     closed: bool,
 }
 
@@ -36,11 +38,13 @@ impl LocalListener {
     /// Binds `port` on the engine.
     pub async fn bind(engine: &EngineHandle, port: u16) -> Result<LocalListener, String> {
         let (tx, events) = mpsc::channel(APP_QUEUE);
+        let owner = tx.downgrade();
         engine.listen_per_conn(port, tx).await?;
         Ok(LocalListener {
             engine: engine.clone(),
             port,
             events,
+            owner,
             closed: false,
         })
     }
@@ -72,7 +76,13 @@ impl LocalListener {
 impl LocalListener {
     /// Unbinds the port now: once this returns, the port is free for another listener.
     pub async fn close(mut self) {
-        let _ = self.engine.send(Cmd::Unlisten { port: self.port }).await;
+        let _ = self
+            .engine
+            .send(Cmd::Unlisten {
+                port: self.port,
+                owner: Some(self.owner.clone()),
+            })
+            .await;
         self.closed = true;
     }
 }
@@ -84,9 +94,10 @@ impl Drop for LocalListener {
         }
         let engine = self.engine.clone();
         let port = self.port;
+        let owner = Some(self.owner.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = engine.send(Cmd::Unlisten { port }).await;
+                let _ = engine.send(Cmd::Unlisten { port, owner }).await;
             });
         }
     }

@@ -1449,7 +1449,12 @@ impl TaskService {
             let (tx, _rx) = mpsc::channel(1);
             match engine.listen(TASK_PORT, tx).await {
                 Ok(()) => {
-                    let _ = engine.send(Cmd::Unlisten { port: TASK_PORT }).await;
+                    let _ = engine
+                        .send(Cmd::Unlisten {
+                            port: TASK_PORT,
+                            owner: None,
+                        })
+                        .await;
                     let _ = engine.info().await;
                     return;
                 }

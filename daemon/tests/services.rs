@@ -219,3 +219,28 @@ async fn syn_rate_limits_drop_new_attempts_and_dialers_retry() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_unbind_never_takes_a_port_someone_bound_since() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&reg, &dir.path().join("a"), true).await;
+    let engine = &a.daemon.engine;
+    let (tx1, _rx1) = mpsc::channel(8);
+    let first = tx1.downgrade();
+    engine.listen(6000, tx1).await.unwrap();
+    let unbind = |owner| Cmd::Unlisten { port: 6000, owner };
+    engine.send(unbind(Some(first.clone()))).await.unwrap();
+    let (tx2, _rx2) = mpsc::channel(8);
+    let second = tx2.downgrade();
+    engine.listen(6000, tx2).await.unwrap();
+    // The first listener's unbind, arriving late, leaves the second in place...
+    engine.send(unbind(Some(first))).await.unwrap();
+    let (tx3, _rx3) = mpsc::channel(8);
+    let e = engine.listen(6000, tx3.clone()).await.unwrap_err();
+    assert!(e.contains("already bound"), "{e}");
+    // ...and the second's own unbind frees the port.
+    engine.send(unbind(Some(second))).await.unwrap();
+    engine.listen(6000, tx3).await.unwrap();
+    a.shutdown().await;
+}
