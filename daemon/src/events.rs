@@ -32,6 +32,7 @@ pub struct Event {
 pub struct Events {
     tx: Option<mpsc::Sender<Event>>,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     wanted: Arc<AtomicBool>,
 }
 
@@ -43,6 +44,7 @@ impl Events {
             Events {
                 tx: Some(tx),
                 dropped: Arc::default(),
+                queued: Arc::default(),
                 wanted: Arc::new(AtomicBool::new(true)),
             },
             rx,
@@ -72,9 +74,16 @@ impl Events {
             Some(tx) => tx.try_send(ev).is_ok(),
             None => false,
         };
-        if !sent {
+        if sent {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Events queued so far (emitted and not dropped).
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Whether the events are consumed now. Emitters on the packet path check it before they

@@ -61,6 +61,9 @@ pub enum StartError {
     },
 }
 
+/// How long shutdown waits for the webhook poster to post the events still queued.
+const WEBHOOK_DRAIN: Duration = Duration::from_secs(3);
+
 /// A started daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -397,5 +400,8 @@ impl Node {
             }
         }
         self.daemon.shutdown().await;
+        if self.webhook.url().is_some() && !self.webhook.drain(&self.events, WEBHOOK_DRAIN).await {
+            tracing::warn!("webhook events still queued at exit were not posted");
+        }
     }
 }

@@ -430,6 +430,24 @@ impl WebhookHandle {
         }
     }
 
+    /// Waits, at most `limit`, until the poster has taken every event `events` (its feed)
+    /// had queued when called: delivered, failed or discarded. Returns whether it got there.
+    /// For shutdown, so that the last events (the connections' ends) are still posted.
+    pub async fn drain(&self, events: &Events, limit: Duration) -> bool {
+        let target = events.queued();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let s = self.stats();
+            if s.delivered + s.failed + s.discarded >= target {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The URL ("" if none) and counters as JSON for the daemon's info, with `dropped` taken
     /// from the event feed (events lost because the queue was full).
     pub fn to_json(&self, events: &Events) -> Value {

@@ -434,6 +434,24 @@ async fn closed_connections_are_reopened() {
     }
 }
 
+#[tokio::test]
+async fn drain_waits_for_the_queued_events_and_gives_up_at_its_limit() {
+    let srv = Server::start(Mode::Ok).await;
+    let (events, hook) = start(&srv.url, Duration::from_secs(5));
+    for n in 0..20 {
+        events.emit("conn.fin", json!({"n": n}));
+    }
+    assert!(hook.drain(&events, Duration::from_secs(10)).await);
+    assert_eq!(hook.stats().delivered, 20);
+
+    // A server that never answers holds the first event for the post's whole timeout.
+    let srv = Server::start(Mode::HangFirst).await;
+    let (events, hook) = start(&srv.url, Duration::from_secs(5));
+    events.emit_bare("node.deregistered");
+    assert!(!hook.drain(&events, Duration::from_millis(200)).await);
+    assert_eq!(hook.stats(), WebhookStats::default());
+}
+
 mod support;
 
 /// A whole node with a webhook: the engine's and the trust service's events arrive as posts.
