@@ -31,6 +31,9 @@ pub enum RotateError {
     /// A rotation is already waiting to be settled with the registry.
     #[error("a key rotation is already in progress")]
     InProgress,
+    /// The file step did not finish (its task was cancelled or panicked).
+    #[error("identity file step failed: {0}")]
+    Task(String),
     /// The identity file or the pending file could not be written or read.
     #[error("{path}: {reason}")]
     File {

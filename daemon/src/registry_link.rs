@@ -14,7 +14,7 @@ use pilot_registry::client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::identity::NodeIdentity;
+use crate::identity::{NodeIdentity, RotateError};
 
 /// Backoff between reconnection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
@@ -287,7 +287,7 @@ async fn rotate(
     events: &mpsc::Sender<LinkEvent>,
     reply: oneshot::Sender<Result<Value, String>>,
 ) -> Result<(), ClientError> {
-    let new = match config.identity.prepare(node) {
+    let new = match on_disk(&config.identity, move |id| id.prepare(node)).await {
         Ok(k) => k,
         Err(e) => {
             let _ = reply.send(Err(e.to_string()));
@@ -307,7 +307,7 @@ async fn rotate(
             Ok(())
         }
         Err(ClientError::Refused { message, .. }) => {
-            if let Err(e) = config.identity.abandon() {
+            if let Err(e) = on_disk(&config.identity, NodeIdentity::abandon).await {
                 tracing::warn!(error = %e, "could not remove the refused key");
             }
             let _ = reply.send(Err(message));
@@ -323,9 +323,20 @@ async fn rotate(
     }
 }
 
+/// Runs one of the identity's file steps (they fsync) off the async workers.
+async fn on_disk<T: Send + 'static>(
+    identity: &Arc<NodeIdentity>,
+    step: impl FnOnce(&NodeIdentity) -> Result<T, RotateError> + Send + 'static,
+) -> Result<T, RotateError> {
+    let id = identity.clone();
+    tokio::task::spawn_blocking(move || step(&id))
+        .await
+        .unwrap_or_else(|e| Err(RotateError::Task(e.to_string())))
+}
+
 /// Makes `key` current (the registry holds it now) and tells the engine.
 async fn adopt(config: &LinkConfig, key: SigningKey, events: &mpsc::Sender<LinkEvent>) {
-    if let Err(e) = config.identity.commit(key) {
+    if let Err(e) = on_disk(&config.identity, move |id| id.commit(key)).await {
         // The key is in use; the pending file stays and the next start settles it again.
         tracing::error!(error = %e, "rotated key in use but not saved");
     }
@@ -340,7 +351,7 @@ async fn settle_rotation(
     config: &LinkConfig,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Result<(), ClientError> {
-    let pending = match config.identity.pending() {
+    let pending = match on_disk(&config.identity, NodeIdentity::pending).await {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -363,7 +374,7 @@ async fn settle_rotation(
             node = pending.node,
             "the registry did not take the pending key; it is discarded"
         );
-        if let Err(e) = config.identity.abandon() {
+        if let Err(e) = on_disk(&config.identity, NodeIdentity::abandon).await {
             tracing::warn!(error = %e, "could not remove the pending key");
         }
     }

@@ -2724,22 +2724,14 @@ mod tests {
     #[test]
     fn task_files_keep_v1_keys() {
         let f = TaskFile {
-            task_id: "0123abcd-ef01-2345-6789-abcdef012345".into(),
-            task_description: "d".into(),
             created_at: "2024-01-01T00:00:00Z".into(),
             created_ns: None,
-            status: TaskStatus::New,
-            status_justification: "A new task was created".into(),
-            from: "0:0000.0000.0001".into(),
-            to: "0:0000.0000.0002".into(),
-            accepted_at: String::new(),
-            staged_at: String::new(),
-            execute_started_at: String::new(),
-            completed_at: String::new(),
-            time_idle_ms: 0,
-            time_staged_ms: 0,
-            time_cpu_ms: 0,
-            result_file: String::new(),
+            ..TaskFile::new(
+                "0123abcd-ef01-2345-6789-abcdef012345".into(),
+                "d".into(),
+                Addr::new(0, 1),
+                Addr::new(0, 2),
+            )
         };
         let v = serde_json::to_value(&f).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

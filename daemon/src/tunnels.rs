@@ -84,6 +84,14 @@ struct Peer {
     stats: PeerStats,
 }
 
+impl Peer {
+    /// Drops the session; the next key exchange makes a new one.
+    fn forget_session(&mut self) {
+        self.session = None;
+        self.peer_x25519 = None;
+    }
+}
+
 /// Counters of one peer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PeerStats {
@@ -263,10 +271,15 @@ impl Tunnels {
     }
 
     fn with_pila(mut self) -> Self {
+        self.rebuild_pila();
+        self
+    }
+
+    /// Signs our PILA again after the node ID, the identity or the X25519 key changed.
+    fn rebuild_pila(&mut self) {
         self.pila = build_auth_key_exchange(&self.identity, self.me, &self.public)
             .to_bytes()
             .to_vec();
-        self
     }
 
     /// Our node ID.
@@ -279,13 +292,8 @@ impl Tunnels {
     pub fn set_node(&mut self, me: u32) {
         if me != self.me {
             self.me = me;
-            self.pila = build_auth_key_exchange(&self.identity, me, &self.public)
-                .to_bytes()
-                .to_vec();
-            for p in self.peers.values_mut() {
-                p.session = None;
-                p.peer_x25519 = None;
-            }
+            self.rebuild_pila();
+            self.peers.values_mut().for_each(Peer::forget_session);
         }
     }
 
@@ -296,15 +304,10 @@ impl Tunnels {
         self.identity = identity;
         self.secret = StaticSecret::random_from_rng(OsRng);
         self.public = PublicKey::from(&self.secret).to_bytes();
-        self.pila = build_auth_key_exchange(&self.identity, self.me, &self.public)
-            .to_bytes()
-            .to_vec();
+        self.rebuild_pila();
+        self.peers.values_mut().for_each(Peer::forget_session);
         let nodes: Vec<u32> = self.peers.keys().copied().collect();
         for node in nodes {
-            if let Some(p) = self.peers.get_mut(&node) {
-                p.session = None;
-                p.peer_x25519 = None;
-            }
             self.send_pila(now, node, true);
         }
     }
@@ -325,8 +328,7 @@ impl Tunnels {
             // A rotated key invalidates the session made under the old one.
             if self.keys.insert(node, key).is_some() {
                 if let Some(p) = self.peers.get_mut(&node) {
-                    p.session = None;
-                    p.peer_x25519 = None;
+                    p.forget_session();
                 }
             }
         }
@@ -754,8 +756,7 @@ impl Tunnels {
         };
         let Ok(n) = session.seal(frame_buf, len) else {
             // Counter exhausted: a new key exchange replaces the session.
-            p.session = None;
-            p.peer_x25519 = None;
+            p.forget_session();
             return Sent::Dropped;
         };
         p.stats.pkts_sent += 1;

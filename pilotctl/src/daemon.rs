@@ -197,8 +197,7 @@ async fn stop(ctx: &Ctx, wait: Duration) -> Result<Output, CtlError> {
                  from inside its container",
             ))
         }
-        Some(p) => Some(p),
-        None => i32::try_from(i.pid).ok(),
+        kernel => kernel.or_else(|| i32::try_from(i.pid).ok()),
     }
     .filter(|&p| p > 1)
     .ok_or_else(|| {
