@@ -13,10 +13,37 @@
 //! itself: RST, FIN|ACK) has ready, and at [`Endpoint::poll_timeout`] the driver calls
 //! [`Endpoint::handle_timeout`]. Both cost O(log n) per connection that needs them, not a scan
 //! of the table. [`Endpoint::release`] drops a connection once it is drained.
+//!
+//! # Fallback listening and deferred accept
+//!
+//! [`Endpoint::enable_fallback`] installs the one fallback listener: it takes SYNs to every
+//! port that has no ordinary listener (an ordinary listener, bound before or after, always wins
+//! for new SYNs). Such a SYN is *deferred*: nothing is sent and no connection exists yet;
+//! [`Endpoint::handle`] returns `Incoming::Dropped(DropReason::Deferred)` and the request
+//! waits, with its local port and remote address, for the caller:
+//!
+//! 1. after [`Endpoint::handle`], [`Endpoint::poll_deferred`] until `None` reports each new
+//!    request once, as a [`Deferred`] carrying a [`DeferredId`];
+//! 2. the caller decides, in any order and at any later time:
+//!    [`Endpoint::accept_deferred`] creates the connection (its SYN-ACK goes out with the next
+//!    [`Endpoint::poll_transmit`]; from then on it is an ordinary passive connection, driven
+//!    through the returned handle and never put on an accept queue), or
+//!    [`Endpoint::refuse_deferred`] answers the dialer with the RST a closed port gets;
+//! 3. [`Endpoint::poll_transmit`] sends the RSTs and SYN-ACKs as usual, and
+//!    [`Endpoint::poll_timeout`] includes the expiry of the oldest request.
+//!
+//! Invariants of the deferred table: at most [`MAX_DEFERRED`] requests (SYNs beyond are
+//! dropped unanswered and counted, so the dialer retransmits); at most one request per
+//! (local port, remote address, remote port); a retransmitted SYN for a request adds nothing
+//! and sends nothing; an RST from the dialer withdraws its request silently; any other
+//! segment for it is ignored; a request left undecided for [`DEFERRED_TIMEOUT`] is refused
+//! with RST; ids are never reused, so deciding on a withdrawn or expired request is a typed
+//! error ([`DeferredError::Unknown`]), never a decision about another one.
+//! [`Endpoint::disable_fallback`] refuses every pending request.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -69,6 +96,77 @@ pub enum ListenError {
     AlreadyBound(u16),
 }
 
+/// Why `enable_fallback` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FallbackError {
+    /// The fallback listener is already enabled (there is at most one).
+    #[error("a fallback listener is already enabled")]
+    AlreadyEnabled,
+}
+
+/// Most connection requests taken by the fallback listener and not yet decided on; SYNs
+/// beyond it are dropped unanswered ([`DropReason::DeferredFull`]) and counted.
+pub const MAX_DEFERRED: usize = 1024;
+
+/// How long a deferred request waits for the caller's decision before it is refused with
+/// RST. A dialer (v1 or ours, without a beacon) sends its SYN at 0, 1, 3, 7, 15, 23 and 31 s
+/// and gives up at about 39 s (v1 wire §3.1), so an undecided request is answered while the
+/// dialer still listens: it fails at once as refused, instead of timing out or having its
+/// next retransmission taken as a new request.
+pub const DEFERRED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Names one deferred connection request. Ids are never reused within an [`Endpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeferredId(pub u64);
+
+/// A connection request taken by the fallback listener, waiting for
+/// [`Endpoint::accept_deferred`] or [`Endpoint::refuse_deferred`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deferred {
+    /// Names the request in the decision calls.
+    pub id: DeferredId,
+    /// The port the SYN was sent to (ours).
+    pub local_port: u16,
+    /// The dialer.
+    pub remote: SocketAddr,
+}
+
+/// Why a decision on a deferred request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeferredError {
+    /// No such pending request: already decided, withdrawn by the dialer's RST, expired
+    /// (refused after [`DEFERRED_TIMEOUT`]), refused by `disable_fallback`, or never issued.
+    #[error("no pending connection request {0:?}")]
+    Unknown(DeferredId),
+    /// Accepting would exceed a connection limit (the per-port or the total one); the request
+    /// was refused with RST.
+    #[error("too many connections ({0}); the request was refused")]
+    TooMany(usize),
+    /// A connection with the same 4-tuple was opened locally meanwhile; the request was
+    /// dropped without an answer (an RST would reach that connection's peer).
+    #[error("a connection already holds this 4-tuple")]
+    InUse,
+}
+
+/// Counters of the deferred table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeferredStats {
+    /// Requests waiting for a decision now.
+    pub pending: usize,
+    /// Requests taken in total.
+    pub deferred: u64,
+    /// Requests accepted.
+    pub accepted: u64,
+    /// Requests refused by the caller (including by `disable_fallback` and limits at accept).
+    pub refused: u64,
+    /// Requests refused after [`DEFERRED_TIMEOUT`] without a decision.
+    pub expired: u64,
+    /// Requests withdrawn by the dialer's RST.
+    pub withdrawn: u64,
+    /// SYNs dropped because [`MAX_DEFERRED`] requests were pending.
+    pub overflow: u64,
+}
+
 /// Why `connect` failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
@@ -119,6 +217,13 @@ pub enum DropReason {
     UnknownProtocol(u8),
     /// A SYN for a listener whose accept queue is full; the peer retransmits it.
     AcceptQueueFull,
+    /// Not dropped but held: a SYN the fallback listener took as a new deferred request
+    /// (see [`Endpoint::poll_deferred`]), or any segment for a request still pending (a
+    /// retransmitted SYN, an RST withdrawing it, or something ignored). Nothing was sent.
+    Deferred,
+    /// A SYN for the fallback listener while [`MAX_DEFERRED`] requests were pending; the peer
+    /// retransmits it.
+    DeferredFull,
 }
 
 type Tuple = (u16, Addr, u16);
@@ -142,6 +247,36 @@ struct Entry {
     scheduled: Option<Instant>,
     /// On the queue of connections that may have something to send.
     dirty: bool,
+}
+
+/// A SYN taken by the fallback listener, waiting for the caller's decision.
+#[derive(Debug)]
+struct PendingSyn {
+    tuple: Tuple,
+    /// The dialer's ISN and window, for the connection an acceptance creates.
+    seq: u32,
+    window: u16,
+    expires: Instant,
+}
+
+/// Deferred connection requests: by id (ids grow with arrival, so this is arrival order and,
+/// with one timeout for all, expiry order) and by 4-tuple.
+#[derive(Debug, Default)]
+struct DeferredTable {
+    by_id: BTreeMap<u64, PendingSyn>,
+    by_tuple: HashMap<Tuple, u64>,
+    next_id: u64,
+    /// The first id [`Endpoint::poll_deferred`] has not reported.
+    next_report: u64,
+    stats: DeferredStats,
+}
+
+impl DeferredTable {
+    fn remove(&mut self, id: u64) -> Option<PendingSyn> {
+        let p = self.by_id.remove(&id)?;
+        self.by_tuple.remove(&p.tuple);
+        Some(p)
+    }
 }
 
 /// Which connections need the driver: a min-heap of timer deadlines (one live entry per
@@ -223,6 +358,9 @@ pub struct Endpoint {
     next_ephemeral: u16,
     replies: VecDeque<PacketRepr>,
     schedule: Schedule,
+    /// SYNs to ports without a listener are deferred rather than refused.
+    fallback: bool,
+    deferred: DeferredTable,
 }
 
 impl Endpoint {
@@ -238,6 +376,8 @@ impl Endpoint {
             next_ephemeral: ephemeral_start(config.ephemeral_seed),
             replies: VecDeque::new(),
             schedule: Schedule::default(),
+            fallback: false,
+            deferred: DeferredTable::default(),
         }
     }
 
@@ -272,8 +412,19 @@ impl Endpoint {
         })
     }
 
-    /// The earliest time a connection needs [`Endpoint::handle_timeout`].
+    /// The earliest time [`Endpoint::handle_timeout`] must run: a connection's timer or the
+    /// expiry of the oldest deferred request.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let conns = self.poll_conn_timeout();
+        let deferred = self.deferred.by_id.values().next().map(|p| p.expires);
+        match (conns, deferred) {
+            (Some(c), Some(d)) => Some(c.min(d)),
+            (c, d) => c.or(d),
+        }
+    }
+
+    /// The earliest deadline of a connection.
+    fn poll_conn_timeout(&mut self) -> Option<Instant> {
         while let Some(&Reverse((t, key))) = self.schedule.timers.peek() {
             let Some(e) = self.conns.get_mut(key) else {
                 self.schedule.timers.pop();
@@ -299,9 +450,19 @@ impl Endpoint {
         None
     }
 
-    /// Runs the timers of every connection due at `now`.
+    /// Runs the timers of every connection due at `now`, and refuses the deferred requests
+    /// that waited [`DEFERRED_TIMEOUT`].
     pub fn handle_timeout(&mut self, now: Instant) {
-        while self.poll_timeout().is_some_and(|t| t <= now) {
+        while let Some((&id, p)) = self.deferred.by_id.iter().next() {
+            if p.expires > now {
+                break;
+            }
+            if let Some(p) = self.deferred.remove(id) {
+                self.deferred.stats.expired += 1;
+                self.refuse_pending(&p);
+            }
+        }
+        while self.poll_conn_timeout().is_some_and(|t| t <= now) {
             let Some(Reverse((_, key))) = self.schedule.timers.pop() else {
                 break;
             };
@@ -361,6 +522,113 @@ impl Endpoint {
     /// Takes the next established connection of a listener.
     pub fn accept(&mut self, port: u16) -> Option<ConnHandle> {
         self.listeners.get_mut(&port)?.ready.pop_front()
+    }
+
+    /// Enables the fallback listener: from now on a SYN to a port with no ordinary listener is
+    /// deferred for the caller's decision instead of refused (see the module docs).
+    pub fn enable_fallback(&mut self) -> Result<(), FallbackError> {
+        if self.fallback {
+            return Err(FallbackError::AlreadyEnabled);
+        }
+        self.fallback = true;
+        Ok(())
+    }
+
+    /// Disables the fallback listener; every pending deferred request is refused with RST.
+    /// SYNs to ports without a listener are refused again. Does nothing when not enabled.
+    pub fn disable_fallback(&mut self) {
+        if !self.fallback {
+            return;
+        }
+        self.fallback = false;
+        while let Some((&id, _)) = self.deferred.by_id.iter().next() {
+            if let Some(p) = self.deferred.remove(id) {
+                self.deferred.stats.refused += 1;
+                self.refuse_pending(&p);
+            }
+        }
+    }
+
+    /// True when the fallback listener is enabled.
+    pub fn has_fallback(&self) -> bool {
+        self.fallback
+    }
+
+    /// Reports the next deferred request not reported before, oldest first. Requests that
+    /// were withdrawn or expired before being reported are skipped.
+    pub fn poll_deferred(&mut self) -> Option<Deferred> {
+        let (&id, p) = self.deferred.by_id.range(self.deferred.next_report..).next()?;
+        self.deferred.next_report = id + 1;
+        let (local_port, addr, port) = p.tuple;
+        Some(Deferred {
+            id: DeferredId(id),
+            local_port,
+            remote: SocketAddr::new(addr, port),
+        })
+    }
+
+    /// True when a deferred request from `remote` to local `port` is pending (a SYN for it is a
+    /// retransmission).
+    pub fn is_deferred(&self, port: u16, remote: SocketAddr) -> bool {
+        self.deferred
+            .by_tuple
+            .contains_key(&(port, remote.addr, remote.port))
+    }
+
+    /// Accepts deferred request `id`: creates its connection, whose SYN-ACK goes out with the
+    /// next [`Endpoint::poll_transmit`]. The connection then completes the handshake like any
+    /// passive one ([`super::Event::Connected`]); it is driven through the returned handle and
+    /// never appears on an accept queue. When a connection limit is reached the request is
+    /// refused with RST instead.
+    pub fn accept_deferred(
+        &mut self,
+        now: Instant,
+        id: DeferredId,
+    ) -> Result<ConnHandle, DeferredError> {
+        let p = self
+            .deferred
+            .remove(id.0)
+            .ok_or(DeferredError::Unknown(id))?;
+        if self.by_tuple.contains_key(&p.tuple) {
+            return Err(DeferredError::InUse);
+        }
+        if let Err(limit) = self.check_limits(p.tuple.0) {
+            self.deferred.stats.refused += 1;
+            self.refuse_pending(&p);
+            return Err(DeferredError::TooMany(limit));
+        }
+        let (local_port, addr, port) = p.tuple;
+        let syn = Segment {
+            flags: Flags::SYN,
+            seq: p.seq,
+            ack: 0,
+            window: p.window,
+            payload: &[],
+        };
+        let local = SocketAddr::new(self.local, local_port);
+        let remote = SocketAddr::new(addr, port);
+        let conn = Connection::accept(now, self.config.stream, local, remote, &syn);
+        self.deferred.stats.accepted += 1;
+        Ok(self.insert(conn, p.tuple, false))
+    }
+
+    /// Refuses deferred request `id`: the dialer gets the RST a closed port gets.
+    pub fn refuse_deferred(&mut self, id: DeferredId) -> Result<(), DeferredError> {
+        let p = self
+            .deferred
+            .remove(id.0)
+            .ok_or(DeferredError::Unknown(id))?;
+        self.deferred.stats.refused += 1;
+        self.refuse_pending(&p);
+        Ok(())
+    }
+
+    /// Counters of the deferred table.
+    pub fn deferred_stats(&self) -> DeferredStats {
+        DeferredStats {
+            pending: self.deferred.by_id.len(),
+            ..self.deferred.stats
+        }
     }
 
     fn allocate_port(&mut self) -> Option<u16> {
@@ -455,19 +723,45 @@ impl Endpoint {
 
     /// Queues a header-only answer to `repr` (bounded; beyond the bound replies are dropped).
     fn reply(&mut self, repr: &PacketRepr, flags: Flags, ack: u32) {
-        if self.replies.len() >= self.config.max_pending_replies {
+        let limit = self.config.max_pending_replies;
+        self.queue_reply(repr.dst.port, repr.src, flags, ack, limit);
+    }
+
+    /// Queues a header-only packet from our `local_port` to `remote`, unless `limit` replies
+    /// are queued already.
+    fn queue_reply(
+        &mut self,
+        local_port: u16,
+        remote: SocketAddr,
+        flags: Flags,
+        ack: u32,
+        limit: usize,
+    ) {
+        if self.replies.len() >= limit {
             return;
         }
         self.replies.push_back(PacketRepr {
             flags,
             protocol: Protocol::Stream,
-            src: SocketAddr::new(self.local, repr.dst.port),
-            dst: repr.src,
+            src: SocketAddr::new(self.local, local_port),
+            dst: remote,
             seq: 0,
             ack,
             window: 0,
             payload_len: 0,
         });
+    }
+
+    /// Answers a deferred request with the RST a closed port gets (v1 wire §3.3: seq 0,
+    /// ack 0, window 0). These replies have room beyond `max_pending_replies`: every request
+    /// gets its answer, and the deferred table bounds how many there are.
+    fn refuse_pending(&mut self, p: &PendingSyn) {
+        let (local_port, addr, port) = p.tuple;
+        let limit = self
+            .config
+            .max_pending_replies
+            .saturating_add(MAX_DEFERRED);
+        self.queue_reply(local_port, SocketAddr::new(addr, port), Flags::RST, 0, limit);
     }
 
     /// Writes the next packet of the table (its own replies, then the connections that may
@@ -545,6 +839,10 @@ impl Endpoint {
             }
             self.supersede(now, h);
         }
+        if let Some(&id) = self.deferred.by_tuple.get(&tuple) {
+            self.deferred_segment(id, repr);
+            return Incoming::Dropped(DropReason::Deferred);
+        }
         if repr.flags == Flags::FIN {
             // A FIN for a connection we no longer hold: the peer missed our FIN|ACK. Answering
             // (FIN|ACK is never answered back) lets it finish instead of timing out.
@@ -557,6 +855,9 @@ impl Endpoint {
         }
         let port = repr.dst.port;
         let Some(l) = self.listeners.get(&port) else {
+            if self.fallback {
+                return self.defer(now, tuple, repr);
+            }
             self.refuse(repr);
             return Incoming::Refused;
         };
@@ -578,6 +879,75 @@ impl Endpoint {
             l.embryonic += 1;
         }
         Incoming::Stream(h)
+    }
+
+    /// Takes a SYN for the fallback listener as a new deferred request.
+    fn defer<'a>(&mut self, now: Instant, tuple: Tuple, repr: &PacketRepr) -> Incoming<'a> {
+        if self.deferred.by_id.len() >= MAX_DEFERRED {
+            // Like a full accept queue: silence, and the dialer retransmits.
+            self.deferred.stats.overflow += 1;
+            return Incoming::Dropped(DropReason::DeferredFull);
+        }
+        if self.check_limits(tuple.0).is_err() {
+            // Accepting could not succeed; answer now as an ordinary listener would.
+            self.refuse(repr);
+            return Incoming::Refused;
+        }
+        let id = self.deferred.next_id;
+        self.deferred.next_id += 1;
+        self.deferred.by_id.insert(
+            id,
+            PendingSyn {
+                tuple,
+                seq: repr.seq,
+                window: repr.window,
+                expires: now + DEFERRED_TIMEOUT,
+            },
+        );
+        self.deferred.by_tuple.insert(tuple, id);
+        self.deferred.stats.deferred += 1;
+        Incoming::Dropped(DropReason::Deferred)
+    }
+
+    /// A segment for the 4-tuple of pending request `id`. A retransmitted SYN refreshes the
+    /// ISN and window an acceptance will use (a v1 dialer always repeats ISN 0) and sends
+    /// nothing; an RST from the dialer withdraws the request; anything else is ignored: before
+    /// our SYN-ACK, the dialer has nothing else to send.
+    fn deferred_segment(&mut self, id: u64, repr: &PacketRepr) {
+        let f = repr.flags;
+        if f.contains(Flags::RST) {
+            let Some(p) = self.deferred.by_id.get(&id) else {
+                return;
+            };
+            // Acceptable like an RST in SYN_RECEIVED: its seq lies in our receive window,
+            // which starts right after the dialer's ISN.
+            let off = repr.seq.wrapping_sub(p.seq.wrapping_add(1));
+            let window = u32::try_from(self.config.stream.recv_buffer).unwrap_or(u32::MAX);
+            if off <= window.max(1) {
+                self.deferred.remove(id);
+                self.deferred.stats.withdrawn += 1;
+            }
+            return;
+        }
+        if f.contains(Flags::SYN) && !f.contains(Flags::ACK) {
+            if let Some(p) = self.deferred.by_id.get_mut(&id) {
+                p.seq = repr.seq;
+                p.window = repr.window;
+            }
+        }
+    }
+
+    /// `Err(limit)` when one more connection on local `port` would exceed the per-port or the
+    /// total connection limit.
+    fn check_limits(&self, port: u16) -> Result<(), usize> {
+        let on_port = self.port_use.get(&port).copied().unwrap_or(0);
+        if on_port >= self.config.max_conns_per_port {
+            return Err(self.config.max_conns_per_port);
+        }
+        if self.conns.len() >= self.config.max_conns {
+            return Err(self.config.max_conns);
+        }
+        Ok(())
     }
 
     /// Ends connection `h` because its peer opened a new one on the same 4-tuple (see

@@ -42,7 +42,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 pub use endpoint::{
-    ConnHandle, ConnectError, Datagram, Endpoint, EndpointConfig, Incoming, ListenError,
+    ConnHandle, ConnectError, Datagram, Deferred, DeferredError, DeferredId, DeferredStats,
+    DropReason, Endpoint, EndpointConfig, FallbackError, Incoming, ListenError, DEFERRED_TIMEOUT,
+    MAX_DEFERRED,
 };
 
 use crate::addr::SocketAddr;
