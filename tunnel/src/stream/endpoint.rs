@@ -1036,11 +1036,23 @@ mod tests {
 
     /// A packet from A:`src_port` to B:80, as a v1 peer builds it.
     fn pkt(src_port: u16, flags: Flags, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+        pkt_to(src_port, 80, flags, seq, ack, payload)
+    }
+
+    /// A packet from A:`src_port` to B:`dst_port`, as a v1 peer builds it.
+    fn pkt_to(
+        src_port: u16,
+        dst_port: u16,
+        flags: Flags,
+        seq: u32,
+        ack: u32,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let repr = PacketRepr {
             flags,
             protocol: Protocol::Stream,
             src: SocketAddr::new(A, src_port),
-            dst: SocketAddr::new(B, 80),
+            dst: SocketAddr::new(B, dst_port),
             seq,
             ack,
             window: 512,
@@ -1239,5 +1251,290 @@ mod tests {
         let queued: Vec<_> = std::iter::from_fn(|| ep.accept(80)).collect();
         assert_eq!(queued.len(), 2);
         assert_eq!(queued[1], h);
+    }
+
+    fn deferred(r: Incoming<'_>) {
+        assert!(
+            matches!(r, Incoming::Dropped(DropReason::Deferred)),
+            "expected a deferred SYN, got {r:?}"
+        );
+    }
+
+    /// The RST v1 sends for a closed port (seq 0, ack 0, window 0), from B:`port` to
+    /// A:`peer_port`.
+    fn assert_v1_rst(r: &PacketRepr, port: u16, peer_port: u16) {
+        assert_eq!(r.flags, Flags::RST);
+        assert_eq!((r.seq, r.ack, r.window, r.payload_len), (0, 0, 0, 0));
+        assert_eq!(r.src, SocketAddr::new(B, port));
+        assert_eq!(r.dst, SocketAddr::new(A, peer_port));
+    }
+
+    fn fallback_endpoint() -> Endpoint {
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        ep.enable_fallback().unwrap();
+        ep
+    }
+
+    #[test]
+    fn fallback_is_exclusive_and_off_by_default() {
+        let mut ep = Endpoint::new(B, EndpointConfig::default());
+        assert!(!ep.has_fallback());
+        let now = Instant::now();
+        assert!(matches!(
+            ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])),
+            Incoming::Refused
+        ));
+        assert_eq!(ep.enable_fallback(), Ok(()));
+        assert!(ep.has_fallback());
+        assert_eq!(ep.enable_fallback(), Err(FallbackError::AlreadyEnabled));
+        ep.disable_fallback();
+        assert!(!ep.has_fallback());
+        assert_eq!(ep.enable_fallback(), Ok(()));
+    }
+
+    #[test]
+    fn fallback_defers_a_syn_and_sends_the_syn_ack_only_once_accepted() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        deferred(ep.handle(now, &pkt_to(50_000, 7777, Flags::SYN, 0, 0, &[])));
+        assert!(sent(&mut ep, now).is_empty(), "nothing before the decision");
+        assert_eq!(ep.len(), 0, "no connection before the decision");
+        assert!(ep.is_deferred(7777, SocketAddr::new(A, 50_000)));
+        let d = ep.poll_deferred().unwrap();
+        assert_eq!(d.local_port, 7777);
+        assert_eq!(d.remote, SocketAddr::new(A, 50_000));
+        assert_eq!(ep.poll_deferred(), None, "reported once");
+
+        let later = now + Duration::from_millis(5);
+        let h = ep.accept_deferred(later, d.id).unwrap();
+        assert!(!ep.is_deferred(7777, SocketAddr::new(A, 50_000)));
+        let out = sent(&mut ep, later);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!((r.flags, r.seq, r.ack), (Flags::SYN | Flags::ACK, 0, 1));
+        assert_eq!(r.src, SocketAddr::new(B, 7777));
+        assert_eq!(r.dst, SocketAddr::new(A, 50_000));
+        assert_eq!(
+            stream(ep.handle(later, &pkt_to(50_000, 7777, Flags::ACK, 1, 1, b"ping"))),
+            h
+        );
+        let mut c = ep.connection(h).unwrap();
+        assert_eq!(c.state(), State::Established);
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read(&mut buf), Ok(4));
+        assert_eq!(&buf[..4], b"ping");
+        assert_eq!(c.write(b"pong"), Ok(4));
+        drop(c);
+        let out = sent(&mut ep, later);
+        assert!(out.iter().any(|r| r.payload_len == 4 && r.seq == 1 && r.ack == 5));
+        // Never on an accept queue: the caller holds the handle already.
+        assert_eq!(ep.accept(7777), None);
+        let stats = ep.deferred_stats();
+        assert_eq!((stats.deferred, stats.accepted, stats.pending), (1, 1, 0));
+    }
+
+    #[test]
+    fn an_ordinary_listener_wins_over_the_fallback() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        ep.listen(80, None).unwrap();
+        let h = stream(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flags, Flags::SYN | Flags::ACK);
+        assert_eq!(ep.poll_deferred(), None);
+        ep.handle(now, &pkt(50_000, Flags::ACK, 1, 1, &[]));
+        assert_eq!(ep.accept(80), Some(h));
+        // Other ports still go to the fallback.
+        deferred(ep.handle(now, &pkt_to(50_001, 81, Flags::SYN, 0, 0, &[])));
+        assert_eq!(ep.poll_deferred().map(|d| d.local_port), Some(81));
+        // Once unbound, port 80 goes to the fallback; bound again, to its listener.
+        ep.unlisten(now, 80);
+        deferred(ep.handle(now, &pkt(50_002, Flags::SYN, 0, 0, &[])));
+        assert_eq!(ep.poll_deferred().map(|d| d.local_port), Some(80));
+        ep.listen(80, None).unwrap();
+        stream(ep.handle(now, &pkt(50_003, Flags::SYN, 0, 0, &[])));
+        assert_eq!(ep.poll_deferred(), None);
+    }
+
+    #[test]
+    fn a_retransmitted_syn_while_pending_adds_nothing_and_sends_nothing() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        let syn = pkt(50_000, Flags::SYN, 0, 0, &[]);
+        deferred(ep.handle(now, &syn));
+        let d = ep.poll_deferred().unwrap();
+        for s in 1..=3 {
+            deferred(ep.handle(now + Duration::from_secs(s), &syn));
+            assert!(sent(&mut ep, now + Duration::from_secs(s)).is_empty());
+        }
+        // A stray ACK or FIN for the pending tuple is ignored too (no FIN|ACK either).
+        deferred(ep.handle(now, &pkt(50_000, Flags::ACK, 1, 1, b"x")));
+        deferred(ep.handle(now, &pkt(50_000, Flags::FIN, 1, 0, &[])));
+        assert!(sent(&mut ep, now).is_empty());
+        assert_eq!(ep.poll_deferred(), None);
+        assert_eq!(ep.deferred_stats().pending, 1);
+        assert_eq!(ep.deferred_stats().deferred, 1);
+        // Retransmissions do not extend the decision time.
+        assert_eq!(ep.poll_timeout(), Some(now + DEFERRED_TIMEOUT));
+        // The stray ACK did not establish anything: accepting still sends the SYN-ACK.
+        let h = ep.accept_deferred(now, d.id).unwrap();
+        assert_eq!(ep.connection(h).unwrap().state(), State::SynReceived);
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flags, Flags::SYN | Flags::ACK);
+        // After acceptance the SYN is the connection's: answered with the SYN-ACK again.
+        assert_eq!(stream(ep.handle(now, &syn)), h);
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flags, Flags::SYN | Flags::ACK);
+    }
+
+    #[test]
+    fn refusing_a_deferred_request_sends_the_closed_port_rst() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        let d = ep.poll_deferred().unwrap();
+        assert_eq!(ep.refuse_deferred(d.id), Ok(()));
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 1);
+        assert_v1_rst(&out[0], 80, 50_000);
+        assert_eq!(ep.refuse_deferred(d.id), Err(DeferredError::Unknown(d.id)));
+        assert_eq!(
+            ep.accept_deferred(now, d.id),
+            Err(DeferredError::Unknown(d.id))
+        );
+        assert_eq!(ep.len(), 0);
+        assert_eq!(ep.deferred_stats().refused, 1);
+        // The same dialer trying again is a new request with a new id.
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        let again = ep.poll_deferred().unwrap();
+        assert_ne!(again.id, d.id);
+    }
+
+    #[test]
+    fn an_undecided_request_is_refused_after_the_timeout() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        let second = now + Duration::from_secs(1);
+        deferred(ep.handle(second, &pkt(50_001, Flags::SYN, 0, 0, &[])));
+        let first = ep.poll_deferred().unwrap();
+        assert_eq!(ep.poll_timeout(), Some(now + DEFERRED_TIMEOUT));
+        ep.handle_timeout(now + DEFERRED_TIMEOUT - Duration::from_millis(1));
+        assert!(sent(&mut ep, now).is_empty());
+        assert_eq!(ep.deferred_stats().pending, 2);
+
+        ep.handle_timeout(now + DEFERRED_TIMEOUT);
+        let out = sent(&mut ep, now + DEFERRED_TIMEOUT);
+        assert_eq!(out.len(), 1);
+        assert_v1_rst(&out[0], 80, 50_000);
+        assert_eq!(
+            ep.accept_deferred(now + DEFERRED_TIMEOUT, first.id),
+            Err(DeferredError::Unknown(first.id))
+        );
+        assert_eq!(ep.poll_timeout(), Some(second + DEFERRED_TIMEOUT));
+        ep.handle_timeout(second + DEFERRED_TIMEOUT);
+        let out = sent(&mut ep, second + DEFERRED_TIMEOUT);
+        assert_eq!(out.len(), 1);
+        assert_v1_rst(&out[0], 80, 50_001);
+        // Expired before being reported: never reported.
+        assert_eq!(ep.poll_deferred(), None);
+        assert_eq!(ep.poll_timeout(), None);
+        let stats = ep.deferred_stats();
+        assert_eq!((stats.expired, stats.pending), (2, 0));
+    }
+
+    #[test]
+    fn the_deferred_table_is_bounded() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        for i in 0..MAX_DEFERRED as u16 {
+            deferred(ep.handle(now, &pkt(10_000 + i, Flags::SYN, 0, 0, &[])));
+        }
+        let over = pkt(10_000 + MAX_DEFERRED as u16, Flags::SYN, 0, 0, &[]);
+        assert!(matches!(
+            ep.handle(now, &over),
+            Incoming::Dropped(DropReason::DeferredFull)
+        ));
+        assert!(sent(&mut ep, now).is_empty(), "dropped silently");
+        let stats = ep.deferred_stats();
+        assert_eq!((stats.pending, stats.overflow), (MAX_DEFERRED, 1));
+        // Room again after a decision: the retransmitted SYN is taken.
+        let d = ep.poll_deferred().unwrap();
+        ep.refuse_deferred(d.id).unwrap();
+        deferred(ep.handle(now, &over));
+        assert_eq!(ep.deferred_stats().pending, MAX_DEFERRED);
+        // A retransmission of a pending SYN is no new request, even when full.
+        deferred(ep.handle(now, &pkt(10_001, Flags::SYN, 0, 0, &[])));
+        assert_eq!(ep.deferred_stats().overflow, 1);
+    }
+
+    #[test]
+    fn an_rst_from_the_dialer_withdraws_its_request() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        let d = ep.poll_deferred().unwrap();
+        // Out of the window: ignored.
+        deferred(ep.handle(now, &pkt(50_000, Flags::RST, 0x8000_0000, 0, &[])));
+        assert_eq!(ep.deferred_stats().pending, 1);
+        // What a dialer whose SYNs timed out sends: seq ISN + 1.
+        deferred(ep.handle(now, &pkt(50_000, Flags::RST, 1, 1, &[])));
+        assert!(sent(&mut ep, now).is_empty(), "an RST is never answered");
+        assert_eq!(ep.deferred_stats().withdrawn, 1);
+        assert_eq!(
+            ep.accept_deferred(now, d.id),
+            Err(DeferredError::Unknown(d.id))
+        );
+        assert_eq!(ep.poll_timeout(), None);
+    }
+
+    #[test]
+    fn disabling_the_fallback_refuses_pending_requests() {
+        let now = Instant::now();
+        let mut ep = fallback_endpoint();
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        deferred(ep.handle(now, &pkt(50_001, Flags::SYN, 0, 0, &[])));
+        ep.disable_fallback();
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 2);
+        assert_v1_rst(&out[0], 80, 50_000);
+        assert_v1_rst(&out[1], 80, 50_001);
+        assert_eq!(ep.poll_deferred(), None);
+        assert!(matches!(
+            ep.handle(now, &pkt(50_002, Flags::SYN, 0, 0, &[])),
+            Incoming::Refused
+        ));
+    }
+
+    #[test]
+    fn accepting_beyond_the_connection_limit_refuses() {
+        let now = Instant::now();
+        let config = EndpointConfig {
+            max_conns: 1,
+            ..EndpointConfig::default()
+        };
+        let mut ep = Endpoint::new(B, config);
+        ep.enable_fallback().unwrap();
+        deferred(ep.handle(now, &pkt(50_000, Flags::SYN, 0, 0, &[])));
+        deferred(ep.handle(now, &pkt(50_001, Flags::SYN, 0, 0, &[])));
+        let a = ep.poll_deferred().unwrap();
+        let b = ep.poll_deferred().unwrap();
+        ep.accept_deferred(now, a.id).unwrap();
+        assert_eq!(
+            ep.accept_deferred(now, b.id),
+            Err(DeferredError::TooMany(1))
+        );
+        let out = sent(&mut ep, now);
+        assert_eq!(out.len(), 2);
+        assert_v1_rst(&out[0], 80, 50_001);
+        assert_eq!(out[1].flags, Flags::SYN | Flags::ACK);
+        // While full, new SYNs are refused at once rather than deferred.
+        assert!(matches!(
+            ep.handle(now, &pkt(50_002, Flags::SYN, 0, 0, &[])),
+            Incoming::Refused
+        ));
     }
 }
