@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use tunnel::stream::{ConnHandle, Endpoint, EndpointConfig, Incoming, State, WriteError};
+use tunnel::stream::{
+    ConnError, ConnHandle, DropReason, Endpoint, EndpointConfig, Incoming, State, WriteError,
+};
 use tunnel::wire::{Flags, Packet, PacketRepr, Protocol, HEADER_LEN};
 use tunnel::{Addr, SocketAddr};
 
@@ -567,4 +569,113 @@ fn a_silent_peer_fails_the_connection_after_eight_transmissions() {
     // The next timeout after the last retransmission sends RST and fails the connection.
     assert_eq!(failed - times[7], Duration::from_secs(10));
     assert_eq!(failed.as_millis(), 32_600);
+}
+
+/// Every packet `from` has ready now, delivered to `to`.
+fn shuttle(from: &mut Endpoint, to: &mut Endpoint, now: Instant) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; HEADER_LEN + 65_536];
+    let mut out = Vec::new();
+    while let Some((n, _)) = from.poll_transmit(now, &mut buf) {
+        out.push(buf[..n].to_vec());
+    }
+    for p in &out {
+        to.handle(now, p);
+    }
+    out
+}
+
+#[test]
+fn deferred_accept_holds_the_syn_ack_until_the_decision() {
+    let now = Instant::now();
+    let mut a = Endpoint::new(A, EndpointConfig::default());
+    let mut b = Endpoint::new(B, EndpointConfig::default());
+    b.enable_fallback().unwrap();
+    let ca = a.connect(now, SocketAddr::new(B, 4242)).unwrap();
+    let syn = shuttle(&mut a, &mut b, now);
+    assert_eq!(syn.len(), 1);
+    assert_eq!(syn[0][0], 0x11, "SYN");
+    assert!(shuttle(&mut b, &mut a, now).is_empty(), "no SYN-ACK yet");
+    let d = b.poll_deferred().unwrap();
+    assert_eq!(d.local_port, 4242);
+    assert_eq!(d.remote, SocketAddr::new(A, 49152));
+
+    // The dialer retransmits while the decision is pending: still nothing comes back.
+    let t1 = now + Duration::from_secs(1);
+    a.handle_timeout(t1);
+    let again = shuttle(&mut a, &mut b, t1);
+    assert_eq!(again, syn, "the identical SYN again");
+    assert!(shuttle(&mut b, &mut a, t1).is_empty());
+    assert_eq!(b.poll_deferred(), None);
+
+    let t2 = t1 + Duration::from_millis(10);
+    let cb = b.accept_deferred(t2, d.id).unwrap();
+    let synack = shuttle(&mut b, &mut a, t2);
+    assert_eq!(synack.len(), 1);
+    let (r, p) = parse(&synack[0]);
+    assert_eq!(synack[0][0], 0x13, "SYN|ACK");
+    assert_eq!((r.seq, r.ack, r.window, p.len()), (0, 1, 2048, 0));
+    assert_eq!(r.src, SocketAddr::new(B, 4242));
+    assert_eq!(a.connection(ca).unwrap().state(), State::Established);
+    a.connection(ca).unwrap().write(b"request").unwrap();
+    shuttle(&mut a, &mut b, t2);
+    assert_eq!(b.connection(cb).unwrap().state(), State::Established);
+    let mut buf = [0u8; 16];
+    assert_eq!(b.connection(cb).unwrap().read(&mut buf), Ok(7));
+    assert_eq!(&buf[..7], b"request");
+    b.connection(cb).unwrap().write(b"reply").unwrap();
+    shuttle(&mut b, &mut a, t2);
+    assert_eq!(a.connection(ca).unwrap().read(&mut buf), Ok(5));
+    assert_eq!(&buf[..5], b"reply");
+}
+
+#[test]
+fn refused_deferred_request_gets_the_closed_port_rst() {
+    let now = Instant::now();
+    let syn = v1_packet(
+        Flags::SYN,
+        SocketAddr::new(A, 49152),
+        SocketAddr::new(B, 4242),
+        0,
+        0,
+        512,
+        &[],
+    );
+    // What a closed port answers...
+    let mut closed = Endpoint::new(B, EndpointConfig::default());
+    assert!(matches!(closed.handle(now, &syn), Incoming::Refused));
+    let mut buf = [0u8; 64];
+    let (n, dst) = closed.poll_transmit(now, &mut buf).unwrap();
+    let closed_rst = buf[..n].to_vec();
+    // ...is what a refused deferred request gets, byte for byte.
+    let mut b = Endpoint::new(B, EndpointConfig::default());
+    b.enable_fallback().unwrap();
+    assert!(matches!(
+        b.handle(now, &syn),
+        Incoming::Dropped(DropReason::Deferred)
+    ));
+    let d = b.poll_deferred().unwrap();
+    b.refuse_deferred(d.id).unwrap();
+    let (n, refused_dst) = b.poll_transmit(now, &mut buf).unwrap();
+    assert_eq!(refused_dst, dst);
+    assert_eq!(buf[..n], closed_rst[..]);
+    assert_eq!(buf[0], 0x18, "version 1, RST");
+    assert_eq!(b.poll_transmit(now, &mut buf), None);
+}
+
+#[test]
+fn a_refused_deferred_dial_fails_as_refused() {
+    let now = Instant::now();
+    let mut a = Endpoint::new(A, EndpointConfig::default());
+    let mut b = Endpoint::new(B, EndpointConfig::default());
+    b.enable_fallback().unwrap();
+    let ca = a.connect(now, SocketAddr::new(B, 4242)).unwrap();
+    shuttle(&mut a, &mut b, now);
+    let d = b.poll_deferred().unwrap();
+    b.refuse_deferred(d.id).unwrap();
+    let rst = shuttle(&mut b, &mut a, now);
+    assert_eq!(rst.len(), 1);
+    let c = a.connection(ca).unwrap();
+    assert_eq!(c.state(), State::Closed);
+    assert_eq!(c.error(), Some(ConnError::Refused));
+    assert!(c.is_drained());
 }
