@@ -628,3 +628,134 @@ fn lost_fin_is_resent_after_a_late_ack() {
 fn resent_fin_after_close_is_answered() {
     lossy_close(12044418342973346060, 529_228);
 }
+
+/// Node `b` takes every port through its fallback listener; `a` dials `b`:`port`. Runs until
+/// `b` reports the request; returns the client connection and the request.
+fn dial_fallback(
+    sim: &mut Sim,
+    a: usize,
+    b: usize,
+    port: u16,
+) -> (ConnHandle, tunnel::stream::Deferred) {
+    sim.node(b).ep.enable_fallback().unwrap();
+    let now = sim.now();
+    let server = SocketAddr::new(sim.node(b).ep.local(), port);
+    let ca = sim.node(a).ep.connect(now, server).unwrap();
+    let mut d = None;
+    assert!(sim.run_until(Duration::from_secs(10), |sim| {
+        d = d.or_else(|| sim.node(b).ep.poll_deferred());
+        d.is_some()
+    }));
+    (ca, d.unwrap())
+}
+
+#[test]
+fn deferred_accept_then_data_both_ways_over_a_lossy_link() {
+    let link = LinkConfig::new(50, Duration::from_millis(40))
+        .loss(0.05)
+        .reorder(0.02, Duration::from_millis(5));
+    let (mut sim, a, b) = pair(41, link, EndpointConfig::default());
+    let (ca, d) = dial_fallback(&mut sim, a, b, 5555);
+    assert_eq!(d.local_port, 5555);
+    assert_eq!(d.remote.addr, sim.node(a).ep.local());
+    // The decision takes a while (the kernel side is slow): the dialer keeps retransmitting
+    // its SYN, and nothing answers it.
+    let decide_at = sim.now() + Duration::from_millis(2500);
+    sim.run_until(Duration::from_secs(5), |sim| {
+        sim.wake_at(decide_at);
+        sim.now() >= decide_at
+    });
+    assert_eq!(sim.node(a).ep.connection(ca).unwrap().state(), State::SynSent);
+    assert!(sim.node(b).ep.is_empty(), "no connection before the decision");
+    assert_eq!(sim.node(b).ep.poll_deferred(), None, "one request only");
+    let stats = sim.node(b).ep.deferred_stats();
+    assert_eq!((stats.deferred, stats.pending), (1, 1));
+
+    let now = sim.now();
+    let cb = sim.node(b).ep.accept_deferred(now, d.id).unwrap();
+    let up: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let down: Vec<u8> = (0..192 * 1024u32).map(|i| (i % 241) as u8).collect();
+    let (mut sent_up, mut sent_down) = (0, 0);
+    let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
+    let done = sim.run_until(Duration::from_secs(120), |sim| {
+        let mut buf = [0u8; 8192];
+        for (node, h, data, sent, got) in [
+            (a, ca, &up, &mut sent_up, &mut got_down),
+            (b, cb, &down, &mut sent_down, &mut got_up),
+        ] {
+            let mut c = sim.node(node).ep.connection(h).unwrap();
+            while *sent < data.len() {
+                match c.write(&data[*sent..]) {
+                    Ok(n) => *sent += n,
+                    Err(_) => break,
+                }
+            }
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        got_up.len() == up.len() && got_down.len() == down.len()
+    });
+    assert!(
+        done,
+        "transfer stalled: {} of {} up, {} of {} down",
+        got_up.len(),
+        up.len(),
+        got_down.len(),
+        down.len()
+    );
+    assert!(got_up == up, "upstream bytes differ");
+    assert!(got_down == down, "downstream bytes differ");
+    assert_eq!(sim.node(b).ep.deferred_stats().accepted, 1);
+}
+
+#[test]
+fn a_refused_deferred_dial_fails_at_once() {
+    let (mut sim, a, b) = pair(
+        42,
+        LinkConfig::new(10, Duration::from_millis(30)),
+        EndpointConfig::default(),
+    );
+    let (ca, d) = dial_fallback(&mut sim, a, b, 5555);
+    let refused_at = sim.now();
+    sim.node(b).ep.refuse_deferred(d.id).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |sim| {
+        sim.node(a).ep.connection(ca).unwrap().state() == State::Closed
+    }));
+    assert_eq!(
+        sim.node(a).ep.connection(ca).unwrap().error(),
+        Some(ConnError::Refused)
+    );
+    // One way delay plus a packet's transmission time: no SYN retransmission was needed.
+    assert!(sim.now() - refused_at < Duration::from_millis(100));
+    assert!(sim.node(b).ep.is_empty());
+}
+
+#[test]
+fn an_undecided_deferred_dial_is_refused_after_the_timeout() {
+    let (mut sim, a, b) = pair(
+        43,
+        LinkConfig::new(10, Duration::from_millis(30)),
+        EndpointConfig::default(),
+    );
+    let start = sim.now();
+    let (ca, _) = dial_fallback(&mut sim, a, b, 5555);
+    assert!(sim.run_until(Duration::from_secs(60), |sim| {
+        sim.node(a).ep.connection(ca).unwrap().state() == State::Closed
+    }));
+    // Refused by the deferred timeout, before the dialer's own SYN budget (39 s) ran out.
+    assert_eq!(
+        sim.node(a).ep.connection(ca).unwrap().error(),
+        Some(ConnError::Refused)
+    );
+    let took = sim.now() - start;
+    assert!(
+        took >= tunnel::stream::DEFERRED_TIMEOUT && took < Duration::from_secs(31),
+        "{took:?}"
+    );
+    let stats = sim.node(b).ep.deferred_stats();
+    assert_eq!((stats.expired, stats.pending, stats.deferred), (1, 0, 1));
+}
