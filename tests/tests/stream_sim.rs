@@ -665,8 +665,14 @@ fn deferred_accept_then_data_both_ways_over_a_lossy_link() {
         sim.wake_at(decide_at);
         sim.now() >= decide_at
     });
-    assert_eq!(sim.node(a).ep.connection(ca).unwrap().state(), State::SynSent);
-    assert!(sim.node(b).ep.is_empty(), "no connection before the decision");
+    assert_eq!(
+        sim.node(a).ep.connection(ca).unwrap().state(),
+        State::SynSent
+    );
+    assert!(
+        sim.node(b).ep.is_empty(),
+        "no connection before the decision"
+    );
     assert_eq!(sim.node(b).ep.poll_deferred(), None, "one request only");
     let stats = sim.node(b).ep.deferred_stats();
     assert_eq!((stats.deferred, stats.pending), (1, 1));

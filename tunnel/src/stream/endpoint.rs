@@ -557,7 +557,11 @@ impl Endpoint {
     /// Reports the next deferred request not reported before, oldest first. Requests that
     /// were withdrawn or expired before being reported are skipped.
     pub fn poll_deferred(&mut self) -> Option<Deferred> {
-        let (&id, p) = self.deferred.by_id.range(self.deferred.next_report..).next()?;
+        let (&id, p) = self
+            .deferred
+            .by_id
+            .range(self.deferred.next_report..)
+            .next()?;
         self.deferred.next_report = id + 1;
         let (local_port, addr, port) = p.tuple;
         Some(Deferred {
@@ -757,11 +761,14 @@ impl Endpoint {
     /// gets its answer, and the deferred table bounds how many there are.
     fn refuse_pending(&mut self, p: &PendingSyn) {
         let (local_port, addr, port) = p.tuple;
-        let limit = self
-            .config
-            .max_pending_replies
-            .saturating_add(MAX_DEFERRED);
-        self.queue_reply(local_port, SocketAddr::new(addr, port), Flags::RST, 0, limit);
+        let limit = self.config.max_pending_replies.saturating_add(MAX_DEFERRED);
+        self.queue_reply(
+            local_port,
+            SocketAddr::new(addr, port),
+            Flags::RST,
+            0,
+            limit,
+        );
     }
 
     /// Writes the next packet of the table (its own replies, then the connections that may
@@ -1326,7 +1333,9 @@ mod tests {
         assert_eq!(c.write(b"pong"), Ok(4));
         drop(c);
         let out = sent(&mut ep, later);
-        assert!(out.iter().any(|r| r.payload_len == 4 && r.seq == 1 && r.ack == 5));
+        assert!(out
+            .iter()
+            .any(|r| r.payload_len == 4 && r.seq == 1 && r.ack == 5));
         // Never on an accept queue: the caller holds the handle already.
         assert_eq!(ep.accept(7777), None);
         let stats = ep.deferred_stats();

@@ -15,6 +15,10 @@
 //!   [`Connection::handle_timeout`] (and then `poll_transmit` again);
 //! - [`Connection::poll_event`] reports readability, writability and the end.
 //!
+//! An [`Endpoint`] can also hold SYNs to ports without a listener until its caller lets each
+//! in or refuses it (fallback listening with deferred accept): see [`Endpoint::enable_fallback`]
+//! and the calling order in the endpoint's docs.
+//!
 //! # Sequence numbers
 //!
 //! Internally every byte has a 64-bit stream offset (0 = first data byte), so nothing wraps.
