@@ -874,8 +874,7 @@ impl Endpoint {
             // of dials is not refused while the application accepts promptly.
             return Incoming::Dropped(DropReason::AcceptQueueFull);
         }
-        let on_port = self.port_use.get(&port).copied().unwrap_or(0);
-        if on_port >= self.config.max_conns_per_port || self.conns.len() >= self.config.max_conns {
+        if self.check_limits(port).is_err() {
             self.refuse(repr);
             return Incoming::Refused;
         }
