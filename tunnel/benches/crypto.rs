@@ -11,8 +11,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use rand_core::OsRng;
 use tunnel::crypto::Session;
 use tunnel::wire::frame::{ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD};
@@ -80,7 +79,7 @@ fn bench_seal(size: usize, budget: Duration) -> (f64, f64) {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&counter.to_be_bytes());
         let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", black_box(&mut raw))
+            .encrypt_inout_detached((&nonce).into(), b"", black_box(&mut raw[..]).into())
             .unwrap();
         black_box(tag);
         size
@@ -124,7 +123,7 @@ fn bench_open(size: usize, budget: Duration) -> (f64, f64) {
             nonce[4..].copy_from_slice(&counter.to_be_bytes());
             tags.push(
                 cipher
-                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", p)
+                    .encrypt_inout_detached((&nonce).into(), b"", p.into())
                     .unwrap(),
             );
         }
@@ -133,7 +132,7 @@ fn bench_open(size: usize, budget: Duration) -> (f64, f64) {
             let mut nonce = [0u8; 12];
             nonce[4..].copy_from_slice(&(first + 1 + i as u64).to_be_bytes());
             cipher
-                .decrypt_in_place_detached(Nonce::from_slice(&nonce), b"", black_box(p), tag)
+                .decrypt_inout_detached((&nonce).into(), b"", black_box(p).into(), tag)
                 .unwrap();
         }
         spent += start.elapsed();

@@ -24,8 +24,7 @@
 
 pub mod replay;
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand_core::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -220,7 +219,7 @@ impl Session {
         let (body, tail) = rest.split_at_mut(packet_len);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", body)
+            .encrypt_inout_detached((&nonce).into(), b"", body.into())
             // Encryption fails only for inputs longer than 2^36 bytes, which a buffer of a
             // UDP datagram's size cannot hold; treat it like a full buffer.
             .map_err(|_| SealError::BufferTooSmall {
@@ -257,9 +256,10 @@ impl Session {
 
         let len = frame.len();
         let (body, tag) = frame[ENCRYPTED_HEADER_LEN..].split_at_mut(len - ENCRYPTED_OVERHEAD);
-        let tag = Tag::from_slice(tag);
+        // `new_checked` guarantees `len >= ENCRYPTED_OVERHEAD`, so the tail is exactly TAG_LEN.
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| OpenError::Authentication)?;
         self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), b"", body, tag)
+            .decrypt_inout_detached((&nonce).into(), b"", body.into(), tag.into())
             .map_err(|_| OpenError::Authentication)?;
 
         // Authenticated: only now does the receive state move.
