@@ -1,13 +1,16 @@
-//! A registry client over one TCP connection (plain; TLS callers wrap any stream): frames out,
-//! frames in, strictly one reply per request. Used by the load generator, the tests and the
-//! daemon's registry link.
+//! A registry client over one connection (plain TCP; TLS callers wrap any stream): frames out,
+//! frames in, strictly one reply per request. Used by the daemon's registry link, the beacon's
+//! registry authority, the load generator and the tests.
+//!
+//! The frame codec, the signed strings and the base64 forms come from the sans-IO
+//! [`tunnel::registry`]; this crate only adds the tokio transport, so a node links no part of
+//! the registry server.
 
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-use crate::auth::{b64, register_message, session_message};
-use crate::proto::{encode_frame, FrameDecoder, FrameError};
+use tunnel::registry::auth::{b64, register_message, session_message};
+use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
