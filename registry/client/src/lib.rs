@@ -153,3 +153,129 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 pub fn sign_v1(key: &SigningKey, challenge: &str) -> String {
     b64(&key.sign(challenge.as_bytes()).to_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    /// Reads one request frame from the far end of the pipe.
+    async fn read_request(far: &mut DuplexStream) -> Value {
+        let mut dec = FrameDecoder::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(f) = dec.next_frame().unwrap() {
+                return serde_json::from_slice(&f).unwrap();
+            }
+            let n = far.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "client closed before a whole request");
+            dec.push(&buf[..n]);
+        }
+    }
+
+    /// Writes `body` as one frame to the client.
+    async fn reply(far: &mut DuplexStream, body: &[u8]) {
+        let mut wire = Vec::new();
+        encode_frame(body, &mut wire).unwrap();
+        far.write_all(&wire).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn replies_and_refusals() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let server = tokio::spawn(async move {
+            assert_eq!(
+                read_request(&mut far).await,
+                json!({"type": "lookup", "node_id": 7})
+            );
+            reply(&mut far, br#"{"type":"lookup_ok","node_id":7}"#).await;
+            read_request(&mut far).await;
+            reply(&mut far, br#"{"type":"error","error":"request failed"}"#).await;
+            read_request(&mut far).await;
+            reply(
+                &mut far,
+                br#"{"type":"error","error":"slow down","code":"throttled"}"#,
+            )
+            .await;
+            read_request(&mut far).await;
+            reply(&mut far, b"not json").await;
+        });
+        let v = c
+            .call(&json!({"type": "lookup", "node_id": 7}))
+            .await
+            .unwrap();
+        assert_eq!(v["node_id"], 7);
+        match c.call(&json!({"type": "lookup", "node_id": 8})).await {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(
+                    (code.as_str(), message.as_str()),
+                    ("request_failed", "request failed")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match c.call(&json!({"type": "lookup", "node_id": 9})).await {
+            Err(ClientError::Refused { code, .. }) => assert_eq!(code, "throttled"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.call(&json!({"type": "lookup", "node_id": 10})).await,
+            Err(ClientError::Json(_))
+        ));
+        server.await.unwrap();
+        // The far end is gone.
+        assert!(matches!(c.next().await, Err(ClientError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_errors() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        far.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            c.next().await,
+            Err(ClientError::Frame(FrameError::TooLarge(_)))
+        ));
+        let big = json!({"type": "set_hostname", "hostname": "x".repeat(1 << 20)});
+        assert!(matches!(
+            c.call(&big).await,
+            Err(ClientError::Frame(FrameError::TooLarge(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn proven_registration_signs_the_session_nonce() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let pk = b64(key.verifying_key().as_bytes());
+        let server = tokio::spawn(async move {
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            reply(&mut far, br#"{"type":"hello_ok","nonce":"bm9uY2U="}"#).await;
+            let reg = read_request(&mut far).await;
+            reply(&mut far, br#"{"type":"register_ok","node_id":3}"#).await;
+            reg
+        });
+        let v = c
+            .register_proven(&key, ":4000", Some("agent"))
+            .await
+            .unwrap();
+        assert_eq!(v["node_id"], 3);
+        let reg = server.await.unwrap();
+        assert_eq!(reg["public_key"], pk.as_str());
+        assert_eq!(reg["hostname"], "agent");
+        let proof = reg["proof"].as_str().unwrap();
+        let raw = tunnel::registry::auth::decode_key(&pk).unwrap();
+        assert_eq!(
+            tunnel::registry::auth::verify(
+                &raw,
+                register_message("bm9uY2U=", &pk).as_bytes(),
+                proof
+            ),
+            Ok(())
+        );
+    }
+}
