@@ -318,7 +318,7 @@ async fn embedded_registry_is_an_authority() {
     let (ka, kb) = (key(100), key(200));
     let na = register(&reg, &ka, peer).await;
     let nb = register(&reg, &kb, peer).await;
-    let b = start(Arc::new(Embedded(reg.clone()))).await;
+    let b = start(Arc::new(EmbeddedRegistry(reg.clone()))).await;
     let (a, bb) = (node_socket().await, node_socket().await);
     a.send_to(&signed_discover(&ka, na, unix_ms()), b.addr)
         .await
@@ -339,9 +339,9 @@ async fn embedded_registry_is_an_authority() {
 }
 
 /// A registry in the same process, answering from its own state (held in memory).
-struct Embedded(pilot_registry::Registry);
+struct EmbeddedRegistry(pilot_registry::Registry);
 
-impl Authority for Embedded {
+impl Authority for EmbeddedRegistry {
     fn node_key(&self, node: u32) -> Option<[u8; 32]> {
         self.0.node_key(node)
     }
