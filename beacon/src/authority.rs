@@ -1,10 +1,13 @@
 //! Where the beacon's answers about nodes come from.
 //!
 //! - [`OpenAuthority`]: v1 behaviour, no registry; every node may reach every other node.
-//! - `impl Authority for pilot_registry::Registry`: a registry in the same process.
 //! - [`StaticAuthority`]: fixed keys and pairs held in memory, for tests, benchmarks and
 //!   small fixed deployments.
 //! - [`crate::RegistryAuthority`]: a cache of a remote registry.
+//!
+//! This crate does not link the registry server. A registry in the same process becomes an
+//! authority through a newtype whose methods call `pilot_registry::Registry::node_key` and
+//! `may_reach` (the beacon's tests do so).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
@@ -69,17 +72,6 @@ impl Authority for OpenAuthority {
 
     fn knows_nodes(&self) -> bool {
         false
-    }
-}
-
-/// A registry in the same process answers from its own state (it is held in memory).
-impl Authority for pilot_registry::Registry {
-    fn node_key(&self, node: u32) -> Option<[u8; 32]> {
-        pilot_registry::Registry::node_key(self, node)
-    }
-
-    fn may_reach(&self, from: u32, to: u32) -> bool {
-        pilot_registry::Registry::may_reach(self, from, to)
     }
 }
 

@@ -5,7 +5,7 @@
 //! - [`state`]: the rules over the node table, sans-IO ([`Beacon`]): time comes in as an
 //!   argument, datagrams come in as byte buffers, what to send comes out as [`Output`];
 //! - [`authority`]: where answers about nodes come from ([`Authority`], [`OpenAuthority`],
-//!   [`StaticAuthority`], and an embedded `pilot_registry::Registry`);
+//!   [`StaticAuthority`]);
 //! - [`registry_authority`]: [`RegistryAuthority`], a background-filled cache of a remote
 //!   registry;
 //! - [`limit`]: allocation-free rate limits;

@@ -24,7 +24,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use pilot_registry::client::{Client, ClientError};
+use pilot_registry_client::{Client, ClientError};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -270,7 +270,7 @@ fn key_from_lookup(v: &Value) -> Option<[u8; 32]> {
         return None;
     }
     let k = v.get("public_key").and_then(Value::as_str)?;
-    pilot_registry::auth::decode_key(k).ok()
+    tunnel::registry::auth::decode_key(k).ok()
 }
 
 enum Outcome {
@@ -391,7 +391,7 @@ mod tests {
     fn lookup_reply_parsing() {
         let k = [7u8; 32];
         let vk = ed25519_dalek::SigningKey::from_bytes(&k).verifying_key();
-        let b64 = pilot_registry::auth::b64(vk.as_bytes());
+        let b64 = tunnel::registry::auth::b64(vk.as_bytes());
         assert_eq!(
             key_from_lookup(&json!({"type": "lookup_ok", "public_key": b64})),
             Some(vk.to_bytes())

@@ -318,7 +318,7 @@ async fn embedded_registry_is_an_authority() {
     let (ka, kb) = (key(100), key(200));
     let na = register(&reg, &ka, peer).await;
     let nb = register(&reg, &kb, peer).await;
-    let b = start(Arc::new(reg.clone())).await;
+    let b = start(Arc::new(EmbeddedRegistry(reg.clone()))).await;
     let (a, bb) = (node_socket().await, node_socket().await);
     a.send_to(&signed_discover(&ka, na, unix_ms()), b.addr)
         .await
@@ -338,10 +338,23 @@ async fn embedded_registry_is_an_authority() {
     b.stop().await;
 }
 
+/// A registry in the same process, answering from its own state (held in memory).
+struct EmbeddedRegistry(pilot_registry::Registry);
+
+impl Authority for EmbeddedRegistry {
+    fn node_key(&self, node: u32) -> Option<[u8; 32]> {
+        self.0.node_key(node)
+    }
+
+    fn may_reach(&self, from: u32, to: u32) -> bool {
+        self.0.may_reach(from, to)
+    }
+}
+
 /// Registers `key` through the in-process request path and returns the node ID.
 async fn register(reg: &pilot_registry::Registry, key: &SigningKey, peer: SocketAddr) -> u32 {
     // v1 registration without proof: enough for an in-process registry.
-    let pk = pilot_registry::auth::b64(key.verifying_key().as_bytes());
+    let pk = tunnel::registry::auth::b64(key.verifying_key().as_bytes());
     let req = json!({"type": "register", "listen_addr": ":4000", "public_key": pk});
     let v = reg.request(req.to_string().as_bytes(), peer).await;
     v["node_id"]
@@ -365,13 +378,13 @@ async fn registry_authority_over_tcp() {
 
     // Two nodes register over TCP; B makes itself public so A may reach it.
     let (ka, kb) = (key(300), key(400));
-    let mut ca = pilot_registry::client::Client::connect(reg_addr)
+    let mut ca = pilot_registry_client::Client::connect(reg_addr)
         .await
         .unwrap();
     let na = ca.register_proven(&ka, ":4000", None).await.unwrap()["node_id"]
         .as_u64()
         .unwrap() as u32;
-    let mut cb = pilot_registry::client::Client::connect(reg_addr)
+    let mut cb = pilot_registry_client::Client::connect(reg_addr)
         .await
         .unwrap();
     let nb = cb.register_proven(&kb, ":4000", None).await.unwrap()["node_id"]

@@ -1132,7 +1132,7 @@ impl Engine {
                 self.tunnels.set_identity(now, (*key).clone());
                 self.config.events.emit(
                     "node.key_rotated",
-                    json!({"public_key": pilot_registry::auth::b64(key.verifying_key().as_bytes())}),
+                    json!({"public_key": tunnel::registry::auth::b64(key.verifying_key().as_bytes())}),
                 );
             }
         }

@@ -112,7 +112,7 @@ impl NodeIdentity {
 
     /// The current public key, standard base64.
     pub fn public_key_base64(&self) -> String {
-        pilot_registry::auth::b64(self.public_key().as_bytes())
+        tunnel::registry::auth::b64(self.public_key().as_bytes())
     }
 
     /// The file a rotation in progress is kept in.

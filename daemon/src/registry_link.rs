@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use pilot_registry::auth::{b64, decode_key};
-use pilot_registry::client::{sign_v1, Client, ClientError};
+use pilot_registry_client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tunnel::registry::auth::{b64, decode_key};
 
 use crate::identity::{NodeIdentity, RotateError};
 

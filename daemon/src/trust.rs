@@ -738,9 +738,11 @@ fn build(
     let msg = Message {
         kind: kind.to_owned(),
         node_id: me,
-        public_key: pilot_registry::auth::b64(key.verifying_key().as_bytes()),
+        public_key: tunnel::registry::auth::b64(key.verifying_key().as_bytes()),
         justification: justification.to_owned(),
-        signature: pilot_registry::auth::b64(&key.sign(challenge(me, peer).as_bytes()).to_bytes()),
+        signature: tunnel::registry::auth::b64(
+            &key.sign(challenge(me, peer).as_bytes()).to_bytes(),
+        ),
         reason: reason.to_owned(),
         timestamp: now_unix(),
     };
@@ -815,7 +817,7 @@ async fn lookup(link: &mpsc::Sender<LinkCmd>, node: u32) -> Result<NodeInfo, Str
         .and_then(Value::as_str)
         .ok_or_else(|| format!("registry has no key for node {node}"))?
         .to_owned();
-    let key = pilot_registry::auth::decode_key(&key_b64)
+    let key = tunnel::registry::auth::decode_key(&key_b64)
         .map_err(|e| format!("registry key of node {node}: {e}"))?;
     let networks = v
         .get("networks")
@@ -1069,7 +1071,7 @@ async fn check(
     if !msg.public_key.is_empty() && msg.public_key != info.key_b64 {
         return Err(format!("key is not the one registered for node {from}"));
     }
-    pilot_registry::auth::verify(&info.key, challenge(from, me).as_bytes(), &msg.signature)
+    tunnel::registry::auth::verify(&info.key, challenge(from, me).as_bytes(), &msg.signature)
         .map_err(|e| format!("signature: {e}"))?;
     let fresh = match replay.lock() {
         Ok(mut r) => r.insert(now, canonical),

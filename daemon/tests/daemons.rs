@@ -42,6 +42,19 @@ const KNOCK_PORT: u16 = 4242;
 // Registry, beacon and daemon processes
 // ---------------------------------------------------------------------------------------------
 
+/// The in-process registry as the beacon's authority, answering from its own state.
+struct EmbeddedRegistry(Registry);
+
+impl Authority for EmbeddedRegistry {
+    fn node_key(&self, node: u32) -> Option<[u8; 32]> {
+        self.0.node_key(node)
+    }
+
+    fn may_reach(&self, from: u32, to: u32) -> bool {
+        self.0.may_reach(from, to)
+    }
+}
+
 /// A registry and a beacon serving in this process; the beacon asks the same registry.
 struct Cluster {
     registry: String,
@@ -64,7 +77,7 @@ impl Cluster {
         .unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let registry = l.local_addr().unwrap().to_string();
-        let authority: Arc<dyn Authority> = Arc::new(reg.clone());
+        let authority: Arc<dyn Authority> = Arc::new(EmbeddedRegistry(reg.clone()));
         tokio::spawn(reg.serve(l, None, std::future::pending()));
         let sock = pilot_beacon::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let server = pilot_beacon::Server::new(sock, authority, pilot_beacon::Config::default());

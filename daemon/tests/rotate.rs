@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pilot_registry::auth::b64;
-use pilot_registry::client::{sign_v1, Client};
+use pilot_registry_client::{sign_v1, Client};
 use pilotd::identity::NodeIdentity;
 use serde_json::json;
 use tunnel::Identity;

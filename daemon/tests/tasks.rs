@@ -477,7 +477,7 @@ async fn the_polo_gate_and_the_accept_timeout() {
     let (a, _) = node(&reg_addr, &ha).await;
     let (b, nb) = node(&reg_addr, &hb).await;
     let (c, nc) = node(&reg_addr, &hc).await;
-    let mut admin = pilot_registry::client::Client::connect(&reg_addr)
+    let mut admin = pilot_registry_client::Client::connect(&reg_addr)
         .await
         .unwrap();
     admin

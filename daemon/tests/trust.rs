@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
-use pilot_registry::client::sign_v1;
+use pilot_registry_client::sign_v1;
 use pilotd::config::Cli;
 use pilotd::engine::{AppEvent, Cmd, EngineHandle};
 use pilotd::identity::NodeIdentity;

@@ -2,7 +2,7 @@
 //! bounded by one frame; every request that parses re-serializes to an equal request.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pilot_registry::proto::{FrameDecoder, Request, LEN_PREFIX, MAX_FRAME};
+use tunnel::registry::proto::{FrameDecoder, Request, LEN_PREFIX, MAX_FRAME};
 
 fuzz_target!(|data: &[u8]| {
     let mut d = FrameDecoder::new();

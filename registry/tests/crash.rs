@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
-use pilot_registry::client::{sign_v1, Client};
+use pilot_registry_client::{sign_v1, Client};
 use serde_json::json;
 
 fn free_port() -> u16 {

@@ -7,9 +7,9 @@ use std::process::Command;
 
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
-use pilot_registry::client::sign_v1;
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config, Registry};
+use pilot_registry_client::sign_v1;
 use serde_json::{json, Value};
 
 fn key(seed: u8) -> SigningKey {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
-use pilot_registry::client::{sign_v1, Client, ClientError};
 use pilot_registry::state::Policy;
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config, Registry};
+use pilot_registry_client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -96,7 +96,7 @@ pub enum Request {
         /// Optional hostname, applied in the same step.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
-        /// Proof of key possession over the session nonce (extension; see [`crate::auth`]).
+        /// Proof of key possession over the session nonce (extension; see [`super::auth`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         proof: Option<String>,
     },
@@ -362,7 +362,7 @@ pub enum Request {
     Auth {
         /// The node.
         node_id: u32,
-        /// Signature over [`crate::auth::session_message`].
+        /// Signature over [`super::auth::session_message`].
         signature: String,
     },
     /// Turns an authenticated connection into a stream of pushed handshake events

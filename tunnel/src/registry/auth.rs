@@ -2,7 +2,7 @@
 //!
 //! Two forms are accepted:
 //!
-//! - **v1 fixed strings** ([`crate::proto::Request::challenge`], e.g. `heartbeat:7`): a
+//! - **v1 fixed strings** ([`super::proto::Request::challenge`], e.g. `heartbeat:7`): a
 //!   signature over a string with no nonce, which anyone who saw it once can replay. Accepted
 //!   only for nodes that have never authenticated a session.
 //! - **Session authentication**: the server hands out a fresh random nonce (`hello`), the node

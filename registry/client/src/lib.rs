@@ -1,0 +1,281 @@
+//! A registry client over one connection (plain TCP; TLS callers wrap any stream): frames out,
+//! frames in, strictly one reply per request. Used by the daemon's registry link, the beacon's
+//! registry authority, the load generator and the tests.
+//!
+//! The frame codec, the signed strings and the base64 forms come from the sans-IO
+//! [`tunnel::registry`]; this crate only adds the tokio transport, so a node links no part of
+//! the registry server.
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tunnel::registry::auth::{b64, register_message, session_message};
+use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket error.
+    #[error("registry connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The registry closed the connection.
+    #[error("registry closed the connection")]
+    Closed,
+    /// A frame too large in either direction.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The reply is not JSON.
+    #[error("registry reply is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The registry refused the request.
+    #[error("registry refused ({code}): {message}")]
+    Refused {
+        /// Stable error code (`request_failed` from a v1 registry).
+        code: String,
+        /// Reason.
+        message: String,
+    },
+}
+
+/// One connection to a registry.
+#[derive(Debug)]
+pub struct Client<S> {
+    stream: S,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+    nonce: Option<String>,
+}
+
+impl Client<tokio::net::TcpStream> {
+    /// Connects over plain TCP.
+    pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Self, ClientError> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Client::new(s))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A client over an established stream.
+    pub fn new(stream: S) -> Self {
+        Client {
+            stream,
+            dec: FrameDecoder::new(),
+            buf: vec![0; 16 * 1024],
+            nonce: None,
+        }
+    }
+
+    /// Sends one request and returns the reply; a refusal is [`ClientError::Refused`].
+    pub async fn call(&mut self, req: &Value) -> Result<Value, ClientError> {
+        let v = self.call_raw(req).await?;
+        match v.get("error").and_then(Value::as_str) {
+            Some(msg) => Err(ClientError::Refused {
+                code: v
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("request_failed")
+                    .to_owned(),
+                message: msg.to_owned(),
+            }),
+            None => Ok(v),
+        }
+    }
+
+    /// Sends one request and returns the reply, refusals included.
+    pub async fn call_raw(&mut self, req: &Value) -> Result<Value, ClientError> {
+        let body = serde_json::to_vec(req)?;
+        let mut wire = Vec::with_capacity(body.len() + 4);
+        encode_frame(&body, &mut wire)?;
+        self.stream.write_all(&wire).await?;
+        self.next().await
+    }
+
+    /// The next frame the registry sends (a reply, or a push on a watching connection).
+    pub async fn next(&mut self) -> Result<Value, ClientError> {
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                return Ok(serde_json::from_slice(&f)?);
+            }
+            let n = self.stream.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.dec.push(&self.buf[..n]);
+        }
+    }
+
+    /// Asks for a fresh session nonce.
+    pub async fn hello(&mut self) -> Result<String, ClientError> {
+        let v = self.call(&json!({"type": "hello"})).await?;
+        let nonce = v
+            .get("nonce")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        self.nonce = Some(nonce.clone());
+        Ok(nonce)
+    }
+
+    /// Registers `key` with a proof of possession; the session is then bound to the node.
+    /// Returns the `register_ok` reply.
+    pub async fn register_proven(
+        &mut self,
+        key: &SigningKey,
+        listen_addr: &str,
+        hostname: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let nonce = self.hello().await?;
+        let pk = b64(key.verifying_key().as_bytes());
+        let proof = b64(&key
+            .sign(register_message(&nonce, &pk).as_bytes())
+            .to_bytes());
+        let mut req = json!({"type": "register", "listen_addr": listen_addr, "public_key": pk, "proof": proof});
+        if let Some(h) = hostname {
+            req["hostname"] = json!(h);
+        }
+        self.call(&req).await
+    }
+
+    /// Authenticates the session as `node` with a fresh nonce.
+    pub async fn authenticate(&mut self, node: u32, key: &SigningKey) -> Result<(), ClientError> {
+        let nonce = self.hello().await?;
+        let sig = b64(&key
+            .sign(session_message(&nonce, node).as_bytes())
+            .to_bytes());
+        self.call(&json!({"type": "auth", "node_id": node, "signature": sig}))
+            .await
+            .map(drop)
+    }
+}
+
+/// v1's fixed-string signature: standard base64 of `key`'s signature over `challenge`.
+pub fn sign_v1(key: &SigningKey, challenge: &str) -> String {
+    b64(&key.sign(challenge.as_bytes()).to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    /// Reads one request frame from the far end of the pipe.
+    async fn read_request(far: &mut DuplexStream) -> Value {
+        let mut dec = FrameDecoder::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(f) = dec.next_frame().unwrap() {
+                return serde_json::from_slice(&f).unwrap();
+            }
+            let n = far.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "client closed before a whole request");
+            dec.push(&buf[..n]);
+        }
+    }
+
+    /// Writes `body` as one frame to the client.
+    async fn reply(far: &mut DuplexStream, body: &[u8]) {
+        let mut wire = Vec::new();
+        encode_frame(body, &mut wire).unwrap();
+        far.write_all(&wire).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn replies_and_refusals() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let server = tokio::spawn(async move {
+            assert_eq!(
+                read_request(&mut far).await,
+                json!({"type": "lookup", "node_id": 7})
+            );
+            reply(&mut far, br#"{"type":"lookup_ok","node_id":7}"#).await;
+            read_request(&mut far).await;
+            reply(&mut far, br#"{"type":"error","error":"request failed"}"#).await;
+            read_request(&mut far).await;
+            reply(
+                &mut far,
+                br#"{"type":"error","error":"slow down","code":"throttled"}"#,
+            )
+            .await;
+            read_request(&mut far).await;
+            reply(&mut far, b"not json").await;
+        });
+        let v = c
+            .call(&json!({"type": "lookup", "node_id": 7}))
+            .await
+            .unwrap();
+        assert_eq!(v["node_id"], 7);
+        match c.call(&json!({"type": "lookup", "node_id": 8})).await {
+            Err(ClientError::Refused { code, message }) => {
+                assert_eq!(
+                    (code.as_str(), message.as_str()),
+                    ("request_failed", "request failed")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match c.call(&json!({"type": "lookup", "node_id": 9})).await {
+            Err(ClientError::Refused { code, .. }) => assert_eq!(code, "throttled"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.call(&json!({"type": "lookup", "node_id": 10})).await,
+            Err(ClientError::Json(_))
+        ));
+        server.await.unwrap();
+        // The far end is gone.
+        assert!(matches!(c.next().await, Err(ClientError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_errors() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        far.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            c.next().await,
+            Err(ClientError::Frame(FrameError::TooLarge(_)))
+        ));
+        let big = json!({"type": "set_hostname", "hostname": "x".repeat(1 << 20)});
+        assert!(matches!(
+            c.call(&big).await,
+            Err(ClientError::Frame(FrameError::TooLarge(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn proven_registration_signs_the_session_nonce() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let pk = b64(key.verifying_key().as_bytes());
+        let server = tokio::spawn(async move {
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            reply(&mut far, br#"{"type":"hello_ok","nonce":"bm9uY2U="}"#).await;
+            let reg = read_request(&mut far).await;
+            reply(&mut far, br#"{"type":"register_ok","node_id":3}"#).await;
+            reg
+        });
+        let v = c
+            .register_proven(&key, ":4000", Some("agent"))
+            .await
+            .unwrap();
+        assert_eq!(v["node_id"], 3);
+        let reg = server.await.unwrap();
+        assert_eq!(reg["public_key"], pk.as_str());
+        assert_eq!(reg["hostname"], "agent");
+        let proof = reg["proof"].as_str().unwrap();
+        let raw = tunnel::registry::auth::decode_key(&pk).unwrap();
+        assert_eq!(
+            tunnel::registry::auth::verify(
+                &raw,
+                register_message("bm9uY2U=", &pk).as_bytes(),
+                proof
+            ),
+            Ok(())
+        );
+    }
+}
