@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod identity;
 pub mod ipc;
 pub mod registry;
+pub mod secure;
 pub mod stream;
 pub mod ula;
 pub mod wire;
