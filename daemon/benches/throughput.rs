@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
-use pilotd::driver::Driver;
+use pilot_driver::Driver;
 use pilotd::engine::{AppEvent, Cmd};
 use pilotd::node::{Daemon, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1336,6 +1336,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn stamps() {
+        // 2024-02-29T12:34:56.789Z
+        let ms = 1_709_210_096_789;
+        assert_eq!(name_stamp(ms), "20240229-123456.789");
+        assert_eq!(rfc3339_millis(ms), "2024-02-29T12:34:56.789Z");
+        assert_eq!(
+            inbox_order("TEXT-20240229-123456.789-12"),
+            (
+                "20240229-123456.789".into(),
+                12,
+                "TEXT-20240229-123456.789-12".into()
+            )
+        );
+        assert_eq!(inbox_order("odd").0, "");
+    }
+
     async fn service(home: &Path) -> DataExchange {
         DataExchange::unbound(DataExchangeConfig::new(home), Events::default())
             .await

@@ -650,6 +650,7 @@ fn remove_sub(st: &mut State, id: u64) -> Option<Sub> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use tunnel::services::eventstream::MAX_PAYLOAD;
 
 
 

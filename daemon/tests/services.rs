@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pilotd::config::Cli;
-use pilotd::driver::Driver;
+use pilot_driver::Driver;
 use pilotd::engine::{AppEvent, Cmd};
 use pilotd::node::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
