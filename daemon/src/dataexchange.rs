@@ -1256,10 +1256,6 @@ mod tests {
         PilotAddr::new(Addr::new(0, 7), 49152)
     }
 
-
-
-
-
     /// Names that must come out safe, and what they become.
     const HOSTILE: &[(&[u8], &str)] = &[
         (b"../../etc/passwd", "passwd"),
@@ -1546,7 +1542,6 @@ mod tests {
             .collect();
         assert_eq!(names, ["b"]);
     }
-
 
     #[tokio::test]
     async fn a_short_file_fails_at_once_and_stores_nothing() {

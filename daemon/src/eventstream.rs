@@ -109,8 +109,12 @@ async fn read_rest<R: AsyncRead + Unpin>(
     let topic_len = usize::from(u16::from_be_bytes([first, second]));
     check_topic_len(topic_len)?;
     let mut topic = vec![0u8; topic_len];
-    rd.read_exact(&mut topic).await.map_err(FrameError::inside_frame)?;
-    let payload_len = check_payload_len(u64::from(rd.read_u32().await.map_err(FrameError::inside_frame)?))?;
+    rd.read_exact(&mut topic)
+        .await
+        .map_err(FrameError::inside_frame)?;
+    let payload_len = check_payload_len(u64::from(
+        rd.read_u32().await.map_err(FrameError::inside_frame)?,
+    ))?;
     let topic = String::from_utf8(topic).map_err(|_| FrameError::TopicNotUtf8)?;
     match payload {
         Payload::Discard => {
@@ -651,9 +655,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tunnel::services::eventstream::MAX_PAYLOAD;
-
-
-
 
     #[tokio::test]
     async fn a_huge_announced_payload_allocates_only_what_arrives() {

@@ -875,8 +875,6 @@ mod tests {
         Addr::new(0, node)
     }
 
-
-
     #[test]
     fn ownership_ttl_and_limits() {
         let mut t = NameTable::new(NameLimits {

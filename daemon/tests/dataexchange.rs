@@ -251,14 +251,11 @@ async fn messages_and_files_land_safely_on_the_peer() {
     s.write_all(&[0, 0, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF])
         .await
         .unwrap();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut s, 1 << 16),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, 1 << 16))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8(reply.payload).unwrap();
     assert!(text.starts_with("ERR TEXT frame too large"), "{text}");
     drop(s);

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pilotd::events::{Event, Events};
 use pilot_driver::services::eventstream::{next_event, publish, subscribe};
+use pilotd::events::{Event, Events};
 use pilotd::eventstream::{Broker, BrokerLimits, EVENT_STREAM_PORT};
 use pilotd::local::{dial, LocalStream};
 use pilotd::node::Node;

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pilotd::local::dial;
 use pilot_driver::services::nameserver::query;
+use pilotd::local::dial;
 use pilotd::nameserver::{NameLimits, Nameserver, Origin, NAMESERVER_PORT};
 use pilotd::node::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -33,7 +33,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| DurationError(format!("{s:?}: missing unit (ms, s, m, h)")))?;
         if num_len == 0 {
-            return Err(DurationError(format!("{s:?} is not a duration (like 30s or 2m)")));
+            return Err(DurationError(format!(
+                "{s:?} is not a duration (like 30s or 2m)"
+            )));
         }
         let n: f64 = rest[..num_len]
             .parse()
@@ -47,7 +49,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            u => return Err(DurationError(format!("{s:?}: unknown unit {u:?} (use ms, s, m or h)"))),
+            u => {
+                return Err(DurationError(format!(
+                    "{s:?}: unknown unit {u:?} (use ms, s, m or h)"
+                )))
+            }
         };
         rest = &rest[unit_len..];
         total += n * scale;

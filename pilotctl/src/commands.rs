@@ -196,8 +196,8 @@ fn socket_path(explicit: Option<&Path>) -> PathBuf {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
-    let own = daemon_socket(env_path("PILOT_HOME"), env_path("PILOT_CONFIG"))
-        .unwrap_or_else(|| {
+    let own =
+        daemon_socket(env_path("PILOT_HOME"), env_path("PILOT_CONFIG")).unwrap_or_else(|| {
             env_path("PILOT_HOME")
                 .or_else(|| env_path("HOME").map(|h| h.join(".pilot")))
                 .unwrap_or_else(|| PathBuf::from(".pilot"))
@@ -1667,4 +1667,40 @@ fn ago(unix_secs: i64) -> String {
         .unwrap_or(0);
     let delta = u64::try_from(now.saturating_sub(unix_secs)).unwrap_or(0);
     format!("{} ago", fmt_duration(Duration::from_secs(delta)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_daemon_socket_follows_pilotds_config_file_and_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("pilotd.json");
+        std::fs::write(&cfg, br#"{"-socket": "/tmp/x/ctl.sock", "home": "/h"}"#).unwrap();
+        assert_eq!(
+            daemon_socket(Some("/env-home".into()), Some(cfg.clone())),
+            Some(PathBuf::from("/tmp/x/ctl.sock"))
+        );
+        assert_eq!(
+            config_paths(&cfg),
+            Some((Some("/h".into()), Some("/tmp/x/ctl.sock".into())))
+        );
+        std::fs::write(&cfg, br#"{"home": "/h", "socket": ""}"#).unwrap();
+        assert_eq!(config_paths(&cfg), Some((Some("/h".into()), None)));
+        if !nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                daemon_socket(Some("/env-home".into()), Some(cfg.clone())),
+                Some(PathBuf::from("/env-home/pilotd.sock"))
+            );
+            assert_eq!(
+                daemon_socket(None, Some(cfg.clone())),
+                Some(PathBuf::from("/h/pilotd.sock"))
+            );
+        }
+        std::fs::write(&cfg, b"not json").unwrap();
+        assert_eq!(daemon_socket(None, Some(cfg)), None);
+        assert_eq!(daemon_socket(None, Some(dir.path().join("missing"))), None);
+    }
 }

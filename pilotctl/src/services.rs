@@ -73,8 +73,7 @@ pub(crate) async fn subscribe(
             "--count must be at least 1",
         ));
     }
-    check_topic_len(topic.len())
-        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    check_topic_len(topic.len()).map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let (d, peer) = driver_and_peer(ctx, peer).await?;
     let dst = SocketAddr::new(peer.addr, EVENT_STREAM_PORT);
     let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
@@ -146,8 +145,7 @@ pub(crate) async fn publish(
             "publish to a named topic; `*` only subscribes",
         ));
     }
-    check_topic_len(topic.len())
-        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    check_topic_len(topic.len()).map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let payload = message_or_stdin(data, stdin).await?;
     check_payload_len(payload.len() as u64)
         .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
@@ -317,9 +315,9 @@ pub(crate) async fn send_message(
     timeout: Duration,
     stdin: Stdin<'_>,
 ) -> Result<Output, CtlError> {
-    let kind: FrameType = kind.parse().map_err(|e: BadMessageType| {
-        CtlError::new(code::BAD_REQUEST, e.to_string())
-    })?;
+    let kind: FrameType = kind
+        .parse()
+        .map_err(|e: BadMessageType| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let payload = message_or_stdin(data, stdin).await?;
     if kind == FrameType::Json && serde_json::from_slice::<Value>(&payload).is_err() {
         return Err(CtlError::new(

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tunnel::services::dataexchange::{
-    check_len, encode_file_prefix, encode_frame_header, encode_stream_header,
-    parse_frame_header, Frame, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD,
+    check_len, encode_file_prefix, encode_frame_header, encode_stream_header, parse_frame_header,
+    Frame, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD,
 };
 
 pub use tunnel::services::dataexchange::DATA_PORT;

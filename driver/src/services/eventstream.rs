@@ -83,7 +83,6 @@ async fn write_frame<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -313,7 +313,6 @@ fn be_u16(b: &[u8]) -> u16 {
     u16::from_be_bytes(b.try_into().unwrap_or([0; 2]))
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -346,7 +345,6 @@ mod tests {
         assert!("file".parse::<FrameType>().is_err());
     }
 
-
     #[test]
     fn header_limits() {
         assert!(matches!(
@@ -365,7 +363,6 @@ mod tests {
         assert!(parse_frame_header(&stream).is_err());
         assert!(encode_frame(FrameType::Text, &vec![0; MAX_PAYLOAD as usize + 1]).is_err());
     }
-
 
     #[test]
     fn file_payloads() {
@@ -387,7 +384,6 @@ mod tests {
         assert!(parse_stream_header(&frame[8..frame.len() - 1]).is_err());
         assert!(parse_stream_header(&[0; 9]).is_err());
     }
-
 
     proptest::proptest! {
         #[test]

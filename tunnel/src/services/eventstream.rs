@@ -150,7 +150,6 @@ pub fn encode_frame_header(topic: &str, payload_len: usize) -> Result<Vec<u8>, F
     Ok(out)
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -173,7 +172,6 @@ mod tests {
             assert!(parse_frame(&f[..cut]).unwrap().is_none(), "cut {cut}");
         }
     }
-
 
     #[test]
     fn oversize_lengths_are_refused_from_the_header() {

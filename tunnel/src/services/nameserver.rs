@@ -34,7 +34,6 @@ pub const MAX_RESPONSE: usize = 65535;
 /// Longest name, in bytes.
 pub const MAX_NAME: usize = 253;
 
-
 // ---------------------------------------------------------------------------------------
 // Requests
 
@@ -479,7 +478,6 @@ mod tests {
             Err(RequestError::NotUtf8)
         );
     }
-
 
     #[test]
     fn responses_round_trip() {
