@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pilot_driver::Driver;
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
 use pilotd::config::Cli;
-use pilotd::driver::Driver;
 use pilotd::engine::{AppEvent, Cmd};
 use pilotd::node::{Daemon, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,10 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::Value;
 
-/// Where state lives when the daemon runs as root.
-pub const SYSTEM_HOME: &str = "/var/lib/pilot";
-/// The IPC socket when the daemon runs as root.
-pub const SYSTEM_SOCKET: &str = "/run/pilot/pilotd.sock";
+pub use pilot_driver::config::{parse_duration, SOCKET_FILE, SYSTEM_HOME, SYSTEM_SOCKET};
 
 /// `pilotd` command line.
 #[derive(Debug, Clone, Default, Parser)]
@@ -279,52 +276,6 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Parses a duration: a number with a unit (`500ms`, `30s`, `2m`, `1h`, or Go's `1m30s`), or a
-/// bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return secs_to_duration(secs);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
-        if num_len == 0 {
-            return Err(format!("{s:?} is not a duration (like 30s or 2m)"));
-        }
-        let n: f64 = rest[..num_len]
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration"))?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m or h)")),
-        };
-        rest = &rest[unit_len..];
-        total += n * scale;
-    }
-    secs_to_duration(total)
-}
-
-fn secs_to_duration(secs: f64) -> Result<Duration, String> {
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("{secs} seconds is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// Settings read from a config file, as strings keyed by normalized flag name.
 fn read_file(path: &Path) -> Result<BTreeMap<String, Value>, ConfigError> {
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
@@ -433,7 +384,7 @@ impl Cli {
                 if is_root() {
                     PathBuf::from(SYSTEM_SOCKET)
                 } else {
-                    home.join("pilotd.sock")
+                    home.join(SOCKET_FILE)
                 }
             });
         let bool_of =
@@ -464,7 +415,7 @@ impl Cli {
                    default: Duration|
          -> Result<Duration, ConfigError> {
             match get(flag, key) {
-                Some(s) => parse_duration(&s).map_err(|e| invalid(key, e)),
+                Some(s) => parse_duration(&s).map_err(|e| invalid(key, e.to_string())),
                 None => Ok(default),
             }
         };
@@ -647,18 +598,6 @@ mod tests {
         let mut v = vec!["pilotd"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap()
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-3").is_err());
-        assert!(parse_duration("").is_err());
     }
 
     #[test]

@@ -1,30 +1,11 @@
-//! Data exchange (virtual port 1001, v1 wire §8.2): typed messages and files between nodes.
+//! Data exchange server (virtual port 1001, v1 wire §8.2): typed messages and files between
+//! nodes.
 //!
-//! The module holds the frame codec (shared by the daemon's server and the `pilotctl`
-//! client), the server the daemon runs on [`DATA_PORT`], the client calls
-//! ([`send_message`], [`send_file`]) and the functions that list and clear what was received
+//! The frame codec is [`tunnel::services::dataexchange`] (sans-IO) and the client calls
+//! (`send_message`, `send_file`) are in [`pilot_driver::services::dataexchange`]. This module
+//! holds the server the daemon runs on [`DATA_PORT`], the name policy for received files
+//! ([`sanitize_file_name`]) and the functions that list and clear what was received
 //! ([`list_inbox`], [`clear_inbox`], [`list_received`], [`clear_received`]).
-//!
-//! # Frames
-//!
-//! ```text
-//!  0                   4                   8
-//! +-------------------+-------------------+------------------------+
-//! | type (u32 BE)     | length (u32 BE)   | payload (length bytes) |
-//! +-------------------+-------------------+------------------------+
-//!
-//! type 1 TEXT, 2 BINARY, 3 JSON: the payload is the message.
-//! type 4 FILE:        payload = [u16 BE name_len][name][file bytes]
-//! type 256 FILE_STREAM (extension, not in v1):
-//!                     payload = [u64 BE size][u16 BE name_len][name]
-//!                     then exactly `size` raw file bytes, not framed.
-//! ```
-//!
-//! A payload is at most [`MAX_PAYLOAD`] (16 MiB) bytes; a FILE_STREAM payload at most
-//! [`MAX_STREAM_HEADER`]. A sender uses FILE whenever the file fits one frame, so v1 peers
-//! receive it; FILE_STREAM only for bigger files. A v1 peer answers a FILE_STREAM frame with
-//! `ACK UNKNOWN(256) ...`, which [`send_file`] reports as [`SendError::Unsupported`] before it
-//! sends the file bytes on.
 //!
 //! # Server
 //!
@@ -53,21 +34,25 @@
 //!   are bounded by [`MESSAGE_MEMORY`] (a message that cannot get its share within 30 s is
 //!   answered `ERR <TYPE> busy` and its connection closed); file bytes are never held whole.
 
-use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use pilot_driver::services::dataexchange::{read_header, read_payload, write_frame};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
+pub use tunnel::services::dataexchange::DATA_PORT;
+use tunnel::services::dataexchange::{
+    parse_frame_header, parse_stream_header, FrameError, FrameHeader, FrameType, HEADER_LEN,
+    MAX_PAYLOAD,
+};
 use tunnel::SocketAddr as PilotAddr;
 
 use crate::engine::EngineHandle;
@@ -77,34 +62,8 @@ use crate::ratelog::LogGate;
 use crate::trust::format_rfc3339;
 
 // ---------------------------------------------------------------------------------------
-// Wire constants (v1 wire §8.2) and the extension
-
-/// The data exchange port.
-pub const DATA_PORT: u16 = 1001;
-/// Frame header: type and length, both u32 big-endian.
-pub const HEADER_LEN: usize = 8;
-/// Largest payload of a v1 frame (v1: the reader rejects more than 2^24).
-pub const MAX_PAYLOAD: u32 = 1 << 24;
-/// v1 type TEXT.
-pub const TYPE_TEXT: u32 = 1;
-/// v1 type BINARY.
-pub const TYPE_BINARY: u32 = 2;
-/// v1 type JSON.
-pub const TYPE_JSON: u32 = 3;
-/// v1 type FILE.
-pub const TYPE_FILE: u32 = 4;
-/// Extension type FILE_STREAM: a file too big for one frame (see the module docs).
-pub const TYPE_FILE_STREAM: u32 = 0x100;
-/// Fixed part of a FILE_STREAM payload: u64 size and u16 name length.
-pub const STREAM_HEADER_FIXED: usize = 10;
-/// Largest FILE_STREAM payload (the longest name a u16 can announce).
-pub const MAX_STREAM_HEADER: u32 = STREAM_HEADER_FIXED as u32 + u16::MAX as u32;
-
-// ---------------------------------------------------------------------------------------
 // Implementation limits
 
-/// Largest reply frame a client accepts.
-pub const MAX_REPLY: u32 = 64 * 1024;
 /// Message payload bytes held in memory by the server across all connections.
 pub const MESSAGE_MEMORY: u32 = 64 << 20;
 /// Longest stored file name in bytes (the extension is kept).
@@ -125,8 +84,6 @@ const IO_CHUNK: usize = 1 << 20;
 const MEMORY_WAIT: Duration = Duration::from_secs(30);
 /// How long a connection is drained after a closing ERR, so the reply gets out.
 const LINGER: Duration = Duration::from_secs(2);
-/// How long a client waits for the peer's reason after its upload failed.
-const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// Most `-k` suffixes tried for a free name.
 const MAX_SUFFIX: u32 = 10_000;
 /// Problems are logged at most once per interval.
@@ -140,331 +97,6 @@ const TMP_MSG_PREFIX: &str = ".msg-";
 pub const RECEIVED_DIR: &str = "received";
 /// Subdirectory of the home for messages.
 pub const INBOX_DIR: &str = "inbox";
-
-// ---------------------------------------------------------------------------------------
-// Codec
-
-/// A frame type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FrameType {
-    /// 1: UTF-8 text.
-    Text,
-    /// 2: opaque bytes.
-    Binary,
-    /// 3: a JSON document.
-    Json,
-    /// 4: a named file in one frame.
-    File,
-    /// 256 (extension): a named file whose bytes follow the frame.
-    FileStream,
-    /// Any other code.
-    Unknown(u32),
-}
-
-impl FrameType {
-    /// The type of a wire code.
-    pub fn from_code(code: u32) -> FrameType {
-        match code {
-            TYPE_TEXT => FrameType::Text,
-            TYPE_BINARY => FrameType::Binary,
-            TYPE_JSON => FrameType::Json,
-            TYPE_FILE => FrameType::File,
-            TYPE_FILE_STREAM => FrameType::FileStream,
-            other => FrameType::Unknown(other),
-        }
-    }
-
-    /// The wire code.
-    pub fn code(self) -> u32 {
-        match self {
-            FrameType::Text => TYPE_TEXT,
-            FrameType::Binary => TYPE_BINARY,
-            FrameType::Json => TYPE_JSON,
-            FrameType::File => TYPE_FILE,
-            FrameType::FileStream => TYPE_FILE_STREAM,
-            FrameType::Unknown(c) => c,
-        }
-    }
-
-    /// Whether the type is a message stored in the inbox (TEXT, BINARY, JSON).
-    pub fn is_message(self) -> bool {
-        matches!(self, FrameType::Text | FrameType::Binary | FrameType::Json)
-    }
-
-    /// Largest payload the type may announce.
-    pub fn max_len(self) -> u32 {
-        match self {
-            FrameType::FileStream => MAX_STREAM_HEADER,
-            _ => MAX_PAYLOAD,
-        }
-    }
-}
-
-/// v1 names: `TEXT`, `BINARY`, `JSON`, `FILE`, `UNKNOWN(n)`; the extension prints as `FILE`.
-impl fmt::Display for FrameType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FrameType::Text => f.write_str("TEXT"),
-            FrameType::Binary => f.write_str("BINARY"),
-            FrameType::Json => f.write_str("JSON"),
-            FrameType::File | FrameType::FileStream => f.write_str("FILE"),
-            FrameType::Unknown(c) => write!(f, "UNKNOWN({c})"),
-        }
-    }
-}
-
-/// A message type name that is not `text`, `json` or `binary`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a message type (text, json or binary)")]
-pub struct BadMessageType(pub String);
-
-/// Parses a message type as `pilotctl send-message --type` takes it (any case).
-impl FromStr for FrameType {
-    type Err = BadMessageType;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "text" => Ok(FrameType::Text),
-            "json" => Ok(FrameType::Json),
-            "binary" => Ok(FrameType::Binary),
-            _ => Err(BadMessageType(s.to_owned())),
-        }
-    }
-}
-
-/// A frame header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameHeader {
-    /// The type.
-    pub kind: FrameType,
-    /// The payload length, within [`FrameType::max_len`].
-    pub len: u32,
-}
-
-/// A whole frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    /// The type.
-    pub kind: FrameType,
-    /// The payload.
-    pub payload: Vec<u8>,
-}
-
-/// Why bytes are not a valid frame.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    /// Fewer bytes than the part needs.
-    #[error("truncated: {need} bytes needed, {got} present")]
-    Short {
-        /// Bytes needed.
-        need: usize,
-        /// Bytes present.
-        got: usize,
-    },
-    /// A length over the type's limit.
-    #[error("{kind} frame of {len} bytes is over the {max} byte limit")]
-    TooLarge {
-        /// The frame type.
-        kind: FrameType,
-        /// The announced length.
-        len: u64,
-        /// The limit.
-        max: u64,
-    },
-    /// A name length that does not match the payload.
-    #[error("malformed {0} payload: the name length does not fit the payload")]
-    BadName(FrameType),
-    /// The connection failed or ended inside a frame.
-    #[error("{0}")]
-    Io(#[from] io::Error),
-}
-
-/// Parses a frame header from the first [`HEADER_LEN`] bytes of `buf`, checking the length
-/// against the type's limit.
-pub fn parse_frame_header(buf: &[u8]) -> Result<FrameHeader, FrameError> {
-    let Some(h) = buf.get(..HEADER_LEN) else {
-        return Err(FrameError::Short {
-            need: HEADER_LEN,
-            got: buf.len(),
-        });
-    };
-    let kind = FrameType::from_code(be_u32(&h[..4]));
-    let len = be_u32(&h[4..]);
-    if len > kind.max_len() {
-        return Err(FrameError::TooLarge {
-            kind,
-            len: u64::from(len),
-            max: u64::from(kind.max_len()),
-        });
-    }
-    Ok(FrameHeader { kind, len })
-}
-
-/// A frame header's bytes.
-pub fn encode_frame_header(kind: FrameType, len: u32) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..4].copy_from_slice(&kind.code().to_be_bytes());
-    h[4..].copy_from_slice(&len.to_be_bytes());
-    h
-}
-
-/// A whole frame's bytes; fails when the payload is over the type's limit.
-pub fn encode_frame(kind: FrameType, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let len = checked_len(kind, payload.len() as u64)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&encode_frame_header(kind, len));
-    out.extend_from_slice(payload);
-    Ok(out)
-}
-
-/// Splits a v1 FILE payload into name and file bytes.
-pub fn parse_file_payload(payload: &[u8]) -> Result<(&[u8], &[u8]), FrameError> {
-    let Some(n) = payload.get(..2) else {
-        return Err(FrameError::Short {
-            need: 2,
-            got: payload.len(),
-        });
-    };
-    let name_len = usize::from(be_u16(n));
-    let rest = &payload[2..];
-    match (rest.get(..name_len), rest.get(name_len..)) {
-        (Some(name), Some(data)) => Ok((name, data)),
-        _ => Err(FrameError::BadName(FrameType::File)),
-    }
-}
-
-/// The bytes that start a v1 FILE frame of a `size`-byte file: header, name length, name.
-/// The file bytes follow.
-pub fn encode_file_prefix(name: &[u8], size: u64) -> Result<Vec<u8>, FrameError> {
-    let name_len = name_len_u16(name)?;
-    let len = checked_len(FrameType::File, 2 + name.len() as u64 + size)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + 2 + name.len());
-    out.extend_from_slice(&encode_frame_header(FrameType::File, len));
-    out.extend_from_slice(&name_len.to_be_bytes());
-    out.extend_from_slice(name);
-    Ok(out)
-}
-
-/// Splits a FILE_STREAM payload into the file size and name; the payload must be exactly
-/// that long.
-pub fn parse_stream_header(payload: &[u8]) -> Result<(u64, &[u8]), FrameError> {
-    let Some(fixed) = payload.get(..STREAM_HEADER_FIXED) else {
-        return Err(FrameError::Short {
-            need: STREAM_HEADER_FIXED,
-            got: payload.len(),
-        });
-    };
-    let size = u64::from_be_bytes(fixed[..8].try_into().unwrap_or([0; 8]));
-    let name_len = usize::from(be_u16(&fixed[8..]));
-    let name = &payload[STREAM_HEADER_FIXED..];
-    if name.len() != name_len {
-        return Err(FrameError::BadName(FrameType::FileStream));
-    }
-    Ok((size, name))
-}
-
-/// A whole FILE_STREAM frame for a `size`-byte file; the raw file bytes follow it.
-pub fn encode_stream_header(name: &[u8], size: u64) -> Result<Vec<u8>, FrameError> {
-    let name_len = name_len_u16(name)?;
-    let mut payload = Vec::with_capacity(STREAM_HEADER_FIXED + name.len());
-    payload.extend_from_slice(&size.to_be_bytes());
-    payload.extend_from_slice(&name_len.to_be_bytes());
-    payload.extend_from_slice(name);
-    encode_frame(FrameType::FileStream, &payload)
-}
-
-/// Reads one frame whose payload is at most `max` bytes (and within its type's limit);
-/// `None` at a clean end of stream before the header. A length over the limit is refused
-/// before anything is allocated, and the payload buffer grows only as bytes arrive.
-pub async fn read_frame<R>(r: &mut R, max: u32) -> Result<Option<Frame>, FrameError>
-where
-    R: AsyncRead + Unpin,
-{
-    let mut h = [0u8; HEADER_LEN];
-    if !read_header(r, &mut h).await? {
-        return Ok(None);
-    }
-    let header = parse_frame_header(&h)?;
-    if header.len > max {
-        return Err(FrameError::TooLarge {
-            kind: header.kind,
-            len: u64::from(header.len),
-            max: u64::from(max),
-        });
-    }
-    let payload = read_payload(r, header.len).await?;
-    Ok(Some(Frame {
-        kind: header.kind,
-        payload,
-    }))
-}
-
-/// Writes one frame and flushes.
-pub async fn write_frame<W>(w: &mut W, kind: FrameType, payload: &[u8]) -> Result<(), FrameError>
-where
-    W: AsyncWrite + Unpin,
-{
-    let len = checked_len(kind, payload.len() as u64)?;
-    w.write_all(&encode_frame_header(kind, len)).await?;
-    w.write_all(payload).await?;
-    w.flush().await?;
-    Ok(())
-}
-
-fn checked_len(kind: FrameType, len: u64) -> Result<u32, FrameError> {
-    match u32::try_from(len) {
-        Ok(l) if l <= kind.max_len() => Ok(l),
-        _ => Err(FrameError::TooLarge {
-            kind,
-            len,
-            max: u64::from(kind.max_len()),
-        }),
-    }
-}
-
-fn name_len_u16(name: &[u8]) -> Result<u16, FrameError> {
-    u16::try_from(name.len()).map_err(|_| FrameError::TooLarge {
-        kind: FrameType::File,
-        len: name.len() as u64,
-        max: u64::from(u16::MAX),
-    })
-}
-
-fn be_u32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b.try_into().unwrap_or([0; 4]))
-}
-
-fn be_u16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b.try_into().unwrap_or([0; 2]))
-}
-
-/// Fills `h`; `false` at end of stream before its first byte.
-async fn read_header<R: AsyncRead + Unpin>(r: &mut R, h: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < h.len() {
-        let Some(rest) = h.get_mut(got..) else { break };
-        let n = r.read(rest).await?;
-        if n == 0 {
-            if got == 0 {
-                return Ok(false);
-            }
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        got += n;
-    }
-    Ok(true)
-}
-
-/// Reads exactly `len` bytes, growing the buffer only as they arrive.
-async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> io::Result<Vec<u8>> {
-    let len = u64::from(len);
-    let mut payload = Vec::with_capacity(usize::try_from(len.min(64 * 1024)).unwrap_or(0));
-    (&mut *r).take(len).read_to_end(&mut payload).await?;
-    if (payload.len() as u64) < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(payload)
-}
 
 /// Reads and discards `n` bytes.
 async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
@@ -1609,257 +1241,19 @@ fn clear_dir(dir: &Path, keep: impl Fn(&str) -> bool) -> io::Result<usize> {
     Ok(n)
 }
 
-// ---------------------------------------------------------------------------------------
-// Client
-
-/// Why a send failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// Bad arguments (type, size, name length).
-    #[error("{0}")]
-    Invalid(String),
-    /// The connection failed.
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    /// The file could not be read (or ended early); the connection is mid-frame.
-    #[error("reading the file: {0}")]
-    File(io::Error),
-    /// The peer answered `ERR ...` (the whole reply).
-    #[error("peer refused: {0}")]
-    Refused(String),
-    /// The peer does not know FILE_STREAM (a v1 peer); files over 16 MiB cannot go to it.
-    #[error("the peer does not accept files over 16 MiB (it answered {0:?})")]
-    Unsupported(String),
-    /// The peer broke the protocol.
-    #[error("protocol: {0}")]
-    Protocol(String),
-}
-
-/// Sends one message (TEXT, JSON or BINARY) and returns the peer's `ACK ...` reply.
-pub async fn send_message<S>(
-    stream: &mut S,
-    kind: FrameType,
-    data: &[u8],
-) -> Result<String, SendError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    if !kind.is_message() {
-        return Err(SendError::Invalid(format!("{kind} is not a message type")));
-    }
-    write_frame(stream, kind, data).await.map_err(|e| match e {
-        FrameError::Io(e) => SendError::Io(e),
-        other => SendError::Invalid(other.to_string()),
-    })?;
-    read_reply(stream).await
-}
-
-/// Sends a file of `size` bytes read from `reader` under `name`, calling `progress` with
-/// the bytes sent so far; returns the peer's `ACK ...` reply. A file that fits one v1
-/// frame goes as FILE, a bigger one as FILE_STREAM. The peer's reply is read while the file
-/// is sent, so a refusal stops the upload early. `reader` must yield at least `size` bytes;
-/// after an error the stream is mid-frame and must be dropped.
-pub async fn send_file<S, R, P>(
-    stream: &mut S,
-    name: &str,
-    mut reader: R,
-    size: u64,
-    mut progress: P,
-) -> Result<String, SendError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
-    P: FnMut(u64),
-{
-    let invalid = |e: FrameError| SendError::Invalid(e.to_string());
-    let head = if 2 + name.len() as u64 + size <= u64::from(MAX_PAYLOAD) {
-        encode_file_prefix(name.as_bytes(), size).map_err(invalid)?
-    } else {
-        encode_stream_header(name.as_bytes(), size).map_err(invalid)?
-    };
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    // Err(Ok(e)): the file failed to read; Err(Err(e)): the connection failed.
-    let upload = async {
-        wr.write_all(&head).await.map_err(Err)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut sent = 0u64;
-        while sent < size {
-            let want = usize::try_from(size - sent).map_or(buf.len(), |l| l.min(buf.len()));
-            let Some(chunk) = buf.get_mut(..want) else {
-                break;
-            };
-            let n = reader.read(chunk).await.map_err(Ok)?;
-            if n == 0 {
-                return Err(Ok(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file ended after {sent} of {size} bytes"),
-                )));
-            }
-            wr.write_all(chunk.get(..n).unwrap_or_default())
-                .await
-                .map_err(Err)?;
-            sent += n as u64;
-            progress(sent);
-        }
-        wr.flush().await.map_err(Err)?;
-        Ok::<_, Result<io::Error, io::Error>>(())
-    };
-    let reply = read_reply(&mut rd);
-    tokio::pin!(upload, reply);
-    tokio::select! {
-        r = &mut reply => match r {
-            Ok(ack) => Err(SendError::Protocol(format!("reply before the file was sent: {ack}"))),
-            Err(e) => Err(e),
-        },
-        w = &mut upload => match w {
-            Ok(()) => reply.await,
-            Err(Ok(e)) => Err(SendError::File(e)),
-            // The peer may have said why it stopped reading.
-            Err(Err(e)) => match tokio::time::timeout(REPLY_GRACE, reply).await {
-                Ok(Err(r @ (SendError::Refused(_) | SendError::Unsupported(_)))) => Err(r),
-                _ => Err(SendError::Io(e)),
-            },
-        },
-    }
-}
-
-/// Reads one reply frame: `Ok` for `ACK ...`, the matching error otherwise.
-async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, SendError> {
-    let frame = match read_frame(r, MAX_REPLY).await {
-        Ok(Some(f)) => f,
-        Ok(None) => {
-            return Err(SendError::Protocol(
-                "the peer closed the connection without a reply".into(),
-            ))
-        }
-        Err(FrameError::Io(e)) => return Err(SendError::Io(e)),
-        Err(e) => return Err(SendError::Protocol(e.to_string())),
-    };
-    if frame.kind != FrameType::Text {
-        return Err(SendError::Protocol(format!("a {} reply", frame.kind)));
-    }
-    let text = String::from_utf8_lossy(&frame.payload).into_owned();
-    if text.starts_with("ACK UNKNOWN(") {
-        Err(SendError::Unsupported(text))
-    } else if text.starts_with("ACK ") {
-        Ok(text)
-    } else if text.starts_with("ERR ") {
-        Err(SendError::Refused(text))
-    } else {
-        Err(SendError::Protocol(format!("unexpected reply {text:?}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use pilot_driver::services::dataexchange::{
+        read_frame, send_file, send_message, SendError, MAX_REPLY, REPLY_GRACE,
+    };
+    use tokio::io::AsyncWriteExt;
+    use tunnel::services::dataexchange::{encode_file_prefix, encode_stream_header};
     use tunnel::Addr;
 
     fn peer() -> PilotAddr {
         PilotAddr::new(Addr::new(0, 7), 49152)
-    }
-
-    #[test]
-    fn golden_frames() {
-        assert_eq!(
-            encode_frame(FrameType::Text, b"hi").unwrap(),
-            [0, 0, 0, 1, 0, 0, 0, 2, b'h', b'i']
-        );
-        assert_eq!(
-            encode_file_prefix(b"a.txt", 3).unwrap(),
-            [0, 0, 0, 4, 0, 0, 0, 10, 0, 5, b'a', b'.', b't', b'x', b't']
-        );
-        assert_eq!(
-            encode_stream_header(b"b", 0x1_0000_0001).unwrap(),
-            [0, 0, 1, 0, 0, 0, 0, 11, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, b'b']
-        );
-        let h = parse_frame_header(&[0, 0, 0, 3, 0, 1, 0, 0, 9]).unwrap();
-        assert_eq!(
-            h,
-            FrameHeader {
-                kind: FrameType::Json,
-                len: 65536
-            }
-        );
-        assert_eq!(FrameType::Unknown(9).to_string(), "UNKNOWN(9)");
-        assert_eq!("Binary".parse::<FrameType>().unwrap(), FrameType::Binary);
-        assert!("file".parse::<FrameType>().is_err());
-    }
-
-    #[test]
-    fn header_limits() {
-        assert!(matches!(
-            parse_frame_header(&[0, 0, 0, 1, 0, 0, 0]),
-            Err(FrameError::Short { need: 8, got: 7 })
-        ));
-        let at_limit = encode_frame_header(FrameType::Binary, MAX_PAYLOAD);
-        assert_eq!(parse_frame_header(&at_limit).unwrap().len, MAX_PAYLOAD);
-        let mut over = at_limit;
-        over[7] = 1;
-        assert!(matches!(
-            parse_frame_header(&over),
-            Err(FrameError::TooLarge { len, .. }) if len == u64::from(MAX_PAYLOAD) + 1
-        ));
-        let stream = encode_frame_header(FrameType::FileStream, MAX_STREAM_HEADER + 1);
-        assert!(parse_frame_header(&stream).is_err());
-        assert!(encode_frame(FrameType::Text, &vec![0; MAX_PAYLOAD as usize + 1]).is_err());
-    }
-
-    #[test]
-    fn file_payloads() {
-        assert_eq!(
-            parse_file_payload(&[0, 2, b'a', b'b', 1, 2]).unwrap(),
-            (&b"ab"[..], &[1u8, 2][..])
-        );
-        assert_eq!(parse_file_payload(&[0, 0]).unwrap(), (&b""[..], &b""[..]));
-        assert!(matches!(
-            parse_file_payload(&[0, 3, b'a']),
-            Err(FrameError::BadName(_))
-        ));
-        assert!(parse_file_payload(&[0]).is_err());
-        let frame = encode_stream_header(b"name", 42).unwrap();
-        assert_eq!(
-            parse_stream_header(&frame[8..]).unwrap(),
-            (42, &b"name"[..])
-        );
-        assert!(parse_stream_header(&frame[8..frame.len() - 1]).is_err());
-        assert!(parse_stream_header(&[0; 9]).is_err());
-    }
-
-    #[tokio::test]
-    async fn read_frame_refuses_a_huge_length_without_reading_it() {
-        let (mut a, mut b) = tokio::io::duplex(1024);
-        a.write_all(&[0, 0, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF])
-            .await
-            .unwrap();
-        assert!(matches!(
-            read_frame(&mut b, MAX_PAYLOAD).await,
-            Err(FrameError::TooLarge { .. })
-        ));
-        a.write_all(&encode_frame(FrameType::Text, &[7; 100]).unwrap())
-            .await
-            .unwrap();
-        assert!(matches!(
-            read_frame(&mut b, 99).await,
-            Err(FrameError::TooLarge { len: 100, .. })
-        ));
-        drop(a);
-        let (mut a, mut b) = tokio::io::duplex(1024);
-        a.write_all(&encode_frame(FrameType::Json, b"{}").unwrap())
-            .await
-            .unwrap();
-        a.write_all(&[0, 0, 0, 1, 0, 0, 0, 5, b'x']).await.unwrap();
-        drop(a);
-        let f = read_frame(&mut b, MAX_PAYLOAD).await.unwrap().unwrap();
-        assert_eq!((f.kind, &f.payload[..]), (FrameType::Json, &b"{}"[..]));
-        assert!(matches!(
-            read_frame(&mut b, MAX_PAYLOAD).await,
-            Err(FrameError::Io(_))
-        ));
-        let (a, mut b) = tokio::io::duplex(16);
-        drop(a);
-        assert!(read_frame(&mut b, MAX_PAYLOAD).await.unwrap().is_none());
     }
 
     /// Names that must come out safe, and what they become.
@@ -1935,40 +1329,6 @@ mod tests {
         #[test]
         fn any_text_name_comes_out_safe(raw in "\\PC{0,300}") {
             assert_safe(&sanitize_file_name(raw.as_bytes()));
-        }
-
-        #[test]
-        fn headers_parse_without_panic(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32)) {
-            if let Ok(h) = parse_frame_header(&raw) {
-                proptest::prop_assert!(h.len <= h.kind.max_len());
-                proptest::prop_assert_eq!(&encode_frame_header(h.kind, h.len)[..], &raw[..8]);
-            }
-            // The checks of the fuzz target.
-            if let Ok((name, body)) = parse_file_payload(&raw) {
-                let p = encode_file_prefix(name, body.len() as u64).unwrap();
-                proptest::prop_assert_eq!(&p[8..], &raw[..2 + name.len()]);
-            }
-            if let Ok((size, name)) = parse_stream_header(&raw) {
-                let frame = encode_stream_header(name, size).unwrap();
-                proptest::prop_assert_eq!(&frame[8..], &raw[..]);
-            }
-        }
-
-        #[test]
-        fn payloads_round_trip(
-            name in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
-            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
-            size in proptest::prelude::any::<u64>(),
-        ) {
-            let mut frame = encode_file_prefix(&name, body.len() as u64).unwrap();
-            frame.extend_from_slice(&body);
-            let h = parse_frame_header(&frame).unwrap();
-            proptest::prop_assert_eq!((h.kind, h.len as usize), (FrameType::File, frame.len() - 8));
-            proptest::prop_assert_eq!(parse_file_payload(&frame[8..]).unwrap(), (&name[..], &body[..]));
-            let frame = encode_stream_header(&name, size).unwrap();
-            let h = parse_frame_header(&frame).unwrap();
-            proptest::prop_assert_eq!(h.kind, FrameType::FileStream);
-            proptest::prop_assert_eq!(parse_stream_header(&frame[8..]).unwrap(), (size, &name[..]));
         }
     }
 
@@ -2184,29 +1544,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_v1_peer_is_detected_before_a_big_file_is_sent() {
-        // A peer that ACKs every frame as v1 does, unknown types included.
-        let (mut c, mut s) = tokio::io::duplex(64 * 1024);
-        let peer = tokio::spawn(async move {
-            let f = read_frame(&mut s, MAX_PAYLOAD).await.unwrap().unwrap();
-            let reply = format!("ACK {} {} bytes", f.kind_v1(), f.payload.len());
-            write_frame(&mut s, FrameType::Text, reply.as_bytes())
-                .await
-                .unwrap();
-            s
-        });
-        let size = u64::from(MAX_PAYLOAD) * 4;
-        let e = send_file(&mut c, "big", tokio::io::repeat(0), size, |_| {})
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&e, SendError::Unsupported(t) if t == "ACK UNKNOWN(256) 13 bytes"),
-            "{e}"
-        );
-        drop(peer);
-    }
-
-    #[tokio::test]
     async fn a_short_file_fails_at_once_and_stores_nothing() {
         let home = tempfile::tempdir().unwrap();
         let dx = Arc::new(service(home.path()).await);
@@ -2230,15 +1567,6 @@ mod tests {
                 .count(),
             0
         );
-    }
-
-    impl Frame {
-        fn kind_v1(&self) -> String {
-            match self.kind {
-                FrameType::FileStream => format!("UNKNOWN({TYPE_FILE_STREAM})"),
-                k => k.to_string(),
-            }
-        }
     }
 
     #[tokio::test]

@@ -1,18 +1,6 @@
-//! The event stream: a publish/subscribe broker on virtual port 1002 (v1 wire §8.3), its
-//! frame codec, and client helpers for `pilotctl` and agents.
-//!
-//! # Frame
-//!
-//! ```text
-//!  0       2               2+T      6+T
-//! +-------+---------------+--------+------------------------+
-//! | T u16 | topic (T B)   | P u32  | payload (P bytes)      |
-//! +-------+---------------+--------+------------------------+
-//! ```
-//!
-//! Both lengths are big-endian. `T` is at most [`MAX_TOPIC`] (1024) and `P` at most
-//! [`MAX_PAYLOAD`] (16 MiB); a longer length is refused as soon as it is read, before
-//! anything is allocated for it. The topic must be UTF-8.
+//! The event stream broker on virtual port 1002 (v1 wire §8.3). The frame codec is
+//! [`tunnel::services::eventstream`]; the client calls (subscribe, publish, read events) are
+//! `pilot_driver::services::eventstream`.
 //!
 //! # Broker
 //!
@@ -53,6 +41,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tunnel::services::eventstream::{
+    check_payload_len, check_topic_len, encode_frame_header, FrameError, PAYLOAD_LEN_BYTES,
+};
+pub use tunnel::services::eventstream::{EVENT_STREAM_PORT, WILDCARD};
 use tunnel::SocketAddr as PilotAddr;
 
 use crate::engine::EngineHandle;
@@ -60,127 +52,13 @@ use crate::events::Events;
 use crate::local::LocalListener;
 use crate::ratelog::LogGate;
 
-// ---------------------------------------------------------------------------------------
-// Wire constants (v1 wire §8.3)
-
-/// The event stream port.
-pub const EVENT_STREAM_PORT: u16 = tunnel::addr::port::EVENT_STREAM;
-/// Longest topic, in bytes.
-pub const MAX_TOPIC: usize = 1024;
-/// Largest payload, in bytes (16 MiB).
-pub const MAX_PAYLOAD: usize = 16 << 20;
-/// The topic that subscribes to every topic.
-pub const WILDCARD: &str = "*";
-
-/// Bytes before the topic: its u16 length.
-const TOPIC_LEN_BYTES: usize = 2;
-/// Bytes between topic and payload: the u32 payload length.
-const PAYLOAD_LEN_BYTES: usize = 4;
 /// Payload bytes reserved and read at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Least interval between two warnings of one kind.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------
-// Codec
-
-/// Why a frame was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    /// The topic length is over [`MAX_TOPIC`].
-    #[error("topic of {0} bytes is over the {MAX_TOPIC}-byte limit")]
-    TopicTooLong(usize),
-    /// The payload length is over [`MAX_PAYLOAD`].
-    #[error("payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
-    PayloadTooLarge(u64),
-    /// The topic is not UTF-8.
-    #[error("topic is not UTF-8")]
-    TopicNotUtf8,
-    /// The stream ended inside a frame.
-    #[error("stream ended inside a frame")]
-    Truncated,
-    /// The frame's body did not arrive in time.
-    #[error("frame body did not arrive in time")]
-    Timeout,
-    /// Reading or writing the stream failed.
-    #[error("stream: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// One decoded frame, borrowing from the bytes it was parsed from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Frame<'a> {
-    /// The topic.
-    pub topic: &'a str,
-    /// The payload.
-    pub payload: &'a [u8],
-}
-
-/// Checks a topic length read from the wire.
-pub fn check_topic_len(len: usize) -> Result<(), FrameError> {
-    if len > MAX_TOPIC {
-        return Err(FrameError::TopicTooLong(len));
-    }
-    Ok(())
-}
-
-/// Checks a payload length read from the wire.
-pub fn check_payload_len(len: u64) -> Result<usize, FrameError> {
-    match usize::try_from(len) {
-        Ok(n) if n <= MAX_PAYLOAD => Ok(n),
-        _ => Err(FrameError::PayloadTooLarge(len)),
-    }
-}
-
-/// Parses one frame from the start of `buf`: `Ok(None)` when more bytes are needed,
-/// otherwise the frame and the number of bytes it took. Lengths are checked before the
-/// bytes they announce are needed, so an oversize frame is refused from its header alone.
-pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
-    let Some(&[t0, t1]) = buf.get(..TOPIC_LEN_BYTES) else {
-        return Ok(None);
-    };
-    let topic_len = usize::from(u16::from_be_bytes([t0, t1]));
-    check_topic_len(topic_len)?;
-    let topic_end = TOPIC_LEN_BYTES + topic_len;
-    let Some(&[p0, p1, p2, p3]) = buf.get(topic_end..topic_end + PAYLOAD_LEN_BYTES) else {
-        return Ok(None);
-    };
-    let payload_len = check_payload_len(u64::from(u32::from_be_bytes([p0, p1, p2, p3])))?;
-    let topic = buf
-        .get(TOPIC_LEN_BYTES..topic_end)
-        .ok_or(FrameError::Truncated)?;
-    let topic = std::str::from_utf8(topic).map_err(|_| FrameError::TopicNotUtf8)?;
-    let start = topic_end + PAYLOAD_LEN_BYTES;
-    let end = start + payload_len;
-    let Some(payload) = buf.get(start..end) else {
-        return Ok(None);
-    };
-    Ok(Some((Frame { topic, payload }, end)))
-}
-
-/// Encodes a frame.
-pub fn encode_frame(topic: &str, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let mut out = frame_header(topic, payload.len())?;
-    out.extend_from_slice(payload);
-    Ok(out)
-}
-
-/// The bytes of a frame before its payload.
-fn frame_header(topic: &str, payload_len: usize) -> Result<Vec<u8>, FrameError> {
-    check_topic_len(topic.len())?;
-    let payload_len_u32 = u32::try_from(payload_len)
-        .ok()
-        .filter(|&n| n as usize <= MAX_PAYLOAD)
-        .ok_or(FrameError::PayloadTooLarge(payload_len as u64))?;
-    let topic_len =
-        u16::try_from(topic.len()).map_err(|_| FrameError::TopicTooLong(topic.len()))?;
-    let mut out =
-        Vec::with_capacity(TOPIC_LEN_BYTES + topic.len() + PAYLOAD_LEN_BYTES + payload_len);
-    out.extend_from_slice(&topic_len.to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    out.extend_from_slice(&payload_len_u32.to_be_bytes());
-    Ok(out)
-}
+// Reading frames
 
 /// A frame read from a stream: the whole encoded frame (so it can be forwarded as is),
 /// its topic, and the read budget its payload holds.
@@ -222,25 +100,21 @@ async fn read_raw<R: AsyncRead + Unpin>(
     .map(Some)
 }
 
-fn eof_is_truncated(e: std::io::Error) -> FrameError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        FrameError::Truncated
-    } else {
-        FrameError::Io(e)
-    }
-}
-
 async fn read_rest<R: AsyncRead + Unpin>(
     rd: &mut R,
     first: u8,
     payload: Payload<'_>,
 ) -> Result<RawFrame, FrameError> {
-    let second = rd.read_u8().await.map_err(eof_is_truncated)?;
+    let second = rd.read_u8().await.map_err(FrameError::inside_frame)?;
     let topic_len = usize::from(u16::from_be_bytes([first, second]));
     check_topic_len(topic_len)?;
     let mut topic = vec![0u8; topic_len];
-    rd.read_exact(&mut topic).await.map_err(eof_is_truncated)?;
-    let payload_len = check_payload_len(u64::from(rd.read_u32().await.map_err(eof_is_truncated)?))?;
+    rd.read_exact(&mut topic)
+        .await
+        .map_err(FrameError::inside_frame)?;
+    let payload_len = check_payload_len(u64::from(
+        rd.read_u32().await.map_err(FrameError::inside_frame)?,
+    ))?;
     let topic = String::from_utf8(topic).map_err(|_| FrameError::TopicNotUtf8)?;
     match payload {
         Payload::Discard => {
@@ -257,7 +131,7 @@ async fn read_rest<R: AsyncRead + Unpin>(
             })
         }
         Payload::Keep(budget) => {
-            let mut bytes = frame_header(&topic, 0)?;
+            let mut bytes = encode_frame_header(&topic, 0)?;
             let header_len = bytes.len();
             // The payload length sits at the end of the header; it was encoded as 0 above.
             if let Some(len) = bytes.get_mut(header_len - PAYLOAD_LEN_BYTES..) {
@@ -283,7 +157,7 @@ async fn read_rest<R: AsyncRead + Unpin>(
                 let start = bytes.len();
                 bytes.resize(start + n, 0);
                 let dst = bytes.get_mut(start..).ok_or(FrameError::Truncated)?;
-                rd.read_exact(dst).await.map_err(eof_is_truncated)?;
+                rd.read_exact(dst).await.map_err(FrameError::inside_frame)?;
                 left -= n;
             }
             Ok(RawFrame {
@@ -295,54 +169,6 @@ async fn read_rest<R: AsyncRead + Unpin>(
         }
     }
 }
-
-// ---------------------------------------------------------------------------------------
-// Client helpers
-
-/// Sends the subscription frame: the first frame on a fresh connection to port 1002.
-/// Topic [`WILDCARD`] subscribes to everything.
-pub async fn subscribe<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    topic: &str,
-) -> Result<(), FrameError> {
-    write_frame(stream, topic, &[]).await
-}
-
-/// Publishes one event. The broker takes the first frame of a connection as its
-/// subscription, so a fresh connection calls [`subscribe`] first (v1's `pilotctl publish`
-/// subscribes to the topic it publishes to).
-pub async fn publish<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    topic: &str,
-    payload: &[u8],
-) -> Result<(), FrameError> {
-    write_frame(stream, topic, payload).await
-}
-
-/// Reads the next event: `Ok(None)` when the stream ends cleanly between frames.
-pub async fn next_event<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> Result<Option<(String, Vec<u8>)>, FrameError> {
-    let Some(f) = read_raw(stream, Payload::Keep(None), None).await? else {
-        return Ok(None);
-    };
-    let start = f.bytes.len() - f.payload_len;
-    let mut bytes = f.bytes;
-    Ok(Some((f.topic, bytes.split_off(start))))
-}
-
-async fn write_frame<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    topic: &str,
-    payload: &[u8],
-) -> Result<(), FrameError> {
-    let header = frame_header(topic, payload.len())?;
-    stream.write_all(&header).await?;
-    stream.write_all(payload).await?;
-    stream.flush().await?;
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // Broker
 
@@ -824,71 +650,11 @@ fn remove_sub(st: &mut State, id: u64) -> Option<Sub> {
     }
     Some(sub)
 }
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn golden_bytes_round_trip() {
-        let f = encode_frame("ab", b"xyz").unwrap();
-        assert_eq!(f, [0, 2, b'a', b'b', 0, 0, 0, 3, b'x', b'y', b'z']);
-        let (frame, used) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!(used, f.len());
-        assert_eq!(
-            frame,
-            Frame {
-                topic: "ab",
-                payload: b"xyz"
-            }
-        );
-        for cut in 0..f.len() {
-            assert!(parse_frame(&f[..cut]).unwrap().is_none(), "cut {cut}");
-        }
-    }
-
-    #[test]
-    fn oversize_lengths_are_refused_from_the_header() {
-        let long = (MAX_TOPIC as u16 + 1).to_be_bytes();
-        assert!(matches!(
-            parse_frame(&long),
-            Err(FrameError::TopicTooLong(1025))
-        ));
-        let mut big = vec![0, 1, b't'];
-        big.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
-        assert!(matches!(
-            parse_frame(&big),
-            Err(FrameError::PayloadTooLarge(_))
-        ));
-        assert!(encode_frame(&"x".repeat(MAX_TOPIC + 1), b"").is_err());
-        assert!(matches!(
-            parse_frame(&[0, 1, 0xFF, 0, 0, 0, 0]),
-            Err(FrameError::TopicNotUtf8)
-        ));
-    }
-
-    #[tokio::test]
-    async fn async_reader_matches_the_parser() {
-        let mut wire = encode_frame("t", b"hello").unwrap();
-        wire.extend(encode_frame("", b"").unwrap());
-        let mut rd = &wire[..];
-        assert_eq!(
-            next_event(&mut rd).await.unwrap(),
-            Some(("t".to_owned(), b"hello".to_vec()))
-        );
-        assert_eq!(
-            next_event(&mut rd).await.unwrap(),
-            Some((String::new(), vec![]))
-        );
-        assert!(next_event(&mut rd).await.unwrap().is_none());
-        let cut = &encode_frame("t", b"hello").unwrap()[..7];
-        let mut rd = cut;
-        assert!(matches!(
-            next_event(&mut rd).await,
-            Err(FrameError::Truncated)
-        ));
-    }
+    use tunnel::services::eventstream::MAX_PAYLOAD;
 
     #[tokio::test]
     async fn a_huge_announced_payload_allocates_only_what_arrives() {

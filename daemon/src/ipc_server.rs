@@ -63,12 +63,13 @@ use tunnel::ipc::{
     self, code, ExtError, ExtReply, ExtRequest, FrameDecoder, FrameError, Message, ERROR_CODE,
     MAX_TAGS,
 };
+use tunnel::services::nameserver::{parse_request, Record, Request};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
 use crate::identity::NodeIdentity;
-use crate::nameserver::{parse_request, Nameserver, Record, Request};
+use crate::nameserver::Nameserver;
 use crate::ratelog::LogGate;
 use crate::registry_link::LinkCmd;
 use crate::stdio::{Stdio, STDIO_PORT};

@@ -3,7 +3,6 @@
 
 pub mod config;
 pub mod dataexchange;
-pub mod driver;
 pub mod engine;
 pub mod events;
 pub mod eventstream;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pilot_beacon::{Authority, StatsHandle};
+use pilot_driver::{Driver, PilotStream};
 use pilot_registry::store::RedbStore;
 use pilot_registry::{Config as RegistryConfig, Registry};
-use pilotd::driver::{Driver, PilotStream};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,17 +9,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use pilot_driver::services::dataexchange::{read_frame, send_file, send_message, SendError};
+use pilot_driver::Driver;
 use pilotd::dataexchange::{
-    self, list_inbox, list_received, send_file, send_message, DataExchange, DataExchangeConfig,
-    FrameType, SendError, DATA_PORT,
+    self, list_inbox, list_received, DataExchange, DataExchangeConfig, DATA_PORT,
 };
-use pilotd::driver::Driver;
 use pilotd::events::{Event, Events};
 use pilotd::local::dial;
 use pilotd::node::Node;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
+use tunnel::services::dataexchange::{encode_file_prefix, FrameType};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 mod support;
@@ -250,14 +251,11 @@ async fn messages_and_files_land_safely_on_the_peer() {
     s.write_all(&[0, 0, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF])
         .await
         .unwrap();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        dataexchange::read_frame(&mut s, 1 << 16),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, 1 << 16))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8(reply.payload).unwrap();
     assert!(text.starts_with("ERR TEXT frame too large"), "{text}");
     drop(s);
@@ -355,7 +353,7 @@ async fn files_over_the_limit_and_cut_transfers_leave_nothing() {
 
     // A transfer cut short by the sender leaves no partial file.
     let mut s = p.stream().await;
-    s.write_all(&dataexchange::encode_file_prefix(b"cut.bin", 900_000).unwrap())
+    s.write_all(&encode_file_prefix(b"cut.bin", 900_000).unwrap())
         .await
         .unwrap();
     s.write_all(&vec![3u8; 400_000]).await.unwrap();

@@ -5,15 +5,14 @@
 
 use std::time::Duration;
 
+use pilot_driver::services::eventstream::{next_event, publish, subscribe};
 use pilotd::events::{Event, Events};
-use pilotd::eventstream::{
-    encode_frame, next_event, publish, subscribe, Broker, BrokerLimits, EVENT_STREAM_PORT,
-    MAX_TOPIC,
-};
+use pilotd::eventstream::{Broker, BrokerLimits, EVENT_STREAM_PORT};
 use pilotd::local::{dial, LocalStream};
 use pilotd::node::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tunnel::services::eventstream::{encode_frame, MAX_TOPIC};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 mod support;

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pilot_driver::{Driver, DriverError};
 use pilotd::config::Cli;
-use pilotd::driver::{Driver, DriverError};
 use pilotd::ipc_server::{serve, IpcContext, IpcServer};
 use pilotd::node::Daemon;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

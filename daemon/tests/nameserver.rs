@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
+use pilot_driver::services::nameserver::query;
 use pilotd::local::dial;
-use pilotd::nameserver::{
-    parse_request, query, NameLimits, Nameserver, Origin, Record, RecordKey, Request, Response,
-    ServiceEntry, NAMESERVER_PORT,
-};
+use pilotd::nameserver::{NameLimits, Nameserver, Origin, NAMESERVER_PORT};
 use pilotd::node::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::services::nameserver::{
+    parse_request, Record, RecordKey, Request, Response, ServiceEntry,
+};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 mod support;
@@ -255,7 +256,7 @@ async fn raw(from: &Node, to: u32, bytes: &[u8]) -> Response {
         .await
         .unwrap()
         .unwrap();
-    pilotd::nameserver::parse_response(&answer).unwrap()
+    tunnel::services::nameserver::parse_response(&answer).unwrap()
 }
 
 #[test]

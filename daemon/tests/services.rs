@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use pilot_driver::Driver;
 use pilotd::config::Cli;
-use pilotd::driver::Driver;
 use pilotd::engine::{AppEvent, Cmd};
 use pilotd::node::Node;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

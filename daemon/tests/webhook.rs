@@ -482,7 +482,7 @@ async fn a_node_posts_its_events() {
     let nb = b.daemon.registered(Duration::from_secs(10)).await.unwrap();
 
     // B asks A for trust: A posts handshake.received and handshake.pending.
-    let d = pilotd::driver::Driver::connect(dir.path().join("b").join("pilotd.sock"))
+    let d = pilot_driver::Driver::connect(dir.path().join("b").join("pilotd.sock"))
         .await
         .unwrap();
     d.handshake(tunnel::ipc::HandshakeOp::Request {

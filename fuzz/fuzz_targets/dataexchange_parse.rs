@@ -2,9 +2,10 @@
 //! panic; parsed parts re-encode to the same bytes; every sanitized name is one safe component.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pilotd::dataexchange::{
+use pilotd::dataexchange::{sanitize_file_name, NAME_MAX};
+use tunnel::services::dataexchange::{
     encode_file_prefix, encode_frame_header, encode_stream_header, parse_file_payload,
-    parse_frame_header, parse_stream_header, sanitize_file_name, NAME_MAX,
+    parse_frame_header, parse_stream_header,
 };
 
 fuzz_target!(|data: &[u8]| {

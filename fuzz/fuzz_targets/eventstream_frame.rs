@@ -1,7 +1,7 @@
 //! Event stream frames: no panic; what parses encodes back to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pilotd::eventstream::{encode_frame, parse_frame};
+use tunnel::services::eventstream::{encode_frame, parse_frame};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((frame, used))) = parse_frame(data) {

@@ -1,7 +1,7 @@
 //! Nameserver requests and responses: no panic; what parses prints back to the same value.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use pilotd::nameserver::{parse_request, parse_request_bytes, parse_response};
+use tunnel::services::nameserver::{parse_request, parse_request_bytes, parse_response};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = parse_request_bytes(data) {

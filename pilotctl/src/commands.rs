@@ -6,7 +6,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pilotd::driver::{Driver, DriverError};
+use pilot_driver::config::{SOCKET_FILE, SYSTEM_SOCKET};
+use pilot_driver::{Driver, DriverError};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -195,22 +196,61 @@ fn socket_path(explicit: Option<&Path>) -> PathBuf {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
-    let daemon_cli = pilotd::config::Cli {
-        home: env_path("PILOT_HOME"),
-        config: env_path("PILOT_CONFIG"),
-        ..pilotd::config::Cli::default()
-    };
-    let own = daemon_cli.resolve().map(|c| c.socket).unwrap_or_else(|_| {
-        env_path("PILOT_HOME")
-            .or_else(|| env_path("HOME").map(|h| h.join(".pilot")))
-            .unwrap_or_else(|| PathBuf::from(".pilot"))
-            .join("pilotd.sock")
-    });
-    let system = Path::new(pilotd::config::SYSTEM_SOCKET);
+    let own =
+        daemon_socket(env_path("PILOT_HOME"), env_path("PILOT_CONFIG")).unwrap_or_else(|| {
+            env_path("PILOT_HOME")
+                .or_else(|| env_path("HOME").map(|h| h.join(".pilot")))
+                .unwrap_or_else(|| PathBuf::from(".pilot"))
+                .join(SOCKET_FILE)
+        });
+    let system = Path::new(SYSTEM_SOCKET);
     if !own.exists() && system.exists() {
         return system.to_path_buf();
     }
     own
+}
+
+/// The socket pilotd would use when started with this `PILOT_HOME` and `PILOT_CONFIG` and no
+/// flags, resolved as pilotd does: the config file's `socket`, else [`SYSTEM_SOCKET`] as
+/// root, else `<home>/pilotd.sock`, where home is `PILOT_HOME`, the file's `home`,
+/// `/var/lib/pilot` as root, or `~/.pilot`. `None` when the config file cannot be read.
+fn daemon_socket(home: Option<PathBuf>, config: Option<PathBuf>) -> Option<PathBuf> {
+    let (file_home, file_socket) = match config {
+        Some(path) => config_paths(&path)?,
+        None => (None, None),
+    };
+    if let Some(socket) = file_socket {
+        return Some(socket);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return Some(PathBuf::from(SYSTEM_SOCKET));
+    }
+    let home = home.or(file_home).unwrap_or_else(|| {
+        match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            Some(h) => PathBuf::from(h).join(".pilot"),
+            None => PathBuf::from(".pilot"),
+        }
+    });
+    Some(home.join(SOCKET_FILE))
+}
+
+/// The `home` and (non-empty) `socket` of a pilotd config file. Keys are flag names; as
+/// pilotd reads them, leading dashes are dropped and `_` is the same as `-` (v1 files).
+fn config_paths(path: &Path) -> Option<(Option<PathBuf>, Option<PathBuf>)> {
+    let bytes = std::fs::read(path).ok()?;
+    let Value::Object(map) = serde_json::from_slice(&bytes).ok()? else {
+        return None;
+    };
+    let (mut home, mut socket) = (None, None);
+    for (k, v) in map {
+        let Value::String(s) = v else { continue };
+        match k.trim_start_matches('-').replace('_', "-").as_str() {
+            "home" => home = Some(PathBuf::from(s)),
+            "socket" if !s.is_empty() => socket = Some(PathBuf::from(s)),
+            _ => {}
+        }
+    }
+    Some((home, socket))
 }
 
 fn connect_error(socket: &Path, e: DriverError) -> CtlError {
@@ -1627,4 +1667,40 @@ fn ago(unix_secs: i64) -> String {
         .unwrap_or(0);
     let delta = u64::try_from(now.saturating_sub(unix_secs)).unwrap_or(0);
     format!("{} ago", fmt_duration(Duration::from_secs(delta)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_daemon_socket_follows_pilotds_config_file_and_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("pilotd.json");
+        std::fs::write(&cfg, br#"{"-socket": "/tmp/x/ctl.sock", "home": "/h"}"#).unwrap();
+        assert_eq!(
+            daemon_socket(Some("/env-home".into()), Some(cfg.clone())),
+            Some(PathBuf::from("/tmp/x/ctl.sock"))
+        );
+        assert_eq!(
+            config_paths(&cfg),
+            Some((Some("/h".into()), Some("/tmp/x/ctl.sock".into())))
+        );
+        std::fs::write(&cfg, br#"{"home": "/h", "socket": ""}"#).unwrap();
+        assert_eq!(config_paths(&cfg), Some((Some("/h".into()), None)));
+        if !nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                daemon_socket(Some("/env-home".into()), Some(cfg.clone())),
+                Some(PathBuf::from("/env-home/pilotd.sock"))
+            );
+            assert_eq!(
+                daemon_socket(None, Some(cfg.clone())),
+                Some(PathBuf::from("/h/pilotd.sock"))
+            );
+        }
+        std::fs::write(&cfg, b"not json").unwrap();
+        assert_eq!(daemon_socket(None, Some(cfg)), None);
+        assert_eq!(daemon_socket(None, Some(dir.path().join("missing"))), None);
+    }
 }

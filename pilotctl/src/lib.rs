@@ -1,5 +1,5 @@
 //! `pilotctl`: the command-line client of `pilotd`. It talks to the daemon over the IPC socket
-//! (v1 wire §7) through [`pilotd::driver::Driver`], mostly with the JSON extension requests of
+//! (v1 wire §7) through [`pilot_driver::Driver`], mostly with the JSON extension requests of
 //! [`tunnel::ipc::ExtRequest`], whose failures carry stable error codes.
 //!
 //! The binary is a thin wrapper around [`main_entry`]; tests call [`run`] or [`run_captured`]

@@ -134,7 +134,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses a duration: `500ms`, `30s`, `2m`, `1h`, `1m30s`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    pilotd::config::parse_duration(s)
+    pilot_driver::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

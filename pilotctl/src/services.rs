@@ -5,12 +5,15 @@ use std::time::Duration;
 
 use std::fmt::Write as _;
 
-use pilotd::dataexchange::{self, FrameType, SendError, DATA_PORT};
-use pilotd::eventstream::{self, EVENT_STREAM_PORT};
-use pilotd::nameserver::{self, Request, Response};
+use pilot_driver::services::dataexchange::{self, SendError, DATA_PORT};
+use pilot_driver::services::eventstream::{self, EVENT_STREAM_PORT};
+use pilot_driver::services::nameserver;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tunnel::ipc::{code, ExtRequest};
+use tunnel::services::dataexchange::{BadMessageType, FrameType};
+use tunnel::services::eventstream::{check_payload_len, check_topic_len, WILDCARD};
+use tunnel::services::nameserver::{parse_request, Request, Response};
 use tunnel::SocketAddr;
 
 use crate::cli::{NamesCmd, TasksCmd};
@@ -70,8 +73,7 @@ pub(crate) async fn subscribe(
             "--count must be at least 1",
         ));
     }
-    eventstream::check_topic_len(topic.len())
-        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    check_topic_len(topic.len()).map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let (d, peer) = driver_and_peer(ctx, peer).await?;
     let dst = SocketAddr::new(peer.addr, EVENT_STREAM_PORT);
     let mut stream = timed(DIAL_TIMEOUT, &format!("connect to {dst}"), d.dial(dst)).await?;
@@ -137,16 +139,15 @@ pub(crate) async fn publish(
     data: Option<String>,
     stdin: Stdin<'_>,
 ) -> Result<Output, CtlError> {
-    if topic == eventstream::WILDCARD {
+    if topic == WILDCARD {
         return Err(CtlError::new(
             code::BAD_REQUEST,
             "publish to a named topic; `*` only subscribes",
         ));
     }
-    eventstream::check_topic_len(topic.len())
-        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
+    check_topic_len(topic.len()).map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let payload = message_or_stdin(data, stdin).await?;
-    eventstream::check_payload_len(payload.len() as u64)
+    check_payload_len(payload.len() as u64)
         .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let (d, peer) = driver_and_peer(ctx, peer).await?;
     let dst = SocketAddr::new(peer.addr, EVENT_STREAM_PORT);
@@ -241,7 +242,7 @@ fn record_line(r: &Value) -> String {
 
 /// Asks a peer's nameserver: `A <name>`, `N <name>` or `S <net_id> <port>`.
 async fn query_peer(ctx: &Ctx, peer: &str, query: &str) -> Result<Output, CtlError> {
-    let req = nameserver::parse_request(&format!("QUERY {query}")).map_err(|e| {
+    let req = parse_request(&format!("QUERY {query}")).map_err(|e| {
         CtlError::new(
             code::BAD_REQUEST,
             format!("query {query:?}: {e} (write `A <name>`, `N <name>` or `S <net_id> <port>`)"),
@@ -314,9 +315,9 @@ pub(crate) async fn send_message(
     timeout: Duration,
     stdin: Stdin<'_>,
 ) -> Result<Output, CtlError> {
-    let kind: FrameType = kind.parse().map_err(|e: dataexchange::BadMessageType| {
-        CtlError::new(code::BAD_REQUEST, e.to_string())
-    })?;
+    let kind: FrameType = kind
+        .parse()
+        .map_err(|e: BadMessageType| CtlError::new(code::BAD_REQUEST, e.to_string()))?;
     let payload = message_or_stdin(data, stdin).await?;
     if kind == FrameType::Json && serde_json::from_slice::<Value>(&payload).is_err() {
         return Err(CtlError::new(

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod ipc;
 pub mod registry;
 pub mod secure;
+pub mod services;
 pub mod stream;
 pub mod ula;
 pub mod wire;

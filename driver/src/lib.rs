@@ -1,9 +1,28 @@
-//! The client library agents use to reach the daemon over its IPC socket (v1 wire §7):
-//! streams, listeners, datagrams, status, trust and the JSON extension requests.
+//! `pilot-driver`: the library agents use to talk to a running `pilotd` over its IPC Unix
+//! socket (v1 wire §7). Through it an agent opens stream connections to other nodes' virtual
+//! ports, listens on its own ports, sends and receives datagrams, asks the daemon for its
+//! status and trust state, and makes the JSON extension requests (`tunnel::ipc::ExtRequest`).
+//! It links only `tunnel` (the sans-IO protocol crate) and tokio, never the daemon.
+//!
+//! - [`Driver`]: one connection to the daemon; cheap to clone.
+//! - [`PilotStream`]: a stream connection, `AsyncRead + AsyncWrite`.
+//! - [`PilotListener`]: a bound port that yields incoming streams.
+//! - [`Datagram`]: what [`Driver::recv_from`] returns; [`Driver::send_to`] sends one.
+//! - [`services`]: clients of the built-in services every node runs: data exchange
+//!   (messages and files, port 1001), the event stream (publish/subscribe, port 1002), the
+//!   nameserver (port 53).
+//! - [`config`]: where the daemon puts its socket ([`config::SYSTEM_SOCKET`] as root, else
+//!   `<home>/pilotd.sock`) and the duration syntax of its flags.
+//!
+//! # Dial, write, read
+//!
+//! Addresses are `net:NNNN.NNNN.NNNN:port` ([`tunnel::SocketAddr`]). Write with
+//! `AsyncWriteExt`, then `shutdown` to send FIN once the data is out; the peer's data keeps
+//! arriving until its EOF.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use pilotd::driver::Driver;
+//! use pilot_driver::Driver;
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! let driver = Driver::connect("/run/pilot/pilotd.sock").await?;
@@ -12,6 +31,48 @@
 //! stream.shutdown().await?; // Close: FIN once the data is out
 //! let mut echoed = Vec::new();
 //! stream.read_to_end(&mut echoed).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Listen and accept
+//!
+//! ```no_run
+//! # async fn demo(driver: pilot_driver::Driver) -> Result<(), pilot_driver::DriverError> {
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! let mut listener = driver.listen(9000).await?;
+//! loop {
+//!     let (mut conn, from) = listener.accept().await?;
+//!     println!("connection from {from}");
+//!     tokio::spawn(async move {
+//!         let mut request = Vec::new();
+//!         // Reads until the peer shuts its side down.
+//!         if conn.read_to_end(&mut request).await.is_ok() {
+//!             let _ = conn.write_all(&request).await;
+//!         }
+//!         let _ = conn.shutdown().await;
+//!     });
+//! }
+//! # }
+//! ```
+//!
+//! # Datagrams and the built-in services
+//!
+//! ```no_run
+//! # async fn demo(driver: pilot_driver::Driver) -> Result<(), Box<dyn std::error::Error>> {
+//! use pilot_driver::services::dataexchange::{send_message, DATA_PORT};
+//! use tunnel::services::dataexchange::FrameType;
+//! use tunnel::SocketAddr;
+//!
+//! let peer: SocketAddr = "0:0000.0000.0007:5000".parse()?;
+//! let _port = driver.listen(5000).await?; // datagrams to port 5000 come to this driver
+//! driver.send_to(peer, b"ping").await?;
+//! let reply = driver.recv_from().await?;
+//! println!("{} bytes from {}", reply.data.len(), reply.src);
+//!
+//! let mut inbox = driver.dial(SocketAddr::new(peer.addr, DATA_PORT)).await?;
+//! let ack = send_message(&mut inbox, FrameType::Text, b"hello").await?;
+//! println!("{ack}"); // "ACK TEXT 5 bytes"
 //! # Ok(()) }
 //! ```
 //!
@@ -41,6 +102,9 @@
 //!
 //! v1 has no command to unbind a port: dropping a [`PilotListener`] makes the driver close
 //! further connections to it at once; the port is released when the driver disconnects.
+
+pub mod config;
+pub mod services;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

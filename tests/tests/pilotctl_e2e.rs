@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! pilotctl against real daemons: a registry and two `pilotd` nodes in this process, each
 //! serving its IPC socket in a temporary directory; pilotctl runs through its library entry
-//! point with `--json`, and the results are checked field by field.
+//! point with `--json`, and the results are checked field by field. The test lives in the
+//! workspace's test crate because it needs the daemon library, which pilotctl itself never
+//! links.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
