@@ -14,7 +14,6 @@ pub mod nameserver;
 pub mod node;
 pub mod ratelog;
 pub mod registry_link;
-pub mod secure;
 pub mod services;
 pub mod stdio;
 pub mod synlimit;

@@ -104,6 +104,7 @@
 //! further connections to it at once; the port is released when the driver disconnects.
 
 pub mod config;
+pub mod secure;
 pub mod services;
 
 use std::collections::{HashMap, VecDeque};

@@ -1,6 +1,6 @@
 //! The v1 secure channel (v1 wire §8.5, port 443), sans-IO: key agreement, record sealing and
 //! incremental record decoding. The handshake and the byte stream are driven by the caller
-//! (`pilotd::secure` is the tokio adapter).
+//! (`pilot_driver::secure` is the tokio adapter).
 //!
 //! Handshake, over a raw stream, 10 s deadline ([`HANDSHAKE_TIMEOUT`]):
 //!
