@@ -71,10 +71,10 @@ use crate::events::Events;
 use crate::identity::NodeIdentity;
 use crate::nameserver::Nameserver;
 use crate::ratelog::LogGate;
-use crate::registry_link::LinkCmd;
+use crate::registry_link::{self, LinkCmd, LinkError, LinkReply};
 use crate::stdio::{Stdio, STDIO_PORT};
 use crate::tasks::{read_result_file, ResultInput, TaskError, TaskHandle, TaskKind};
-use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
+use crate::trust_api::{TrustCmd, TrustOp, TrustOpError, TrustReply, TrustSender};
 use crate::webhook::{WebhookHandle, WebhookUrl};
 
 /// Clients served at once; further connections are closed at once and counted.
@@ -644,9 +644,9 @@ impl Slot {
         let _ = self.0.send(Reply::new(frame));
     }
 
-    fn error(self, ctx: &ClientCtx, text: &str) {
+    fn error(self, ctx: &ClientCtx, text: impl Display) {
         bump(&ctx.shared.stats.errors_sent);
-        self.send(error_frame(text));
+        self.send(error_frame(&text.to_string()));
     }
 
     /// Sends `frame`; the returned receiver fires once it is queued for the socket.
@@ -1680,27 +1680,10 @@ impl ClientCtx {
     }
 
     async fn trust_ext(&self, op: TrustOp) -> Result<Value, ExtError> {
-        if self.shared.ctx.trust.is_none() {
-            return Err(ExtError::new(
-                code::UNAVAILABLE,
-                "trust service not running",
-            ));
-        }
-        self.shared.trust(op).await.map_err(|e| {
-            let l = e.to_ascii_lowercase();
-            let c = if l.contains("not running") || l.contains("stopped") {
-                code::UNAVAILABLE
-            } else if l.contains("not trusted") || l.contains("untrusted") {
-                code::UNTRUSTED
-            } else if l.contains("pending") || l.contains("not found") || l.contains("unknown") {
-                code::NOT_FOUND
-            } else if l.contains("timed out") || l.contains("timeout") {
-                code::TIMEOUT
-            } else {
-                code::REFUSED
-            };
-            ExtError::new(c, e)
-        })
+        self.shared
+            .trust(op)
+            .await
+            .map_err(|e| ExtError::new(e.code(), e.to_string()))
     }
 }
 
@@ -1749,19 +1732,19 @@ impl Shared {
         Ok(v)
     }
 
-    async fn trust(&self, op: TrustOp) -> Result<Value, String> {
+    async fn trust(&self, op: TrustOp) -> TrustReply {
         let Some(t) = &self.ctx.trust else {
-            return Err("trust service not running".into());
+            return Err(TrustOpError::NotRunning);
         };
         let (reply, rx) = oneshot::channel();
         t.send(TrustCmd { op, reply })
             .await
-            .map_err(|_| "trust service not running".to_owned())?;
-        rx.await.map_err(|_| "trust service stopped".to_owned())?
+            .map_err(|_| TrustOpError::NotRunning)?;
+        rx.await.map_err(|_| TrustOpError::Stopped)?
     }
 
     /// Makes the node public or private in the registry, then has the trust gate follow.
-    async fn set_visibility(&self, public: bool) -> Result<Value, String> {
+    async fn set_visibility(&self, public: bool) -> LinkReply {
         let r = self
             .registry(json!({"type": "set_visibility", "node_id": null, "public": public}))
             .await?;
@@ -1771,26 +1754,16 @@ impl Shared {
         Ok(r)
     }
 
-    async fn registry(&self, req: Value) -> Result<Value, String> {
+    async fn registry(&self, req: Value) -> LinkReply {
         self.link_request(|tx| LinkCmd::Call(req, tx)).await
     }
 
     /// Sends the registry link a command answered on a channel, bounded in time.
     async fn link_request(
         &self,
-        cmd: impl FnOnce(oneshot::Sender<Result<Value, String>>) -> LinkCmd,
-    ) -> Result<Value, String> {
-        let (tx, rx) = oneshot::channel();
-        self.ctx
-            .link
-            .send(cmd(tx))
-            .await
-            .map_err(|_| "registry link stopped".to_owned())?;
-        match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("registry link stopped".into()),
-            Err(_) => Err("registry request timed out".into()),
-        }
+        cmd: impl FnOnce(oneshot::Sender<LinkReply>) -> LinkCmd,
+    ) -> LinkReply {
+        registry_link::request(&self.ctx.link, cmd, REGISTRY_TIMEOUT).await
     }
 }
 
@@ -1991,27 +1964,9 @@ fn unavailable(e: impl Display) -> ExtError {
     ExtError::new(code::UNAVAILABLE, e.to_string())
 }
 
-/// Classifies a registry failure (the link reports only its text).
-fn registry_error(e: String) -> ExtError {
-    let l = e.to_ascii_lowercase();
-    let c = if l.contains("unreachable")
-        || l.contains("link stopped")
-        || l.contains("connection broke")
-    {
-        code::UNAVAILABLE
-    } else if l.contains("timed out") {
-        code::TIMEOUT
-    } else if l.contains("not found")
-        || l.contains("does not exist")
-        || l.contains("no node")
-        || l.contains("unknown node")
-        || l.contains("not registered")
-    {
-        code::NOT_FOUND
-    } else {
-        code::REFUSED
-    };
-    ExtError::new(c, e)
+/// A registry failure as an extension error: its code is [`LinkError::code`].
+fn registry_error(e: LinkError) -> ExtError {
+    ExtError::new(e.code(), e.to_string())
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 //! second connection watching for pushed handshake events, answers key and endpoint lookups
 //! for the engine, and reconnects with backoff. It runs as its own task: nothing here is ever
 //! awaited on the packet path; the engine sends commands and receives events.
+//!
+//! A request answered on a channel ([`LinkCmd::Call`], [`LinkCmd::Rotate`]) fails with a
+//! [`LinkError`]; [`LinkError::code`] is the one place those failures become IPC error codes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use ed25519_dalek::SigningKey;
 use pilot_registry_client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tunnel::ipc::code;
 use tunnel::registry::auth::{b64, decode_key};
 
 use crate::identity::{NodeIdentity, RotateError};
@@ -20,6 +24,108 @@ use crate::identity::{NodeIdentity, RotateError};
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
 /// How long one registry request may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a registry request made through the link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The link is between sessions (reconnecting with backoff).
+    #[error("registry unreachable")]
+    Unreachable,
+    /// The link task has ended or dropped the request.
+    #[error("registry link stopped")]
+    Stopped,
+    /// The link did not take the request in time (its queue is full).
+    #[error("registry link busy")]
+    Busy,
+    /// No answer in time.
+    #[error("registry request timed out")]
+    Timeout,
+    /// The registry answered with an error.
+    #[error("{message}")]
+    Refused {
+        /// The registry's stable code (`not_found`, `conflict`, ...; `request_failed` from a
+        /// v1 registry, which sends no code).
+        code: String,
+        /// The registry's reason.
+        message: String,
+    },
+    /// The registry's answer lacks a field the request needs, or the field is malformed.
+    #[error("registry reply: {0}")]
+    BadReply(String),
+    /// The session broke while the request was outstanding.
+    #[error("{0}")]
+    Connection(String),
+    /// A key rotation was sent but the session broke before the registry answered.
+    #[error(
+        "the registry connection broke before it answered ({0}); the key in use is settled \
+         with the registry when the daemon reconnects"
+    )]
+    RotationUnsettled(String),
+    /// A key rotation's file step failed before the registry was asked.
+    #[error(transparent)]
+    Rotate(#[from] RotateError),
+}
+
+impl LinkError {
+    /// The registry's code for a refusal that means the node, name or network does not
+    /// exist.
+    pub const REGISTRY_NOT_FOUND: &'static str = "not_found";
+    /// The registry's code for a name taken, a request already pending, a key in use.
+    pub const REGISTRY_CONFLICT: &'static str = "conflict";
+
+    /// The stable IPC error code ([`tunnel::ipc::code`]) of this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LinkError::Unreachable
+            | LinkError::Stopped
+            | LinkError::Busy
+            | LinkError::Connection(_)
+            | LinkError::RotationUnsettled(_) => code::UNAVAILABLE,
+            LinkError::Timeout => code::TIMEOUT,
+            LinkError::Refused { code: c, .. } if c == Self::REGISTRY_NOT_FOUND => code::NOT_FOUND,
+            LinkError::Refused { .. } => code::REFUSED,
+            LinkError::Rotate(RotateError::NoFile | RotateError::InProgress) => code::REFUSED,
+            LinkError::BadReply(_)
+            | LinkError::Rotate(RotateError::Task(_) | RotateError::File { .. }) => code::INTERNAL,
+        }
+    }
+
+    /// Whether the registry refused because the request conflicts with its state (for a
+    /// handshake request: one is already pending).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, LinkError::Refused { code, .. } if code == Self::REGISTRY_CONFLICT)
+    }
+
+    /// A failed call on the session.
+    fn from_client(e: &ClientError) -> LinkError {
+        match e {
+            ClientError::Refused { code, message } => LinkError::Refused {
+                code: code.clone(),
+                message: message.clone(),
+            },
+            ClientError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => LinkError::Timeout,
+            e => LinkError::Connection(e.to_string()),
+        }
+    }
+}
+
+/// What a [`LinkCmd::Call`] or [`LinkCmd::Rotate`] is answered with.
+pub type LinkReply = Result<Value, LinkError>;
+
+/// Sends the link a request and waits at most `limit` for its answer.
+pub async fn request(
+    link: &mpsc::Sender<LinkCmd>,
+    cmd: impl FnOnce(oneshot::Sender<LinkReply>) -> LinkCmd,
+    limit: Duration,
+) -> LinkReply {
+    let (tx, rx) = oneshot::channel();
+    link.send(cmd(tx)).await.map_err(|_| LinkError::Stopped)?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(LinkError::Stopped),
+        Err(_) => Err(LinkError::Timeout),
+    }
+}
 
 /// What the link needs to know.
 #[derive(Debug, Clone)]
@@ -49,10 +155,10 @@ pub enum LinkCmd {
     Resolve(u32),
     /// Any request, answered on the channel. The link fills `node_id` fields signed by this
     /// node's session.
-    Call(Value, oneshot::Sender<Result<Value, String>>),
+    Call(Value, oneshot::Sender<LinkReply>),
     /// Replace the node's identity key (see [`crate::identity`]); answered with the
     /// registry's `rotate_key_ok`.
-    Rotate(oneshot::Sender<Result<Value, String>>),
+    Rotate(oneshot::Sender<LinkReply>),
 }
 
 /// What the link reports.
@@ -108,7 +214,7 @@ pub async fn run(
                 _ = &mut sleep => break,
                 c = cmds.recv() => match c {
                     None => return,
-                    Some(c) => fail(c, "registry unreachable", &events).await,
+                    Some(c) => fail(c, &events).await,
                 },
             }
         }
@@ -116,16 +222,18 @@ pub async fn run(
     }
 }
 
-async fn fail(cmd: LinkCmd, why: &str, events: &mpsc::Sender<LinkEvent>) {
+/// Answers a command the link cannot carry out: the registry is unreachable.
+async fn fail(cmd: LinkCmd, events: &mpsc::Sender<LinkEvent>) {
     match cmd {
         LinkCmd::Lookup(n) => {
             let _ = events.send(LinkEvent::Key(n, None)).await;
         }
         LinkCmd::Resolve(n) => {
-            let _ = events.send(LinkEvent::Endpoint(n, Err(why.into()))).await;
+            let why = LinkError::Unreachable.to_string();
+            let _ = events.send(LinkEvent::Endpoint(n, Err(why))).await;
         }
         LinkCmd::Call(_, reply) | LinkCmd::Rotate(reply) => {
-            let _ = reply.send(Err(why.into()));
+            let _ = reply.send(Err(LinkError::Unreachable));
         }
     }
 }
@@ -242,7 +350,7 @@ async fn session(
                         let key = match &r {
                             Ok(v) => v.get("public_key").and_then(Value::as_str).and_then(|k| decode_key(k).ok()),
                             Err(e) if refused(e) => None,
-                            Err(_) => { fail(LinkCmd::Lookup(n), "registry unreachable", events).await; return r.map(drop); }
+                            Err(_) => { fail(LinkCmd::Lookup(n), events).await; return r.map(drop); }
                         };
                         let _ = events.send(LinkEvent::Key(n, key)).await;
                     }
@@ -251,7 +359,7 @@ async fn session(
                         let ep = match &r {
                             Ok(v) => v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| "registry gave no endpoint".to_owned()),
                             Err(ClientError::Refused { message, .. }) => Err(message.clone()),
-                            Err(_) => { fail(LinkCmd::Resolve(n), "registry unreachable", events).await; return r.map(drop); }
+                            Err(_) => { fail(LinkCmd::Resolve(n), events).await; return r.map(drop); }
                         };
                         let _ = events.send(LinkEvent::Endpoint(n, ep)).await;
                     }
@@ -266,8 +374,8 @@ async fn session(
                         let r = call(&mut c, &v).await;
                         match r {
                             Ok(v) => { let _ = reply.send(Ok(v)); }
-                            Err(ClientError::Refused { message, .. }) => { let _ = reply.send(Err(message)); }
-                            Err(e) => { let _ = reply.send(Err(e.to_string())); return Err(e); }
+                            Err(e @ ClientError::Refused { .. }) => { let _ = reply.send(Err(LinkError::from_client(&e))); }
+                            Err(e) => { let _ = reply.send(Err(LinkError::from_client(&e))); return Err(e); }
                         }
                     }
                     LinkCmd::Rotate(reply) => rotate(&mut c, config, node, events, reply).await?,
@@ -285,12 +393,12 @@ async fn rotate(
     config: &LinkConfig,
     node: u32,
     events: &mpsc::Sender<LinkEvent>,
-    reply: oneshot::Sender<Result<Value, String>>,
+    reply: oneshot::Sender<LinkReply>,
 ) -> Result<(), ClientError> {
     let new = match on_disk(&config.identity, move |id| id.prepare(node)).await {
         Ok(k) => k,
         Err(e) => {
-            let _ = reply.send(Err(e.to_string()));
+            let _ = reply.send(Err(e.into()));
             return Ok(());
         }
     };
@@ -306,18 +414,15 @@ async fn rotate(
             let _ = reply.send(Ok(v));
             Ok(())
         }
-        Err(ClientError::Refused { message, .. }) => {
+        Err(e @ ClientError::Refused { .. }) => {
             if let Err(e) = on_disk(&config.identity, NodeIdentity::abandon).await {
                 tracing::warn!(error = %e, "could not remove the refused key");
             }
-            let _ = reply.send(Err(message));
+            let _ = reply.send(Err(LinkError::from_client(&e)));
             Ok(())
         }
         Err(e) => {
-            let _ = reply.send(Err(format!(
-                "the registry connection broke before it answered ({e}); the key in use is \
-                 settled with the registry when the daemon reconnects"
-            )));
+            let _ = reply.send(Err(LinkError::RotationUnsettled(e.to_string())));
             Err(e)
         }
     }
@@ -411,5 +516,86 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: &str) -> LinkError {
+        LinkError::Refused {
+            code: code.into(),
+            message: "node 7 is not registered".into(),
+        }
+    }
+
+    #[test]
+    fn each_link_failure_maps_to_its_code() {
+        let cases = [
+            (LinkError::Unreachable, code::UNAVAILABLE),
+            (LinkError::Stopped, code::UNAVAILABLE),
+            (LinkError::Busy, code::UNAVAILABLE),
+            (LinkError::Connection("reset".into()), code::UNAVAILABLE),
+            (
+                LinkError::RotationUnsettled("reset".into()),
+                code::UNAVAILABLE,
+            ),
+            (LinkError::Timeout, code::TIMEOUT),
+            (refused("not_found"), code::NOT_FOUND),
+            (refused("forbidden"), code::REFUSED),
+            (refused("conflict"), code::REFUSED),
+            (refused("request_failed"), code::REFUSED),
+            (LinkError::BadReply("no key".into()), code::INTERNAL),
+            (LinkError::Rotate(RotateError::InProgress), code::REFUSED),
+            (LinkError::Rotate(RotateError::NoFile), code::REFUSED),
+            (
+                LinkError::Rotate(RotateError::Task("x".into())),
+                code::INTERNAL,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.code(), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_shows_the_registrys_message_and_conflict_is_by_code() {
+        assert_eq!(refused("not_found").to_string(), "node 7 is not registered");
+        assert!(refused("conflict").is_conflict());
+        assert!(!refused("request_failed").is_conflict());
+        assert!(!LinkError::Timeout.is_conflict());
+    }
+
+    #[test]
+    fn session_failures_become_link_errors() {
+        let timed_out = ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "registry request timed out",
+        ));
+        assert!(matches!(
+            LinkError::from_client(&timed_out),
+            LinkError::Timeout
+        ));
+        assert!(matches!(
+            LinkError::from_client(&ClientError::Closed),
+            LinkError::Connection(_)
+        ));
+        let r = ClientError::Refused {
+            code: "not_found".into(),
+            message: "gone".into(),
+        };
+        assert_eq!(LinkError::from_client(&r).code(), code::NOT_FOUND);
+    }
+
+    #[test]
+    fn unsettled_rotation_keeps_its_text() {
+        let e = LinkError::RotationUnsettled("registry closed the connection".into());
+        assert_eq!(
+            e.to_string(),
+            "the registry connection broke before it answered (registry closed the \
+             connection); the key in use is settled with the registry when the daemon \
+             reconnects"
+        );
     }
 }

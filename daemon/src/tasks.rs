@@ -91,7 +91,7 @@ use crate::events::Events;
 use crate::fsutil::write_atomic;
 use crate::local::{self, LocalListener, LocalStream};
 use crate::ratelog::LogGate;
-use crate::registry_link::LinkCmd;
+use crate::registry_link::{LinkCmd, LinkError};
 use crate::trust::{format_rfc3339, parse_rfc3339};
 
 // ---------------------------------------------------------------------------------------
@@ -1767,7 +1767,7 @@ impl Inner {
     }
 
     /// A node's polo score, from the cache or the registry.
-    async fn polo(&self, node: u32) -> Result<i64, String> {
+    async fn polo(&self, node: u32) -> Result<i64, LinkError> {
         if let Some((score, at)) = lock(&self.polo).get(&node) {
             if at.elapsed() < POLO_CACHE_TTL {
                 return Ok(*score);
@@ -1778,16 +1778,16 @@ impl Inner {
         let t = self.config.io_timeout;
         tokio::time::timeout(t, self.link.send(LinkCmd::Call(req, tx)))
             .await
-            .map_err(|_| "registry link busy".to_owned())?
-            .map_err(|_| "registry link stopped".to_owned())?;
+            .map_err(|_| LinkError::Busy)?
+            .map_err(|_| LinkError::Stopped)?;
         let v = tokio::time::timeout(t, rx)
             .await
-            .map_err(|_| "registry timed out".to_owned())?
-            .map_err(|_| "registry link stopped".to_owned())??;
+            .map_err(|_| LinkError::Timeout)?
+            .map_err(|_| LinkError::Stopped)??;
         let score = v
             .get("polo_score")
             .and_then(Value::as_i64)
-            .ok_or_else(|| "no polo_score in the reply".to_owned())?;
+            .ok_or_else(|| LinkError::BadReply("no polo_score".into()))?;
         let mut cache = lock(&self.polo);
         if cache.len() >= POLO_CACHE_MAX {
             cache.clear();

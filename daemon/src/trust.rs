@@ -73,15 +73,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tunnel::ipc::{HandshakeStatus, PendingEntry, PendingList, TrustedEntry, TrustedList};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, TrustGate};
 use crate::fsutil::write_atomic;
 use crate::identity::NodeIdentity;
-use crate::registry_link::LinkCmd;
-use crate::trust_api::{TrustCmd, TrustOp, TrustSender};
+use crate::registry_link::{self, LinkCmd, LinkError, LinkReply};
+use crate::trust_api::{DeliveryError, TrustCmd, TrustOp, TrustOpError, TrustReply, TrustSender};
 
 /// The handshake port (v1 wire §6.1).
 pub const HANDSHAKE_PORT: u16 = tunnel::addr::port::HANDSHAKE;
@@ -559,7 +559,7 @@ fn load(path: &Path) -> Result<State, TrustError> {
     Ok(st)
 }
 
-fn render(st: &State) -> Result<Vec<u8>, String> {
+fn render(st: &State) -> Result<Vec<u8>, serde_json::Error> {
     let file = TrustFile {
         trusted: st
             .trusted
@@ -592,7 +592,7 @@ fn render(st: &State) -> Result<Vec<u8>, String> {
             })
             .collect(),
     };
-    let mut out = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
+    let mut out = serde_json::to_vec_pretty(&file)?;
     out.push(b'\n');
     Ok(out)
 }
@@ -751,23 +751,24 @@ fn build(
 
 /// Sends one message to `peer`'s port 444: dial, write, finish, and wait briefly for the
 /// peer to finish too.
-async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<(), String> {
+async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<(), DeliveryError> {
     if body.is_empty() || body.len() > MAX_SEND {
-        return Err(format!("message of {} bytes cannot be sent", body.len()));
+        return Err(DeliveryError::Size(body.len()));
     }
     let (tx, mut rx) = mpsc::channel(16);
     let dst = PilotAddr::new(Addr::new(0, peer), HANDSHAKE_PORT);
     let (conn, credit) = tokio::time::timeout(DIAL_TIMEOUT, engine.dial(dst, tx))
         .await
-        .map_err(|_| format!("dialing node {peer} timed out"))??;
+        .map_err(|_| DeliveryError::DialTimeout(peer))?
+        .map_err(DeliveryError::Connection)?;
     engine
         .write(conn, &credit, body)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| DeliveryError::Connection(e.to_string()))?;
     engine
         .send(Cmd::Close { conn })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| DeliveryError::Connection(e.to_string()))?;
     let closed = tokio::time::timeout(LINGER, async {
         while let Some(ev) = rx.recv().await {
             if let AppEvent::Closed { error, .. } = ev {
@@ -778,7 +779,7 @@ async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<()
     })
     .await;
     match closed {
-        Ok(Some(e)) => Err(e),
+        Ok(Some(e)) => Err(DeliveryError::Connection(e)),
         Ok(None) => Ok(()),
         Err(_) => {
             let _ = engine.send(Cmd::Abort { conn }).await;
@@ -790,16 +791,8 @@ async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<()
 // ---------------------------------------------------------------------------------------
 // Registry
 
-async fn registry(link: &mpsc::Sender<LinkCmd>, req: Value) -> Result<Value, String> {
-    let (tx, rx) = oneshot::channel();
-    link.send(LinkCmd::Call(req, tx))
-        .await
-        .map_err(|_| "registry link stopped".to_owned())?;
-    match tokio::time::timeout(REGISTRY_TIMEOUT, rx).await {
-        Err(_) => Err("registry request timed out".into()),
-        Ok(Err(_)) => Err("registry link stopped".into()),
-        Ok(Ok(r)) => r,
-    }
+async fn registry(link: &mpsc::Sender<LinkCmd>, req: Value) -> LinkReply {
+    registry_link::request(link, |tx| LinkCmd::Call(req, tx), REGISTRY_TIMEOUT).await
 }
 
 /// What the registry says about a node.
@@ -810,15 +803,15 @@ struct NodeInfo {
     networks: Vec<u16>,
 }
 
-async fn lookup(link: &mpsc::Sender<LinkCmd>, node: u32) -> Result<NodeInfo, String> {
+async fn lookup(link: &mpsc::Sender<LinkCmd>, node: u32) -> Result<NodeInfo, LinkError> {
     let v = registry(link, json!({"type": "lookup", "node_id": node})).await?;
     let key_b64 = v
         .get("public_key")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("registry has no key for node {node}"))?
+        .ok_or_else(|| LinkError::BadReply(format!("no key for node {node}")))?
         .to_owned();
     let key = tunnel::registry::auth::decode_key(&key_b64)
-        .map_err(|e| format!("registry key of node {node}: {e}"))?;
+        .map_err(|e| LinkError::BadReply(format!("key of node {node}: {e}")))?;
     let networks = v
         .get("networks")
         .and_then(Value::as_array)
@@ -1067,7 +1060,7 @@ async fn check(
             "justification or reason longer than {MAX_TEXT} bytes"
         ));
     }
-    let info = lookup(link, from).await?;
+    let info = lookup(link, from).await.map_err(|e| e.to_string())?;
     if !msg.public_key.is_empty() && msg.public_key != info.key_b64 {
         return Err(format!("key is not the one registered for node {from}"));
     }
@@ -1100,7 +1093,7 @@ struct Actor {
     relayed_rejects: HashMap<u32, Instant>,
 }
 
-type Reply = Result<Value, String>;
+type Reply = TrustReply;
 
 fn status(status: &str, peer: u32) -> Value {
     serde_json::to_value(HandshakeStatus {
@@ -1108,10 +1101,6 @@ fn status(status: &str, peer: u32) -> Value {
         node_id: peer,
     })
     .unwrap_or(Value::Null)
-}
-
-fn is_conflict(e: &str) -> bool {
-    e.contains("already pending")
 }
 
 impl Actor {
@@ -1154,10 +1143,10 @@ impl Actor {
     }
 
     /// Applies the state to the gate and writes trust.json.
-    async fn commit(&mut self) -> Result<(), String> {
+    async fn commit(&mut self) -> Result<(), TrustOpError> {
         self.gate
             .replace(self.state.trusted.keys().copied().collect());
-        let bytes = render(&self.state)?;
+        let bytes = render(&self.state).map_err(|e| TrustOpError::Encode(e.to_string()))?;
         let path = self.path.clone();
         let r = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
             .await
@@ -1166,23 +1155,26 @@ impl Actor {
         if let Err(e) = &r {
             tracing::error!(path = %self.path.display(), error = %e, "could not save trust");
         }
-        r.map_err(|e| format!("saving {}: {e}", self.path.display()))
+        r.map_err(|reason| TrustOpError::Save {
+            path: self.path.display().to_string(),
+            reason,
+        })
     }
 
-    fn me(&self) -> Result<u32, String> {
+    fn me(&self) -> Result<u32, TrustOpError> {
         match self.engine.node() {
-            0 => Err("not registered with the registry yet".into()),
+            0 => Err(TrustOpError::NotRegistered),
             n => Ok(n),
         }
     }
 
-    fn check_peer(&self, peer: u32) -> Result<u32, String> {
+    fn check_peer(&self, peer: u32) -> Result<u32, TrustOpError> {
         let me = self.me()?;
         if peer == 0 {
-            return Err("node 0 is not a peer".into());
+            return Err(TrustOpError::ZeroPeer);
         }
         if peer == me {
-            return Err("a node cannot trust itself".into());
+            return Err(TrustOpError::SelfPeer);
         }
         Ok(me)
     }
@@ -1239,7 +1231,7 @@ impl Actor {
             TrustOp::Approve { peer } => {
                 let me = self.check_peer(peer)?;
                 let Some(p) = self.state.pending.get(&peer).cloned() else {
-                    return Err(format!("no pending trust request from node {peer}"));
+                    return Err(TrustOpError::NoPending(peer));
                 };
                 let key = match p.public_key.is_empty() {
                     true => lookup(&self.link, peer)
@@ -1257,10 +1249,13 @@ impl Actor {
             TrustOp::Reject { peer, reason } => {
                 let me = self.check_peer(peer)?;
                 if reason.len() > MAX_TEXT {
-                    return Err(format!("reason longer than {MAX_TEXT} bytes"));
+                    return Err(TrustOpError::TooLong {
+                        what: "reason",
+                        max: MAX_TEXT,
+                    });
                 }
                 if self.state.pending.remove(&peer).is_none() {
-                    return Err(format!("no pending trust request from node {peer}"));
+                    return Err(TrustOpError::NoPending(peer));
                 }
                 self.commit().await?;
                 self.emit(TrustEvent::Declined {
@@ -1295,7 +1290,8 @@ impl Actor {
                         received_at: p.received_at,
                     })
                     .collect();
-                serde_json::to_value(PendingList { pending }).map_err(|e| e.to_string())
+                serde_json::to_value(PendingList { pending })
+                    .map_err(|e| TrustOpError::Encode(e.to_string()))
             }
             TrustOp::Trusted => {
                 let trusted = self
@@ -1310,12 +1306,13 @@ impl Actor {
                         network: t.network,
                     })
                     .collect();
-                serde_json::to_value(TrustedList { trusted }).map_err(|e| e.to_string())
+                serde_json::to_value(TrustedList { trusted })
+                    .map_err(|e| TrustOpError::Encode(e.to_string()))
             }
             TrustOp::Revoke { peer } => {
                 let me = self.check_peer(peer)?;
                 if self.state.trusted.remove(&peer).is_none() {
-                    return Err(format!("node {peer} is not trusted"));
+                    return Err(TrustOpError::NotTrusted(peer));
                 }
                 self.state.pending.remove(&peer);
                 self.state.outgoing.remove(&peer);
@@ -1334,7 +1331,10 @@ impl Actor {
     async fn request(&mut self, peer: u32, justification: String) -> Reply {
         let me = self.check_peer(peer)?;
         if justification.len() > MAX_TEXT {
-            return Err(format!("justification longer than {MAX_TEXT} bytes"));
+            return Err(TrustOpError::TooLong {
+                what: "justification",
+                max: MAX_TEXT,
+            });
         }
         if self.state.trusted.contains_key(&peer) {
             return Ok(status(HandshakeStatus::SENT, peer));
@@ -1378,7 +1378,7 @@ impl Actor {
                 self.spawn_direct_body(peer, body);
                 Ok(status(HandshakeStatus::SENT, peer))
             }
-            Err(e) if is_conflict(&e) => {
+            Err(e) if e.is_conflict() => {
                 self.spawn_direct_body(peer, body);
                 Ok(status(HandshakeStatus::SENT, peer))
             }
@@ -1387,12 +1387,14 @@ impl Actor {
                 // it reaches the peer directly.
                 match send_direct(&self.engine, peer, &body).await {
                     Ok(()) => Ok(status(HandshakeStatus::SENT, peer)),
-                    Err(direct_err) => {
+                    Err(direct) => {
                         self.state.outgoing.remove(&peer);
                         let _ = self.commit().await;
-                        Err(format!(
-                            "trust request to node {peer} not delivered: registry: {relay_err}; direct: {direct_err}"
-                        ))
+                        Err(TrustOpError::NotDelivered {
+                            peer,
+                            registry: relay_err,
+                            direct,
+                        })
                     }
                 }
             }

@@ -92,7 +92,7 @@ async fn a_second_rotation_while_one_is_pending_is_refused() {
         .send(pilotd::registry_link::LinkCmd::Rotate(tx))
         .await
         .unwrap();
-    let err = rx.await.unwrap().unwrap_err();
+    let err = rx.await.unwrap().unwrap_err().to_string();
     assert!(err.contains("already in progress"), "{err}");
     node.shutdown().await;
 }

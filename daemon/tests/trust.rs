@@ -91,6 +91,7 @@ async fn op(n: &Node, op: TrustOp) -> Result<Value, String> {
         .await
         .unwrap()
         .unwrap()
+        .map_err(|e| e.to_string())
 }
 
 async fn trusted(n: &Node) -> Vec<Value> {
