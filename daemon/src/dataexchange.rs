@@ -308,7 +308,7 @@ impl DataExchange {
 
     /// Stores text received some other way (the stdio service) in the inbox as a TEXT
     /// message from `from`, with its `message.received` event; the message ID, or why not.
-    pub async fn store_text(&self, from: PilotAddr, text: Vec<u8>) -> Result<String, String> {
+    pub async fn store_text(&self, from: PilotAddr, text: Vec<u8>) -> Result<String, StoreError> {
         let svc = self.service.clone();
         let sender = from.addr.to_string();
         let len = text.len();
@@ -324,8 +324,8 @@ impl DataExchange {
                 );
                 Ok(id)
             }
-            Ok(Err(SaveError::Full)) => Err("inbox full".into()),
-            Ok(Err(SaveError::Io(e))) | Err(e) => Err(format!("save failed: {e}")),
+            Ok(Err(SaveError::Full)) => Err(StoreError::Full),
+            Ok(Err(SaveError::Io(e))) | Err(e) => Err(StoreError::Save(e)),
         }
     }
 
@@ -400,6 +400,18 @@ enum Open {
 enum SaveError {
     Full,
     Io(io::Error),
+}
+
+/// Why [`DataExchange::store_text`] did not store a message; the text is what the stdio
+/// service answers after `ERR `.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The inbox holds as many messages or bytes as it may.
+    #[error("inbox full")]
+    Full,
+    /// The message file could not be written.
+    #[error("save failed: {0}")]
+    Save(io::Error),
 }
 
 impl Service {

@@ -51,6 +51,7 @@ use crate::engine::EngineHandle;
 use crate::events::Events;
 use crate::local::LocalListener;
 use crate::ratelog::LogGate;
+use crate::services::PortError;
 
 /// Payload bytes reserved and read at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -338,9 +339,11 @@ impl Broker {
         engine: &EngineHandle,
         events: Events,
         limits: BrokerLimits,
-    ) -> Result<Broker, String> {
+    ) -> Result<Broker, PortError> {
         let broker = Broker::new(events, limits);
-        let mut listener = LocalListener::bind(engine, EVENT_STREAM_PORT).await?;
+        let mut listener = LocalListener::bind(engine, EVENT_STREAM_PORT)
+            .await
+            .map_err(PortError::on(EVENT_STREAM_PORT))?;
         let b = broker.clone();
         tokio::spawn(async move {
             while let Some((stream, remote)) = listener.accept().await {

@@ -75,7 +75,7 @@ use crate::registry_link::{self, LinkCmd, LinkError, LinkReply};
 use crate::stdio::{Stdio, STDIO_PORT};
 use crate::tasks::{read_result_file, ResultInput, TaskError, TaskHandle, TaskKind};
 use crate::trust_api::{TrustCmd, TrustOp, TrustOpError, TrustReply, TrustSender};
-use crate::webhook::{WebhookHandle, WebhookUrl};
+use crate::webhook::{UrlError, WebhookHandle, WebhookUrl};
 
 /// Clients served at once; further connections are closed at once and counted.
 pub const MAX_CLIENTS: usize = 1024;
@@ -792,7 +792,7 @@ impl ClientCtx {
                         .await)
                 }
                 Err(e) => {
-                    if !self.ready_reply(slots, error_frame(&e)).await {
+                    if !self.ready_reply(slots, error_frame(&e.to_string())).await {
                         return Dispatch::Gone;
                     }
                 }
@@ -807,7 +807,7 @@ impl ClientCtx {
                     };
                     if let Some(t) = &this.shared.ctx.tasks {
                         if let Err(e) = t.set_enabled(enabled).await {
-                            return slot.error(&this, &e.to_string());
+                            return slot.error(&this, e);
                         }
                     }
                     slot.send(encode(&Message::SetTaskExecOk {
@@ -820,7 +820,7 @@ impl ClientCtx {
                     Ok(()) => encode(&Message::SetWebhookOk {
                         json: &json_bytes(&json!({ "webhook": url })),
                     }),
-                    Err(e) => error_frame(&e),
+                    Err(e) => error_frame(&e.to_string()),
                 };
                 if !self.ready_reply(slots, frame).await {
                     return Dispatch::Gone;
@@ -1373,7 +1373,7 @@ impl ClientCtx {
             }
             ExtRequest::SetWebhook { url } => {
                 sh.set_webhook(&url)
-                    .map_err(|e| ExtError::new(code::BAD_REQUEST, e))?;
+                    .map_err(|e| ExtError::new(code::BAD_REQUEST, e.to_string()))?;
                 to_value(&ipc::WebhookReply { webhook: url })
             }
             ExtRequest::SetTaskExec { enabled } => {
@@ -1689,15 +1689,15 @@ impl ClientCtx {
 
 impl Shared {
     /// Points webhooks at `url` ("" stops them). A bad URL is refused and the old one stays.
-    fn set_webhook(&self, url: &str) -> Result<(), String> {
+    fn set_webhook(&self, url: &str) -> Result<(), BadWebhookUrl> {
         match &self.ctx.webhook {
             Some(h) => {
-                h.set(url).map_err(|e| format!("webhook URL: {e}"))?;
+                h.set(url)?;
                 self.ctx.events.set_wanted(!url.is_empty());
             }
             None if url.is_empty() => {}
             None => {
-                WebhookUrl::parse(url).map_err(|e| format!("webhook URL: {e}"))?;
+                WebhookUrl::parse(url)?;
             }
         }
         *lock(&self.webhook) = url.to_owned();
@@ -1939,15 +1939,27 @@ fn parse_record(text: &str) -> Result<Record, ExtError> {
     }
 }
 
-fn parse_tags(json: &[u8]) -> Result<Vec<String>, String> {
-    let tags: Option<Vec<String>> = serde_json::from_slice(json)
-        .map_err(|e| format!("tags must be a JSON array of strings: {e}"))?;
+/// A webhook URL refused by [`Shared::set_webhook`] (the `bad_request` of the extension).
+#[derive(Debug, thiserror::Error)]
+#[error("webhook URL: {0}")]
+struct BadWebhookUrl(#[from] UrlError);
+
+/// Why a v1 SetTags payload is refused.
+#[derive(Debug, thiserror::Error)]
+enum TagsError {
+    /// Not a JSON array of strings (or null).
+    #[error("tags must be a JSON array of strings: {0}")]
+    NotJson(serde_json::Error),
+    /// More than [`MAX_TAGS`].
+    #[error("too many tags: at most {MAX_TAGS}, got {0}")]
+    TooMany(usize),
+}
+
+fn parse_tags(json: &[u8]) -> Result<Vec<String>, TagsError> {
+    let tags: Option<Vec<String>> = serde_json::from_slice(json).map_err(TagsError::NotJson)?;
     let tags = tags.unwrap_or_default();
     if tags.len() > MAX_TAGS {
-        return Err(format!(
-            "too many tags: at most {MAX_TAGS}, got {}",
-            tags.len()
-        ));
+        return Err(TagsError::TooMany(tags.len()));
     }
     Ok(tags)
 }

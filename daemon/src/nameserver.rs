@@ -57,7 +57,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tunnel::services::nameserver::{
     check_name, parse_request_bytes, Record, RecordKey, Request, RequestError, Response,
-    ServiceEntry, MAX_REQUEST,
+    ServiceEntry, ERR_NOT_FOUND, MAX_REQUEST,
 };
 pub use tunnel::services::nameserver::{MAX_NAME, NAMESERVER_PORT};
 use tunnel::{Addr, SocketAddr as PilotAddr};
@@ -66,6 +66,7 @@ use crate::engine::EngineHandle;
 use crate::fsutil::write_atomic;
 use crate::local::LocalListener;
 use crate::ratelog::LogGate;
+use crate::services::PortError;
 
 // ---------------------------------------------------------------------------------------
 // Constants
@@ -370,7 +371,7 @@ impl NameTable {
 
     /// Answers a request from the node `remote` (registrations belong to it).
     pub fn handle(&mut self, req: Request, remote: u32, now: u64) -> (Response, bool) {
-        let not_found = || Response::Err("not found".to_owned());
+        let not_found = || Response::Err(ERR_NOT_FOUND.to_owned());
         match req {
             Request::QueryA { name } => match self.lookup_a(&name, now) {
                 Some(addr) => (Response::A { name, addr }, false),
@@ -662,8 +663,10 @@ impl Nameserver {
 
     /// Serves port [`NAMESERVER_PORT`] on the engine until it stops, removes expired
     /// records every [`REAP_EVERY`] and writes remote changes to the store.
-    pub async fn start(&self, engine: &EngineHandle) -> Result<(), String> {
-        let mut listener = LocalListener::bind(engine, NAMESERVER_PORT).await?;
+    pub async fn start(&self, engine: &EngineHandle) -> Result<(), PortError> {
+        let mut listener = LocalListener::bind(engine, NAMESERVER_PORT)
+            .await
+            .map_err(PortError::on(NAMESERVER_PORT))?;
         let ns = self.clone();
         tokio::spawn(async move {
             let mut reap = tokio::time::interval(REAP_EVERY);

@@ -44,7 +44,7 @@ pub enum StartError {
     },
     /// The beacon address does not resolve.
     #[error("beacon address {0}: {1}")]
-    Beacon(String, String),
+    Beacon(String, #[source] std::io::Error),
     /// The trust service (its state file, or port 444).
     #[error("trust service: {0}")]
     Trust(#[from] TrustError),
@@ -80,12 +80,11 @@ pub struct Daemon {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     lookup_host(addr)
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .next()
-        .ok_or_else(|| "no address".to_owned())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
 }
 
 impl Daemon {

@@ -5,6 +5,8 @@
 //!   whose echo cannot drain (its peer does not read) holds up the service's input for at
 //!   most [`ECHO_STALL`] and is then reset; all connections together buffer at most
 //!   [`ECHO_BACKLOG_TOTAL`] bytes.
+//!
+//! A built-in service that cannot take its port fails to start with a [`PortError`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +16,23 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, APP_QUEUE};
+
+/// Why a built-in service could not take its virtual port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("port {port}: {reason}")]
+pub struct PortError {
+    /// The port.
+    pub port: u16,
+    /// The engine's reason (the port is bound by another owner, or the engine stopped).
+    pub reason: String,
+}
+
+impl PortError {
+    /// The engine's refusal of `port`, as a function for `map_err`.
+    pub fn on(port: u16) -> impl FnOnce(String) -> PortError {
+        move |reason| PortError { port, reason }
+    }
+}
 
 /// The echo port (v1 wire §8.1).
 pub const ECHO_PORT: u16 = 7;
@@ -26,9 +45,12 @@ pub const ECHO_STALL: Duration = Duration::from_secs(5);
 pub const ECHO_BACKLOG_TOTAL: usize = 64 << 20;
 
 /// Starts the echo service: listens on [`ECHO_PORT`] and serves until the engine stops.
-pub async fn start_echo(engine: EngineHandle) -> Result<(), String> {
+pub async fn start_echo(engine: EngineHandle) -> Result<(), PortError> {
     let (tx, rx) = mpsc::channel(APP_QUEUE);
-    engine.listen(ECHO_PORT, tx).await?;
+    engine
+        .listen(ECHO_PORT, tx)
+        .await
+        .map_err(PortError::on(ECHO_PORT))?;
     tokio::spawn(echo(engine, rx));
     Ok(())
 }
@@ -111,4 +133,16 @@ async fn echo_conn(
         }
     }
     let _ = engine.send(Cmd::Close { conn }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_error_names_the_port() {
+        let e = PortError::on(ECHO_PORT)("bound by another owner".into());
+        assert_eq!(e.port, ECHO_PORT);
+        assert_eq!(e.to_string(), "port 7: bound by another owner");
+    }
 }

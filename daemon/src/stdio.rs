@@ -22,6 +22,7 @@ use tunnel::SocketAddr as PilotAddr;
 use crate::dataexchange::DataExchange;
 use crate::engine::EngineHandle;
 use crate::local::{LocalListener, LocalStream};
+use crate::services::PortError;
 
 /// The stdio port.
 pub const STDIO_PORT: u16 = tunnel::addr::port::STDIO;
@@ -53,7 +54,10 @@ struct Running {
 
 impl Stdio {
     /// Binds [`STDIO_PORT`] and serves it, storing text through `store`'s inbox.
-    pub async fn start(engine: &EngineHandle, store: Arc<DataExchange>) -> Result<Stdio, String> {
+    pub async fn start(
+        engine: &EngineHandle,
+        store: Arc<DataExchange>,
+    ) -> Result<Stdio, PortError> {
         let s = Stdio {
             engine: engine.clone(),
             store,
@@ -102,16 +106,18 @@ impl Stdio {
         }
     }
 
-    async fn reclaim_inner(&self) -> Result<(), String> {
+    async fn reclaim_inner(&self) -> Result<(), PortError> {
         let mut running = self.running.lock().await;
         self.bind_locked(&mut running).await
     }
 
-    async fn bind_locked(&self, running: &mut Option<Running>) -> Result<(), String> {
+    async fn bind_locked(&self, running: &mut Option<Running>) -> Result<(), PortError> {
         if running.is_some() {
             return Ok(());
         }
-        let mut listener = LocalListener::bind(&self.engine, STDIO_PORT).await?;
+        let mut listener = LocalListener::bind(&self.engine, STDIO_PORT)
+            .await
+            .map_err(PortError::on(STDIO_PORT))?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let store = self.store.clone();
         let slots = self.slots.clone();

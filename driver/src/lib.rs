@@ -169,27 +169,60 @@ pub enum DriverError {
 }
 
 impl DriverError {
-    /// The stable error code of [`tunnel::ipc::code`] closest to this error.
+    /// The stable error code of [`tunnel::ipc::code`] closest to this error. A v1 Error
+    /// message carries no code: its code is [`v1_error_code`]'s reading of the text, or
+    /// `refused` when the text says nothing more.
     pub fn code(&self) -> &'static str {
         match self {
             DriverError::Connect { .. } | DriverError::DaemonDown(_) => ipc::code::DAEMON_DOWN,
             DriverError::BadReply(_) => ipc::code::BAD_REPLY,
             DriverError::TooLarge(_) => ipc::code::BAD_REQUEST,
-            DriverError::Daemon(_) => ipc::code::REFUSED,
+            DriverError::Daemon(m) => v1_error_code(m).unwrap_or(ipc::code::REFUSED),
         }
     }
 }
 
+/// The stable code ([`tunnel::ipc::code`]) a v1-form Error message stands for, read from its
+/// text, or `None` when the text matches no rule.
+///
+/// This is the only place an error is classified by its wording. Extension replies carry
+/// their code ([`ExtReply::Error`]) and need no reading; a v1 `Error` (v1 wire §7.2: code is
+/// always 1) answers Bind, Dial, Send, Info and the other v1 commands with free text, and the
+/// text is all there is. The rules, first match wins, on the lowercased text:
+///
+/// | words                                   | code               |
+/// |-----------------------------------------|--------------------|
+/// | `refused`                               | `refused`          |
+/// | `timeout`, `timed out`                  | `timeout`          |
+/// | `trust`, `private`, `denied`            | `untrusted`        |
+/// | `not found`, `no such`, `unknown`       | `not_found`        |
+/// | `in use`, `already`, `invalid`          | `bad_request`      |
+pub fn v1_error_code(message: &str) -> Option<&'static str> {
+    const RULES: &[(&[&str], &str)] = &[
+        (&["refused"], ipc::code::REFUSED),
+        (&["timeout", "timed out"], ipc::code::TIMEOUT),
+        (&["trust", "private", "denied"], ipc::code::UNTRUSTED),
+        (&["not found", "no such", "unknown"], ipc::code::NOT_FOUND),
+        (&["in use", "already", "invalid"], ipc::code::BAD_REQUEST),
+    ];
+    let l = message.to_ascii_lowercase();
+    RULES
+        .iter()
+        .find(|(words, _)| words.iter().any(|w| l.contains(w)))
+        .map(|&(_, c)| c)
+}
+
 impl From<DriverError> for io::Error {
     fn from(e: DriverError) -> Self {
-        let kind = match e {
+        let kind = match &e {
             DriverError::Connect { .. } | DriverError::DaemonDown(_) => io::ErrorKind::BrokenPipe,
-            DriverError::Daemon(ref m) if m.contains("refused") => io::ErrorKind::ConnectionRefused,
-            DriverError::Daemon(ref m) if m.contains("timeout") || m.contains("timed out") => {
-                io::ErrorKind::TimedOut
-            }
             DriverError::TooLarge(_) => io::ErrorKind::InvalidInput,
-            _ => io::ErrorKind::Other,
+            DriverError::Daemon(m) => match v1_error_code(m) {
+                Some(ipc::code::REFUSED) => io::ErrorKind::ConnectionRefused,
+                Some(ipc::code::TIMEOUT) => io::ErrorKind::TimedOut,
+                _ => io::ErrorKind::Other,
+            },
+            DriverError::BadReply(_) => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }
@@ -982,5 +1015,54 @@ async fn route(
                 close_unwanted(out, conn).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_error_texts_map_to_codes() {
+        let cases = [
+            ("dial: connection refused", Some(ipc::code::REFUSED)),
+            ("dial timed out", Some(ipc::code::TIMEOUT)),
+            ("Connection Timeout", Some(ipc::code::TIMEOUT)),
+            ("node is private", Some(ipc::code::UNTRUSTED)),
+            ("node 7 is not trusted", Some(ipc::code::UNTRUSTED)),
+            ("no such connection", Some(ipc::code::NOT_FOUND)),
+            ("port 80 already bound", Some(ipc::code::BAD_REQUEST)),
+            ("too many tags: at most 3, got 4", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(v1_error_code(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn driver_errors_have_codes_and_io_kinds() {
+        let down = DriverError::DaemonDown("gone".into());
+        assert_eq!(down.code(), ipc::code::DAEMON_DOWN);
+        assert_eq!(io::Error::from(down).kind(), io::ErrorKind::BrokenPipe);
+
+        let refused = DriverError::Daemon("connection refused".into());
+        assert_eq!(refused.code(), ipc::code::REFUSED);
+        assert_eq!(
+            io::Error::from(refused).kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+
+        let timeout = DriverError::Daemon("dial timed out".into());
+        assert_eq!(timeout.code(), ipc::code::TIMEOUT);
+        assert_eq!(io::Error::from(timeout).kind(), io::ErrorKind::TimedOut);
+
+        // Text no rule reads: the code defaults to `refused`, the I/O kind stays `Other`.
+        let other = DriverError::Daemon("too many tags".into());
+        assert_eq!(other.code(), ipc::code::REFUSED);
+        assert_eq!(io::Error::from(other).kind(), io::ErrorKind::Other);
+
+        let bad = DriverError::BadReply("x".into());
+        assert_eq!(bad.code(), ipc::code::BAD_REPLY);
+        assert_eq!(io::Error::from(bad).kind(), io::ErrorKind::Other);
     }
 }

@@ -275,33 +275,16 @@ fn connect_error(socket: &Path, e: DriverError) -> CtlError {
     CtlError::new(code::DAEMON_DOWN, msg)
 }
 
-/// The stable code for a driver failure. The v1 Error message is free text, so its code is
-/// inferred from the wording.
+/// The stable code for a driver failure: [`DriverError::code`] (a v1 Error message's code
+/// is read from its text there, in `pilot_driver::v1_error_code`).
 pub(crate) fn driver_error(e: DriverError) -> CtlError {
+    let c = e.code();
     match e {
-        DriverError::Connect { .. } | DriverError::DaemonDown(_) => CtlError::new(
-            code::DAEMON_DOWN,
-            format!("lost the connection to pilotd: {e}"),
-        ),
-        DriverError::BadReply(m) => CtlError::new(code::BAD_REPLY, m),
-        DriverError::TooLarge(e) => CtlError::new(code::BAD_REQUEST, e.to_string()),
-        DriverError::Daemon(m) => {
-            let l = m.to_ascii_lowercase();
-            let c = if l.contains("refused") {
-                code::REFUSED
-            } else if l.contains("timeout") || l.contains("timed out") {
-                code::TIMEOUT
-            } else if l.contains("trust") || l.contains("private") || l.contains("denied") {
-                code::UNTRUSTED
-            } else if l.contains("not found") || l.contains("no such") || l.contains("unknown") {
-                code::NOT_FOUND
-            } else if l.contains("in use") || l.contains("already") || l.contains("invalid") {
-                code::BAD_REQUEST
-            } else {
-                code::REFUSED
-            };
-            CtlError::new(c, m)
+        DriverError::Connect { .. } | DriverError::DaemonDown(_) => {
+            CtlError::new(c, format!("lost the connection to pilotd: {e}"))
         }
+        DriverError::BadReply(m) | DriverError::Daemon(m) => CtlError::new(c, m),
+        DriverError::TooLarge(e) => CtlError::new(c, e.to_string()),
     }
 }
 
@@ -1018,13 +1001,11 @@ async fn ping(ctx: &Ctx, peer: &str, count: u32, timeout: Duration) -> Result<Ou
             .rev()
             .find_map(|p| p.error.clone())
             .unwrap_or_else(|| "no probe was sent".into());
-        let l = last.to_ascii_lowercase();
-        let c = if l.contains("refused") {
-            code::REFUSED
-        } else if l.contains("trust") || l.contains("private") || l.contains("denied") {
-            code::UNTRUSTED
-        } else {
-            code::TIMEOUT
+        // A probe's error is the daemon's connection failure text, read like a v1 Error;
+        // a probe that failed for no stated reason timed out.
+        let c = match pilot_driver::v1_error_code(&last) {
+            Some(c @ (code::REFUSED | code::UNTRUSTED)) => c,
+            _ => code::TIMEOUT,
         };
         return Err(CtlError::new(
             c,

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tunnel::ipc::{code, ExtRequest};
 use tunnel::services::dataexchange::{BadMessageType, FrameType};
 use tunnel::services::eventstream::{check_payload_len, check_topic_len, WILDCARD};
-use tunnel::services::nameserver::{parse_request, Request, Response};
+use tunnel::services::nameserver::{parse_request, Request, Response, ERR_NOT_FOUND};
 use tunnel::SocketAddr;
 
 use crate::cli::{NamesCmd, TasksCmd};
@@ -259,7 +259,7 @@ async fn query_peer(ctx: &Ctx, peer: &str, query: &str) -> Result<Output, CtlErr
         .map_err(|_| CtlError::new(code::TIMEOUT, format!("{dst} did not answer")))?
         .map_err(|e| stream_error("nameserver", e))?;
     let (data, text) = match resp {
-        Response::Err(m) if m.contains("not found") => {
+        Response::Err(m) if m == ERR_NOT_FOUND => {
             return Err(CtlError::new(
                 code::NOT_FOUND,
                 format!("{}: {query}: {m}", peer.label()),

@@ -223,6 +223,9 @@ pub struct ServiceEntry {
     pub port: u16,
 }
 
+/// The message of the `ERR` a query for an unknown name is answered with.
+pub const ERR_NOT_FOUND: &str = "not found";
+
 /// A response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
