@@ -554,10 +554,8 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             }
             Pending::Flush(node) => {
                 let p = self.peers.get_mut(&node)?;
-                if p.session.is_none() {
-                    // The session went again: the packets wait for the next one.
-                    return None;
-                }
+                // Without a session (it went again) the packets wait for the next one.
+                p.session.as_ref()?;
                 let packet = p.queue.pop_front()?;
                 if !p.queue.is_empty() {
                     self.out.push_front(Pending::Flush(node));
@@ -1111,34 +1109,7 @@ mod tests {
     use crate::wire::header::{Flags, PacketRepr, Protocol};
     use crate::{Addr, SocketAddr as PilotAddr};
 
-    /// A seeded stand-in for the system's generator: the same keys on every run.
-    pub(crate) struct SeededRng(pub u64);
-
-    impl RngCore for SeededRng {
-        fn next_u32(&mut self) -> u32 {
-            self.next_u64() as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            // SplitMix64.
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn fill_bytes(&mut self, dest: &mut [u8]) {
-            for c in dest.chunks_mut(8) {
-                let v = self.next_u64().to_le_bytes();
-                c.copy_from_slice(&v[..c.len()]);
-            }
-        }
-        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-            self.fill_bytes(dest);
-            Ok(())
-        }
-    }
-
-    impl CryptoRng for SeededRng {}
+    use crate::node::tests::SeededRng;
 
     /// A datagram a test node sent.
     #[derive(Clone)]
