@@ -1023,11 +1023,16 @@ impl<R: RngCore + CryptoRng> Node<R> {
             self.events.push_back(Event::Readable(id));
         }
         if (closed || state == State::Closed) && !slot.closed {
+            // Reported now, released at the earliest on a later look: the caller handles this
+            // and the events before it (and reads the end or the error) with the ID valid.
             slot.closed = true;
             let reason = CloseReason::of(error, slot.unreachable);
             self.events.push_back(Event::Closed { conn: id, reason });
-        }
-        if slot.closed {
+            if !slot.closing {
+                slot.closing = true;
+                self.closing.push(h);
+            }
+        } else if slot.closed {
             self.release_if_drained(h);
         }
     }
