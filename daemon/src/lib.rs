@@ -16,10 +16,11 @@ pub mod ratelog;
 pub mod registry_link;
 pub mod services;
 pub mod stdio;
-pub mod synlimit;
 pub mod tasks;
 pub mod trust;
 pub mod trust_api;
-pub mod tunnels;
 pub mod udp;
 pub mod webhook;
+
+/// The peer table and the SYN limiter moved to the sans-IO core; their old paths stay.
+pub use tunnel::node::{synlimit, tunnels};

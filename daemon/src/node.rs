@@ -20,8 +20,8 @@ use crate::registry_link::{self, LinkCmd, LinkConfig};
 use crate::stdio::Stdio;
 use crate::tasks::{TaskConfig, TaskService};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
-use crate::tunnels::{TunnelConfig, Tunnels};
 use crate::webhook::{UrlError, Webhook, WebhookHandle, WebhookUrl};
+use tunnel::node::tunnels::{TunnelConfig, Tunnels};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,7 @@ impl Daemon {
                 refuse_plaintext: !config.allow_plaintext,
                 beacon,
             },
+            rand_core::OsRng,
         );
         let (link_tx, link_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(1024);

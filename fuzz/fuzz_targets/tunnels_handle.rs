@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
-use pilotd::tunnels::{Received, TunnelConfig, Tunnels};
+use tunnel::node::tunnels::{send_buffer_len, Received, TunnelConfig, Tunnels};
 
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
             refuse_plaintext: data.first().is_some_and(|b| b & 1 == 0),
             beacon: Some(beacon),
         },
+        rand_core::OsRng,
     );
     let peer_key = SigningKey::from_bytes(&[2; 32]).verifying_key();
     t.set_key(t0, 2, peer_key);
@@ -55,7 +56,9 @@ fuzz_target!(|data: &[u8]| {
         }
         t.handle_timeout(now);
         let mut queued = 0;
-        while t.poll_transmit().is_some() {
+        let mut out = vec![0u8; send_buffer_len(65_535)];
+        while let Some(tx) = t.poll_transmit(now, &mut out) {
+            assert!(tx.range().end <= out.len());
             queued += 1;
         }
         assert!(queued < 1024, "output queue grew to {queued}");

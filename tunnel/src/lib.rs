@@ -14,6 +14,7 @@ pub mod addr;
 pub mod crypto;
 pub mod identity;
 pub mod ipc;
+pub mod node;
 pub mod registry;
 pub mod secure;
 pub mod services;

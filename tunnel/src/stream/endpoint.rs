@@ -474,6 +474,22 @@ impl Endpoint {
         }
     }
 
+    /// Runs the timers of every connection due at `now`, like [`Endpoint::handle_timeout`],
+    /// and names each connection whose timer ran, so the caller looks at those and no others.
+    pub fn handle_timeout_each(&mut self, now: Instant, mut ran: impl FnMut(ConnHandle)) {
+        while self.poll_timeout().is_some_and(|t| t <= now) {
+            let Some(Reverse((_, key))) = self.schedule.timers.pop() else {
+                break;
+            };
+            if let Some(e) = self.conns.get_mut(key) {
+                e.scheduled = None;
+                e.conn.handle_timeout(now);
+                self.schedule.touched(key, e);
+                ran(ConnHandle(key));
+            }
+        }
+    }
+
     /// Every handle in the table.
     pub fn handles(&self) -> impl Iterator<Item = ConnHandle> + '_ {
         self.conns.iter().map(|(k, _)| ConnHandle(k))

@@ -1,7 +1,24 @@
 //! The tunnel layer: one UDP socket's worth of peers, their crypto sessions and their paths
-//! (direct, or relayed through the beacon). Time comes in as an argument and datagrams go out
-//! through [`Tunnels::poll_transmit`] or into caller buffers, so every rule here is tested
-//! without sockets.
+//! (direct, or relayed through the beacon). Sans-IO: time comes in as an argument, randomness
+//! from the caller's generator (`R`, owned by the table), and every datagram, data or control,
+//! is written into a buffer the caller gives, so every rule here is tested without sockets.
+//!
+//! # Calling order
+//!
+//! - [`Tunnels::handle`] for every datagram received; a packet comes back as a range of the
+//!   caller's buffer (opened in place).
+//! - [`Tunnels::seal`] for every packet to send, in place in the caller's buffer.
+//! - After either, and after the `set_*` inputs, [`Tunnels::poll_transmit`] until `None`:
+//!   control datagrams (key exchanges, punches, beacon requests) and packets that waited for
+//!   a session, each written into the caller's buffer. Nothing is allocated per control
+//!   datagram: the queue holds what to write, not bytes.
+//! - [`Tunnels::poll_timeout`] is the earliest deadline of any peer (path timeout, direct
+//!   probe, re-resolve, key-exchange retry, idle expiry); at that time call
+//!   [`Tunnels::handle_timeout`], then [`Tunnels::poll_resolve`] and `poll_transmit`.
+//!
+//! Invariant: the deadline [`Tunnels::poll_timeout`] returns is never later than the first
+//! moment `handle_timeout` would act (every change that can make a peer due sooner lowers it);
+//! it may be earlier, and a wake with nothing due recomputes it exactly.
 //!
 //! ```text
 //! datagram in -> handle() -> beacon message   -> DiscoverReply / PunchCommand / RelayDeliver
@@ -19,17 +36,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
-use rand_core::OsRng;
-use tunnel::crypto::{build_auth_key_exchange, verify_auth_key_exchange, OpenError, Session};
-use tunnel::wire::beacon::{self as bw, BeaconMessage, RELAY_HEADER_LEN};
-use tunnel::wire::frame::{
+use crate::crypto::{build_auth_key_exchange, verify_auth_key_exchange, OpenError, Session};
+use crate::wire::beacon::{self as bw, BeaconMessage, RELAY_HEADER_LEN};
+use crate::wire::frame::{
     AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_PUNCH, TAG_LEN,
     X25519_KEY_LEN,
 };
-use tunnel::wire::header::{Packet, HEADER_LEN};
+use crate::wire::header::{Packet, HEADER_LEN};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rand_core::{CryptoRng, RngCore};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Bytes in front of a packet in a send buffer: room for a Relay header and the PILS header.
@@ -200,14 +218,46 @@ pub enum Sent {
     Dropped,
 }
 
-/// One control datagram to send (key exchanges, punches, beacon requests).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One datagram written into the caller's buffer by [`Tunnels::poll_transmit`]: send
+/// `buf[offset..offset + len]` to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Destination.
     pub dst: SocketAddr,
-    /// Bytes.
-    pub bytes: Vec<u8>,
+    /// Where the datagram starts in the caller's buffer.
+    pub offset: usize,
+    /// Its length.
+    pub len: usize,
 }
+
+impl Transmit {
+    /// The datagram's place in the caller's buffer.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// A datagram waiting for [`Tunnels::poll_transmit`]: what to write, not its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// Our PILA to `dst`, behind a Relay header naming `relay_to` when relayed.
+    Pila {
+        dst: SocketAddr,
+        relay_to: Option<u32>,
+    },
+    /// A punch packet (PILP).
+    Punch(SocketAddr),
+    /// A punch request to the beacon for `target`.
+    PunchRequest { beacon: SocketAddr, target: u32 },
+    /// A signed Discover to the beacon.
+    Discover { beacon: SocketAddr, unix_ms: u64 },
+    /// The next packet queued for `node` while its session was being set up.
+    Flush(u32),
+}
+
+/// Least time between two wakes [`Tunnels::poll_timeout`] asks for, so a peer whose due work
+/// cannot be done now (no node ID yet) never makes the caller spin.
+const MIN_WAKE: Duration = Duration::from_millis(1);
 
 /// Settings of the tunnel layer.
 #[derive(Debug, Clone)]
@@ -218,8 +268,9 @@ pub struct TunnelConfig {
     pub beacon: Option<SocketAddr>,
 }
 
-/// The peer table of one node.
-pub struct Tunnels {
+/// The peer table of one node; `R` supplies the randomness (X25519 keys, session prefixes).
+pub struct Tunnels<R> {
+    rng: R,
     me: u32,
     identity: SigningKey,
     secret: StaticSecret,
@@ -230,7 +281,9 @@ pub struct Tunnels {
     pending_pila: HashMap<u32, (SocketAddr, bool, AuthKeyExchangeRepr)>,
     /// When a cached key was last looked up again after a PILA failed against it.
     refetched: HashMap<u32, Instant>,
-    out: VecDeque<Transmit>,
+    out: VecDeque<Pending>,
+    /// No peer needs [`Tunnels::handle_timeout`] before this.
+    next_timeout: Option<Instant>,
     /// Peers whose endpoint should be looked up again.
     resolve: VecDeque<u32>,
     drops: HashMap<Drop, u64>,
@@ -238,7 +291,7 @@ pub struct Tunnels {
     pila: Vec<u8>,
 }
 
-impl std::fmt::Debug for Tunnels {
+impl<R> std::fmt::Debug for Tunnels<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnels")
             .field("me", &self.me)
@@ -247,12 +300,14 @@ impl std::fmt::Debug for Tunnels {
     }
 }
 
-impl Tunnels {
-    /// A peer table for node `me` (0 until registered) with a fresh X25519 key.
-    pub fn new(me: u32, identity: SigningKey, config: TunnelConfig) -> Self {
-        let secret = StaticSecret::random_from_rng(OsRng);
+impl<R: RngCore + CryptoRng> Tunnels<R> {
+    /// A peer table for node `me` (0 until registered) with a fresh X25519 key drawn from
+    /// `rng`, which also supplies every later key and session.
+    pub fn new(me: u32, identity: SigningKey, config: TunnelConfig, mut rng: R) -> Self {
+        let secret = StaticSecret::random_from_rng(&mut rng);
         let public = PublicKey::from(&secret).to_bytes();
         Tunnels {
+            rng,
             me,
             identity,
             secret,
@@ -263,6 +318,7 @@ impl Tunnels {
             pending_pila: HashMap::new(),
             refetched: HashMap::new(),
             out: VecDeque::new(),
+            next_timeout: None,
             resolve: VecDeque::new(),
             drops: HashMap::new(),
             pila: Vec::new(),
@@ -294,6 +350,7 @@ impl Tunnels {
             self.me = me;
             self.rebuild_pila();
             self.peers.values_mut().for_each(Peer::forget_session);
+            self.reschedule_all();
         }
     }
 
@@ -302,13 +359,22 @@ impl Tunnels {
     /// reach, so nothing after the rotation is authenticated by the old key.
     pub fn set_identity(&mut self, now: Instant, identity: SigningKey) {
         self.identity = identity;
-        self.secret = StaticSecret::random_from_rng(OsRng);
+        self.secret = StaticSecret::random_from_rng(&mut self.rng);
         self.public = PublicKey::from(&self.secret).to_bytes();
         self.rebuild_pila();
         self.peers.values_mut().for_each(Peer::forget_session);
         let nodes: Vec<u32> = self.peers.keys().copied().collect();
         for node in nodes {
             self.send_pila(now, node, true);
+        }
+        self.reschedule_all();
+    }
+
+    /// Queues a signed Discover for the beacon (v1 beacons read it as a plain one); nothing
+    /// without a beacon or a node ID.
+    pub fn discover(&mut self, unix_ms: u64) {
+        if let (Some(beacon), true) = (self.config.beacon, self.me != 0) {
+            self.out.push_back(Pending::Discover { beacon, unix_ms });
         }
     }
 
@@ -335,6 +401,7 @@ impl Tunnels {
         if let Some((src, relayed, pila)) = self.pending_pila.remove(&node) {
             let _ = self.accept_pila(now, src, relayed, &pila);
         }
+        self.schedule(node);
     }
 
     /// Whether a PILA from `node` that failed against its cached key may trigger a new
@@ -378,6 +445,7 @@ impl Tunnels {
         p.endpoint = Some(endpoint);
         self.punch_request(node);
         self.send_pila(now, node, true);
+        self.schedule(node);
     }
 
     /// Drops everything about `node` (trust revoked).
@@ -416,9 +484,97 @@ impl Tunnels {
         v
     }
 
-    /// The next control datagram to send.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_front()
+    /// Writes the next datagram waiting to go (a control datagram, or a packet that waited
+    /// for its peer's session, sealed) into `buf` and says where it is and where it goes.
+    /// `buf` must hold [`send_buffer_len`] of the largest packet; what does not fit is
+    /// dropped.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        while let Some(p) = self.out.pop_front() {
+            if let Some(t) = self.emit(now, p, buf) {
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// Whether a datagram waits for [`Tunnels::poll_transmit`].
+    pub fn has_transmit(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    fn emit(&mut self, now: Instant, p: Pending, buf: &mut [u8]) -> Option<Transmit> {
+        match p {
+            Pending::Pila { dst, relay_to } => {
+                let body = self.pila.len();
+                let offset = match relay_to {
+                    Some(dest) => {
+                        buf.get_mut(..RELAY_HEADER_LEN)?
+                            .copy_from_slice(&relay_header(self.me, dest));
+                        RELAY_HEADER_LEN
+                    }
+                    None => 0,
+                };
+                buf.get_mut(offset..offset + body)?
+                    .copy_from_slice(&self.pila);
+                Some(Transmit {
+                    dst,
+                    offset: 0,
+                    len: offset + body,
+                })
+            }
+            Pending::Punch(dst) => {
+                buf.get_mut(..MAGIC_PUNCH.len())?
+                    .copy_from_slice(&MAGIC_PUNCH);
+                Some(Transmit {
+                    dst,
+                    offset: 0,
+                    len: MAGIC_PUNCH.len(),
+                })
+            }
+            Pending::PunchRequest { beacon, target } => {
+                let m = BeaconMessage::PunchRequest {
+                    requester: self.me,
+                    target,
+                };
+                let len = m.emit(buf).ok()?;
+                Some(Transmit {
+                    dst: beacon,
+                    offset: 0,
+                    len,
+                })
+            }
+            Pending::Discover { beacon, unix_ms } => {
+                let msg = self.signed_discover(unix_ms);
+                buf.get_mut(..msg.len())?.copy_from_slice(&msg);
+                Some(Transmit {
+                    dst: beacon,
+                    offset: 0,
+                    len: msg.len(),
+                })
+            }
+            Pending::Flush(node) => {
+                let p = self.peers.get_mut(&node)?;
+                // Without a session (it went again) the packets wait for the next one.
+                p.session.as_ref()?;
+                let packet = p.queue.pop_front()?;
+                if !p.queue.is_empty() {
+                    self.out.push_front(Pending::Flush(node));
+                }
+                let len = packet.len();
+                if buf.len() < HEADROOM + len + TAILROOM {
+                    return None;
+                }
+                buf[HEADROOM..HEADROOM + len].copy_from_slice(&packet);
+                match self.seal(now, node, buf, len) {
+                    Sent::Now { dst, range } => Some(Transmit {
+                        dst,
+                        offset: range.0,
+                        len: range.1 - range.0,
+                    }),
+                    _ => None,
+                }
+            }
+        }
     }
 
     fn drop(&mut self, why: Drop) -> Received {
@@ -474,10 +630,7 @@ impl Tunnels {
                     Ok(BeaconMessage::DiscoverReply { endpoint }) => Received::Discovered(endpoint),
                     Ok(BeaconMessage::PunchCommand { endpoint }) => {
                         for _ in 0..3 {
-                            self.out.push_back(Transmit {
-                                dst: endpoint,
-                                bytes: MAGIC_PUNCH.to_vec(),
-                            });
+                            self.out.push_back(Pending::Punch(endpoint));
                         }
                         Received::Handled
                     }
@@ -503,6 +656,7 @@ impl Tunnels {
                         self.peer(now, node).endpoint = Some(src);
                     }
                     self.send_pila(now, node, false);
+                    self.schedule(node);
                 }
                 self.drop(Drop::AnonymousKeyExchange)
             }
@@ -590,6 +744,7 @@ impl Tunnels {
                     peer.path = Path::Relay;
                     peer.stats.path_changes += 1;
                 }
+                self.schedule(node);
                 Received::Packet { peer: node, range }
             }
         }
@@ -608,6 +763,7 @@ impl Tunnels {
             p.endpoint = Some(src);
         }
         self.send_pila(now, node, false);
+        self.schedule(node);
     }
 
     fn accept_pila(
@@ -625,7 +781,7 @@ impl Tunnels {
             .get(&pila.node)
             .is_none_or(|p| p.peer_x25519 != Some(pila.x25519_public) || p.session.is_none());
         if new_key {
-            let session = Session::new(me, &self.secret, &pila.x25519_public, &mut OsRng)
+            let session = Session::new(me, &self.secret, &pila.x25519_public, &mut self.rng)
                 .map_err(|_| Drop::InvalidKeyExchange)?;
             let p = self.peer(now, pila.node);
             p.session = Some(session);
@@ -665,12 +821,9 @@ impl Tunnels {
         // Never forced: two peers answering each other's PILA unconditionally would ping-pong
         // (and verify a signature per packet) forever.
         self.send_pila_via(now, pila.node, false, Some(src).filter(|_| !relayed));
-        self.flush_queue(now, pila.node);
+        self.flush_queue(pila.node);
+        self.schedule(pila.node);
         Ok(())
-    }
-
-    fn pila_bytes(&self) -> Vec<u8> {
-        self.pila.clone()
     }
 
     /// Sends our PILA to `node` over its path, at most once per [`PILA_INTERVAL`] unless
@@ -683,7 +836,6 @@ impl Tunnels {
         if self.me == 0 {
             return;
         }
-        let bytes = self.pila_bytes();
         let Some(p) = self.peers.get_mut(&node) else {
             return;
         };
@@ -702,28 +854,21 @@ impl Tunnels {
             _ => None,
         };
         match dst {
-            Some((dst, false)) => self.out.push_back(Transmit { dst, bytes }),
-            Some((dst, true)) => {
-                let mut v = Vec::with_capacity(RELAY_HEADER_LEN + bytes.len());
-                v.extend_from_slice(&relay_header(self.me, node));
-                v.extend_from_slice(&bytes);
-                self.out.push_back(Transmit { dst, bytes: v });
-            }
+            Some((dst, false)) => self.out.push_back(Pending::Pila {
+                dst,
+                relay_to: None,
+            }),
+            Some((dst, true)) => self.out.push_back(Pending::Pila {
+                dst,
+                relay_to: Some(node),
+            }),
             None => {}
         }
     }
 
     fn punch_request(&mut self, target: u32) {
-        if let (Some(b), true) = (self.config.beacon, self.me != 0) {
-            let mut bytes = vec![0u8; 9];
-            let m = BeaconMessage::PunchRequest {
-                requester: self.me,
-                target,
-            };
-            if let Ok(n) = m.emit(&mut bytes) {
-                bytes.truncate(n);
-                self.out.push_back(Transmit { dst: b, bytes });
-            }
+        if let (Some(beacon), true) = (self.config.beacon, self.me != 0) {
+            self.out.push_back(Pending::PunchRequest { beacon, target });
         }
     }
 
@@ -736,7 +881,11 @@ impl Tunnels {
         p.last_tx = now;
         if p.unanswered_since.is_none() {
             p.unanswered_since = Some(now);
+            // The direct-path timeout starts now.
+            let d = peer_deadline(p, beacon.is_some(), me != 0);
+            self.lower_timeout(d);
         }
+        let p = self.peer(now, node);
         let Some(session) = p.session.as_mut() else {
             if p.queue.len() >= QUEUE_PER_PEER {
                 p.queue.pop_front();
@@ -778,22 +927,43 @@ impl Tunnels {
         }
     }
 
-    /// Sends queued packets of `node` now that its session is ready.
-    fn flush_queue(&mut self, now: Instant, node: u32) {
-        let Some(p) = self.peers.get_mut(&node) else {
-            return;
-        };
-        let queued: Vec<Vec<u8>> = p.queue.drain(..).collect();
-        for packet in queued {
-            let mut buf = vec![0u8; HEADROOM + packet.len() + TAILROOM];
-            buf[HEADROOM..HEADROOM + packet.len()].copy_from_slice(&packet);
-            if let Sent::Now { dst, range } = self.seal(now, node, &mut buf, packet.len()) {
-                self.out.push_back(Transmit {
-                    dst,
-                    bytes: buf[range.0..range.1].to_vec(),
-                });
-            }
+    /// Sends queued packets of `node` (from [`Tunnels::poll_transmit`]) now that its session
+    /// is ready.
+    fn flush_queue(&mut self, node: u32) {
+        let queued = self.peers.get(&node).is_some_and(|p| !p.queue.is_empty());
+        if queued && !self.out.contains(&Pending::Flush(node)) {
+            self.out.push_back(Pending::Flush(node));
         }
+    }
+
+    /// Lowers the deadline to `d`.
+    fn lower_timeout(&mut self, d: Instant) {
+        if self.next_timeout.is_none_or(|t| d < t) {
+            self.next_timeout = Some(d);
+        }
+    }
+
+    /// Keeps the deadline no later than when `node` next needs the timer.
+    fn schedule(&mut self, node: u32) {
+        let (beacon, me) = (self.config.beacon.is_some(), self.me != 0);
+        if let Some(d) = self.peers.get(&node).map(|p| peer_deadline(p, beacon, me)) {
+            self.lower_timeout(d);
+        }
+    }
+
+    /// Recomputes the deadline from every peer.
+    fn reschedule_all(&mut self) {
+        let (beacon, me) = (self.config.beacon.is_some(), self.me != 0);
+        self.next_timeout = self
+            .peers
+            .values()
+            .map(|p| peer_deadline(p, beacon, me))
+            .min();
+    }
+
+    /// When [`Tunnels::handle_timeout`] next has work: the earliest deadline of any peer.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_timeout
     }
 
     /// Runs timers: moves silent direct peers to the relay, probes relayed peers for a direct
@@ -853,11 +1023,18 @@ impl Tunnels {
             self.punch_request(node);
             let me = self.me;
             if let Some(ep) = ep {
-                let bytes = self.pila_bytes();
                 if me != 0 {
-                    self.out.push_back(Transmit { dst: ep, bytes });
+                    self.out.push_back(Pending::Pila {
+                        dst: ep,
+                        relay_to: None,
+                    });
                 }
             }
+        }
+        self.reschedule_all();
+        // Work that could not be done now (no node ID yet) waits a moment, never spins.
+        if let Some(t) = self.next_timeout {
+            self.next_timeout = Some(t.max(now + MIN_WAKE));
         }
     }
 
@@ -866,11 +1043,46 @@ impl Tunnels {
     pub fn poll_resolve(&mut self) -> Option<u32> {
         self.resolve.pop_front()
     }
+}
 
-    /// When [`Tunnels::handle_timeout`] next has work.
-    pub fn next_timeout(&self) -> Duration {
-        Duration::from_millis(500)
+/// The earliest time [`Tunnels::handle_timeout`] acts on `p`: mirrors its conditions. A
+/// condition already met is due at `p.last_tx` (in the past). `beacon`: a beacon is
+/// configured; `me`: we have a node ID (without one no PILA can be sent).
+fn peer_deadline(p: &Peer, beacon: bool, me: bool) -> Instant {
+    let last = p.last_rx.unwrap_or(p.last_tx).max(p.last_tx);
+    let mut due = last + PEER_IDLE;
+    match p.path {
+        Path::Direct => {
+            if let Some(u) = p.unanswered_since {
+                // Stuck since `u` and nothing direct heard for DIRECT_TIMEOUT.
+                let mut stuck = u + DIRECT_TIMEOUT;
+                if let Some(r) = p.last_direct_rx {
+                    stuck = stuck.max(r + DIRECT_TIMEOUT);
+                }
+                if beacon {
+                    due = due.min(stuck);
+                }
+                if p.endpoint.is_some() {
+                    let resolve = p
+                        .last_resolve
+                        .map_or(stuck, |t| stuck.max(t + RERESOLVE_INTERVAL));
+                    due = due.min(resolve);
+                }
+            }
+        }
+        Path::Relay => {
+            if p.endpoint.is_some() && p.session.is_some() {
+                due = due.min(
+                    p.last_probe
+                        .map_or(p.last_tx, |t| t + DIRECT_PROBE_INTERVAL),
+                );
+            }
+            if p.session.is_none() && me {
+                due = due.min(p.last_pila.map_or(p.last_tx, |t| t + PILA_INTERVAL));
+            }
+        }
     }
+    due
 }
 
 /// The 9-byte header that wraps a frame for the beacon's relay.
@@ -894,13 +1106,52 @@ pub const MIN_PILS: usize = ENCRYPTED_OVERHEAD + HEADER_LEN;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use tunnel::wire::header::{Flags, PacketRepr, Protocol};
-    use tunnel::{Addr, SocketAddr as PilotAddr};
+    use crate::wire::header::{Flags, PacketRepr, Protocol};
+    use crate::{Addr, SocketAddr as PilotAddr};
+
+    use crate::node::tests::SeededRng;
+
+    /// A datagram a test node sent.
+    #[derive(Clone)]
+    struct Out {
+        dst: SocketAddr,
+        bytes: Vec<u8>,
+    }
 
     struct Node {
-        t: Tunnels,
+        t: Tunnels<SeededRng>,
         addr: SocketAddr,
+        /// Datagrams sealed by `send`, ahead of what the table has queued since.
+        sent: VecDeque<Out>,
     }
+
+    impl Node {
+        /// Moves what the table has queued behind what `send` sealed.
+        fn drain_table(&mut self, now: Instant) {
+            let mut buf = vec![0u8; send_buffer_len(65_535)];
+            while let Some(t) = self.t.poll_transmit(now, &mut buf) {
+                self.sent.push_back(Out {
+                    dst: t.dst,
+                    bytes: buf[t.range()].to_vec(),
+                });
+            }
+        }
+
+        /// The next datagram the node sends.
+        fn poll(&mut self, now: Instant) -> Option<Out> {
+            if let Some(o) = self.sent.pop_front() {
+                return Some(o);
+            }
+            let mut buf = vec![0u8; send_buffer_len(65_535)];
+            let t = self.t.poll_transmit(now, &mut buf)?;
+            Some(Out {
+                dst: t.dst,
+                bytes: buf[t.range()].to_vec(),
+            })
+        }
+    }
+
+    static NODES_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
     fn node(id: u32, seed: u8, port: u16, beacon: Option<SocketAddr>) -> Node {
         Node {
@@ -911,8 +1162,11 @@ mod tests {
                     refuse_plaintext: true,
                     beacon,
                 },
+                // Each node made is a new process: a new X25519 key, even for the same identity.
+                SeededRng(NODES_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             ),
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            sent: VecDeque::new(),
         }
     }
 
@@ -945,7 +1199,7 @@ mod tests {
     /// Delivers every control datagram `from` has queued to `to`, returning packets.
     fn pump(now: Instant, from: &mut Node, to: &mut Node) -> usize {
         let mut n = 0;
-        while let Some(tx) = from.t.poll_transmit() {
+        while let Some(tx) = from.poll(now) {
             if tx.dst != to.addr {
                 continue;
             }
@@ -961,8 +1215,10 @@ mod tests {
         let mut buf = packet(from.t.me, to_id, payload);
         let len = HEADER_LEN + payload.len();
         let r = from.t.seal(now, to_id, &mut buf, len);
+        // What the table queued goes first, as it was queued before this packet.
+        from.drain_table(now);
         if let Sent::Now { dst, range } = r {
-            from.t.out.push_back(Transmit {
+            from.sent.push_back(Out {
                 dst,
                 bytes: buf[range.0..range.1].to_vec(),
             });
@@ -973,7 +1229,7 @@ mod tests {
     /// Counts the PILA frames `from` has queued for `to` and delivers them all.
     fn pump_pilas(now: Instant, from: &mut Node, to: &mut Node) -> usize {
         let mut pilas = 0;
-        while let Some(tx) = from.t.poll_transmit() {
+        while let Some(tx) = from.poll(now) {
             if tx.dst != to.addr {
                 continue;
             }
@@ -1024,7 +1280,7 @@ mod tests {
     /// One PILA from `from` to `to`, returning what `to` made of it.
     fn deliver_pila(now: Instant, from: &mut Node, to: &mut Node) -> Option<Received> {
         let mut last = None;
-        while let Some(tx) = from.t.poll_transmit() {
+        while let Some(tx) = from.poll(now) {
             if tx.dst == to.addr && matches!(Frame::parse(&tx.bytes), Ok(Frame::AuthKeyExchange(_)))
             {
                 let mut b = tx.bytes.clone();
@@ -1188,7 +1444,8 @@ mod tests {
         let (mut a, mut b) = pair();
         let now = Instant::now();
         a.t.set_endpoint(now, 2, b.addr);
-        let pila = a.t.out.front().cloned().unwrap();
+        let pila = a.poll(now).unwrap();
+        a.sent.push_front(pila.clone());
         pump(now, &mut a, &mut b);
         pump(now, &mut b, &mut a);
         pump(now, &mut a, &mut b);
@@ -1216,7 +1473,7 @@ mod tests {
         b.t.set_endpoint(t0, 1, a.addr);
         // The direct path is down: everything direct is lost, relays get through.
         let relay = |from: &mut Node, to: &mut Node, now: Instant| {
-            while let Some(tx) = from.t.poll_transmit() {
+            while let Some(tx) = from.poll(now) {
                 if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
                     let mut d = bw::relay_deliver_header(from.t.me).to_vec();
                     d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
@@ -1259,12 +1516,12 @@ mod tests {
         b.t.set_key(t0, 1, a.t.identity.verifying_key());
         a.t.set_endpoint(t0, 2, b.addr);
         send(t0, &mut a, 2, b"hi");
-        while a.t.poll_transmit().is_some() {} // direct traffic is lost
+        while a.poll(t0).is_some() {} // direct traffic is lost
         let t1 = t0 + DIRECT_TIMEOUT;
         a.t.handle_timeout(t1);
         assert_eq!(a.t.path(2), Some(Path::Relay));
         // The PILA now goes to the beacon behind a Relay header; the beacon rewrites it.
-        let tx = a.t.poll_transmit().unwrap();
+        let tx = a.poll(t1).unwrap();
         assert_eq!(tx.dst, beacon);
         assert_eq!(tx.bytes[0], bw::kind::RELAY);
         let mut delivered = bw::relay_deliver_header(1).to_vec();
@@ -1272,7 +1529,7 @@ mod tests {
         let _ = b.t.handle(t1, beacon, &mut delivered);
         assert_eq!(b.t.path(1), Some(Path::Relay));
         // A direct PILS later moves both back.
-        let answer = b.t.poll_transmit().unwrap();
+        let answer = b.poll(t1).unwrap();
         assert_eq!(answer.dst, beacon);
         let mut d2 = bw::relay_deliver_header(2).to_vec();
         d2.extend_from_slice(&answer.bytes[RELAY_HEADER_LEN..]);

@@ -30,9 +30,10 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::events::Events;
 use crate::registry_link::{LinkCmd, LinkEvent};
-use crate::synlimit::SynLimiter;
-use crate::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
 use crate::udp;
+use rand_core::OsRng;
+use tunnel::node::synlimit::SynLimiter;
+use tunnel::node::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
 
 /// A connection's ID as applications see it (v1 IPC `conn_id`).
 pub type ConnId = u32;
@@ -365,7 +366,7 @@ const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The running engine.
 pub struct Engine {
     socket: UdpSocket,
-    tunnels: Tunnels,
+    tunnels: Tunnels<OsRng>,
     endpoint: Endpoint,
     config: EngineConfig,
     cmds: mpsc::Receiver<Cmd>,
@@ -406,7 +407,7 @@ impl Engine {
     /// An engine on `socket`. Returns it and the handle applications use.
     pub fn new(
         socket: UdpSocket,
-        tunnels: Tunnels,
+        tunnels: Tunnels<OsRng>,
         config: EngineConfig,
         link: mpsc::Sender<LinkCmd>,
         link_events: mpsc::Receiver<LinkEvent>,
@@ -470,7 +471,6 @@ impl Engine {
             tracing::debug!("UDP receive offload on");
         }
         let mut shutdown_deadline: Option<Instant> = None;
-        let mut tick = Instant::now();
         loop {
             let now = Instant::now();
             if let Some(d) = shutdown_deadline {
@@ -482,8 +482,10 @@ impl Engine {
             let mut deadline = self
                 .endpoint
                 .poll_timeout()
-                .unwrap_or(now + Duration::from_secs(1))
-                .min(tick);
+                .unwrap_or(now + Duration::from_secs(1));
+            if let Some(t) = self.tunnels.poll_timeout() {
+                deadline = deadline.min(t);
+            }
             if !self.blocked.is_empty() {
                 deadline = deadline.min(now + Duration::from_millis(2));
             }
@@ -530,14 +532,13 @@ impl Engine {
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     let now = Instant::now();
                     self.endpoint.handle_timeout(now);
-                    if now >= tick {
+                    if self.tunnels.poll_timeout().is_some_and(|t| now >= t) {
                         self.tunnels.handle_timeout(now);
                         while let Some(node) = self.tunnels.poll_resolve() {
                             if self.resolving.insert(node) {
                                 let _ = self.link.try_send(LinkCmd::Resolve(node));
                             }
                         }
-                        tick = now + self.tunnels.next_timeout();
                     }
                     let ids: Vec<ConnId> = self.conns.keys().copied().collect();
                     for id in ids {
@@ -1159,20 +1160,14 @@ impl Engine {
         }
     }
 
-    /// Tells the beacon where we are, from the tunnel socket itself.
+    /// Tells the beacon where we are, from the tunnel socket itself (sent with the next
+    /// flush).
     fn discover(&mut self) {
-        let (Some(beacon), node) = (self.tunnels.beacon(), self.tunnels.node()) else {
-            return;
-        };
-        if node == 0 {
-            return;
-        }
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let msg = self.tunnels.signed_discover(unix_ms);
-        let _ = self.socket.try_send_to(&msg, beacon);
+        self.tunnels.discover(unix_ms);
     }
 
     /// Sends everything the connection table and the tunnel layer have queued.
@@ -1199,8 +1194,11 @@ impl Engine {
             let f = self.batch.flush(&self.socket).await;
             self.count_flushed(f);
         }
-        while let Some(tx) = self.tunnels.poll_transmit() {
-            match self.socket.send_to(&tx.bytes, tx.dst).await {
+        while let Some(tx) = self.tunnels.poll_transmit(now, &mut self.sendbuf) {
+            let Some(bytes) = self.sendbuf.get(tx.range()) else {
+                continue;
+            };
+            match self.socket.send_to(bytes, tx.dst).await {
                 Ok(k) => {
                     self.counters.pkts_sent += 1;
                     self.counters.bytes_sent += k as u64;
@@ -1291,7 +1289,7 @@ impl Engine {
                 "endpoint": p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 "encrypted": p.encrypted,
                 "authenticated": p.authenticated,
-                "relay": p.path == crate::tunnels::Path::Relay,
+                "relay": p.path == tunnel::node::tunnels::Path::Relay,
             })).collect::<Vec<_>>(),
             "conn_list": conn_list,
             "drops": self.tunnels.drops().iter().map(|(d, n)| json!({"reason": d, "count": n})).collect::<Vec<_>>(),
