@@ -17,7 +17,7 @@ use rand_core::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
 use tunnel::node::tunnels::TunnelConfig;
 use tunnel::node::{
-    CloseReason, ConnId, Event, ListenMode, Node, NodeConfig, TrustGate, WriteError,
+    CloseReason, ConnId, Event, IncomingId, ListenMode, Node, NodeConfig, TrustGate, WriteError,
     TRANSMIT_BUFFER,
 };
 use tunnel::stream::EndpointConfig;
@@ -96,6 +96,10 @@ pub struct SimNode {
     pub sinks: HashMap<ConnId, Received>,
     /// Datagrams received: (source, port, payload).
     pub datagrams: Vec<(PilotAddr, u16, Vec<u8>)>,
+    /// Attempts the fallback listener reported, undecided: (id, port, remote).
+    pub incoming: Vec<(IncomingId, u16, PilotAddr)>,
+    /// Connections whose handshake completed (dialed or accepted from the fallback).
+    pub connected: HashSet<ConnId>,
     /// Timer wakes handled.
     pub wakes: u64,
     senders: HashMap<ConnId, Sender>,
@@ -227,6 +231,8 @@ impl NodeNet {
             closed: HashMap::new(),
             sinks: HashMap::new(),
             datagrams: Vec::new(),
+            incoming: Vec::new(),
+            connected: HashSet::new(),
             wakes: 0,
             senders: HashMap::new(),
             up: true,
@@ -256,6 +262,21 @@ impl NodeNet {
             .node
             .listen(port, ListenMode::Accept)
             .expect("a fresh port");
+    }
+
+    /// Node `i` accepts the fallback attempt `id` and hashes what the connection receives.
+    pub fn accept_incoming(&mut self, i: usize, id: IncomingId) -> ConnId {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        n.incoming.retain(|x| x.0 != id);
+        let conn = n.node.accept_incoming(now, id).expect("a pending attempt");
+        n.sinks.insert(conn, Received::default());
+        conn
+    }
+
+    /// Bytes node `from` has handed to its node on `conn` so far.
+    pub fn sent(&self, from: usize, conn: ConnId) -> usize {
+        self.nodes[from].senders.get(&conn).map_or(0, |s| s.sent)
     }
 
     /// Node `from` dials `to:port` and sends `data`, then finishes.
@@ -411,8 +432,13 @@ impl NodeNet {
                     read_all(&mut self.nodes[i], conn);
                 }
                 Event::Readable(conn) => read_all(&mut self.nodes[i], conn),
-                Event::Connected(conn) | Event::Writable(conn) => {
+                Event::Connected(conn) => {
+                    self.nodes[i].connected.insert(conn);
                     write_all(&mut self.nodes[i], now, conn)
+                }
+                Event::Writable(conn) => write_all(&mut self.nodes[i], now, conn),
+                Event::Incoming { id, port, remote } => {
+                    self.nodes[i].incoming.push((id, port, remote))
                 }
                 Event::Closed { conn, reason } => {
                     read_all(&mut self.nodes[i], conn);

@@ -1,7 +1,8 @@
 //! The node core ([`tunnel::node::Node`]) in the deterministic simulator with real crypto:
 //! key exchanges through a fake registry, streams with and without loss checked by SHA-256,
-//! a peer restart that re-keys, the trust gate, own-address delivery, a relayed path, and
-//! idle connections that cost nothing per timer wake.
+//! a peer restart that re-keys, the trust gate, own-address delivery, a relayed path, the
+//! fallback listener (SYN-ACK only once the owner accepts; refusal answers RST), and idle
+//! connections that cost nothing per timer wake.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::HashSet;
@@ -109,6 +110,85 @@ fn the_trust_gate_refuses_an_untrusted_syn_with_rst() {
     let want = sha256(&data);
     net.send(c, b, 80, data);
     assert!(net.run_until(Duration::from_secs(30), |n| digests(n, b).contains(&want)));
+}
+
+#[test]
+fn the_fallback_listener_answers_only_once_its_owner_accepts() {
+    let mut net = NodeNet::new(11, 10 * MS, 0.05);
+    let a = net.add_node(1);
+    let b = net.add_node(2);
+    net.nodes[b].node.listen_fallback().unwrap();
+    assert!(net.nodes[b].node.listen_fallback().is_err(), "one fallback");
+    let data = payload(21, 400_000);
+    let want = sha256(&data);
+    let conn = net.send(a, b, 8080, data);
+    // The attempt is reported once (retransmitted SYNs add nothing) and left unanswered.
+    assert!(net.run_until(Duration::from_secs(5), |n| {
+        !n.nodes[b].incoming.is_empty()
+    }));
+    net.run_until(Duration::from_secs(3), |_| false);
+    assert_eq!(net.nodes[b].incoming.len(), 1);
+    let (id, port, remote) = net.nodes[b].incoming[0];
+    assert_eq!(port, 8080);
+    assert_eq!(remote.addr, net.addr(a));
+    assert!(
+        !net.nodes[a].connected.contains(&conn),
+        "no SYN-ACK before the owner accepts"
+    );
+    assert_eq!(net.sent(a, conn), 0);
+    // A port with an ordinary listener (bound after the fallback) is not the fallback's.
+    transfer(&mut net, a, b, 80, 22, 10_000);
+    assert_eq!(net.nodes[b].incoming.len(), 1);
+    // Accepted: the handshake completes and the stream arrives intact through 5 % loss.
+    let accepted = net.accept_incoming(b, id);
+    assert!(net.run_until(Duration::from_secs(120), |n| {
+        n.nodes[b].sinks.get(&accepted).and_then(|r| r.digest) == Some(want)
+    }));
+    assert!(net.nodes[a].connected.contains(&conn));
+    assert!(net.nodes[b].connected.contains(&accepted));
+}
+
+#[test]
+fn a_refused_fallback_attempt_gets_an_rst() {
+    let mut net = NodeNet::new(12, 10 * MS, 0.0);
+    let a = net.add_node(1);
+    let b = net.add_node(2);
+    net.nodes[b].node.listen_fallback().unwrap();
+    let conn = net.send(a, b, 22, b"ssh?".to_vec());
+    assert!(net.run_until(Duration::from_secs(5), |n| {
+        !n.nodes[b].incoming.is_empty()
+    }));
+    let (id, ..) = net.nodes[b].incoming[0];
+    net.nodes[b].node.refuse_incoming(id).unwrap();
+    assert!(
+        net.nodes[b].node.refuse_incoming(id).is_err(),
+        "decided once"
+    );
+    assert!(net.run_until(Duration::from_secs(1), |n| {
+        n.nodes[a].closed.contains_key(&conn)
+    }));
+    assert_eq!(net.nodes[a].closed[&conn], CloseReason::Refused);
+    assert!(!net.nodes[a].connected.contains(&conn));
+}
+
+#[test]
+fn an_undecided_fallback_attempt_is_refused_after_the_deadline() {
+    let mut net = NodeNet::new(13, 10 * MS, 0.0);
+    let a = net.add_node(1);
+    let b = net.add_node(2);
+    net.nodes[b].node.listen_fallback().unwrap();
+    let conn = net.send(a, b, 9000, b"anyone?".to_vec());
+    let start = net.now;
+    assert!(net.run_until(Duration::from_secs(60), |n| {
+        n.nodes[a].closed.contains_key(&conn)
+    }));
+    assert_eq!(net.nodes[a].closed[&conn], CloseReason::Refused);
+    let waited = net.now - start;
+    assert!(
+        waited >= tunnel::stream::DEFERRED_TIMEOUT,
+        "refused after {waited:?}"
+    );
+    assert_eq!(net.nodes[b].incoming.len(), 1, "reported once");
 }
 
 #[test]

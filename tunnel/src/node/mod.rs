@@ -51,13 +51,14 @@ use rand_core::{CryptoRng, RngCore};
 
 use crate::addr::{Addr, SocketAddr as PilotAddr};
 use crate::stream::{
-    ConnError, ConnHandle, ConnectError, Endpoint, EndpointConfig, Event as ConnEvent, Incoming,
-    State, Stats as ConnStats,
+    ConnError, ConnHandle, ConnectError, DropReason, Endpoint, EndpointConfig, Event as ConnEvent,
+    Incoming, State, Stats as ConnStats,
 };
 use crate::wire::header::{Flags, Packet, Protocol, HEADER_LEN};
 use synlimit::SynLimiter;
 use tunnels::{Drop, PeerView, Received, Sent, TunnelConfig, Tunnels, HEADROOM, TAILROOM};
 
+pub use crate::stream::{DeferredError as IncomingError, DeferredId as IncomingId};
 pub use tunnels::Transmit;
 
 /// Largest Pilot packet (header and payload) the node builds or accepts.
@@ -93,9 +94,8 @@ pub trait TrustGate: std::fmt::Debug + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ListenMode {
     /// The connection table answers each SYN at once; established connections are reported
-    /// as [`Event::Accepted`]. (A deferred mode, where the owner accepts or refuses each SYN
-    /// before the SYN-ACK, belongs here and forwards to the connection table's fallback
-    /// listener.)
+    /// as [`Event::Accepted`]. (Ports no one listens on can go to the fallback listener,
+    /// [`Node::listen_fallback`], which defers each SYN to its owner.)
     #[default]
     Accept,
 }
@@ -166,6 +166,18 @@ pub enum Event {
         /// Why.
         reason: CloseReason,
     },
+    /// A connection attempt to a port no listener holds, taken by the fallback listener
+    /// ([`Node::listen_fallback`]). Nothing was answered yet: [`Node::accept_incoming`] sends
+    /// the SYN-ACK, [`Node::refuse_incoming`] an RST; undecided, it is refused with an RST after
+    /// [`crate::stream::DEFERRED_TIMEOUT`].
+    Incoming {
+        /// Names the attempt in the decision.
+        id: IncomingId,
+        /// The local port the SYN asked for.
+        port: u16,
+        /// The remote end.
+        remote: PilotAddr,
+    },
     /// A datagram to a listened port.
     Datagram {
         /// Sender.
@@ -206,6 +218,9 @@ pub enum ListenError {
     /// Another listener has the port.
     #[error("port {0} is already bound")]
     AlreadyBound(u16),
+    /// Another owner has the fallback listener.
+    #[error("the fallback listener is already taken")]
+    FallbackTaken,
 }
 
 /// Why [`Node::dial`] failed.
@@ -520,6 +535,41 @@ impl<R: RngCore + CryptoRng> Node<R> {
                 |crate::stream::ListenError::AlreadyBound(p)| ListenError::AlreadyBound(p),
             ),
         }
+    }
+
+    /// Takes SYNs to every port no listener holds (an ordinary listener always wins). Each is
+    /// reported as [`Event::Incoming`] and answered only when the owner decides; datagrams to
+    /// such ports are still dropped and counted. One fallback at a time.
+    pub fn listen_fallback(&mut self) -> Result<(), ListenError> {
+        self.endpoint
+            .enable_fallback()
+            .map_err(|_| ListenError::FallbackTaken)
+    }
+
+    /// Stops the fallback listener; attempts still undecided are refused with an RST.
+    pub fn unlisten_fallback(&mut self) {
+        self.endpoint.disable_fallback();
+    }
+
+    /// Accepts an attempt reported by [`Event::Incoming`]: its SYN-ACK goes out with the next
+    /// [`Node::poll_transmit`], and [`Event::Connected`] follows once the handshake completes.
+    /// The connection is the caller's from now on (it may write at once: the bytes wait for
+    /// the handshake).
+    pub fn accept_incoming(
+        &mut self,
+        now: Instant,
+        id: IncomingId,
+    ) -> Result<ConnId, IncomingError> {
+        let h = self.endpoint.accept_deferred(now, id)?;
+        let conn = self.insert_slot(h, true);
+        self.touch(h);
+        Ok(conn)
+    }
+
+    /// Refuses an attempt reported by [`Event::Incoming`]: the peer gets an RST, as from a
+    /// port no one listens on.
+    pub fn refuse_incoming(&mut self, id: IncomingId) -> Result<(), IncomingError> {
+        self.endpoint.refuse_deferred(id)
     }
 
     /// Stops listening on `port`; connections not yet reported are reset.
@@ -869,6 +919,15 @@ impl<R: RngCore + CryptoRng> Node<R> {
                     self.stats.datagrams_unlistened += 1;
                 }
             }
+            Incoming::Dropped(DropReason::Deferred) => {
+                while let Some(d) = self.endpoint.poll_deferred() {
+                    self.events.push_back(Event::Incoming {
+                        id: d.id,
+                        port: d.local_port,
+                        remote: d.remote,
+                    });
+                }
+            }
             Incoming::Control(..) | Incoming::Refused | Incoming::Dropped(_) => {}
         }
     }
@@ -880,23 +939,24 @@ impl<R: RngCore + CryptoRng> Node<R> {
             return false;
         };
         let f = p.flags();
+        let src = PilotAddr::new(p.src_addr(), p.src_port());
+        let port = p.dst_port();
+        // A SYN the fallback listener would take is a new attempt too, unless it repeats one
+        // still waiting for its owner's decision.
+        let taken = self.endpoint.is_listening(port)
+            || self.endpoint.has_fallback() && !self.endpoint.is_deferred(port, src);
         let new_attempt = p.protocol() == Protocol::Stream
             && f.contains(Flags::SYN)
             && !f.contains(Flags::ACK)
             && !f.contains(Flags::RST)
-            && self.endpoint.is_listening(p.dst_port())
-            && !self
-                .endpoint
-                .has_connection(p.dst_port(), PilotAddr::new(p.src_addr(), p.src_port()));
+            && taken
+            && !self.endpoint.has_connection(port, src);
         // The limiter is keyed on the tunnel-authenticated peer, not the header's source.
         if !new_attempt || self.syn_limit.allow(now, peer) {
             return false;
         }
         self.stats.syn_limited += 1;
-        self.events.push_back(Event::SynRateLimited {
-            peer,
-            src: PilotAddr::new(p.src_addr(), p.src_port()),
-        });
+        self.events.push_back(Event::SynRateLimited { peer, src });
         true
     }
 

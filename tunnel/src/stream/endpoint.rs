@@ -453,6 +453,13 @@ impl Endpoint {
     /// Runs the timers of every connection due at `now`, and refuses the deferred requests
     /// that waited [`DEFERRED_TIMEOUT`].
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.handle_timeout_each(now, |_| {});
+    }
+
+    /// Runs the timers due at `now`, like [`Endpoint::handle_timeout`] (undecided deferred
+    /// requests past their deadline are refused), and names each connection whose timer ran,
+    /// so the caller looks at those and no others.
+    pub fn handle_timeout_each(&mut self, now: Instant, mut ran: impl FnMut(ConnHandle)) {
         while let Some((&id, p)) = self.deferred.by_id.iter().next() {
             if p.expires > now {
                 break;
@@ -463,21 +470,6 @@ impl Endpoint {
             }
         }
         while self.poll_conn_timeout().is_some_and(|t| t <= now) {
-            let Some(Reverse((_, key))) = self.schedule.timers.pop() else {
-                break;
-            };
-            if let Some(e) = self.conns.get_mut(key) {
-                e.scheduled = None;
-                e.conn.handle_timeout(now);
-                self.schedule.touched(key, e);
-            }
-        }
-    }
-
-    /// Runs the timers of every connection due at `now`, like [`Endpoint::handle_timeout`],
-    /// and names each connection whose timer ran, so the caller looks at those and no others.
-    pub fn handle_timeout_each(&mut self, now: Instant, mut ran: impl FnMut(ConnHandle)) {
-        while self.poll_timeout().is_some_and(|t| t <= now) {
             let Some(Reverse((_, key))) = self.schedule.timers.pop() else {
                 break;
             };
