@@ -117,14 +117,16 @@ impl Apps {
                 per_conn,
                 reply,
             } => {
-                let r = if self.listeners.contains_key(&port) {
-                    Err(format!("port {port} is already bound"))
-                } else {
-                    node.listen(port, ListenMode::Accept)
+                let r = match self.listeners.entry(port) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        Err(format!("port {port} is already bound"))
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => node
+                        .listen(port, ListenMode::Accept)
                         .map(|()| {
-                            self.listeners.insert(port, Listener { events, per_conn });
+                            v.insert(Listener { events, per_conn });
                         })
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string()),
                 };
                 let _ = reply.send(r);
             }

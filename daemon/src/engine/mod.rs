@@ -445,7 +445,7 @@ impl Engine {
                 self.on_event(now, e);
             }
             any |= self.outside.transmit(now, &mut self.node).await;
-            if !any {
+            if !any && !self.node.has_events() {
                 break;
             }
         }
