@@ -401,14 +401,21 @@ impl Engine {
                 }
                 c = self.cmds.recv() => {
                     let now = Instant::now();
+                    // The one received, then up to CMD_BATCH - 1 more already waiting: every
+                    // command taken off the channel is handled here.
                     let mut next = c;
-                    for _ in 0..CMD_BATCH {
+                    let mut handled = 0;
+                    loop {
                         match next {
                             Some(Cmd::Shutdown) | None => {
                                 self.begin_shutdown(now);
                                 shutdown_deadline.get_or_insert(now + Duration::from_secs(3));
                             }
                             Some(c) => self.on_cmd(now, c),
+                        }
+                        handled += 1;
+                        if handled == CMD_BATCH {
+                            break;
                         }
                         match self.cmds.try_recv() {
                             Ok(c) => next = Some(c),
