@@ -21,7 +21,8 @@ use crate::stdio::Stdio;
 use crate::tasks::{TaskConfig, TaskService};
 use crate::trust::{TrustConfig, TrustError, TrustHandle, TrustService};
 use crate::webhook::{UrlError, Webhook, WebhookHandle, WebhookUrl};
-use tunnel::node::tunnels::{TunnelConfig, Tunnels};
+use tunnel::node::tunnels::TunnelConfig;
+use tunnel::node::{Node as NodeCore, NodeConfig};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -121,15 +122,10 @@ impl Daemon {
             None => None,
         };
         let identity = Arc::new(identity);
-        let tunnels = Tunnels::new(
-            0,
-            (*identity.key()).clone(),
-            TunnelConfig {
-                refuse_plaintext: !config.allow_plaintext,
-                beacon,
-            },
-            rand_core::OsRng,
-        );
+        let tunnels = TunnelConfig {
+            refuse_plaintext: !config.allow_plaintext,
+            beacon,
+        };
         let (link_tx, link_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
         let listen_port = config.endpoint.map_or(udp_addr.port(), |e| e.port());
@@ -148,16 +144,28 @@ impl Daemon {
             idle_timeout: config.idle_timeout,
             ..StreamConfig::default()
         };
+        let endpoint = EndpointConfig {
+            stream,
+            max_conns_per_port: config.max_conns_per_port,
+            max_conns: config.max_conns_total,
+            ..EndpointConfig::default()
+        };
+        let node = NodeCore::new(
+            0,
+            (*identity.key()).clone(),
+            NodeConfig {
+                endpoint,
+                tunnels,
+                syn_per_sec: config.syn_rate_limit,
+                syn_per_peer_per_sec: config.syn_rate_limit_per_peer,
+            },
+            rand_core::OsRng,
+        );
         let (engine, handle) = Engine::new(
             socket,
-            tunnels,
+            node,
             EngineConfig {
-                endpoint: EndpointConfig {
-                    stream,
-                    max_conns_per_port: config.max_conns_per_port,
-                    max_conns: config.max_conns_total,
-                    ..EndpointConfig::default()
-                },
+                endpoint,
                 beacon,
                 endpoint_override: config.endpoint,
                 offload: config.udp_offload,

@@ -107,3 +107,49 @@ async fn encrypted_echo_between_two_daemons() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Many small writes queue up in the engine's command channel faster than one wake handles
+/// them; every byte must still arrive, in order (a node dialing its own address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_small_writes_arrives_whole() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&reg, &dir.path().join("a"), false).await;
+    let na = a.registered(Duration::from_secs(10)).await.unwrap();
+
+    let (tx, mut rx) = mpsc::channel(256);
+    a.engine.listen(9, tx).await.unwrap();
+    let sink = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                AppEvent::Data { data, .. } => got.extend_from_slice(&data),
+                AppEvent::Closed { error, .. } => {
+                    assert!(error.is_none(), "{error:?}");
+                    break;
+                }
+                AppEvent::Accepted { .. } | AppEvent::Datagram { .. } => {}
+            }
+        }
+        got
+    });
+
+    let (etx, _erx) = mpsc::channel(256);
+    let (conn, credit) = a
+        .engine
+        .dial(PilotAddr::new(Addr::new(0, na), 9), etx)
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    for piece in data.chunks(500) {
+        a.engine.write(conn, &credit, piece).await.unwrap();
+    }
+    a.engine.send(Cmd::Close { conn }).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), sink)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), data.len(), "bytes received");
+    assert!(got == data, "received bytes differ");
+    a.shutdown().await;
+}

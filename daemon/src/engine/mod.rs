@@ -1,39 +1,45 @@
-//! The engine: one task owning the UDP socket's peer table ([`Tunnels`]) and the connection
-//! table ([`Endpoint`]). Applications (the IPC server, the driver, later the TUN front end)
-//! talk to it through an [`EngineHandle`]; the registry link runs beside it.
+//! The engine: the async adapter around the sans-IO node core ([`tunnel::node::Node`]). One
+//! task owns the node and moves bytes between it and three sides, each in its own module:
 //!
 //! ```text
-//!  UDP socket --recv--> Tunnels::handle --packet--> Endpoint::handle --> connection events
-//!      ^                                                                    |
-//!      +--send-- Tunnels::seal (in place) <-- Endpoint::poll_transmit <------+
-//!  EngineHandle --Cmd--> engine          engine --AppEvent--> the owner of each connection
-//!  registry link <--LinkCmd/LinkEvent--> engine (lookups never block the packet path)
+//!  UDP socket (outside.rs) --handle_outside--> Node --poll_transmit--> batches (GSO) --> UDP
+//!  applications (apps.rs)  --Cmd-->  Node commands;  Node events --AppEvent--> their owners
+//!  registry link (control.rs) <--LinkCmd / LinkEvent--> NeedKey / NeedEndpoint and answers
 //! ```
+//!
+//! Everything is driven by what happened: a wake handles the datagrams, commands, link events
+//! or timers that woke it, then drains the node's events (which name only the connections
+//! touched) and its transmissions. No wake looks at every connection, and a connection whose
+//! owner is not reading waits for its channel to have room (a waiter task per blocked
+//! connection), not for a polling timer.
 //!
 //! Flow control never lets one slow reader stall the others: data for a connection whose
 //! owner is not reading stays in that connection's receive buffer, whose window then closes;
 //! writes take credit from a per-connection semaphore that the engine refills as the send
-//! buffer drains.
+//! buffer takes the bytes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod apps;
+mod control;
+mod outside;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand_core::OsRng;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tunnel::stream::{
-    ConnHandle, Endpoint, EndpointConfig, Event, Incoming, ReadError, State, WriteError,
-};
+use tunnel::node::tunnels::Path;
+use tunnel::node::{Event, Node};
+use tunnel::stream::{EndpointConfig, State};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::events::Events;
 use crate::registry_link::{LinkCmd, LinkEvent};
-use crate::udp;
-use rand_core::OsRng;
-use tunnel::node::synlimit::SynLimiter;
-use tunnel::node::tunnels::{Received, Sent, Tunnels, HEADROOM, TAILROOM};
+
+pub use outside::bind_udp;
+pub use tunnel::node::TrustGate;
 
 /// A connection's ID as applications see it (v1 IPC `conn_id`).
 pub type ConnId = u32;
@@ -49,10 +55,6 @@ pub const READ_CHUNK: usize = 64 * 1024;
 pub const APP_QUEUE: usize = 256;
 /// Events queued per connection that has a channel of its own.
 pub const CONN_QUEUE: usize = 64;
-/// Datagrams read from the socket per wakeup.
-const RECV_BATCH: usize = 64;
-/// Largest UDP datagram handled.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// Something for the application that owns a port or connection.
 #[derive(Debug)]
@@ -166,36 +168,11 @@ pub enum Cmd {
     Shutdown,
 }
 
-/// A listened port.
-#[derive(Debug)]
-struct Listener {
-    events: mpsc::Sender<AppEvent>,
-    per_conn: bool,
-}
-
-/// Emits a connection's end as a webhook event.
-fn emit_closed(events: &Events, name: &'static str, conn: &tunnel::stream::Connection, id: ConnId) {
-    let (local, remote) = (conn.local(), conn.remote());
-    events.emit(
-        name,
-        json!({"remote_addr": remote.addr.to_string(), "remote_port": remote.port,
-               "local_port": local.port, "conn_id": id}),
-    );
-}
-
 /// How applications reach the engine. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Cmd>,
     node: watch::Receiver<u32>,
-}
-
-/// Decides whether a peer may open a connection to, or send a datagram to, a local port.
-/// Called on the packet path for every new inbound connection and every datagram: answer
-/// from memory.
-pub trait TrustGate: std::fmt::Debug + Send + Sync + 'static {
-    /// Whether `peer` may reach local `port`.
-    fn allows(&self, peer: u32, port: u16) -> bool;
 }
 
 /// The engine is gone.
@@ -325,133 +302,63 @@ pub struct EngineConfig {
     pub syn_per_peer_per_sec: u32,
 }
 
-struct Conn {
-    handle: ConnHandle,
-    events: mpsc::Sender<AppEvent>,
-    credit: Arc<Semaphore>,
-    pending: VecDeque<Vec<u8>>,
-    pending_off: usize,
-    dial: Option<DialReply>,
-    close_requested: bool,
-    finished: bool,
-    remote: PilotAddr,
-}
-
-/// Counters of the engine.
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    pkts_sent: u64,
-    pkts_recv: u64,
-    bytes_sent: u64,
-    bytes_recv: u64,
-    send_errors: u64,
-    untrusted: u64,
-    syn_limited: u64,
-    loopback_dropped: u64,
-    /// When the last dropped-datagram warning was logged, and drops since.
-    drop_log: Option<Instant>,
-    drops_unlogged: u64,
-}
-
-/// Packets to our own address waiting to be delivered; more are dropped (the transport
-/// retransmits).
-const MAX_LOOPBACK: usize = 4096;
-/// Delivery rounds of packets to our own address per flush, so that a local transfer never
-/// holds the engine from its other work.
-const LOOPBACK_ROUNDS: usize = 64;
-
-/// At most one dropped-datagram warning per this interval.
+/// At most one dropped-datagram (or SYN-limit) warning per this interval.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Commands handled per wake before the node's outputs are drained.
+const CMD_BATCH: usize = 64;
 
 /// The running engine.
 pub struct Engine {
-    socket: UdpSocket,
-    tunnels: Tunnels<OsRng>,
-    endpoint: Endpoint,
+    node: Node<OsRng>,
     config: EngineConfig,
     cmds: mpsc::Receiver<Cmd>,
-    link: mpsc::Sender<LinkCmd>,
+    outside: outside::Outside,
+    apps: apps::Apps,
+    control: control::Control,
     link_events: mpsc::Receiver<LinkEvent>,
-    conns: HashMap<ConnId, Conn>,
-    by_handle: HashMap<ConnHandle, ConnId>,
-    listeners: HashMap<u16, Listener>,
-    next_conn: ConnId,
-    resolving: HashSet<u32>,
-    looking_up: HashSet<u32>,
-    blocked: HashSet<ConnId>,
-    /// Packets to our own address, delivered without a tunnel.
-    loopback: VecDeque<Vec<u8>>,
-    counters: Counters,
     started: Instant,
     registered: Option<Value>,
-    public_endpoint: Option<SocketAddr>,
-    sendbuf: Vec<u8>,
-    batch: udp::Batch,
-    offload: bool,
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
-    gate: Option<Arc<dyn TrustGate>>,
-    syn_limit: SynLimiter,
+    /// When the last dropped-datagram warning was logged, and drops since.
+    drop_log: Option<Instant>,
+    drops_unlogged: u64,
     syn_log: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("conns", &self.conns.len())
+            .field("conns", &self.apps.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Engine {
-    /// An engine on `socket`. Returns it and the handle applications use.
+    /// An engine on `socket` around `node`. Returns it and the handle applications use.
     pub fn new(
         socket: UdpSocket,
-        tunnels: Tunnels<OsRng>,
+        node: Node<OsRng>,
         config: EngineConfig,
         link: mpsc::Sender<LinkCmd>,
         link_events: mpsc::Receiver<LinkEvent>,
     ) -> (Engine, EngineHandle) {
         let (tx, cmds) = mpsc::channel(1024);
-        let (node_tx, node_rx) = watch::channel(tunnels.node());
-        let offload = config.offload;
-        let syn_limit = SynLimiter::new(config.syn_per_sec, config.syn_per_peer_per_sec);
-        // A random start for ephemeral ports, so a restarted node does not reuse the 4-tuples
-        // its peers may still hold from before.
-        let endpoint = Endpoint::new(
-            Addr::new(0, tunnels.node()),
-            EndpointConfig {
-                ephemeral_seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng),
-                ..config.endpoint
-            },
-        );
+        let (node_tx, node_rx) = watch::channel(node.node());
         let engine = Engine {
-            socket,
-            tunnels,
-            endpoint,
+            outside: outside::Outside::new(socket, config.offload),
+            node,
             config,
             cmds,
-            link,
+            apps: apps::Apps::default(),
+            control: control::Control::new(link),
             link_events,
-            conns: HashMap::new(),
-            by_handle: HashMap::new(),
-            listeners: HashMap::new(),
-            next_conn: 1,
-            resolving: HashSet::new(),
-            looking_up: HashSet::new(),
-            blocked: HashSet::new(),
-            loopback: VecDeque::new(),
-            counters: Counters::default(),
             started: Instant::now(),
             registered: None,
-            public_endpoint: None,
-            sendbuf: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM],
-            batch: udp::Batch::new(offload),
-            offload,
             shutting_down: false,
             node_tx,
-            gate: None,
-            syn_limit,
+            drop_log: None,
+            drops_unlogged: 0,
             syn_log: None,
         };
         (engine, EngineHandle { tx, node: node_rx })
@@ -460,66 +367,58 @@ impl Engine {
     /// Enforces `gate` on new inbound connections and datagrams: refused ones are dropped and
     /// counted.
     pub fn set_gate(&mut self, gate: Arc<dyn TrustGate>) {
-        self.gate = Some(gate);
+        self.node.set_gate(Some(gate));
     }
 
     /// Runs until [`Cmd::Shutdown`] and every connection has finished (or 3 s passed).
     pub async fn run(mut self) {
-        let mut rbuf = vec![0u8; MAX_DATAGRAM];
-        let mut cmsg = udp::cmsg_buffer();
-        if self.offload && udp::enable_gro(&self.socket) {
-            tracing::debug!("UDP receive offload on");
-        }
+        self.outside.start();
         let mut shutdown_deadline: Option<Instant> = None;
         loop {
             let now = Instant::now();
             if let Some(d) = shutdown_deadline {
-                if self.all_finished() || now >= d {
-                    self.flush(now).await;
+                if self.apps.all_finished(&mut self.node) || now >= d {
+                    self.drain(now).await;
                     return;
                 }
             }
             let mut deadline = self
-                .endpoint
+                .node
                 .poll_timeout()
                 .unwrap_or(now + Duration::from_secs(1));
-            if let Some(t) = self.tunnels.poll_timeout() {
-                deadline = deadline.min(t);
-            }
-            if !self.blocked.is_empty() {
-                deadline = deadline.min(now + Duration::from_millis(2));
-            }
-            if !self.loopback.is_empty() {
-                deadline = now;
+            if let Some(d) = shutdown_deadline {
+                // Shutdown checks again at least this often.
+                deadline = deadline.min(d).min(now + Duration::from_millis(20));
             }
             tokio::select! {
-                r = self.socket.readable() => {
-                    let now = Instant::now();
+                r = self.outside.readable() => {
                     if r.is_ok() {
-                        for _ in 0..RECV_BATCH {
-                            match udp::try_recv(&self.socket, &mut rbuf, &mut cmsg) {
-                                Ok(got) => self.on_receive(now, got, &mut rbuf),
-                                Err(_) => break,
-                            }
-                        }
+                        let (log, unlogged) = (&mut self.drop_log, &mut self.drops_unlogged);
+                        self.outside.receive(Instant::now(), &mut self.node, |why, src, now| {
+                            log_drop(log, unlogged, why, src, now)
+                        });
                     }
                 }
                 c = self.cmds.recv() => {
                     let now = Instant::now();
-                    match c {
-                        Some(Cmd::Shutdown) | None => {
-                            self.begin_shutdown(now);
-                            shutdown_deadline = Some(now + Duration::from_secs(3));
-                        }
-                        Some(c) => self.on_cmd(now, c),
-                    }
-                    for _ in 0..64 {
-                        match self.cmds.try_recv() {
-                            Ok(Cmd::Shutdown) => {
+                    // The one received, then up to CMD_BATCH - 1 more already waiting: every
+                    // command taken off the channel is handled here.
+                    let mut next = c;
+                    let mut handled = 0;
+                    loop {
+                        match next {
+                            Some(Cmd::Shutdown) | None => {
                                 self.begin_shutdown(now);
-                                shutdown_deadline = Some(now + Duration::from_secs(3));
+                                shutdown_deadline.get_or_insert(now + Duration::from_secs(3));
                             }
-                            Ok(c) => self.on_cmd(now, c),
+                            Some(c) => self.on_cmd(now, c),
+                        }
+                        handled += 1;
+                        if handled == CMD_BATCH {
+                            break;
+                        }
+                        match self.cmds.try_recv() {
+                            Ok(c) => next = Some(c),
                             Err(_) => break,
                         }
                     }
@@ -529,37 +428,64 @@ impl Engine {
                         self.on_link(Instant::now(), e);
                     }
                 }
+                Some(w) = self.apps.next_room(), if self.apps.has_waiters() => {
+                    self.apps.on_room(Instant::now(), &mut self.node, &self.config.events, w);
+                }
+                permit = self.control.room(), if self.control.has_unsent() => {
+                    self.control.on_room(permit);
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    let now = Instant::now();
-                    self.endpoint.handle_timeout(now);
-                    if self.tunnels.poll_timeout().is_some_and(|t| now >= t) {
-                        self.tunnels.handle_timeout(now);
-                        while let Some(node) = self.tunnels.poll_resolve() {
-                            if self.resolving.insert(node) {
-                                let _ = self.link.try_send(LinkCmd::Resolve(node));
-                            }
-                        }
-                    }
-                    let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-                    for id in ids {
-                        self.service(now, id);
-                    }
+                    self.node.handle_timeout(Instant::now());
                 }
             }
-            self.flush(Instant::now()).await;
+            self.drain(Instant::now()).await;
         }
     }
 
-    /// Every connection has finished its side of the exchange (lingering in TIME_WAIT is
-    /// not worth waiting for at shutdown).
-    fn all_finished(&mut self) -> bool {
-        self.conns.values().all(|c| {
-            c.pending.is_empty()
-                && self.endpoint.connection(c.handle).is_none_or(|x| {
-                    matches!(x.state(), State::Closed | State::TimeWait)
-                        || x.unacked() == 0 && c.finished
-                })
-        })
+    /// Drains the node: its events to their owners, its datagrams to the socket, until both
+    /// are empty (delivering to our own address can make more events).
+    async fn drain(&mut self, now: Instant) {
+        loop {
+            let mut any = false;
+            while let Some(e) = self.node.poll_event() {
+                any = true;
+                self.on_event(now, e);
+            }
+            any |= self.outside.transmit(now, &mut self.node).await;
+            if !any && !self.node.has_events() {
+                break;
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, e: Event) {
+        let events = &self.config.events;
+        match e {
+            Event::NeedKey(node) => self.control.request(LinkCmd::Lookup(node)),
+            Event::NeedEndpoint(node) => self.control.request(LinkCmd::Resolve(node)),
+            Event::Discovered(ep) => tracing::info!(endpoint = %ep, "beacon sees us at"),
+            Event::SynRateLimited { peer, src } => {
+                events.emit(
+                    "security.syn_rate_limited",
+                    json!({"src_addr": src.addr.to_string(), "src_port": src.port}),
+                );
+                if self
+                    .syn_log
+                    .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
+                {
+                    self.syn_log = Some(now);
+                    tracing::warn!(
+                        peer,
+                        total = self.node.stats().syn_limited,
+                        "dropping connection attempts over the SYN rate limit"
+                    );
+                }
+            }
+            Event::Untrusted { peer, port } => {
+                tracing::debug!(peer, port, "refused: peer is not trusted");
+            }
+            other => self.apps.on_event(now, &mut self.node, events, other),
+        }
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
@@ -567,532 +493,17 @@ impl Engine {
             return;
         }
         self.shutting_down = true;
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-        for id in ids {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.close_requested = true;
-            }
-            self.service(now, id);
-        }
-    }
-
-    /// One receive, which may hold several datagrams coalesced by the kernel.
-    fn on_receive(&mut self, now: Instant, got: udp::Received, rbuf: &mut [u8]) {
-        let Some(buf) = rbuf.get_mut(..got.len) else {
-            return;
-        };
-        match got.stride {
-            Some(stride) if stride < got.len => {
-                for d in buf.chunks_mut(stride) {
-                    self.on_datagram(now, got.src, d);
-                }
-            }
-            _ => self.on_datagram(now, got.src, buf),
-        }
-    }
-
-    fn on_datagram(&mut self, now: Instant, src: SocketAddr, buf: &mut [u8]) {
-        self.counters.pkts_recv += 1;
-        self.counters.bytes_recv += buf.len() as u64;
-        match self.tunnels.handle(now, src, buf) {
-            Received::Packet { peer, range } => {
-                let Some(packet) = buf.get(range) else { return };
-                self.on_packet(now, peer, packet);
-            }
-            Received::Discovered(ep) => {
-                if self.public_endpoint != Some(ep) {
-                    tracing::info!(endpoint = %ep, "beacon sees us at");
-                    self.public_endpoint = Some(ep);
-                }
-            }
-            Received::NeedKey(node) => {
-                if self.looking_up.insert(node) {
-                    let _ = self.link.try_send(LinkCmd::Lookup(node));
-                }
-            }
-            Received::Handled => {}
-            Received::Dropped(why) => {
-                tracing::trace!(%src, ?why, "datagram dropped");
-                let c = &mut self.counters;
-                c.drops_unlogged += 1;
-                if c.drop_log
-                    .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
-                {
-                    tracing::warn!(
-                        %src,
-                        reason = ?why,
-                        dropped = c.drops_unlogged,
-                        "dropping datagrams (this one, and the count since the last warning)"
-                    );
-                    c.drop_log = Some(now);
-                    c.drops_unlogged = 0;
-                }
-            }
-        }
-    }
-
-    fn on_packet(&mut self, now: Instant, peer: u32, packet: &[u8]) {
-        if self.syn_limited(now, peer, packet) {
-            return;
-        }
-        if let Some(gate) = &self.gate {
-            if let Ok(p) = tunnel::wire::header::Packet::new_checked(packet) {
-                use tunnel::wire::header::{Flags, Protocol};
-                let opens = match p.protocol() {
-                    Protocol::Stream => {
-                        let f = p.flags();
-                        f.contains(Flags::SYN) && !f.contains(Flags::ACK)
-                    }
-                    Protocol::Datagram => true,
-                    _ => false,
-                };
-                if opens && !self.is_me(peer) && !gate.allows(peer, p.dst_port()) {
-                    self.counters.untrusted += 1;
-                    tracing::debug!(peer, port = p.dst_port(), "refused: peer is not trusted");
-                    // The peer is authenticated by the tunnel: tell it at once (RST, as for a
-                    // closed port) instead of letting its dial retry for half a minute.
-                    self.endpoint.refuse_syn(packet);
-                    return;
-                }
-            }
-        }
-        match self.endpoint.handle(now, packet) {
-            Incoming::Stream(h) => {
-                if let Some(&id) = self.by_handle.get(&h) {
-                    self.service(now, id);
-                } else {
-                    self.accept_all(now);
-                }
-            }
-            Incoming::Datagram(d) => {
-                if self.config.events.wanted() {
-                    self.config.events.emit(
-                        "data.datagram",
-                        json!({"src_addr": d.src.addr.to_string(), "src_port": d.src.port,
-                               "dst_port": d.dst_port, "size": d.data.len()}),
-                    );
-                }
-                if let Some(Listener { events, .. }) = self.listeners.get(&d.dst_port) {
-                    let _ = events.try_send(AppEvent::Datagram {
-                        src: d.src,
-                        dst_port: d.dst_port,
-                        data: d.data.to_vec(),
-                    });
-                }
-            }
-            Incoming::Control(..) | Incoming::Refused | Incoming::Dropped(_) => {}
-        }
-    }
-
-    /// Whether `packet` is a new connection attempt over the SYN rate limits; it is then
-    /// dropped without an answer (v1 does the same), counted and reported.
-    fn syn_limited(&mut self, now: Instant, peer: u32, packet: &[u8]) -> bool {
-        use tunnel::wire::header::{Flags, Packet, Protocol};
-        let Ok(p) = Packet::new_checked(packet) else {
-            return false;
-        };
-        let f = p.flags();
-        let new_attempt = p.protocol() == Protocol::Stream
-            && f.contains(Flags::SYN)
-            && !f.contains(Flags::ACK)
-            && !f.contains(Flags::RST)
-            && self.endpoint.is_listening(p.dst_port())
-            && !self
-                .endpoint
-                .has_connection(p.dst_port(), PilotAddr::new(p.src_addr(), p.src_port()));
-        // The limiter is keyed on the tunnel-authenticated peer, not the header's source.
-        if !new_attempt || self.syn_limit.allow(now, peer) {
-            return false;
-        }
-        self.counters.syn_limited += 1;
-        self.config.events.emit(
-            "security.syn_rate_limited",
-            json!({"src_addr": p.src_addr().to_string(), "src_port": p.src_port()}),
-        );
-        if self
-            .syn_log
-            .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
-        {
-            self.syn_log = Some(now);
-            tracing::warn!(
-                peer,
-                total = self.counters.syn_limited,
-                "dropping connection attempts over the SYN rate limit"
-            );
-        }
-        true
-    }
-
-    fn accept_all(&mut self, now: Instant) {
-        let ports: Vec<u16> = self.listeners.keys().copied().collect();
-        for port in ports {
-            while let Some(h) = self.endpoint.accept(port) {
-                let Some(l) = self.listeners.get(&port) else {
-                    break;
-                };
-                let (events, own) = if l.per_conn {
-                    let (tx, rx) = mpsc::channel(CONN_QUEUE);
-                    (tx, Some(rx))
-                } else {
-                    (l.events.clone(), None)
-                };
-                let port_events = l.events.clone();
-                let remote = match self.endpoint.connection(h) {
-                    Some(c) => c.remote(),
-                    None => continue,
-                };
-                let id = self.alloc_id();
-                let credit = Arc::new(Semaphore::new(WRITE_CREDIT));
-                if port_events
-                    .try_send(AppEvent::Accepted {
-                        port,
-                        conn: id,
-                        remote,
-                        credit: credit.clone(),
-                        events: own,
-                    })
-                    .is_err()
-                {
-                    if let Some(mut c) = self.endpoint.connection(h) {
-                        c.abort(now);
-                    }
-                    continue;
-                }
-                self.config.events.emit(
-                    "conn.established",
-                    json!({"src_addr": remote.addr.to_string(), "src_port": remote.port,
-                           "dst_port": port, "conn_id": id}),
-                );
-                self.by_handle.insert(h, id);
-                self.conns.insert(
-                    id,
-                    Conn {
-                        handle: h,
-                        events,
-                        credit,
-                        pending: VecDeque::new(),
-                        pending_off: 0,
-                        dial: None,
-                        close_requested: false,
-                        finished: false,
-                        remote,
-                    },
-                );
-                self.service(now, id);
-            }
-        }
-    }
-
-    fn alloc_id(&mut self) -> ConnId {
-        loop {
-            let id = self.next_conn;
-            self.next_conn = self.next_conn.wrapping_add(1).max(1);
-            if !self.conns.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
-    /// Moves data between a connection and its owner, reports its events, and releases it
-    /// once drained.
-    fn service(&mut self, now: Instant, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let Some(mut conn) = self.endpoint.connection(c.handle) else {
-            self.conns.remove(&id);
-            return;
-        };
-        while let Some(ev) = conn.poll_event() {
-            match ev {
-                Event::Connected => {
-                    if let Some(d) = c.dial.take() {
-                        let _ = d.send(Ok((id, c.credit.clone())));
-                    }
-                }
-                Event::Closed => {
-                    if let Some(d) = c.dial.take() {
-                        let why = conn
-                            .error()
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "connection closed".into());
-                        let _ = d.send(Err(why));
-                    }
-                }
-                Event::Readable | Event::Writable => {}
-            }
-        }
-        // Application writes into the send buffer, credit back as it goes.
-        while let Some(front) = c.pending.front() {
-            let rest = &front[c.pending_off..];
-            match conn.write(rest) {
-                Ok(n) => {
-                    c.credit.add_permits(n);
-                    c.pending_off += n;
-                    if c.pending_off == front.len() {
-                        c.pending.pop_front();
-                        c.pending_off = 0;
-                    }
-                }
-                Err(WriteError::Blocked) => break,
-                Err(_) => {
-                    // Failed or shut: the bytes can never go; give the credit back.
-                    let left: usize = c.pending.iter().map(Vec::len).sum::<usize>() - c.pending_off;
-                    c.credit.add_permits(left);
-                    c.pending.clear();
-                    c.pending_off = 0;
-                    break;
-                }
-            }
-        }
-        if c.close_requested && c.pending.is_empty() {
-            conn.shutdown(now);
-        }
-        // Received bytes to the owner while it has room.
-        self.blocked.remove(&id);
-        if c.dial.is_none() && !c.finished {
-            loop {
-                let permit = match c.events.try_reserve() {
-                    Ok(p) => p,
-                    Err(mpsc::error::TrySendError::Full(())) => {
-                        self.blocked.insert(id);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(())) => {
-                        // The owner is gone: finish the connection.
-                        conn.close(now);
-                        c.finished = true;
-                        break;
-                    }
-                };
-                let n = conn.readable().min(READ_CHUNK);
-                let mut data = vec![0u8; n.max(1)];
-                match conn.read(&mut data) {
-                    Ok(0) => {
-                        emit_closed(&self.config.events, "conn.fin", &conn, id);
-                        permit.send(AppEvent::Closed {
-                            conn: id,
-                            error: None,
-                        });
-                        c.finished = true;
-                        break;
-                    }
-                    Ok(k) => {
-                        data.truncate(k);
-                        permit.send(AppEvent::Data { conn: id, data });
-                    }
-                    Err(ReadError::Blocked) => break,
-                    Err(ReadError::Failed(e)) => {
-                        let name = if e.to_string().contains("idle") {
-                            "conn.idle_timeout"
-                        } else {
-                            "conn.rst"
-                        };
-                        emit_closed(&self.config.events, name, &conn, id);
-                        permit.send(AppEvent::Closed {
-                            conn: id,
-                            error: Some(e.to_string()),
-                        });
-                        c.finished = true;
-                        break;
-                    }
-                }
-            }
-        }
-        let drained = conn.is_drained() && conn.state() == State::Closed;
-        drop(conn);
-        if drained {
-            let h = c.handle;
-            if !c.finished {
-                let _ = c.events.try_send(AppEvent::Closed {
-                    conn: id,
-                    error: None,
-                });
-            }
-            if let Some(d) = c.dial.take() {
-                let _ = d.send(Err("connection closed".into()));
-            }
-            self.endpoint.release(h);
-            self.by_handle.remove(&h);
-            self.conns.remove(&id);
-            self.blocked.remove(&id);
-        }
+        self.apps.close_all(now, &mut self.node);
     }
 
     fn on_cmd(&mut self, now: Instant, cmd: Cmd) {
         match cmd {
-            Cmd::Listen {
-                port,
-                events,
-                per_conn,
-                reply,
-            } => {
-                let r = if self.listeners.contains_key(&port) {
-                    Err(format!("port {port} is already bound"))
-                } else {
-                    self.endpoint
-                        .listen(port, None)
-                        .map(|()| {
-                            self.listeners.insert(port, Listener { events, per_conn });
-                        })
-                        .map_err(|e| e.to_string())
-                };
-                let _ = reply.send(r);
-            }
-            Cmd::Unlisten { port, owner } => {
-                let held = self.listeners.get(&port).is_some_and(|l| {
-                    owner
-                        .as_ref()
-                        .is_none_or(|w| w.upgrade().is_some_and(|s| s.same_channel(&l.events)))
-                });
-                if held {
-                    self.listeners.remove(&port);
-                    self.endpoint.unlisten(now, port);
-                }
-            }
-            Cmd::Dial { dst, events, reply } => {
-                if self.tunnels.node() == 0 {
-                    let _ = reply.send(Err("not registered yet".into()));
-                    return;
-                }
-                match self.endpoint.connect(now, dst) {
-                    Ok(h) => {
-                        let id = self.alloc_id();
-                        self.by_handle.insert(h, id);
-                        self.conns.insert(
-                            id,
-                            Conn {
-                                handle: h,
-                                events,
-                                credit: Arc::new(Semaphore::new(WRITE_CREDIT)),
-                                pending: VecDeque::new(),
-                                pending_off: 0,
-                                dial: Some(reply),
-                                close_requested: false,
-                                finished: false,
-                                remote: dst,
-                            },
-                        );
-                        self.service(now, id);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
-                    }
-                }
-            }
-            Cmd::Write { conn, data } => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.pending.push_back(data);
-                    self.service(now, conn);
-                }
-            }
-            Cmd::Close { conn } => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.close_requested = true;
-                    self.service(now, conn);
-                }
-            }
-            Cmd::Abort { conn } => {
-                if let Some(c) = self.conns.get(&conn) {
-                    if let Some(mut x) = self.endpoint.connection(c.handle) {
-                        x.abort(now);
-                    }
-                    self.service(now, conn);
-                }
-            }
-            Cmd::SendTo {
-                dst,
-                src_port,
-                data,
-            } => self.send_datagram(now, dst, src_port, &data),
             Cmd::Info { reply } => {
-                let _ = reply.send(self.info(now));
+                let _ = reply.send(self.info());
             }
-            Cmd::SetGate(gate) => self.gate = Some(gate),
+            Cmd::SetGate(gate) => self.node.set_gate(Some(gate)),
             Cmd::Shutdown => self.begin_shutdown(now),
-        }
-    }
-
-    fn send_datagram(&mut self, now: Instant, dst: PilotAddr, src_port: Option<u16>, data: &[u8]) {
-        let buf = &mut self.sendbuf;
-        let packet = &mut buf[HEADROOM..];
-        let Some(payload) = packet.get_mut(
-            tunnel::wire::header::HEADER_LEN..tunnel::wire::header::HEADER_LEN + data.len(),
-        ) else {
-            return;
-        };
-        payload.copy_from_slice(data);
-        let Ok(n) = self
-            .endpoint
-            .emit_datagram(dst, src_port, data.len(), packet)
-        else {
-            return;
-        };
-        let node = dst.addr.node;
-        if self.is_me(node) {
-            self.loop_back(n);
-            return;
-        }
-        let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
-        self.after_seal(node, sent, true);
-    }
-
-    fn is_me(&self, node: u32) -> bool {
-        node != 0 && node == self.tunnels.node()
-    }
-
-    /// Queues the packet at `sendbuf[HEADROOM..HEADROOM + n]`, addressed to ourselves, for
-    /// delivery as if it had arrived through a tunnel.
-    fn loop_back(&mut self, n: usize) {
-        if self.loopback.len() >= MAX_LOOPBACK {
-            self.counters.loopback_dropped += 1;
-            return;
-        }
-        if let Some(p) = self.sendbuf.get(HEADROOM..HEADROOM + n) {
-            self.loopback.push_back(p.to_vec());
-        }
-    }
-
-    fn after_seal(
-        &mut self,
-        node: u32,
-        sent: Sent,
-        immediate: bool,
-    ) -> Option<(SocketAddr, (usize, usize))> {
-        match sent {
-            Sent::Now { dst, range } => {
-                if immediate {
-                    match self
-                        .socket
-                        .try_send_to(&self.sendbuf[range.0..range.1], dst)
-                    {
-                        Ok(n) => {
-                            self.counters.pkts_sent += 1;
-                            self.counters.bytes_sent += n as u64;
-                        }
-                        Err(_) => self.counters.send_errors += 1,
-                    }
-                    None
-                } else {
-                    Some((dst, range))
-                }
-            }
-            Sent::NeedEndpoint => {
-                if self.resolving.insert(node) {
-                    let _ = self.link.try_send(LinkCmd::Resolve(node));
-                }
-                if !self.tunnels.has_key(node) && self.looking_up.insert(node) {
-                    let _ = self.link.try_send(LinkCmd::Lookup(node));
-                }
-                None
-            }
-            Sent::Queued => {
-                if !self.tunnels.has_key(node) && self.looking_up.insert(node) {
-                    let _ = self.link.try_send(LinkCmd::Lookup(node));
-                }
-                None
-            }
-            Sent::Dropped => None,
+            other => self.apps.on_cmd(now, &mut self.node, other),
         }
     }
 
@@ -1102,35 +513,32 @@ impl Engine {
                 self.config.events.emit(
                     "node.registered",
                     json!({"address": Addr::new(0, node).to_string(),
-                           "endpoint": self.public_endpoint.map(|e| e.to_string())}),
+                           "endpoint": self.node.public_endpoint().map(|e| e.to_string())}),
                 );
                 let _ = self.node_tx.send(node);
-                self.tunnels.set_node(node);
-                self.endpoint.set_local(Addr::new(0, node));
+                self.node.set_node(node);
                 self.registered = Some(reply);
                 self.discover();
             }
             LinkEvent::Heartbeat => self.discover(),
             LinkEvent::Key(node, key) => {
-                self.looking_up.remove(&node);
                 match key.and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok()) {
-                    Some(k) => self.tunnels.set_key(now, node, k),
-                    None => self.tunnels.key_unavailable(node),
+                    Some(k) => self.node.key_found(now, node, k),
+                    None => self.node.key_unavailable(node),
                 }
             }
-            LinkEvent::Endpoint(node, r) => {
-                self.resolving.remove(&node);
-                match r {
-                    Ok(ep) => self.tunnels.set_endpoint(now, node, ep),
-                    Err(e) => {
-                        tracing::debug!(node, error = %e, "cannot resolve peer");
-                        self.fail_dials_to(node, &e);
-                    }
+            LinkEvent::Endpoint(node, r) => match r {
+                Ok(ep) => self.node.endpoint_resolved(now, node, ep),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "cannot resolve peer");
+                    self.apps
+                        .fail_dials_to(node, &format!("resolve node {node}: {e}"));
+                    self.node.resolve_failed(now, node);
                 }
-            }
+            },
             LinkEvent::Disconnected(_) => {}
             LinkEvent::Rotated(key) => {
-                self.tunnels.set_identity(now, (*key).clone());
+                self.node.set_identity(now, (*key).clone());
                 self.config.events.emit(
                     "node.key_rotated",
                     json!({"public_key": tunnel::registry::auth::b64(key.verifying_key().as_bytes())}),
@@ -1139,188 +547,99 @@ impl Engine {
         }
     }
 
-    fn fail_dials_to(&mut self, node: u32, why: &str) {
-        let ids: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.remote.addr.node == node && c.dial.is_some())
-            .map(|(&id, _)| id)
-            .collect();
-        let now = Instant::now();
-        for id in ids {
-            if let Some(c) = self.conns.get_mut(&id) {
-                if let Some(d) = c.dial.take() {
-                    let _ = d.send(Err(format!("resolve node {node}: {why}")));
-                }
-                if let Some(mut x) = self.endpoint.connection(c.handle) {
-                    x.abort(now);
-                }
-            }
-            self.service(now, id);
-        }
-    }
-
     /// Tells the beacon where we are, from the tunnel socket itself (sent with the next
-    /// flush).
+    /// drain).
     fn discover(&mut self) {
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        self.tunnels.discover(unix_ms);
+        self.node.discover(unix_ms);
     }
 
-    /// Sends everything the connection table and the tunnel layer have queued.
-    fn count_flushed(&mut self, f: udp::Flushed) {
-        self.counters.pkts_sent += f.datagrams;
-        self.counters.bytes_sent += f.bytes;
-        self.counters.send_errors += f.errors;
-    }
-
-    async fn flush(&mut self, now: Instant) {
-        let mut rounds = 0;
-        loop {
-            self.flush_endpoint(now).await;
-            if self.loopback.is_empty() || rounds == LOOPBACK_ROUNDS {
-                break;
-            }
-            rounds += 1;
-            let me = self.tunnels.node();
-            for p in std::mem::take(&mut self.loopback) {
-                self.on_packet(now, me, &p);
-            }
-        }
-        if !self.batch.is_empty() {
-            let f = self.batch.flush(&self.socket).await;
-            self.count_flushed(f);
-        }
-        while let Some(tx) = self.tunnels.poll_transmit(now, &mut self.sendbuf) {
-            let Some(bytes) = self.sendbuf.get(tx.range()) else {
-                continue;
-            };
-            match self.socket.send_to(bytes, tx.dst).await {
-                Ok(k) => {
-                    self.counters.pkts_sent += 1;
-                    self.counters.bytes_sent += k as u64;
-                }
-                Err(_) => self.counters.send_errors += 1,
-            }
-        }
-    }
-
-    /// Seals and batches what the connection table has queued; packets to ourselves go to
-    /// the loopback queue.
-    async fn flush_endpoint(&mut self, now: Instant) {
-        while let Some((n, dst)) = self
-            .endpoint
-            .poll_transmit(now, &mut self.sendbuf[HEADROOM..])
-        {
-            let node = dst.addr.node;
-            if self.is_me(node) {
-                self.loop_back(n);
-                continue;
-            }
-            let sent = self.tunnels.seal(now, node, &mut self.sendbuf, n);
-            if let Some((ep, range)) = self.after_seal(node, sent, false) {
-                if range.1 > self.sendbuf.len() || range.0 > range.1 {
-                    continue;
-                }
-                if !self.batch.fits(ep, range.1 - range.0) {
-                    let f = self.batch.flush(&self.socket).await;
-                    self.count_flushed(f);
-                }
-                self.batch.push(ep, &self.sendbuf[range.0..range.1]);
-            }
-        }
-    }
-
-    fn info(&mut self, _now: Instant) -> Value {
-        let node = self.tunnels.node();
-        let peers = self.tunnels.peers();
+    fn info(&mut self) -> Value {
+        let node = self.node.node();
+        let peers = self.node.peers();
+        let stats = self.node.stats();
         let mut conn_list = Vec::new();
         let mut live = 0;
-        for (&id, c) in &self.conns {
-            if let Some(x) = self.endpoint.connection(c.handle) {
-                let st = x.stats();
-                let state = x.state();
-                if matches!(
-                    state,
-                    State::Established | State::SynSent | State::SynReceived
-                ) {
-                    live += 1;
-                }
-                conn_list.push(json!({
-                    "id": id,
-                    "local_port": x.local().port,
-                    "remote_addr": x.remote().addr.to_string(),
-                    "remote_port": x.remote().port,
-                    "state": format!("{state:?}"),
-                    "bytes_sent": st.bytes_sent,
-                    "bytes_recv": st.bytes_received,
-                    "segs_sent": st.segments_sent,
-                    "segs_recv": st.segments_received,
-                    "retransmits": st.retransmissions,
-                    "unacked": x.unacked(),
-                }));
+        for x in self.node.connection_infos() {
+            if matches!(
+                x.state,
+                State::Established | State::SynSent | State::SynReceived
+            ) {
+                live += 1;
             }
+            conn_list.push(json!({
+                "id": x.conn.0,
+                "local_port": x.local_port,
+                "remote_addr": x.remote.addr.to_string(),
+                "remote_port": x.remote.port,
+                "state": format!("{:?}", x.state),
+                "bytes_sent": x.stats.bytes_sent,
+                "bytes_recv": x.stats.bytes_received,
+                "segs_sent": x.stats.segments_sent,
+                "segs_recv": x.stats.segments_received,
+                "retransmits": x.stats.retransmissions,
+                "unacked": x.unacked,
+            }));
         }
+        let out = self.outside.stats();
         json!({
             "node_id": node,
             "address": Addr::new(0, node).to_string(),
             "hostname": self.registered.as_ref().and_then(|r| r.get("hostname")).cloned().unwrap_or(json!("")),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,
-            "ports": self.listeners.len(),
+            "ports": self.apps.ports(),
             "peers": peers.len(),
             "encrypted_peers": peers.iter().filter(|p| p.encrypted).count(),
             "authenticated_peers": peers.iter().filter(|p| p.authenticated).count(),
             "encrypt": true,
             "identity": true,
-            "bytes_sent": self.counters.bytes_sent,
-            "bytes_recv": self.counters.bytes_recv,
-            "pkts_sent": self.counters.pkts_sent,
-            "pkts_recv": self.counters.pkts_recv,
-            "refused_untrusted": self.counters.untrusted,
-            "refused_syn_rate": self.counters.syn_limited,
-            "loopback_dropped": self.counters.loopback_dropped,
-            "public_endpoint": self.public_endpoint.or(self.config.endpoint_override).map(|e| e.to_string()),
+            "bytes_sent": out.bytes,
+            "bytes_recv": stats.bytes_in,
+            "pkts_sent": out.datagrams,
+            "pkts_recv": stats.pkts_in,
+            "send_errors": out.errors,
+            "refused_untrusted": stats.untrusted,
+            "refused_syn_rate": stats.syn_limited,
+            "loopback_dropped": 0,
+            "loopback": stats.loopback,
+            "datagrams_unlistened": stats.datagrams_unlistened,
+            "serviced": stats.serviced,
+            "public_endpoint": self.node.public_endpoint().or(self.config.endpoint_override).map(|e| e.to_string()),
             "peer_list": peers.iter().map(|p| json!({
                 "node_id": p.node,
                 "endpoint": p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 "encrypted": p.encrypted,
                 "authenticated": p.authenticated,
-                "relay": p.path == tunnel::node::tunnels::Path::Relay,
+                "relay": p.path == Path::Relay,
             })).collect::<Vec<_>>(),
             "conn_list": conn_list,
-            "drops": self.tunnels.drops().iter().map(|(d, n)| json!({"reason": d, "count": n})).collect::<Vec<_>>(),
+            "drops": self.node.tunnel_drops().iter().map(|(d, n)| json!({"reason": d, "count": n})).collect::<Vec<_>>(),
         })
     }
 }
 
-/// Binds the tunnel socket: dual-stack when `addr` is the IPv6 wildcard, with large buffers.
-pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if addr.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // Dual-stack where the wildcard is asked for; an error leaves the system default.
-        let _ = s.set_only_v6(false);
+/// Logs a dropped datagram, at most one warning per interval with the count since.
+fn log_drop(
+    last: &mut Option<Instant>,
+    unlogged: &mut u64,
+    why: tunnel::node::tunnels::Drop,
+    src: SocketAddr,
+    now: Instant,
+) {
+    tracing::trace!(%src, ?why, "datagram dropped");
+    *unlogged += 1;
+    if last.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
+        tracing::warn!(
+            %src,
+            reason = ?why,
+            dropped = *unlogged,
+            "dropping datagrams (this one, and the count since the last warning)"
+        );
+        *last = Some(now);
+        *unlogged = 0;
     }
-    for size in [8 << 20, 4 << 20, 1 << 20] {
-        if s.set_recv_buffer_size(size).is_ok() {
-            break;
-        }
-    }
-    for size in [8 << 20, 4 << 20, 1 << 20] {
-        if s.set_send_buffer_size(size).is_ok() {
-            break;
-        }
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
 }

@@ -787,9 +787,14 @@ impl<R: RngCore + CryptoRng> Node<R> {
         }
     }
 
-    /// The earliest time [`Node::handle_timeout`] has work.
+    /// Whether [`Node::poll_event`] has something (an event, or a connection to look at).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty() || !self.pending.is_empty()
+    }
+
+    /// The earliest time [`Node::handle_timeout`] has work (at once while events wait).
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        if self.yielded {
+        if self.yielded || self.has_events() {
             return self.last_now;
         }
         match (self.endpoint.poll_timeout(), self.tunnels.poll_timeout()) {
