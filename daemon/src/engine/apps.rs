@@ -245,6 +245,11 @@ impl Apps {
                     });
                 }
             }
+            // The daemon holds no fallback listener yet (the TUN front end will); an attempt
+            // reported anyway is refused as from a closed port.
+            Event::Incoming { id, .. } => {
+                let _ = node.refuse_incoming(id);
+            }
             Event::NeedKey(_)
             | Event::NeedEndpoint(_)
             | Event::Discovered(_)
