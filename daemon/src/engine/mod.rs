@@ -604,7 +604,6 @@ impl Engine {
             "send_errors": out.errors,
             "refused_untrusted": stats.untrusted,
             "refused_syn_rate": stats.syn_limited,
-            "loopback_dropped": 0,
             "loopback": stats.loopback,
             "datagrams_unlistened": stats.datagrams_unlistened,
             "serviced": stats.serviced,
