@@ -178,7 +178,9 @@ pub enum Event {
         /// The remote end.
         remote: PilotAddr,
     },
-    /// A datagram to a listened port.
+    /// A datagram, to any port: the driver hands it to the port's owner if one listens
+    /// (datagrams to ports no one listens on are also counted in
+    /// [`NodeStats::datagrams_unlistened`]).
     Datagram {
         /// Sender.
         src: PilotAddr,
@@ -914,15 +916,16 @@ impl<R: RngCore + CryptoRng> Node<R> {
         match self.endpoint.handle(now, packet) {
             Incoming::Stream(h) => self.touch(h),
             Incoming::Datagram(d) => {
-                if self.endpoint.is_listening(d.dst_port) {
-                    self.events.push_back(Event::Datagram {
-                        src: d.src,
-                        dst_port: d.dst_port,
-                        data: d.data.to_vec(),
-                    });
-                } else {
+                // Reported whether or not anything listens (v1 reports every datagram, for
+                // example to webhooks); the driver hands it to the port's owner, if any.
+                if !self.endpoint.is_listening(d.dst_port) {
                     self.stats.datagrams_unlistened += 1;
                 }
+                self.events.push_back(Event::Datagram {
+                    src: d.src,
+                    dst_port: d.dst_port,
+                    data: d.data.to_vec(),
+                });
             }
             Incoming::Dropped(DropReason::Deferred) => {
                 while let Some(d) = self.endpoint.poll_deferred() {
@@ -1319,14 +1322,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_datagram_to_an_unlistened_port_is_counted() {
+    fn a_datagram_to_an_unlistened_port_is_counted_and_reported() {
         let mut n = node(6);
         let now = Instant::now();
         n.send_datagram(PilotAddr::new(Addr::new(0, 6), 81), None, b"x")
             .unwrap();
         let mut ev = Vec::new();
         settle(&mut n, now, 1, &mut ev);
-        assert!(ev.is_empty());
+        assert!(
+            matches!(&ev[..], [Event::Datagram { dst_port: 81, data, .. }] if data == b"x"),
+            "{ev:?}"
+        );
         assert_eq!(n.stats().datagrams_unlistened, 1);
         assert_eq!(
             n.send_datagram(PilotAddr::new(Addr::new(0, 6), 81), None, b""),
