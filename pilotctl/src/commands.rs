@@ -1679,6 +1679,12 @@ mod tests {
                 daemon_socket(None, Some(cfg.clone())),
                 Some(PathBuf::from("/h/pilotd.sock"))
             );
+        } else {
+            // As root pilotd uses the system socket whatever the home.
+            assert_eq!(
+                daemon_socket(Some("/env-home".into()), Some(cfg.clone())),
+                Some(PathBuf::from(SYSTEM_SOCKET))
+            );
         }
         std::fs::write(&cfg, b"not json").unwrap();
         assert_eq!(daemon_socket(None, Some(cfg)), None);
