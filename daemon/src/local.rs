@@ -39,7 +39,10 @@ impl LocalListener {
     pub async fn bind(engine: &EngineHandle, port: u16) -> Result<LocalListener, String> {
         let (tx, events) = mpsc::channel(APP_QUEUE);
         let owner = tx.downgrade();
-        engine.listen_per_conn(port, tx).await?;
+        engine
+            .listen_per_conn(port, tx)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(LocalListener {
             engine: engine.clone(),
             port,

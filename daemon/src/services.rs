@@ -50,7 +50,7 @@ pub async fn start_echo(engine: EngineHandle) -> Result<(), PortError> {
     engine
         .listen(ECHO_PORT, tx)
         .await
-        .map_err(PortError::on(ECHO_PORT))?;
+        .map_err(|e| PortError::on(ECHO_PORT)(e.to_string()))?;
     tokio::spawn(echo(engine, rx));
     Ok(())
 }

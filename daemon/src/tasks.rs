@@ -86,7 +86,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-use crate::engine::{Cmd, EngineHandle};
+use crate::engine::{BindError, Cmd, EngineHandle};
 use crate::events::Events;
 use crate::fsutil::write_atomic;
 use crate::local::{self, LocalListener, LocalStream};
@@ -1458,7 +1458,7 @@ impl TaskService {
                     let _ = engine.info().await;
                     return;
                 }
-                Err(e) if e.contains("already bound") => {
+                Err(BindError::Taken(_)) => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(_) => return,

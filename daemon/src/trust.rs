@@ -367,7 +367,7 @@ impl TrustService {
         engine
             .listen(HANDSHAKE_PORT, app_tx)
             .await
-            .map_err(TrustError::Listen)?;
+            .map_err(|e| TrustError::Listen(e.to_string()))?;
         let (events, _) = broadcast::channel(256);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (inbound_tx, inbound_rx) = mpsc::channel(64);

@@ -238,7 +238,7 @@ async fn a_late_unbind_never_takes_a_port_someone_bound_since() {
     engine.send(unbind(Some(first))).await.unwrap();
     let (tx3, _rx3) = mpsc::channel(8);
     let e = engine.listen(6000, tx3.clone()).await.unwrap_err();
-    assert!(e.contains("already bound"), "{e}");
+    assert!(e.to_string().contains("already bound"), "{e}");
     // ...and the second's own unbind frees the port.
     engine.send(unbind(Some(second))).await.unwrap();
     engine.listen(6000, tx3).await.unwrap();

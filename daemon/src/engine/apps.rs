@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tunnel::node::{
-    CloseReason, ConnId as NodeConn, Event, ListenMode, Node, ReadError, WriteError,
+    CloseReason, ConnId as NodeConn, Event, ListenError, ListenMode, Node, ReadError, WriteError,
 };
 use tunnel::stream::{ConnError, State};
 use tunnel::SocketAddr as PilotAddr;
@@ -119,14 +119,14 @@ impl Apps {
             } => {
                 let r = match self.listeners.entry(port) {
                     std::collections::hash_map::Entry::Occupied(_) => {
-                        Err(format!("port {port} is already bound"))
+                        Err(ListenError::AlreadyBound(port).into())
                     }
                     std::collections::hash_map::Entry::Vacant(v) => node
                         .listen(port, ListenMode::Accept)
                         .map(|()| {
                             v.insert(Listener { events, per_conn });
                         })
-                        .map_err(|e| e.to_string()),
+                        .map_err(Into::into),
                 };
                 let _ = reply.send(r);
             }

@@ -111,7 +111,7 @@ pub enum Cmd {
         /// one slow connection never holds up the port's others.
         per_conn: bool,
         /// Result.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), BindError>>,
     },
     /// Stop listening.
     Unlisten {
@@ -176,9 +176,20 @@ pub struct EngineHandle {
 }
 
 /// The engine is gone.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the daemon engine has stopped")]
 pub struct Stopped;
+
+/// Why a port could not be listened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// Someone holds the port (or the fallback listener).
+    #[error(transparent)]
+    Taken(#[from] tunnel::node::ListenError),
+    /// The engine is gone.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
 
 impl EngineHandle {
     /// Our node ID (0 until registered).
@@ -204,7 +215,7 @@ impl EngineHandle {
     }
 
     /// Listens on `port`: its connections' events and its datagrams all go to `events`.
-    pub async fn listen(&self, port: u16, events: mpsc::Sender<AppEvent>) -> Result<(), String> {
+    pub async fn listen(&self, port: u16, events: mpsc::Sender<AppEvent>) -> Result<(), BindError> {
         self.listen_with(port, events, false).await
     }
 
@@ -214,7 +225,7 @@ impl EngineHandle {
         &self,
         port: u16,
         events: mpsc::Sender<AppEvent>,
-    ) -> Result<(), String> {
+    ) -> Result<(), BindError> {
         self.listen_with(port, events, true).await
     }
 
@@ -223,7 +234,7 @@ impl EngineHandle {
         port: u16,
         events: mpsc::Sender<AppEvent>,
         per_conn: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), BindError> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Listen {
             port,
@@ -231,9 +242,8 @@ impl EngineHandle {
             per_conn,
             reply,
         })
-        .await
-        .map_err(|e| e.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        .await?;
+        rx.await.map_err(|_| Stopped)?
     }
 
     /// Opens a connection.
