@@ -891,7 +891,7 @@ impl ClientCtx {
             _ => self.engine().listen(port, tx).await,
         };
         if let Err(e) = bound {
-            return slot.error(&self, &e);
+            return slot.error(&self, e);
         }
         let kept = {
             let mut s = lock(&self.state);
