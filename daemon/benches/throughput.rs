@@ -2,10 +2,13 @@
 //! beacon). Prints MB/s for one stream one way, the same bytes pushed through a plain loopback
 //! TCP socket in the same run as a baseline, and the ratio: through the engine API with UDP
 //! segmentation offload (GSO/GRO) on and off, and through the driver library (the IPC socket
-//! an agent uses, `PilotStream`) with offload on.
+//! an agent uses, `PilotStream`) with offload on. The engine path runs once more with
+//! `PILOT_BENCH_IDLE` (default 10,000) idle connections open between the two daemons, and prints
+//! its ratio to the run without them.
 //!
 //! `cargo bench -p pilotd --bench throughput` (`PILOT_BENCH_MB` sets the size, default 256;
-//! `PILOT_BENCH_ONLY=driver` or `=engine` runs one path).
+//! `PILOT_BENCH_ONLY=driver` or `=engine` runs one path; `PILOT_BENCH_IDLE=0` skips the idle
+//! run).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,8 +24,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-fn cli(registry: &str, home: &std::path::Path, offload: bool) -> Cli {
+/// Idle connections the connection limits must leave room for, beside the measured stream.
+const IDLE_HEADROOM: usize = 64;
+
+fn cli(registry: &str, home: &std::path::Path, offload: bool, idle: usize) -> Cli {
+    let limits = (idle > 0).then_some(idle + IDLE_HEADROOM);
     Cli {
+        max_conns_per_port: limits,
+        max_conns_total: limits,
+        // The idle connections are opened as fast as the two daemons can: no SYN limit.
+        syn_rate_limit: (idle > 0).then_some(0),
+        syn_rate_limit_per_peer: (idle > 0).then_some(0),
         udp_offload: Some(offload),
         registry: Some(registry.into()),
         beacon: Some(String::new()),
@@ -35,10 +47,58 @@ fn cli(registry: &str, home: &std::path::Path, offload: bool) -> Cli {
     }
 }
 
-async fn daemon(registry: &str, home: &std::path::Path, offload: bool) -> Option<Daemon> {
-    Daemon::start(&cli(registry, home, offload).resolve().ok()?)
+async fn daemon(
+    registry: &str,
+    home: &std::path::Path,
+    offload: bool,
+    idle: usize,
+) -> Option<Daemon> {
+    Daemon::start(&cli(registry, home, offload, idle).resolve().ok()?)
         .await
         .ok()
+}
+
+/// Opens `n` connections from `a` to `b`'s port 9001 and leaves them idle; the receivers of
+/// their events are returned so that the connections stay open.
+async fn open_idle(
+    a: &Daemon,
+    b: &Daemon,
+    nb: u32,
+    n: usize,
+) -> Option<Vec<mpsc::Receiver<AppEvent>>> {
+    let (tx, mut rx) = mpsc::channel(1024);
+    b.engine.listen(9001, tx).await.ok()?;
+    // B keeps every accepted connection's credit, and counts them.
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let mut credits = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            if let AppEvent::Accepted { credit, .. } = ev {
+                credits.push(credit);
+                let _ = count_tx.send(credits.len());
+            }
+        }
+    });
+    let mut keep = Vec::with_capacity(n);
+    let dst = PilotAddr::new(Addr::new(0, nb), 9001);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut opened = 0;
+    while opened < n {
+        while pending.len() < 256 && opened + pending.len() < n {
+            let engine = a.engine.clone();
+            pending.spawn(async move {
+                let (etx, erx) = mpsc::channel(4);
+                engine.dial(dst, etx).await.ok().map(|_| erx)
+            });
+        }
+        keep.push(pending.join_next().await?.ok()??);
+        opened += 1;
+    }
+    tokio::time::timeout(Duration::from_secs(60), count_rx.wait_for(|k| *k >= n))
+        .await
+        .ok()?
+        .ok()?;
+    Some(keep)
 }
 
 fn rusage_cpu() -> f64 {
@@ -70,13 +130,24 @@ async fn registry() -> Option<String> {
     Some(raddr)
 }
 
-async fn pilot(total: usize, offload: bool) -> Option<(f64, f64)> {
+async fn pilot(total: usize, offload: bool, idle: usize) -> Option<(f64, f64)> {
     let raddr = registry().await?;
     let dir = tempfile::tempdir().ok()?;
-    let a = daemon(&raddr, &dir.path().join("a"), offload).await?;
-    let b = daemon(&raddr, &dir.path().join("b"), offload).await?;
+    let a = daemon(&raddr, &dir.path().join("a"), offload, idle).await?;
+    let b = daemon(&raddr, &dir.path().join("b"), offload, idle).await?;
     a.registered(Duration::from_secs(10)).await?;
     let nb = b.registered(Duration::from_secs(10)).await?;
+    let _idle = if idle > 0 {
+        let t = Instant::now();
+        let keep = open_idle(&a, &b, nb, idle).await?;
+        eprintln!(
+            "{idle} idle connections open in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        Some(keep)
+    } else {
+        None
+    };
 
     // B counts bytes and reports when the stream ends.
     let (tx, mut rx) = mpsc::channel(256);
@@ -130,7 +201,7 @@ async fn driver(total: usize) -> Option<(f64, f64)> {
     let raddr = registry().await?;
     let dir = tempfile::tempdir().ok()?;
     let start = |name: &str| {
-        let c = cli(&raddr, &dir.path().join(name), true).resolve();
+        let c = cli(&raddr, &dir.path().join(name), true, 0).resolve();
         async move { Node::start(&c.ok()?).await.ok() }
     };
     let a = start("a").await?;
@@ -219,15 +290,27 @@ fn main() {
         }
     };
     let only = std::env::var("PILOT_BENCH_ONLY").unwrap_or_default();
+    let idle: usize = std::env::var("PILOT_BENCH_IDLE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
     rt.block_on(async {
         let mut results = Vec::new();
+        let mut with_idle = None;
         if only != "driver" {
             for offload in [true, false] {
-                let Some(r) = pilot(total, offload).await else {
+                let Some(r) = pilot(total, offload, 0).await else {
                     eprintln!("pilot transfer failed (offload {offload})");
                     std::process::exit(1);
                 };
                 results.push((offload, r));
+            }
+            if idle > 0 {
+                let Some(r) = pilot(total, true, idle).await else {
+                    eprintln!("pilot transfer with {idle} idle connections failed");
+                    std::process::exit(1);
+                };
+                with_idle = Some(r);
             }
         }
         let mut through_driver = None;
@@ -242,9 +325,12 @@ fn main() {
             eprintln!("tcp baseline failed");
             std::process::exit(1);
         };
-        for (offload, (mbps, cpu_per_gb)) in results {
+        for &(offload, (mbps, cpu_per_gb)) in &results {
             let mode = if offload { "GSO/GRO on " } else { "GSO/GRO off" };
             println!("pilot encrypted stream, {mb} MiB one way, {mode}: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons, one process), ratio to TCP {:.3}", mbps / base);
+        }
+        if let (Some((mbps, cpu_per_gb)), Some((_, (alone, _)))) = (with_idle, results.first()) {
+            println!("pilot encrypted stream, {mb} MiB one way, GSO/GRO on, {idle} idle connections open: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB, ratio to the same stream without them {:.3}, ratio to TCP {:.3}", mbps / alone, mbps / base);
         }
         if let Some((mbps, cpu_per_gb)) = through_driver {
             println!("pilot encrypted stream, {mb} MiB one way, through the driver (IPC socket, PilotStream), GSO/GRO on: {mbps:.1} MB/s, {cpu_per_gb:.2} CPU s/GB (both daemons and agents, one process), ratio to TCP {:.3}", mbps / base);

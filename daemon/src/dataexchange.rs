@@ -55,7 +55,7 @@ use tunnel::services::dataexchange::{
 };
 use tunnel::SocketAddr as PilotAddr;
 
-use crate::engine::EngineHandle;
+use crate::engine::{BindError, EngineHandle};
 use crate::events::Events;
 use crate::local::LocalListener;
 use crate::ratelog::LogGate;
@@ -253,7 +253,7 @@ pub enum StartError {
     },
     /// The port could not be bound.
     #[error("data exchange: cannot listen on port {DATA_PORT}: {0}")]
-    Bind(String),
+    Bind(BindError),
 }
 
 /// The running service. Dropping it leaves it running until the engine stops; [`stop`]

@@ -63,6 +63,7 @@ use tunnel::ipc::{
     self, code, ExtError, ExtReply, ExtRequest, FrameDecoder, FrameError, Message, ERROR_CODE,
     MAX_TAGS,
 };
+use tunnel::node::CloseReason;
 use tunnel::services::nameserver::{parse_request, Record, Request};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
@@ -920,7 +921,7 @@ impl ClientCtx {
                 let ready = slot.send_then(encode(&Message::DialOk { conn_id: conn }));
                 tokio::spawn(self.forward_conn(rx, ready, credit));
             }
-            Err(e) => slot.error(&self, &e),
+            Err(e) => slot.error(&self, e.to_string()),
         }
     }
 
@@ -933,14 +934,14 @@ impl ClientCtx {
 
     /// Tells the client a connection's receive side ended: CloseOk, preceded by ConnFailed
     /// when it failed and the client asked to know.
-    async fn closed(&self, alive: &mut bool, conn: ConnId, error: Option<&str>) {
+    async fn closed(&self, alive: &mut bool, conn: ConnId, error: Option<CloseReason>) {
         if let Some(reason) = error {
             if lock(&self.state).conn_errors {
                 self.push(
                     alive,
                     encode(&Message::ConnFailed {
                         conn_id: conn,
-                        reason,
+                        reason: &reason.to_string(),
                     }),
                 )
                 .await;
@@ -975,7 +976,7 @@ impl ClientCtx {
                         // Failed or reset: queued writes can never go.
                         credit.close();
                     }
-                    self.closed(&mut alive, conn, error.as_deref()).await;
+                    self.closed(&mut alive, conn, error).await;
                 }
                 AppEvent::Accepted { conn, .. } => {
                     let _ = self.engine().send(Cmd::Close { conn }).await;
@@ -1032,7 +1033,7 @@ impl ClientCtx {
                             c.close();
                         }
                     }
-                    self.closed(&mut alive, conn, error.as_deref()).await;
+                    self.closed(&mut alive, conn, error).await;
                 }
                 AppEvent::Datagram {
                     src,
@@ -1801,7 +1802,8 @@ async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Durati
     let (tx, mut rx) = mpsc::channel(8);
     let (conn, credit) = engine
         .dial(PilotAddr::new(Addr::new(0, node), 7), tx)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     let probe = format!("pilot ping {seq}");
     let t0 = Instant::now();
     let r = async {
@@ -1814,7 +1816,9 @@ async fn echo_probe(engine: &EngineHandle, node: u32, seq: u32) -> Result<Durati
             match rx.recv().await {
                 Some(AppEvent::Data { data, .. }) => got.extend_from_slice(&data),
                 Some(AppEvent::Closed { error, .. }) => {
-                    return Err(error.unwrap_or_else(|| "closed before the echo".into()))
+                    return Err(
+                        error.map_or_else(|| "closed before the echo".into(), |r| r.to_string())
+                    )
                 }
                 Some(_) => {}
                 None => return Err("connection lost".into()),

@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::SocketAddr as PilotAddr;
 
-use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, APP_QUEUE, CONN_QUEUE};
+use crate::engine::{
+    AppEvent, BindError, Cmd, ConnId, DialError, EngineHandle, APP_QUEUE, CONN_QUEUE,
+};
 
 /// Bytes buffered between a connection's pump tasks and the service, each way.
 pub const LOCAL_BUFFER: usize = 64 * 1024;
@@ -36,13 +38,10 @@ pub struct LocalListener {
 
 impl LocalListener {
     /// Binds `port` on the engine.
-    pub async fn bind(engine: &EngineHandle, port: u16) -> Result<LocalListener, String> {
+    pub async fn bind(engine: &EngineHandle, port: u16) -> Result<LocalListener, BindError> {
         let (tx, events) = mpsc::channel(APP_QUEUE);
         let owner = tx.downgrade();
-        engine
-            .listen_per_conn(port, tx)
-            .await
-            .map_err(|e| e.to_string())?;
+        engine.listen_per_conn(port, tx).await?;
         Ok(LocalListener {
             engine: engine.clone(),
             port,
@@ -107,7 +106,7 @@ impl Drop for LocalListener {
 }
 
 /// Opens a connection to `dst`.
-pub async fn dial(engine: &EngineHandle, dst: PilotAddr) -> Result<LocalStream, String> {
+pub async fn dial(engine: &EngineHandle, dst: PilotAddr) -> Result<LocalStream, DialError> {
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     let (conn, credit) = engine.dial(dst, tx).await?;
     Ok(attach(engine, conn, credit, rx))

@@ -162,7 +162,7 @@ pub enum LinkCmd {
 }
 
 /// What the link reports.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum LinkEvent {
     /// Registered (again): our node ID and the registry's reply.
     Registered {
@@ -176,7 +176,7 @@ pub enum LinkEvent {
     /// The registered key of a node, or `None` if it is unknown.
     Key(u32, Option<[u8; 32]>),
     /// A node's endpoint, or why it cannot be had.
-    Endpoint(u32, Result<SocketAddr, String>),
+    Endpoint(u32, Result<SocketAddr, LinkError>),
     /// The registry connection broke; reconnecting.
     Disconnected(String),
     /// The node's identity key was replaced: tunnels are re-keyed under the new one.
@@ -229,8 +229,9 @@ async fn fail(cmd: LinkCmd, events: &mpsc::Sender<LinkEvent>) {
             let _ = events.send(LinkEvent::Key(n, None)).await;
         }
         LinkCmd::Resolve(n) => {
-            let why = LinkError::Unreachable.to_string();
-            let _ = events.send(LinkEvent::Endpoint(n, Err(why))).await;
+            let _ = events
+                .send(LinkEvent::Endpoint(n, Err(LinkError::Unreachable)))
+                .await;
         }
         LinkCmd::Call(_, reply) | LinkCmd::Rotate(reply) => {
             let _ = reply.send(Err(LinkError::Unreachable));
@@ -357,8 +358,8 @@ async fn session(
                     LinkCmd::Resolve(n) => {
                         let r = call(&mut c, &json!({"type": "resolve", "node_id": n, "requester_id": node})).await;
                         let ep = match &r {
-                            Ok(v) => v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| "registry gave no endpoint".to_owned()),
-                            Err(ClientError::Refused { message, .. }) => Err(message.clone()),
+                            Ok(v) => v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| LinkError::BadReply("no endpoint".into())),
+                            Err(e @ ClientError::Refused { .. }) => Err(LinkError::from_client(e)),
                             Err(_) => { fail(LinkCmd::Resolve(n), events).await; return r.map(drop); }
                         };
                         let _ = events.send(LinkEvent::Endpoint(n, ep)).await;

@@ -15,21 +15,21 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, APP_QUEUE};
+use crate::engine::{AppEvent, BindError, Cmd, ConnId, EngineHandle, APP_QUEUE};
 
 /// Why a built-in service could not take its virtual port.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("port {port}: {reason}")]
 pub struct PortError {
     /// The port.
     pub port: u16,
     /// The engine's reason (the port is bound by another owner, or the engine stopped).
-    pub reason: String,
+    pub reason: BindError,
 }
 
 impl PortError {
     /// The engine's refusal of `port`, as a function for `map_err`.
-    pub fn on(port: u16) -> impl FnOnce(String) -> PortError {
+    pub fn on(port: u16) -> impl FnOnce(BindError) -> PortError {
         move |reason| PortError { port, reason }
     }
 }
@@ -50,7 +50,7 @@ pub async fn start_echo(engine: EngineHandle) -> Result<(), PortError> {
     engine
         .listen(ECHO_PORT, tx)
         .await
-        .map_err(|e| PortError::on(ECHO_PORT)(e.to_string()))?;
+        .map_err(PortError::on(ECHO_PORT))?;
     tokio::spawn(echo(engine, rx));
     Ok(())
 }
@@ -141,8 +141,10 @@ mod tests {
 
     #[test]
     fn a_port_error_names_the_port() {
-        let e = PortError::on(ECHO_PORT)("bound by another owner".into());
+        let e = PortError::on(ECHO_PORT)(BindError::Taken(
+            tunnel::node::ListenError::AlreadyBound(ECHO_PORT),
+        ));
         assert_eq!(e.port, ECHO_PORT);
-        assert_eq!(e.to_string(), "port 7: bound by another owner");
+        assert_eq!(e.to_string(), "port 7: port 7 is already bound");
     }
 }

@@ -1402,7 +1402,7 @@ impl TaskService {
                 .await
                 .map_err(|e| TaskError::Connection {
                     peer: format!("port {TASK_PORT}"),
-                    reason: e,
+                    reason: e.to_string(),
                 })?;
         let inner = Arc::new(Inner {
             config,
@@ -1811,7 +1811,7 @@ impl Inner {
             tokio::time::timeout(t, local::dial(&self.engine, PilotAddr::new(dst, TASK_PORT)))
                 .await
                 .map_err(|_| TaskError::Timeout(peer.clone()))?
-                .map_err(conn_err)?;
+                .map_err(|e| conn_err(e.to_string()))?;
         let mut replies = Vec::new();
         for f in frames {
             let one = async {

@@ -760,15 +760,15 @@ async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<()
     let (conn, credit) = tokio::time::timeout(DIAL_TIMEOUT, engine.dial(dst, tx))
         .await
         .map_err(|_| DeliveryError::DialTimeout(peer))?
-        .map_err(DeliveryError::Connection)?;
+        .map_err(DeliveryError::Dial)?;
     engine
         .write(conn, &credit, body)
         .await
-        .map_err(|e| DeliveryError::Connection(e.to_string()))?;
+        .map_err(DeliveryError::Stopped)?;
     engine
         .send(Cmd::Close { conn })
         .await
-        .map_err(|e| DeliveryError::Connection(e.to_string()))?;
+        .map_err(DeliveryError::Stopped)?;
     let closed = tokio::time::timeout(LINGER, async {
         while let Some(ev) = rx.recv().await {
             if let AppEvent::Closed { error, .. } = ev {
@@ -779,7 +779,7 @@ async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<()
     })
     .await;
     match closed {
-        Ok(Some(e)) => Err(DeliveryError::Connection(e)),
+        Ok(Some(e)) => Err(DeliveryError::Closed(e)),
         Ok(None) => Ok(()),
         Err(_) => {
             let _ = engine.send(Cmd::Abort { conn }).await;

@@ -7,6 +7,9 @@
 use tokio::sync::{mpsc, oneshot};
 use tunnel::ipc::code;
 
+use tunnel::node::CloseReason;
+
+use crate::engine::{DialError, Stopped};
 use crate::registry_link::LinkError;
 
 /// A trust operation, owned (the IPC `HandshakeOp` borrows from its frame).
@@ -74,9 +77,15 @@ pub enum DeliveryError {
     /// The peer did not accept the connection in time.
     #[error("dialing node {0} timed out")]
     DialTimeout(u32),
-    /// The engine refused the dial or the write, or the connection failed.
-    #[error("{0}")]
-    Connection(String),
+    /// The dial failed.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The engine stopped during the write.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    /// The connection failed before the peer took the message.
+    #[error(transparent)]
+    Closed(CloseReason),
 }
 
 /// Why a trust operation failed.
@@ -205,7 +214,7 @@ mod tests {
                 TrustOpError::NotDelivered {
                     peer: 7,
                     registry: LinkError::Timeout,
-                    direct: DeliveryError::Connection("reset".into()),
+                    direct: DeliveryError::Closed(CloseReason::Reset),
                 },
                 code::TIMEOUT,
             ),
@@ -221,7 +230,7 @@ mod tests {
                 TrustOpError::NotDelivered {
                     peer: 7,
                     registry: LinkError::Unreachable,
-                    direct: DeliveryError::Connection("connection refused".into()),
+                    direct: DeliveryError::Closed(CloseReason::Refused),
                 },
                 code::REFUSED,
             ),

@@ -153,3 +153,58 @@ async fn a_burst_of_small_writes_arrives_whole() {
     assert!(got == data, "received bytes differ");
     a.shutdown().await;
 }
+
+/// A dial's failure says why, as a type: a closed port is refused by the peer, a node the
+/// registry does not know fails to resolve with `not_found`, and a private node that does not
+/// trust us is `forbidden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_failures_are_typed() {
+    use pilotd::engine::DialError;
+    use pilotd::registry_link::LinkError;
+    use tunnel::node::CloseReason;
+
+    let raddr = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&raddr, &dir.path().join("a"), true).await;
+    let b = daemon(&raddr, &dir.path().join("b"), true).await;
+    let p = daemon(&raddr, &dir.path().join("p"), false).await;
+    let t = Duration::from_secs(10);
+    a.registered(t).await.unwrap();
+    let nb = b.registered(t).await.unwrap();
+    let np = p.registered(t).await.unwrap();
+    let dial = |node: u32, port: u16| {
+        let (tx, _rx) = mpsc::channel(8);
+        let engine = a.engine.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                engine.dial(PilotAddr::new(Addr::new(0, node), port), tx),
+            )
+            .await
+            .expect("a dial answers in time")
+        }
+    };
+
+    match dial(nb, 4321).await {
+        Err(DialError::Closed(CloseReason::Refused)) => {}
+        other => panic!("closed port: {other:?}"),
+    }
+    match dial(nb.wrapping_add(1000), 80).await {
+        Err(e @ DialError::Resolve { .. }) => {
+            let DialError::Resolve { node, reason } = &e else {
+                unreachable!()
+            };
+            assert_eq!(*node, nb.wrapping_add(1000));
+            assert!(
+                matches!(&**reason, LinkError::Refused { code, .. } if code == LinkError::REGISTRY_NOT_FOUND),
+                "{reason:?}"
+            );
+            assert!(!e.is_forbidden());
+        }
+        other => panic!("unknown node: {other:?}"),
+    }
+    match dial(np, 80).await {
+        Err(e) => assert!(e.is_forbidden(), "private node: {e:?}"),
+        Ok(_) => panic!("a private node that does not trust us was reached"),
+    }
+}

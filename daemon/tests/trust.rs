@@ -173,7 +173,8 @@ async fn stream_works(engine: &EngineHandle, node: u32, port: u16) -> Result<(),
     let dst = PilotAddr::new(Addr::new(0, node), port);
     let (conn, credit) = tokio::time::timeout(Duration::from_secs(3), engine.dial(dst, tx))
         .await
-        .map_err(|_| "dial timed out".to_owned())??;
+        .map_err(|_| "dial timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
     engine.write(conn, &credit, b"hello").await.unwrap();
     let mut got = Vec::new();
     while got.len() < 5 {

@@ -21,8 +21,9 @@ use tunnel::node::{
 use tunnel::stream::{ConnError, State};
 use tunnel::SocketAddr as PilotAddr;
 
-use super::{AppEvent, Cmd, ConnId, DialReply, CONN_QUEUE, READ_CHUNK, WRITE_CREDIT};
+use super::{AppEvent, Cmd, ConnId, DialError, DialReply, CONN_QUEUE, READ_CHUNK, WRITE_CREDIT};
 use crate::events::Events;
+use crate::registry_link::LinkError;
 
 /// A listened port.
 #[derive(Debug)]
@@ -162,7 +163,7 @@ impl Apps {
                     );
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(Err(DialError::Start(e)));
                 }
             },
             Cmd::Write { conn, data } => {
@@ -219,7 +220,7 @@ impl Apps {
                 };
                 c.closed = Some(reason);
                 if let Some(d) = c.dial.take() {
-                    let _ = d.send(Err(reason.to_string()));
+                    let _ = d.send(Err(DialError::Closed(reason)));
                     c.finished = true;
                 }
                 self.pump_read(now, node, ev, id, None);
@@ -317,11 +318,14 @@ impl Apps {
     }
 
     /// Dials to `node` not yet connected fail with `why` (the node aborts them next).
-    pub(super) fn fail_dials_to(&mut self, node: u32, why: &str) {
+    pub(super) fn fail_dials_to(&mut self, node: u32, why: Arc<LinkError>) {
         for c in self.conns.values_mut() {
             if c.remote.addr.node == node {
                 if let Some(d) = c.dial.take() {
-                    let _ = d.send(Err(why.to_owned()));
+                    let _ = d.send(Err(DialError::Resolve {
+                        node,
+                        reason: why.clone(),
+                    }));
                     c.finished = true;
                 }
             }
@@ -446,17 +450,14 @@ impl Apps {
                     emit_closed(ev, name, c, id);
                     permit.send(AppEvent::Closed {
                         conn: id,
-                        error: Some(e.to_string()),
+                        error: Some(CloseReason::from(e)),
                     });
                     c.finished = true;
                     break;
                 }
                 Err(ReadError::UnknownConnection) => {
                     // Released by the node: the end was reported as Closed.
-                    let error = c
-                        .closed
-                        .filter(|r| *r != CloseReason::Finished)
-                        .map(|r| r.to_string());
+                    let error = c.closed.filter(|r| *r != CloseReason::Finished);
                     permit.send(AppEvent::Closed { conn: id, error });
                     c.finished = true;
                     break;

@@ -31,12 +31,12 @@ use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tunnel::node::tunnels::Path;
-use tunnel::node::{Event, Node};
+use tunnel::node::{CloseReason, Event, Node};
 use tunnel::stream::{EndpointConfig, State};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::events::Events;
-use crate::registry_link::{LinkCmd, LinkEvent};
+use crate::registry_link::{LinkCmd, LinkError, LinkEvent};
 
 pub use outside::bind_udp;
 pub use tunnel::node::TrustGate;
@@ -45,7 +45,7 @@ pub use tunnel::node::TrustGate;
 pub type ConnId = u32;
 
 /// Where a dial's outcome goes: the connection and its write credit, or why not.
-pub type DialReply = oneshot::Sender<Result<(ConnId, Arc<Semaphore>), String>>;
+pub type DialReply = oneshot::Sender<Result<(ConnId, Arc<Semaphore>), DialError>>;
 
 /// Bytes of write credit per connection: what may wait in the engine beyond the send buffer.
 pub const WRITE_CREDIT: usize = 1 << 20;
@@ -85,7 +85,7 @@ pub enum AppEvent {
         /// The connection.
         conn: ConnId,
         /// Why, if it failed.
-        error: Option<String>,
+        error: Option<CloseReason>,
     },
     /// A datagram to a listened port.
     Datagram {
@@ -191,6 +191,41 @@ pub enum BindError {
     Stopped(#[from] Stopped),
 }
 
+/// Why a dial failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    /// The node core could not start the connection (not registered, no port, too many).
+    #[error(transparent)]
+    Start(#[from] tunnel::node::DialError),
+    /// The peer's node could not be resolved to an endpoint.
+    #[error("resolve node {node}: {reason}")]
+    Resolve {
+        /// The node dialed.
+        node: u32,
+        /// The registry link's reason (`not_found`, `forbidden`, unreachable ...).
+        reason: Arc<LinkError>,
+    },
+    /// The connection ended before it was established (refused, timed out ...).
+    #[error(transparent)]
+    Closed(#[from] tunnel::node::CloseReason),
+    /// The engine is gone.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+impl DialError {
+    /// The peer is known not to let us in: the registry refused to resolve it for privacy or
+    /// trust (`forbidden`).
+    pub fn is_forbidden(&self) -> bool {
+        match self {
+            DialError::Resolve { reason, .. } => {
+                matches!(&**reason, LinkError::Refused { code, .. } if code == "forbidden")
+            }
+            _ => false,
+        }
+    }
+}
+
 impl EngineHandle {
     /// Our node ID (0 until registered).
     pub fn node(&self) -> u32 {
@@ -251,12 +286,10 @@ impl EngineHandle {
         &self,
         dst: PilotAddr,
         events: mpsc::Sender<AppEvent>,
-    ) -> Result<(ConnId, Arc<Semaphore>), String> {
+    ) -> Result<(ConnId, Arc<Semaphore>), DialError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Dial { dst, events, reply })
-            .await
-            .map_err(|e| e.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        self.send(Cmd::Dial { dst, events, reply }).await?;
+        rx.await.map_err(|_| Stopped)?
     }
 
     /// Writes `data` to `conn`, waiting for credit; large writes go in pieces.
@@ -541,8 +574,7 @@ impl Engine {
                 Ok(ep) => self.node.endpoint_resolved(now, node, ep),
                 Err(e) => {
                     tracing::debug!(node, error = %e, "cannot resolve peer");
-                    self.apps
-                        .fail_dials_to(node, &format!("resolve node {node}: {e}"));
+                    self.apps.fail_dials_to(node, Arc::new(e));
                     self.node.resolve_failed(now, node);
                 }
             },

@@ -140,6 +140,13 @@ impl CloseReason {
     }
 }
 
+impl From<ConnError> for CloseReason {
+    /// The reason for a connection that failed with `e` (an abort is a local one).
+    fn from(e: ConnError) -> CloseReason {
+        CloseReason::of(Some(e), false)
+    }
+}
+
 /// Something for the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
