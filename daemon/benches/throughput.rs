@@ -163,7 +163,7 @@ async fn pilot(total: usize, offload: bool, idle: usize) -> Option<(f64, f64)> {
                 }
                 AppEvent::Data { data, .. } => n += data.len(),
                 AppEvent::Closed { .. } => break,
-                AppEvent::Datagram { .. } => {}
+                AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
             }
         }
         let _ = done_tx.send(n);

@@ -981,7 +981,7 @@ impl ClientCtx {
                 AppEvent::Accepted { conn, .. } => {
                     let _ = self.engine().send(Cmd::Close { conn }).await;
                 }
-                AppEvent::Datagram { .. } => {}
+                AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
             }
         }
         // The engine released the connection.
@@ -1035,6 +1035,8 @@ impl ClientCtx {
                     }
                     self.closed(&mut alive, conn, error).await;
                 }
+                // Only the fallback listener's channel carries attempts.
+                AppEvent::Incoming { .. } => {}
                 AppEvent::Datagram {
                     src,
                     dst_port,

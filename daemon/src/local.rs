@@ -137,7 +137,7 @@ async fn inbound(mut events: mpsc::Receiver<AppEvent>, mut wr: WriteHalf<DuplexS
                 }
             }
             AppEvent::Closed { .. } => break,
-            AppEvent::Accepted { .. } | AppEvent::Datagram { .. } => {}
+            AppEvent::Accepted { .. } | AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
         }
     }
     let _ = wr.shutdown().await;

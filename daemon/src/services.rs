@@ -91,6 +91,8 @@ async fn echo(engine: EngineHandle, mut events: mpsc::Receiver<AppEvent>) {
                 // Dropping the sender lets the writer finish what waits, then close.
                 conns.remove(&conn);
             }
+            // Only the fallback listener's channel carries attempts.
+            AppEvent::Incoming { .. } => {}
             AppEvent::Datagram {
                 src,
                 dst_port,

@@ -974,7 +974,7 @@ impl Listener {
                 }
                 let _ = self.engine.send(Cmd::Close { conn }).await;
             }
-            AppEvent::Datagram { .. } => {}
+            AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
         }
     }
 

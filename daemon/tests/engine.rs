@@ -46,7 +46,7 @@ async fn echo(engine: EngineHandle, port: u16) {
                 AppEvent::Closed { conn, .. } => {
                     let _ = engine.send(Cmd::Close { conn }).await;
                 }
-                AppEvent::Datagram { .. } => {}
+                AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
             }
         }
     });
@@ -128,7 +128,9 @@ async fn a_burst_of_small_writes_arrives_whole() {
                     assert!(error.is_none(), "{error:?}");
                     break;
                 }
-                AppEvent::Accepted { .. } | AppEvent::Datagram { .. } => {}
+                AppEvent::Accepted { .. }
+                | AppEvent::Datagram { .. }
+                | AppEvent::Incoming { .. } => {}
             }
         }
         got
@@ -206,5 +208,111 @@ async fn dial_failures_are_typed() {
     match dial(np, 80).await {
         Err(e) => assert!(e.is_forbidden(), "private node: {e:?}"),
         Ok(_) => panic!("a private node that does not trust us was reached"),
+    }
+}
+
+/// The next event on `rx`, within 10 s.
+async fn next(rx: &mut mpsc::Receiver<AppEvent>) -> AppEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event in time")
+        .expect("the engine runs")
+}
+
+/// The fallback listener takes attempts and datagrams to ports no one listens on: an accepted
+/// attempt completes the dialer's handshake only then and carries bytes both ways, a refused
+/// one is refused at the dialer, and a port someone listens on stays theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_listener_decides_each_attempt() {
+    use pilotd::engine::DialError;
+    use tunnel::node::CloseReason;
+
+    let raddr = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&raddr, &dir.path().join("a"), true).await;
+    let b = daemon(&raddr, &dir.path().join("b"), true).await;
+    let t = Duration::from_secs(10);
+    let na = a.registered(t).await.unwrap();
+    let nb = b.registered(t).await.unwrap();
+    echo(b.engine.clone(), 7).await;
+    let (ftx, mut frx) = mpsc::channel(16);
+    b.engine.listen_fallback(ftx).await.unwrap();
+    let (other, _keep) = mpsc::channel(1);
+    assert!(
+        b.engine.listen_fallback(other).await.is_err(),
+        "a second fallback owner was admitted"
+    );
+
+    // Accepted: the dial completes only after the decision.
+    let (atx, mut arx) = mpsc::channel(64);
+    let engine = a.engine.clone();
+    let dialing = tokio::spawn(async move {
+        engine
+            .dial(PilotAddr::new(Addr::new(0, nb), 5555), atx)
+            .await
+    });
+    let AppEvent::Incoming { id, port, remote } = next(&mut frx).await else {
+        panic!("no attempt reported")
+    };
+    assert_eq!((port, remote.addr.node), (5555, na));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !dialing.is_finished(),
+        "the dial completed before the accept"
+    );
+    let (btx, mut brx) = mpsc::channel(64);
+    let (bconn, bcredit) = b.engine.accept_incoming(id, btx).await.unwrap();
+    let (aconn, acredit) = dialing.await.unwrap().unwrap();
+    a.engine.write(aconn, &acredit, b"ping").await.unwrap();
+    b.engine.write(bconn, &bcredit, b"pong").await.unwrap();
+    for (rx, want) in [(&mut brx, b"ping"), (&mut arx, b"pong")] {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(AppEvent::Data { data, .. })) => assert_eq!(&data, want),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // Refused: the dialer sees a refusal, as from a closed port.
+    let (atx, _arx) = mpsc::channel(8);
+    let engine = a.engine.clone();
+    let dialing = tokio::spawn(async move {
+        engine
+            .dial(PilotAddr::new(Addr::new(0, nb), 6666), atx)
+            .await
+    });
+    let AppEvent::Incoming { id, port, .. } = next(&mut frx).await else {
+        panic!("no attempt reported")
+    };
+    assert_eq!(port, 6666);
+    b.engine.refuse_incoming(id).await.unwrap();
+    match dialing.await.unwrap() {
+        Err(DialError::Closed(CloseReason::Refused)) => {}
+        other => panic!("refused attempt: {other:?}"),
+    }
+
+    // A listened port is not the fallback's, and datagrams to other ports are.
+    let (etx, _erx) = mpsc::channel(8);
+    a.engine
+        .dial(PilotAddr::new(Addr::new(0, nb), 7), etx)
+        .await
+        .expect("the echo port is served by its listener");
+    a.engine
+        .send(Cmd::SendTo {
+            dst: PilotAddr::new(Addr::new(0, nb), 5353),
+            src_port: Some(4000),
+            data: b"hello".to_vec(),
+        })
+        .await
+        .unwrap();
+    match next(&mut frx).await {
+        AppEvent::Datagram {
+            src,
+            dst_port,
+            data,
+        } => {
+            assert_eq!((src.addr.node, src.port, dst_port), (na, 4000, 5353));
+            assert_eq!(data, b"hello");
+        }
+        other => panic!("{other:?}"),
     }
 }

@@ -160,7 +160,7 @@ async fn echo(engine: EngineHandle, port: u16) {
                 AppEvent::Closed { conn, .. } => {
                     let _ = engine.send(Cmd::Close { conn }).await;
                 }
-                AppEvent::Datagram { .. } => {}
+                AppEvent::Datagram { .. } | AppEvent::Incoming { .. } => {}
             }
         }
     });

@@ -60,6 +60,8 @@ pub(super) type Room = (ConnId, Option<mpsc::OwnedPermit<AppEvent>>);
 pub(super) struct Apps {
     conns: HashMap<ConnId, Conn>,
     listeners: HashMap<u16, Listener>,
+    /// Who takes attempts and datagrams to ports no one listens on.
+    fallback: Option<mpsc::Sender<AppEvent>>,
     waiters: JoinSet<Room>,
 }
 
@@ -141,6 +143,56 @@ impl Apps {
                     self.listeners.remove(&port);
                     node.unlisten(now, port);
                 }
+            }
+            Cmd::ListenFallback { events, reply } => {
+                if self.fallback.as_ref().is_some_and(|f| !f.is_closed()) {
+                    let _ = reply.send(Err(ListenError::FallbackTaken.into()));
+                } else {
+                    node.unlisten_fallback();
+                    let r = node.listen_fallback().map_err(Into::into);
+                    if r.is_ok() {
+                        self.fallback = Some(events);
+                    }
+                    let _ = reply.send(r);
+                }
+            }
+            Cmd::UnlistenFallback => {
+                self.fallback = None;
+                node.unlisten_fallback();
+            }
+            Cmd::AcceptIncoming { id, events, reply } => match node.accept_incoming(now, id) {
+                Ok(conn) => {
+                    // The node just created the connection; its info is there.
+                    let Some(info) = node.connection_info(conn) else {
+                        let _ = node.abort(now, conn);
+                        let _ = reply.send(Err(DialError::Closed(CloseReason::Aborted)));
+                        return;
+                    };
+                    let (remote, local_port) = (info.remote, info.local_port);
+                    self.conns.insert(
+                        conn.0,
+                        Conn {
+                            events,
+                            credit: Arc::new(Semaphore::new(WRITE_CREDIT)),
+                            pending: VecDeque::new(),
+                            pending_off: 0,
+                            dial: Some(reply),
+                            close_requested: false,
+                            shut: false,
+                            finished: false,
+                            closed: None,
+                            waiting: false,
+                            remote,
+                            local_port,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(DialError::Incoming(e)));
+                }
+            },
+            Cmd::RefuseIncoming { id } => {
+                let _ = node.refuse_incoming(id);
             }
             Cmd::Dial { dst, events, reply } => match node.dial(now, dst) {
                 Ok(id) => {
@@ -238,18 +290,28 @@ impl Apps {
                                "dst_port": dst_port, "size": data.len()}),
                     );
                 }
-                if let Some(l) = self.listeners.get(&dst_port) {
-                    let _ = l.events.try_send(AppEvent::Datagram {
+                let owner = match self.listeners.get(&dst_port) {
+                    Some(l) => Some(&l.events),
+                    None => self.fallback.as_ref(),
+                };
+                if let Some(events) = owner {
+                    let _ = events.try_send(AppEvent::Datagram {
                         src,
                         dst_port,
                         data,
                     });
                 }
             }
-            // The daemon holds no fallback listener yet (the TUN front end will); an attempt
-            // reported anyway is refused as from a closed port.
-            Event::Incoming { id, .. } => {
-                let _ = node.refuse_incoming(id);
+            // Attempts to ports no one listens on go to the fallback listener's owner; with no
+            // owner (or no room in its queue) they are refused as from a closed port.
+            Event::Incoming { id, port, remote } => {
+                let told = self
+                    .fallback
+                    .as_ref()
+                    .is_some_and(|f| f.try_send(AppEvent::Incoming { id, port, remote }).is_ok());
+                if !told {
+                    let _ = node.refuse_incoming(id);
+                }
             }
             Event::NeedKey(_)
             | Event::NeedEndpoint(_)

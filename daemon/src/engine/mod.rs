@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tunnel::node::tunnels::Path;
-use tunnel::node::{CloseReason, Event, Node};
+use tunnel::node::{CloseReason, Event, IncomingError, IncomingId, Node};
 use tunnel::stream::{EndpointConfig, State};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
@@ -87,7 +87,20 @@ pub enum AppEvent {
         /// Why, if it failed.
         error: Option<CloseReason>,
     },
-    /// A datagram to a listened port.
+    /// A connection attempt to a port no one listens on, for the fallback listener
+    /// ([`EngineHandle::listen_fallback`]): answer it with
+    /// [`EngineHandle::accept_incoming`] or [`EngineHandle::refuse_incoming`] (undecided
+    /// attempts are refused after the node core's deferral timeout).
+    Incoming {
+        /// Names the attempt in the decision.
+        id: IncomingId,
+        /// The local port asked for.
+        port: u16,
+        /// The dialer.
+        remote: PilotAddr,
+    },
+    /// A datagram to a listened port (or, for the fallback listener, to a port no one
+    /// listens on).
     Datagram {
         /// Sender.
         src: PilotAddr,
@@ -121,6 +134,29 @@ pub enum Cmd {
         /// still that listener's (a late unbind never takes a port someone bound since).
         /// `None` unbinds whoever holds it.
         owner: Option<mpsc::WeakSender<AppEvent>>,
+    },
+    /// Take connection attempts and datagrams to every port no one listens on.
+    ListenFallback {
+        /// Where [`AppEvent::Incoming`] and the datagrams go.
+        events: mpsc::Sender<AppEvent>,
+        /// Result.
+        reply: oneshot::Sender<Result<(), BindError>>,
+    },
+    /// Give the fallback listener up; undecided attempts are refused.
+    UnlistenFallback,
+    /// Accept an attempt reported by [`AppEvent::Incoming`].
+    AcceptIncoming {
+        /// The attempt.
+        id: IncomingId,
+        /// Where the connection's events go.
+        events: mpsc::Sender<AppEvent>,
+        /// The connection and its write credit once the handshake completes, or why not.
+        reply: DialReply,
+    },
+    /// Refuse an attempt reported by [`AppEvent::Incoming`]: the dialer gets an RST.
+    RefuseIncoming {
+        /// The attempt.
+        id: IncomingId,
     },
     /// Open a connection.
     Dial {
@@ -208,6 +244,9 @@ pub enum DialError {
     /// The connection ended before it was established (refused, timed out ...).
     #[error(transparent)]
     Closed(#[from] tunnel::node::CloseReason),
+    /// An incoming attempt could not be accepted (withdrawn, expired, over a limit).
+    #[error(transparent)]
+    Incoming(#[from] IncomingError),
     /// The engine is gone.
     #[error(transparent)]
     Stopped(#[from] Stopped),
@@ -290,6 +329,31 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Dial { dst, events, reply }).await?;
         rx.await.map_err(|_| Stopped)?
+    }
+
+    /// Takes connection attempts ([`AppEvent::Incoming`]) and datagrams to every port no one
+    /// listens on; one owner at a time. The fallback is given up when `events` closes.
+    pub async fn listen_fallback(&self, events: mpsc::Sender<AppEvent>) -> Result<(), BindError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::ListenFallback { events, reply }).await?;
+        rx.await.map_err(|_| Stopped)?
+    }
+
+    /// Accepts an attempt reported by [`AppEvent::Incoming`]: answers once the handshake
+    /// completed, with the connection and its write credit.
+    pub async fn accept_incoming(
+        &self,
+        id: IncomingId,
+        events: mpsc::Sender<AppEvent>,
+    ) -> Result<(ConnId, Arc<Semaphore>), DialError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::AcceptIncoming { id, events, reply }).await?;
+        rx.await.map_err(|_| Stopped)?
+    }
+
+    /// Refuses an attempt reported by [`AppEvent::Incoming`] (the dialer gets an RST).
+    pub async fn refuse_incoming(&self, id: IncomingId) -> Result<(), Stopped> {
+        self.send(Cmd::RefuseIncoming { id }).await
     }
 
     /// Writes `data` to `conn`, waiting for credit; large writes go in pieces.
