@@ -92,8 +92,7 @@ pub const DEFAULT_MAX_ENTRIES: usize = 65_536;
 pub const MAX_HELD_SYN: usize = 128;
 /// Default largest UDP payload handed to the caller as a Pilot datagram: a Pilot packet's
 /// payload ([`crate::node::MAX_PACKET`] minus the Pilot header).
-pub const DEFAULT_MAX_DATAGRAM: usize =
-    crate::node::MAX_PACKET - crate::wire::header::HEADER_LEN;
+pub const DEFAULT_MAX_DATAGRAM: usize = crate::node::MAX_PACKET - crate::wire::header::HEADER_LEN;
 
 /// The fake address with index `index`.
 pub const fn fake_addr(index: u32) -> Ipv6Addr {

@@ -42,10 +42,7 @@ enum Side {
 enum State {
     /// Outbound, waiting for the caller's dial; holds the application's SYN (complete
     /// checksum).
-    Pending {
-        syn: [u8; MAX_HELD_SYN],
-        len: usize,
-    },
+    Pending { syn: [u8; MAX_HELD_SYN], len: usize },
     /// Inbound, waiting for pilotd's SYN to `fake:d`.
     Reserved,
     /// Carrying a connection.
@@ -292,7 +289,7 @@ impl Hairpin {
             Err(reason) => return Verdict::Drop(reason),
         };
         if let Some(index) = fake_index(&ip.dst) {
-            return self.from_pilotd(now, p, ip, &tcp, index, mode);
+            return self.classify_inner(now, p, ip, &tcp, index, mode);
         }
         let peer = match self.pilot_peer(&ip.dst) {
             Ok(peer) => peer,
@@ -365,7 +362,7 @@ impl Hairpin {
     }
 
     /// A segment from pilotd's socket `own:c` to `fake:d`.
-    fn from_pilotd(
+    fn classify_inner(
         &mut self,
         now: Instant,
         p: &mut [u8],
@@ -493,13 +490,9 @@ impl Hairpin {
                 let ack = tcp.seq.wrapping_add(tcp.seg_len());
                 build_tcp(from, to, 0, ack, tcp_flags::RST | tcp_flags::ACK, out)?
             }
-            Refusal::Unreachable => build_dest_unreachable(
-                peer,
-                self.own,
-                icmp::CODE_ADDRESS_UNREACHABLE,
-                syn,
-                out,
-            )?,
+            Refusal::Unreachable => {
+                build_dest_unreachable(peer, self.own, icmp::CODE_ADDRESS_UNREACHABLE, syn, out)?
+            }
             Refusal::Prohibited => {
                 build_dest_unreachable(peer, self.own, icmp::CODE_PROHIBITED, syn, out)?
             }
@@ -598,5 +591,32 @@ impl Hairpin {
             self.entries.get(&key).map(|e| &e.state),
             Some(State::Lingering(d)) if *d == deadline
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_index_wraps_and_skips_indices_in_use() {
+        let own = Addr::new(1, 1);
+        let mut h = Hairpin::new(HairpinConfig::new(own, 4000));
+        let peer = ula::to_ipv6(Addr::new(1, 2));
+        let at_zero = h
+            .prepare_inbound(SocketAddrV6::new(peer, 1, 0, 0), 22)
+            .unwrap();
+        assert_eq!(fake_index(at_zero.fake.ip()), Some(0));
+        h.next_fake = u32::MAX;
+        let last = h
+            .prepare_inbound(SocketAddrV6::new(peer, 2, 0, 0), 22)
+            .unwrap();
+        assert_eq!(fake_index(last.fake.ip()), Some(u32::MAX));
+        // Index 0 is still in use: the counter wraps past it.
+        let next = h
+            .prepare_inbound(SocketAddrV6::new(peer, 3, 0, 0), 22)
+            .unwrap();
+        assert_eq!(fake_index(next.fake.ip()), Some(1));
+        assert!(ula::from_ipv6(*next.fake.ip()).is_err());
     }
 }

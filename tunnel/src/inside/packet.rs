@@ -478,7 +478,9 @@ pub fn build_dest_unreachable(
     invoking: &[u8],
     out: &mut [u8],
 ) -> Result<usize, BuildError> {
-    let quote = invoking.len().min(IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN);
+    let quote = invoking
+        .len()
+        .min(IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN);
     let mut head = [0u8; ICMPV6_HEADER_LEN];
     head[0] = icmp::DEST_UNREACHABLE;
     head[1] = code;
