@@ -188,7 +188,8 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The packet was rewritten in place: write `packet[..len]` back to the TUN. Its checksum is
-    /// in the [`ChecksumMode`] it arrived in.
+    /// in the [`ChecksumMode`] it arrived in, and no header moved, so a virtio-net header read
+    /// with it (checksum start and offset, GSO fields) is still valid for the write.
     Rewritten {
         /// Length of the packet.
         len: usize,
