@@ -13,6 +13,7 @@
 pub mod addr;
 pub mod crypto;
 pub mod identity;
+pub mod inside;
 pub mod ipc;
 pub mod node;
 pub mod registry;
