@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! pilot0: TUN (IFF_TUN | IFF_NO_PI, no IFF_VNET_HDR), MTU from the config, up
-//!   inet6 fd06:3fcd:b33d:<net>::<node>/128 nodad          (the node's ULA, the only address)
+//!   inet6 fd06:3fcd:b33d:<net>::<node>/128 nodad noprefixroute  (the node's ULA, the only
+//!                                                                address)
 //!   fd06:3fcd:b33d::/48 dev pilot0 src <the node's ULA>    (main table)
 //!   addr_gen_mode = none                                  (no fe80:: link-local address)
 //! ```
@@ -60,7 +61,9 @@ pub const MIN_MTU: u16 = 1280;
 /// Longest interface name Linux accepts (IFNAMSIZ less the terminating NUL).
 pub const MAX_NAME_LEN: usize = 15;
 
-/// `IFLA_TUN_NUM_QUEUES` (linux/if_link.h): how many descriptors hold the TUN device.
+/// `IFLA_TUN_NUM_QUEUES` (linux/if_link.h): how many descriptors hold the TUN device. The
+/// kernel reports it for multi-queue devices only; for the others, carrier tells (the driver
+/// turns it on when a descriptor attaches and off when the last one detaches).
 const IFLA_TUN_NUM_QUEUES: u16 = 8;
 /// `IFLA_TUN_TYPE` (linux/if_link.h): 1 for TUN, 2 for TAP.
 const IFLA_TUN_TYPE: u16 = 3;
@@ -327,9 +330,13 @@ fn link_kind(m: &LinkMessage) -> LinkKind {
             }
         }
     }
+    let carrier = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Carrier(c) => Some(*c != 0),
+        _ => None,
+    });
     match tun_type {
         Some(TUN_TYPE_TUN) | None => LinkKind::Tun {
-            held: queues.unwrap_or(0) > 0,
+            held: queues.map_or(carrier.unwrap_or(true), |q| q > 0),
         },
         Some(_) => LinkKind::Other("tap".into()),
     }
@@ -507,15 +514,17 @@ async fn cleanup_with(handle: &Handle, name: &str) -> Result<Cleanup, IfaceError
 }
 
 /// The address message for the node's ULA on `index`: /128, no duplicate address detection
-/// (the address is ours by construction, and DAD would hold it tentative for a second).
+/// (the address is ours by construction, and DAD would hold it tentative for a second), and no
+/// prefix route of its own (the /48 route covers it).
 fn address_message(index: u32, addr: Ipv6Addr) -> AddressMessage {
     let mut m = rtnetlink::AddressMessageBuilder::<Ipv6Addr>::new()
         .index(index)
         .address(addr, 128)
         .build();
     m.header.flags = AddressHeaderFlags::Nodad;
-    m.attributes
-        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    m.attributes.push(AddressAttribute::Flags(
+        AddressFlags::Nodad | AddressFlags::Noprefixroute,
+    ));
     m
 }
 
