@@ -155,13 +155,19 @@ pub struct Cli {
 /// `pilotd` subcommands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
 pub enum Command {
-    /// Run the daemon as plain `pilotd` does and, once the node is registered, create the TUN
+    /// Run the daemon and bring up the TUN interface with this node's IPv6 address.
+    ///
+    /// Runs the daemon as plain `pilotd` does and, once the node is registered, creates the TUN
     /// interface (--tun-name, default pilot0) with the node's IPv6 address
     /// fd06:3fcd:b33d:<net>::<node>/128 and a route to fd06:3fcd:b33d::/48. The interface,
     /// address and route are removed on SIGTERM or SIGINT. Needs root or CAP_NET_ADMIN.
     Up,
-    /// Remove what `pilotd up` left behind (its TUN interface of that name, routes to
-    /// fd06:3fcd:b33d::/48, Pilot addresses) and exit; exits 0 when there was nothing.
+    /// Remove what a stopped `pilotd up` left behind, and exit.
+    ///
+    /// Removes a TUN interface of that name that no process holds, routes to
+    /// fd06:3fcd:b33d::/48 and Pilot addresses; exits 0, also when there was nothing to remove.
+    /// Interfaces of another kind, and a TUN interface a running `pilotd up` holds, are left
+    /// alone (an error).
     Down,
 }
 

@@ -98,8 +98,15 @@ impl Netns {
 
     /// `pilotd args...` inside the namespace with `home` as state directory.
     fn pilotd(&self, home: &Path, registry: &str, args: &[&str]) -> Command {
+        self.pilotd_with(&[], home, registry, args)
+    }
+
+    /// Like [`Netns::pilotd`], run through `wrapper` (a command and its arguments).
+    fn pilotd_with(&self, wrapper: &[&str], home: &Path, registry: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_pilotd")])
+        c.args(["netns", "exec", &self.name])
+            .args(wrapper)
+            .arg(env!("CARGO_BIN_EXE_pilotd"))
             .arg("--home")
             .arg(home)
             .arg("--socket")
@@ -466,5 +473,30 @@ fn ipv6_disabled_by_default_is_enabled_on_the_interface() {
     assert!(up.log_text().contains("enabled it on this interface only"));
     up.signal("-INT");
     assert!(up.wait().success());
+    assert_clean(&ns);
+}
+
+#[test]
+#[ignore = "needs root: network namespaces and /dev/net/tun"]
+fn without_cap_net_admin_up_says_what_is_missing() {
+    let ns = Netns::new();
+    let reg = ns.registry();
+    let home = tempfile::tempdir().unwrap();
+    let drop_cap = [
+        "setpriv",
+        "--inh-caps=-net_admin",
+        "--bounding-set=-net_admin",
+    ];
+    let out = ns
+        .pilotd_with(&drop_cap, home.path(), &reg, &["up"])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("creating TUN interface pilot0: permission denied; run as root or give pilotd CAP_NET_ADMIN"),
+        "{err}"
+    );
     assert_clean(&ns);
 }
