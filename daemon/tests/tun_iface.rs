@@ -330,7 +330,9 @@ fn after_kill_9_up_starts_again_and_cleans_leftovers() {
     wait_until("the kernel to remove pilot0", || {
         !link_exists(&ns, "pilot0")
     });
-    // What a crash may leave elsewhere: a Pilot route and address on another device.
+    // What a crash may leave: a persistent TUN of that name nobody holds, a Pilot route and
+    // address on another device.
+    ns.ip(&["tuntap", "add", "dev", "pilot0", "mode", "tun"]);
     ns.veth("stale0");
     ns.ip(&[
         "-6",

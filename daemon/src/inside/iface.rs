@@ -272,7 +272,16 @@ fn prepare_ipv6(name: &str) -> Result<(), IfaceError> {
             "IPv6 is disabled by default on this host; enabled it on this interface only"
         );
     }
-    write_sysctl(&sysctl_path(name, "addr_gen_mode"), ADDR_GEN_MODE_NONE)
+    match write_sysctl(&sysctl_path(name, "addr_gen_mode"), ADDR_GEN_MODE_NONE) {
+        Err(e @ IfaceError::PermissionDenied { .. }) => Err(e),
+        // Kernels before 4.11 have no such knob; the /48 route's pinned source still keeps a
+        // link-local address from ever being the source toward Pilot addresses.
+        Err(e) => {
+            tracing::warn!(iface = name, error = %e, "cannot turn off link-local address generation");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 /// What a link of the configured name is.
