@@ -401,7 +401,7 @@ fn down_cleans_leftovers_and_is_idempotent() {
 
 #[test]
 #[ignore = "needs root: network namespaces and /dev/net/tun"]
-fn a_removed_address_is_put_back_and_down_refuses_a_live_interface() {
+fn what_is_removed_is_put_back_and_down_refuses_a_live_interface() {
     let ns = Netns::new();
     let reg = ns.registry();
     let home = tempfile::tempdir().unwrap();
@@ -424,6 +424,15 @@ fn a_removed_address_is_put_back_and_down_refuses_a_live_interface() {
     });
     ns.ip(&["-6", "route", "del", "fd06:3fcd:b33d::/48", "dev", "pilot0"]);
     wait_until("the route to come back", || pilot_routes(&ns).len() == 1);
+    assert_configured(&ns, up.ula, 65535);
+    ns.ip(&["link", "set", "pilot0", "down"]);
+    wait_until("the link, address and route to come back", || {
+        ns.ip(&["link", "show", "pilot0"]).contains(",UP")
+            && ns
+                .ip(&["-o", "-6", "addr", "show", "dev", "pilot0"])
+                .contains(&up.ula.to_string())
+            && pilot_routes(&ns).len() == 1
+    });
     assert_configured(&ns, up.ula, 65535);
     let log = up.log_text();
     assert!(log.contains("put back what was removed"), "{log}");

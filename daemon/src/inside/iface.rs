@@ -21,7 +21,8 @@
 //!   a link-local address there, and the /48 route pins the ULA as preferred source.
 //! - The device is not persistent: when the last descriptor closes (a crash, `kill -9`) the
 //!   kernel removes the interface together with its address and routes.
-//! - A watcher puts the address and the route back when something else removes them.
+//! - A watcher puts the address and the route back when something else removes them, and
+//!   brings the link up again when something takes it down.
 //! - Nothing here removes an interface that is not a TUN device, nor a TUN device that a live
 //!   process holds open: those are errors ([`IfaceError::NameTaken`], [`IfaceError::InUse`]).
 
@@ -35,7 +36,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
-use netlink_packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, Nla};
@@ -546,6 +549,15 @@ fn route_message(index: u32, addr: Ipv6Addr) -> RouteMessage {
         .build()
 }
 
+async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), IfaceError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| netlink(format!("bringing {name} up"), e))
+}
+
 async fn add_address(handle: &Handle, index: u32, addr: Ipv6Addr) -> Result<(), IfaceError> {
     let mut req = handle.address().add(index, IpAddr::V6(addr), 128).replace();
     *req.message_mut() = address_message(index, addr);
@@ -634,12 +646,7 @@ impl Iface {
         })?;
         // A device dropped on an error path below takes the interface with it.
         prepare_ipv6(&name)?;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| netlink(format!("bringing {name} up"), e))?;
+        set_up(&handle, index, &name).await?;
         add_address(&handle, index, addr).await?;
         add_route(&handle, index, addr).await?;
         let repairs = Arc::new(AtomicU64::new(0));
@@ -776,6 +783,7 @@ fn watch(
     repairs: Arc<AtomicU64>,
 ) -> Result<JoinHandle<()>, IfaceError> {
     let (conn, _, mut events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
         MulticastGroup::Ipv6Ifaddr,
         MulticastGroup::Ipv6Route,
     ])
@@ -801,6 +809,20 @@ fn watch(
                         Err(e) => Err(e),
                     };
                     Some(("address", r))
+                }
+                // Taking the link down flushes its IPv6 address and routes: bring it up and
+                // put them back.
+                RouteNetlinkMessage::NewLink(l)
+                    if l.header.index == index && !l.header.flags.contains(LinkFlags::Up) =>
+                {
+                    let r = match set_up(&handle, index, &name).await {
+                        Ok(()) => match add_address(&handle, index, addr).await {
+                            Ok(()) => add_route(&handle, index, addr).await,
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    Some(("link", r))
                 }
                 RouteNetlinkMessage::DelRoute(r)
                     if is_pilot_route(&r)
