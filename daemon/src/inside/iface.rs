@@ -606,20 +606,15 @@ impl Iface {
     pub async fn up(config: &IfaceConfig, addr: Ipv6Addr) -> Result<Iface, IfaceError> {
         check_name(&config.name)?;
         check_ipv6()?;
-        let name = config.name.clone();
         let (conn, handle, _) = rtnetlink::new_connection().map_err(IfaceError::Socket)?;
         let mut tasks = vec![tokio::spawn(conn)];
-        match Iface::build(config, addr, handle, &mut tasks).await {
-            Ok(iface) => Ok(iface),
-            Err(e) => {
-                for t in tasks {
-                    t.abort();
-                }
-                Err(e)
+        let r = Iface::build(config, addr, handle, &mut tasks).await;
+        if r.is_err() {
+            for t in tasks {
+                t.abort();
             }
         }
-        .inspect(|i| tracing::debug!(iface = %i.name, index = i.index, "interface configured"))
-        .inspect_err(|e| tracing::debug!(iface = %name, error = %e, "interface not configured"))
+        r
     }
 
     async fn build(
