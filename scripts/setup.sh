@@ -10,8 +10,10 @@ need_root() {
     fi
 }
 
-# Debian packages used by the tests (kept in one list as later tests add to it).
-APT_PACKAGES=(pkg-config nftables iproute2)
+# Debian packages used by the tests (kept in one list as later tests add to it): iproute2
+# (ip netns, ip link/addr/route), procps (sysctl) and util-linux (setpriv) for the TUN
+# interface tests.
+APT_PACKAGES=(pkg-config nftables iproute2 procps util-linux)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

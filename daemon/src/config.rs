@@ -23,121 +23,152 @@ pub use pilot_driver::config::{parse_duration, SOCKET_FILE, SYSTEM_HOME, SYSTEM_
 registry, keeps encrypted tunnels to peers (direct, hole-punched or relayed through a beacon) \
 and serves agents and pilotctl on a Unix socket.\n\nEvery flag can also be set with the \
 environment variable shown, or as a key of the JSON file given with --config (v1 config files \
-load). Flags win over the environment, which wins over the file."
+load). Flags win over the environment, which wins over the file.\n\nWithout a subcommand pilotd \
+runs the daemon. `pilotd up` runs the same daemon and also gives the host a network interface \
+(pilot0) carrying the node's IPv6 address in fd06:3fcd:b33d::/48; `pilotd down` removes what a \
+crashed `pilotd up` left behind."
 )]
 pub struct Cli {
+    /// What to do; without one, run the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// JSON configuration file (keys are flag names; v1 keys accepted).
-    #[arg(long, env = "PILOT_CONFIG")]
+    #[arg(long, global = true, env = "PILOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Print the effective configuration as JSON and exit (non-zero if it is invalid).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub check_config: bool,
     /// Registry address (host:port).
-    #[arg(long, env = "PILOT_REGISTRY")]
+    #[arg(long, global = true, env = "PILOT_REGISTRY")]
     pub registry: Option<String>,
     /// Beacon address (host:port); "" disables NAT traversal through a beacon.
-    #[arg(long, env = "PILOT_BEACON")]
+    #[arg(long, global = true, env = "PILOT_BEACON")]
     pub beacon: Option<String>,
     /// UDP address of the tunnel socket. [default: [::]:4000]
-    #[arg(long, env = "PILOT_LISTEN")]
+    #[arg(long, global = true, env = "PILOT_LISTEN")]
     pub listen: Option<String>,
     /// Public endpoint to register instead of discovering it through the beacon (host:port;
     /// the registry keeps only the port and uses the address it sees).
-    #[arg(long, env = "PILOT_ENDPOINT")]
+    #[arg(long, global = true, env = "PILOT_ENDPOINT")]
     pub endpoint: Option<String>,
     /// State directory (identity, trust). [default: /var/lib/pilot as root, else $PILOT_HOME
     /// or ~/.pilot]
-    #[arg(long, env = "PILOT_HOME")]
+    #[arg(long, global = true, env = "PILOT_HOME")]
     pub home: Option<PathBuf>,
     /// Identity file. [default: <home>/identity.json]
-    #[arg(long, env = "PILOT_IDENTITY")]
+    #[arg(long, global = true, env = "PILOT_IDENTITY")]
     pub identity: Option<PathBuf>,
     /// IPC socket path. [default: /run/pilot/pilotd.sock as root, else <home>/pilotd.sock]
-    #[arg(long, env = "PILOT_SOCKET")]
+    #[arg(long, global = true, env = "PILOT_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Encrypt tunnels (X25519 + AES-256-GCM). [default: true]
-    #[arg(long, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
     pub encrypt: Option<bool>,
     /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
-    #[arg(long, env = "PILOT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     pub allow_plaintext: Option<bool>,
     /// Use UDP segmentation offload (GSO/GRO) on the tunnel socket where the kernel offers it;
     /// the datagrams on the wire are the same either way. [default: true]
-    #[arg(long, env = "PILOT_UDP_OFFLOAD", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_UDP_OFFLOAD", num_args = 0..=1, default_missing_value = "true")]
     pub udp_offload: Option<bool>,
     /// Owner string sent at registration (an e-mail address, say).
-    #[arg(long, env = "PILOT_OWNER")]
+    #[arg(long, global = true, env = "PILOT_OWNER")]
     pub owner: Option<String>,
     /// Hostname to claim after registering.
-    #[arg(long, env = "PILOT_HOSTNAME")]
+    #[arg(long, global = true, env = "PILOT_HOSTNAME")]
     pub hostname: Option<String>,
     /// Make the node public (its endpoint visible to everyone). [default: false]
-    #[arg(long, env = "PILOT_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
     pub public: Option<bool>,
     /// Turn off the echo service (virtual port 7, streams and datagrams). [default: on]
-    #[arg(long, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
     pub no_echo: Option<bool>,
     /// Turn off the data exchange service (virtual port 1001: messages and files). [default: on]
-    #[arg(long, env = "PILOT_NO_DATAEXCHANGE", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_DATAEXCHANGE", num_args = 0..=1, default_missing_value = "true")]
     pub no_dataexchange: Option<bool>,
     /// Turn off the event stream broker (virtual port 1002: publish/subscribe). [default: on]
-    #[arg(long, env = "PILOT_NO_EVENTSTREAM", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_EVENTSTREAM", num_args = 0..=1, default_missing_value = "true")]
     pub no_eventstream: Option<bool>,
     /// Turn off the task delegation service (virtual port 1003). [default: on]
-    #[arg(long, env = "PILOT_NO_TASKS", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_TASKS", num_args = 0..=1, default_missing_value = "true")]
     pub no_tasks: Option<bool>,
     /// Turn off the nameserver (virtual port 53: name, network and service records). [default: on]
-    #[arg(long, env = "PILOT_NO_NAMESERVER", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_NAMESERVER", num_args = 0..=1, default_missing_value = "true")]
     pub no_nameserver: Option<bool>,
     /// Turn off the stdio service (virtual port 1000: text streams land in the inbox). [default: on]
-    #[arg(long, env = "PILOT_NO_STDIO", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_NO_STDIO", num_args = 0..=1, default_missing_value = "true")]
     pub no_stdio: Option<bool>,
     /// Registry heartbeat and NAT keepalive interval (e.g. 30s). [default: 30s]
-    #[arg(long, env = "PILOT_KEEPALIVE")]
+    #[arg(long, global = true, env = "PILOT_KEEPALIVE")]
     pub keepalive: Option<String>,
     /// Close connections idle this long (e.g. 120s). [default: 120s]
-    #[arg(long, env = "PILOT_IDLE_TIMEOUT")]
+    #[arg(long, global = true, env = "PILOT_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
     /// Most new inbound connections per second from all peers together, 0 for no limit
     /// (each second's worth may come at once). [default: 1000]
-    #[arg(long, env = "PILOT_SYN_RATE_LIMIT")]
+    #[arg(long, global = true, env = "PILOT_SYN_RATE_LIMIT")]
     pub syn_rate_limit: Option<u32>,
     /// Most new inbound connections per second from one peer, 0 for no limit.
     /// [default: 200]
-    #[arg(long, env = "PILOT_SYN_RATE_LIMIT_PER_PEER")]
+    #[arg(long, global = true, env = "PILOT_SYN_RATE_LIMIT_PER_PEER")]
     pub syn_rate_limit_per_peer: Option<u32>,
     /// Most connections per local port. [default: 1024]
-    #[arg(long, env = "PILOT_MAX_CONNS_PER_PORT")]
+    #[arg(long, global = true, env = "PILOT_MAX_CONNS_PER_PORT")]
     pub max_conns_per_port: Option<usize>,
     /// Most connections in total. [default: 4096]
-    #[arg(long, env = "PILOT_MAX_CONNS_TOTAL")]
+    #[arg(long, global = true, env = "PILOT_MAX_CONNS_TOTAL")]
     pub max_conns_total: Option<usize>,
     /// Accept tasks from peers (the setting is kept in <home>/tasks/settings.json;
     /// `pilotctl enable-tasks` changes it at run time). [default: the kept setting, else off]
-    #[arg(long, env = "PILOT_ACCEPT_TASKS", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_ACCEPT_TASKS", num_args = 0..=1, default_missing_value = "true")]
     pub accept_tasks: Option<bool>,
     /// Largest file the data exchange service accepts, in bytes. [default: 1073741824]
-    #[arg(long, env = "PILOT_MAX_FILE_SIZE")]
+    #[arg(long, global = true, env = "PILOT_MAX_FILE_SIZE")]
     pub max_file_size: Option<u64>,
     /// Most bytes of received files kept in <home>/received (0: no limit).
     /// [default: 17179869184]
-    #[arg(long, env = "PILOT_MAX_RECEIVED_BYTES")]
+    #[arg(long, global = true, env = "PILOT_MAX_RECEIVED_BYTES")]
     pub max_received_bytes: Option<u64>,
     /// Registry connection over TLS (needs --registry-fingerprint). [default: false]
-    #[arg(long, env = "PILOT_REGISTRY_TLS", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, env = "PILOT_REGISTRY_TLS", num_args = 0..=1, default_missing_value = "true")]
     pub registry_tls: Option<bool>,
     /// SHA-256 of the registry's certificate, lowercase hex (pins the registry).
-    #[arg(long, env = "PILOT_REGISTRY_FINGERPRINT")]
+    #[arg(long, global = true, env = "PILOT_REGISTRY_FINGERPRINT")]
     pub registry_fingerprint: Option<String>,
     /// Webhook URL for daemon events ("" disables).
-    #[arg(long, env = "PILOT_WEBHOOK")]
+    #[arg(long, global = true, env = "PILOT_WEBHOOK")]
     pub webhook: Option<String>,
     /// Log level (error, warn, info, debug, trace, or a tracing filter). [default: info]
-    #[arg(long, env = "PILOT_LOG_LEVEL")]
+    #[arg(long, global = true, env = "PILOT_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Log format: text or json. [default: text]
-    #[arg(long, env = "PILOT_LOG_FORMAT")]
+    #[arg(long, global = true, env = "PILOT_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// TUN interface name for `up` and `down` (at most 15 bytes). [default: pilot0]
+    #[arg(long, global = true, env = "PILOT_TUN_NAME")]
+    pub tun_name: Option<String>,
+    /// MTU of the TUN interface for `up`, 1280 to 65535. [default: 65535]
+    #[arg(long, global = true, env = "PILOT_MTU")]
+    pub mtu: Option<u32>,
+}
+
+/// `pilotd` subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Run the daemon and bring up the TUN interface with this node's IPv6 address.
+    ///
+    /// Runs the daemon as plain `pilotd` does and, once the node is registered, creates the TUN
+    /// interface (--tun-name, default pilot0) with the node's IPv6 address
+    /// fd06:3fcd:b33d:<net>::<node>/128 and a route to fd06:3fcd:b33d::/48. The interface,
+    /// address and route are removed on SIGTERM or SIGINT. Needs root or CAP_NET_ADMIN.
+    Up,
+    /// Remove what a stopped `pilotd up` left behind, and exit.
+    ///
+    /// Removes a TUN interface of that name that no process holds, routes to
+    /// fd06:3fcd:b33d::/48 and Pilot addresses; exits 0, also when there was nothing to remove.
+    /// Interfaces of another kind, and a TUN interface a running `pilotd up` holds, are left
+    /// alone (an error).
+    Down,
 }
 
 /// The effective configuration.
@@ -211,6 +242,10 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// TUN interface name (`pilotd up` and `pilotd down`).
+    pub tun_name: String,
+    /// TUN interface MTU (`pilotd up`).
+    pub mtu: u16,
 }
 
 mod secs {
@@ -469,6 +504,27 @@ impl Cli {
         if keepalive < Duration::from_secs(1) {
             return Err(invalid("keepalive", "must be at least 1s"));
         }
+        let tun_name = get(self.tun_name.clone(), "tun-name")
+            .unwrap_or_else(|| crate::inside::iface::DEFAULT_NAME.into());
+        crate::inside::iface::check_name(&tun_name)
+            .map_err(|e| invalid("tun-name", e.to_string()))?;
+        let mtu = num(
+            self.mtu.map(u64::from),
+            "mtu",
+            u64::from(crate::inside::iface::DEFAULT_MTU),
+        )?;
+        let mtu = u16::try_from(mtu)
+            .ok()
+            .filter(|m| *m >= crate::inside::iface::MIN_MTU)
+            .ok_or_else(|| {
+                invalid(
+                    "mtu",
+                    format!(
+                        "{mtu} is outside {}..=65535 (IPv6 needs at least 1280)",
+                        crate::inside::iface::MIN_MTU
+                    ),
+                )
+            })?;
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -548,6 +604,8 @@ impl Cli {
             },
             log_level: get(self.log_level.clone(), "log-level").unwrap_or_else(|| "info".into()),
             log_format,
+            tun_name,
+            mtu,
         })
     }
 }
@@ -587,6 +645,8 @@ const KNOWN_KEYS: &[&str] = &[
     "webhook",
     "log-level",
     "log-format",
+    "tun-name",
+    "mtu",
 ];
 
 #[cfg(test)]
@@ -656,6 +716,40 @@ mod tests {
         assert!(c.public);
         assert_eq!(c.max_conns_total, 12);
         assert_eq!(c.hostname.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn tun_settings_resolve_and_validate() {
+        let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
+        assert_eq!(c.tun_name, "pilot0");
+        assert_eq!(c.mtu, 65535);
+        assert_eq!(cli(&[]).command, None);
+        let c = cli(&[
+            "up",
+            "--tun-name",
+            "pt1",
+            "--mtu",
+            "1280",
+            "--home",
+            "/tmp/x",
+        ]);
+        assert_eq!(c.command, Some(Command::Up));
+        let c = c.resolve().unwrap();
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("pt1", 1280));
+        assert_eq!(cli(&["down"]).command, Some(Command::Down));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"tun_name": "pfile", "mtu": "9000"}"#).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("pfile", 9000));
+        for bad in [&["--mtu", "1279"][..], &["--mtu", "65536"], &["--mtu", "0"]] {
+            let e = cli(bad).resolve().unwrap_err();
+            assert!(e.to_string().starts_with("mtu:"), "{e}");
+        }
+        for bad in ["", "a/b", "much-too-long-name"] {
+            let e = cli(&["--tun-name", bad]).resolve().unwrap_err();
+            assert!(e.to_string().starts_with("tun-name:"), "{e}");
+        }
     }
 
     #[test]

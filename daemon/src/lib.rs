@@ -8,6 +8,7 @@ pub mod events;
 pub mod eventstream;
 pub mod fsutil;
 pub mod identity;
+pub mod inside;
 pub mod ipc_server;
 pub mod local;
 pub mod nameserver;

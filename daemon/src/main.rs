@@ -1,11 +1,15 @@
 //! `pilotd`: parses the configuration, starts the daemon, and stops it cleanly on SIGTERM or
 //! SIGINT (FIN to every connection, deregistration, socket removed, exit 0).
+//!
+//! `pilotd up` also brings up the TUN interface once the node is registered and removes it
+//! before that shutdown; `pilotd down` removes what an earlier `pilotd up` left and exits.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use pilotd::config::{Cli, LogFormat};
+use pilotd::config::{Cli, Command, Config, LogFormat};
+use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
 use pilotd::node::Node;
 use pilotd::registry_link::LinkCmd;
 use tracing_subscriber::EnvFilter;
@@ -56,44 +60,137 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let node = match Node::start(&config).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("pilotd: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        shutdown_signal().await;
-        tracing::info!("stopping");
-        let link = node.daemon.link.clone();
-        node.shutdown().await;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let dereg = serde_json::json!({"type": "deregister", "node_id": null});
-        if link.send(LinkCmd::Call(dereg, tx)).await.is_ok() {
-            match tokio::time::timeout(Duration::from_secs(3), rx).await {
-                Ok(Ok(Ok(_))) => tracing::info!("deregistered"),
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "deregistration failed"),
-                _ => tracing::warn!("deregistration timed out"),
-            }
+    match cli.command {
+        None => rt.block_on(run(config, None)),
+        Some(Command::Up) => {
+            let iface = IfaceConfig {
+                name: config.tun_name.clone(),
+                mtu: config.mtu,
+                ..IfaceConfig::default()
+            };
+            rt.block_on(run(config, Some(iface)))
         }
-        tracing::info!("stopped");
-        ExitCode::SUCCESS
-    })
+        Some(Command::Down) => rt.block_on(down(&config.tun_name)),
+    }
 }
 
-async fn shutdown_signal() {
+/// Runs the daemon until SIGTERM or SIGINT; with `iface`, brings the TUN interface up once the
+/// node is registered and removes it again before the daemon stops.
+async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
+    let mut stop = std::pin::pin!(shutdown_signal());
+    let node = match Node::start(&config).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("pilotd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let iface = match iface {
+        None => None,
+        Some(ic) => {
+            let node_id = loop {
+                tokio::select! {
+                    () = &mut stop => {
+                        stop_node(node).await;
+                        return ExitCode::SUCCESS;
+                    }
+                    id = node.daemon.registered(REGISTRATION_WAIT) => match id {
+                        Some(id) => break id,
+                        None => tracing::info!(
+                            registry = %config.registry,
+                            "not registered yet; the interface comes up once the node is"
+                        ),
+                    },
+                }
+            };
+            let addr = tunnel::ula::to_ipv6(tunnel::addr::Addr::new(0, node_id));
+            match Iface::up(&ic, addr).await {
+                Ok(i) => {
+                    tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, "{} up: {}", i.name, i.addr);
+                    Some(i)
+                }
+                Err(e) => {
+                    tracing::error!(iface = %ic.name, error = %e, "cannot bring the interface up");
+                    eprintln!("pilotd: {e}");
+                    stop_node(node).await;
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    stop.await;
+    tracing::info!("stopping");
+    if let Some(i) = iface {
+        let name = i.name.clone();
+        if let Err(e) = i.down().await {
+            tracing::warn!(iface = %name, error = %e, "interface not fully removed; `pilotd down` removes the rest");
+        }
+    }
+    stop_node(node).await;
+    ExitCode::SUCCESS
+}
+
+/// How long each wait for registration lasts before `pilotd up` logs that it still waits.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(10);
+
+/// Finishes every connection, deregisters and stops.
+async fn stop_node(node: Node) {
+    let link = node.daemon.link.clone();
+    node.shutdown().await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let dereg = serde_json::json!({"type": "deregister", "node_id": null});
+    if link.send(LinkCmd::Call(dereg, tx)).await.is_ok() {
+        match tokio::time::timeout(Duration::from_secs(3), rx).await {
+            Ok(Ok(Ok(_))) => tracing::info!("deregistered"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "deregistration failed"),
+            _ => tracing::warn!("deregistration timed out"),
+        }
+    }
+    tracing::info!("stopped");
+}
+
+/// `pilotd down`: removes what a `pilotd up` left behind.
+async fn down(name: &str) -> ExitCode {
+    match cleanup(name).await {
+        Ok(c) if c.is_empty() => {
+            println!(
+                "pilotd down: nothing to remove ({name} absent, no Pilot routes or addresses)"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(c) => {
+            println!(
+                "pilotd down: removed {}{} route(s) to fd06:3fcd:b33d::/48 and {} Pilot address(es)",
+                if c.interface { format!("interface {name}, ") } else { String::new() },
+                c.routes,
+                c.addresses
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pilotd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, so a signal
+/// that arrives before the first poll is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
 }

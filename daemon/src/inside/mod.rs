@@ -1,0 +1,3 @@
+//! The inside: the TUN side of the daemon, where the kernel hands packets to Pilot.
+
+pub mod iface;
