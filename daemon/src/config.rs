@@ -150,6 +150,10 @@ pub struct Cli {
     /// MTU of the TUN interface for `up`, 1280 to 65535. [default: 65535]
     #[arg(long, global = true, env = "PILOT_MTU")]
     pub mtu: Option<u32>,
+    /// Ports of this host's kernel listeners that any caller may reach through `up`, comma
+    /// separated (e.g. 80,443). Other ports are reachable only by trusted peers. [default: none]
+    #[arg(long, global = true, env = "PILOT_EXPOSE")]
+    pub expose: Option<String>,
 }
 
 /// `pilotd` subcommands.
@@ -246,6 +250,8 @@ pub struct Config {
     pub tun_name: String,
     /// TUN interface MTU (`pilotd up`).
     pub mtu: u16,
+    /// Kernel ports any caller may reach (`pilotd up`); others only trusted peers.
+    pub expose: Vec<u16>,
 }
 
 mod secs {
@@ -525,6 +531,10 @@ impl Cli {
                     ),
                 )
             })?;
+        let expose = match get(self.expose.clone(), "expose") {
+            None => Vec::new(),
+            Some(s) => parse_ports(&s).map_err(|e| invalid("expose", e))?,
+        };
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -606,8 +616,24 @@ impl Cli {
             log_format,
             tun_name,
             mtu,
+            expose,
         })
     }
+}
+
+/// Parses a comma-separated list of ports (1 to 65535), sorted and without repeats; an empty
+/// string is no ports.
+fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u16>() {
+            Ok(p) if p > 0 => ports.push(p),
+            _ => return Err(format!("{part:?} is not a port (1 to 65535)")),
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
 }
 
 /// Keys a config file may hold (flag names).
@@ -647,6 +673,7 @@ const KNOWN_KEYS: &[&str] = &[
     "log-format",
     "tun-name",
     "mtu",
+    "expose",
 ];
 
 #[cfg(test)]
@@ -723,6 +750,7 @@ mod tests {
         let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
         assert_eq!(c.tun_name, "pilot0");
         assert_eq!(c.mtu, 65535);
+        assert!(c.expose.is_empty());
         assert_eq!(cli(&[]).command, None);
         let c = cli(&[
             "up",
@@ -749,6 +777,21 @@ mod tests {
         for bad in ["", "a/b", "much-too-long-name"] {
             let e = cli(&["--tun-name", bad]).resolve().unwrap_err();
             assert!(e.to_string().starts_with("tun-name:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn exposed_ports_parse_and_validate() {
+        let c = cli(&["--expose", "443, 80,80,,22"]).resolve().unwrap();
+        assert_eq!(c.expose, vec![22, 80, 443]);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"expose": "8080"}"#).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.expose, vec![8080]);
+        for bad in ["0", "65536", "http", "80;443"] {
+            let e = cli(&["--expose", bad]).resolve().unwrap_err();
+            assert!(e.to_string().starts_with("expose:"), "{e}");
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pilotd::config::{Cli, Command, Config, LogFormat};
+use pilotd::inside::datapath::{Inside, InsideConfig};
 use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
 use pilotd::node::Node;
 use pilotd::registry_link::LinkCmd;
@@ -105,14 +106,29 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                 }
             };
             let addr = tunnel::ula::to_ipv6(tunnel::addr::Addr::new(0, node_id));
-            match Iface::up(&ic, addr).await {
-                Ok(i) => {
-                    tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, "{} up: {}", i.name, i.addr);
-                    Some(i)
-                }
+            let i = match Iface::up(&ic, addr).await {
+                Ok(i) => i,
                 Err(e) => {
                     tracing::error!(iface = %ic.name, error = %e, "cannot bring the interface up");
                     eprintln!("pilotd: {e}");
+                    stop_node(node).await;
+                    return ExitCode::FAILURE;
+                }
+            };
+            let inside_config = InsideConfig {
+                own: tunnel::addr::Addr::new(0, node_id),
+                expose: config.expose.clone(),
+                gate: node.trust.gate(),
+            };
+            match Inside::start(i.device.clone(), node.daemon.engine.clone(), inside_config).await {
+                Ok(inside) => {
+                    tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
+                    Some((i, inside))
+                }
+                Err(e) => {
+                    tracing::error!(iface = %i.name, error = %e, "cannot start the data path");
+                    eprintln!("pilotd: {e}");
+                    let _ = i.down().await;
                     stop_node(node).await;
                     return ExitCode::FAILURE;
                 }
@@ -121,7 +137,8 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
     };
     stop.await;
     tracing::info!("stopping");
-    if let Some(i) = iface {
+    if let Some((i, inside)) = iface {
+        inside.stop().await;
         let name = i.name.clone();
         if let Err(e) = i.down().await {
             tracing::warn!(iface = %name, error = %e, "interface not fully removed; `pilotd down` removes the rest");

@@ -1,3 +1,4 @@
 //! The inside: the TUN side of the daemon, where the kernel hands packets to Pilot.
 
+pub mod datapath;
 pub mod iface;
