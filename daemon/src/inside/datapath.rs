@@ -21,8 +21,10 @@
 //!   to the node's ULA connects to a fake address that the hairpin rewrites into the caller's
 //!   ULA and port, so the kernel listener sees the caller as its peer. Only when the kernel
 //!   accepted is the Pilot attempt accepted; a kernel RST refuses it.
-//! - **UDP** to a peer's ULA is a Pilot datagram, port for port; datagrams to ports no one
-//!   listens on are written to the TUN as UDP from the sender's ULA.
+//! - **UDP** to a peer's ULA is a Pilot datagram, port for port. Datagrams to ports no one
+//!   listens on are written to the TUN as UDP from the sender's ULA when the sender may reach
+//!   the port (trusted, or the port exposed) or answers a datagram sent to it from that port
+//!   in the last [`UDP_FLOW_TIMEOUT`].
 //! - **ICMPv6 echo** to a peer's ULA is a round trip through the peer's echo port (7); the reply
 //!   comes back as an ICMPv6 echo reply, so `ping` shows the real round-trip time.
 //!
@@ -55,6 +57,10 @@ use crate::engine::{
 use crate::ratelog::LogGate;
 use crate::trust::Gate;
 
+/// How long a datagram sent from a local port lets the peer's answers to that port in.
+pub const UDP_FLOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// Outbound UDP flows remembered for their answers.
+const MAX_UDP_FLOWS: usize = 4_096;
 /// How long an outbound dial may take before the application is told the peer is unreachable.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the kernel may take to accept an inbound connection.
@@ -106,6 +112,7 @@ struct Counters {
     inbound_refused: AtomicU64,
     datagrams_out: AtomicU64,
     datagrams_in: AtomicU64,
+    datagrams_refused: AtomicU64,
     echoes: AtomicU64,
     device_errors: AtomicU64,
 }
@@ -125,6 +132,8 @@ pub struct InsideStats {
     pub datagrams_out: u64,
     /// Pilot datagrams written to the TUN as UDP.
     pub datagrams_in: u64,
+    /// Pilot datagrams dropped: the sender may not reach the port.
+    pub datagrams_refused: u64,
     /// Echo requests answered.
     pub echoes: u64,
     /// Reads or writes on the device that failed.
@@ -148,6 +157,8 @@ struct Shared {
     engine: EngineHandle,
     hairpin: Mutex<Hairpin>,
     dialed: Mutex<HashMap<FlowKey, Dialed>>,
+    /// (local port, peer, peer port) of datagrams sent lately, and when.
+    udp_flows: Mutex<HashMap<(u16, Addr, u16), Instant>>,
     config: InsideConfig,
     own_ip: Ipv6Addr,
     counters: Counters,
@@ -204,6 +215,7 @@ impl Inside {
             engine,
             hairpin: Mutex::new(Hairpin::new(HairpinConfig::new(config.own, port))),
             dialed: Mutex::new(HashMap::new()),
+            udp_flows: Mutex::new(HashMap::new()),
             config,
             own_ip,
             counters: Counters::default(),
@@ -232,6 +244,7 @@ impl Inside {
             inbound_refused: get(&c.inbound_refused),
             datagrams_out: get(&c.datagrams_out),
             datagrams_in: get(&c.datagrams_in),
+            datagrams_refused: get(&c.datagrams_refused),
             echoes: get(&c.echoes),
             device_errors: get(&c.device_errors),
             flows: h.live,
@@ -259,6 +272,31 @@ impl Drop for Inside {
 }
 
 impl Shared {
+    /// Whether `peer` may reach the kernel's `port`: trusted, or the port exposed.
+    fn may_reach(&self, peer: Addr, port: u16) -> bool {
+        self.config.expose.contains(&port) || self.config.gate.is_trusted(peer.node)
+    }
+
+    /// Remembers that `local_port` sent a datagram to `peer`, so its answers come in.
+    fn udp_sent(&self, now: Instant, local_port: u16, peer: PilotAddr) {
+        let mut flows = lock(&self.udp_flows);
+        let key = (local_port, peer.addr, peer.port);
+        if flows.len() >= MAX_UDP_FLOWS && !flows.contains_key(&key) {
+            flows.retain(|_, t| now.duration_since(*t) < UDP_FLOW_TIMEOUT);
+            if flows.len() >= MAX_UDP_FLOWS {
+                return;
+            }
+        }
+        flows.insert(key, now);
+    }
+
+    /// Whether a datagram from `peer` to `local_port` answers one sent lately.
+    fn udp_answers(&self, now: Instant, local_port: u16, peer: PilotAddr) -> bool {
+        lock(&self.udp_flows)
+            .get(&(local_port, peer.addr, peer.port))
+            .is_some_and(|t| now.duration_since(*t) < UDP_FLOW_TIMEOUT)
+    }
+
     /// Writes one packet to the TUN; failures are counted and logged, rate-limited.
     async fn write(&self, packet: &[u8]) {
         if let Err(e) = self.device.send(packet).await {
@@ -317,8 +355,10 @@ async fn tun_loop(shared: Arc<Shared>) {
                     .counters
                     .datagrams_out
                     .fetch_add(1, Ordering::Relaxed);
+                let dst = PilotAddr::new(peer, peer_port);
+                shared.udp_sent(Instant::now(), local_port, dst);
                 let cmd = Cmd::SendTo {
-                    dst: PilotAddr::new(peer, peer_port),
+                    dst,
                     src_port: Some(local_port),
                     data: buf[payload].to_vec(),
                 };
@@ -458,9 +498,7 @@ async fn fallback_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<AppEvent>) {
     while let Some(ev) = rx.recv().await {
         match ev {
             AppEvent::Incoming { id, port, remote } => {
-                let allowed = shared.config.expose.contains(&port)
-                    || shared.config.gate.is_trusted(remote.addr.node);
-                if allowed {
+                if shared.may_reach(remote.addr, port) {
                     shared
                         .counters
                         .inbound_offered
@@ -481,6 +519,15 @@ async fn fallback_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<AppEvent>) {
                 dst_port,
                 data,
             } => {
+                if !shared.may_reach(src.addr, dst_port)
+                    && !shared.udp_answers(Instant::now(), dst_port, src)
+                {
+                    shared
+                        .counters
+                        .datagrams_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let from = SocketAddrV6::new(ula::to_ipv6(src.addr), src.port, 0, 0);
                 let to = SocketAddrV6::new(shared.own_ip, dst_port, 0, 0);
                 if let Ok(n) = build_udp(from, to, &data, &mut out) {

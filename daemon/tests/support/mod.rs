@@ -6,7 +6,14 @@ use pilot_registry::{Config as RegistryConfig, Registry};
 
 /// Starts an in-memory registry with every rate limit off on a loopback port; returns its
 /// address.
+#[allow(dead_code)]
 pub async fn registry() -> String {
+    registry_at("127.0.0.1:0").await
+}
+
+/// Starts an in-memory registry as [`registry`] does, listening on `bind`.
+#[allow(dead_code)]
+pub async fn registry_at(bind: &str) -> String {
     let reg = Registry::open(
         Box::new(RedbStore::in_memory().unwrap()),
         RegistryConfig {
@@ -17,7 +24,7 @@ pub async fn registry() -> String {
         },
     )
     .unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = tokio::net::TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(reg.serve(l, None, std::future::pending()));
     addr.to_string()
