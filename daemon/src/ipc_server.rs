@@ -210,6 +210,8 @@ struct Shared {
     webhook: Mutex<String>,
     /// The hostname set through this server, which the engine's Info does not know about.
     hostname: Mutex<Option<String>>,
+    /// The virtual NIC's status for Info, when `pilotd up` runs one.
+    inside: Mutex<Option<InsideStatus>>,
     warn: LogGate,
     next_client: AtomicU64,
 }
@@ -220,6 +222,17 @@ impl Shared {
         if let Some(suppressed) = self.warn.allow() {
             tracing::warn!(client, suppressed, "IPC {what}: {detail}");
         }
+    }
+}
+
+/// The virtual NIC's status as Info reports it (interface, address, exposed ports, counters):
+/// called at each Info request.
+#[derive(Clone)]
+pub struct InsideStatus(pub Arc<dyn Fn() -> Value + Send + Sync>);
+
+impl std::fmt::Debug for InsideStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InsideStatus")
     }
 }
 
@@ -243,6 +256,11 @@ impl IpcServer {
     /// The server's counters.
     pub fn stats(&self) -> Arc<IpcStats> {
         self.shared.stats.clone()
+    }
+
+    /// Reports the virtual NIC's status in Info (key `inside`) from now on.
+    pub fn set_inside(&self, status: InsideStatus) {
+        *lock(&self.shared.inside) = Some(status);
     }
 
     /// The webhook URL now in effect ("" if none), as last set by SetWebhook.
@@ -326,6 +344,7 @@ pub async fn serve(path: &Path, ctx: IpcContext) -> io::Result<IpcServer> {
         ctx,
         stats: Arc::new(IpcStats::default()),
         hostname: Mutex::new(None),
+        inside: Mutex::new(None),
         warn: LogGate::new(WARN_INTERVAL),
         next_client: AtomicU64::new(1),
     });
@@ -1731,6 +1750,9 @@ impl Shared {
                 o.insert("webhook".into(), h.to_json(&self.ctx.events));
             }
             o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+            if let Some(status) = lock(&self.inside).as_ref() {
+                o.insert("inside".into(), (status.0)());
+            }
         }
         Ok(v)
     }

@@ -11,6 +11,7 @@ use clap::Parser;
 use pilotd::config::{Cli, Command, Config, LogFormat};
 use pilotd::inside::datapath::{Inside, InsideConfig};
 use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
+use pilotd::ipc_server::InsideStatus;
 use pilotd::node::Node;
 use pilotd::registry_link::LinkCmd;
 use tracing_subscriber::EnvFilter;
@@ -122,6 +123,24 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
             };
             match Inside::start(i.device.clone(), node.daemon.engine.clone(), inside_config).await {
                 Ok(inside) => {
+                    let stats = inside.reporter();
+                    let (name, ula, mtu, expose) = (
+                        i.name.clone(),
+                        i.addr.to_string(),
+                        i.mtu,
+                        config.expose.clone(),
+                    );
+                    node.ipc
+                        .set_inside(InsideStatus(std::sync::Arc::new(move || {
+                            let s = stats().unwrap_or_default();
+                            serde_json::json!({
+                                "interface": name, "ula": ula, "mtu": mtu, "expose": expose,
+                                "flows": s.flows, "outbound_dials": s.outbound_dials,
+                                "outbound_refused": s.outbound_refused,
+                                "inbound_offered": s.inbound_offered,
+                                "inbound_refused": s.inbound_refused, "stats": s,
+                            })
+                        })));
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
                     Some((i, inside))
                 }

@@ -436,7 +436,13 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
     } else {
         &i.hostname
     };
-    let text = format!(
+    let uptime = Duration::from_secs_f64(i.uptime_secs.max(0.0));
+    let uptime = if uptime.as_secs() == 0 {
+        "<1s".to_owned()
+    } else {
+        fmt_duration(uptime)
+    };
+    let mut text = format!(
         "Node:         {} ({})\n\
          Hostname:     {hostname}\n\
          Public key:   {}\n\
@@ -450,7 +456,7 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         i.address,
         i.public_key,
         if i.encrypt { "on" } else { "off" },
-        fmt_duration(Duration::from_secs_f64(i.uptime_secs.max(0.0))),
+        uptime,
         i.peers,
         i.encrypted_peers,
         i.authenticated_peers,
@@ -461,6 +467,20 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         fmt_bytes(i.bytes_recv),
         i.pkts_recv,
     );
+    if let Some(n) = &i.inside {
+        let exposed = if n.expose.is_empty() {
+            "none (only trusted peers reach this host's listeners)".to_owned()
+        } else {
+            let ports: Vec<String> = n.expose.iter().map(u16::to_string).collect();
+            format!("{} (other ports: trusted peers only)", ports.join(", "))
+        };
+        let _ = write!(
+            text,
+            "Interface:    {} {} (mtu {}), {} TCP flows\n\
+             Exposed:      {exposed}\n",
+            n.interface, n.ula, n.mtu, n.flows
+        );
+    }
     Ok(output(v, text))
 }
 

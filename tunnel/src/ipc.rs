@@ -1040,6 +1040,32 @@ pub struct Info {
     pub pid: u32,
     /// The daemon's version (extension; "" from a v1 daemon).
     pub version: String,
+    /// The virtual NIC, when the daemon runs as `pilotd up` (extension).
+    pub inside: Option<InsideInfo>,
+}
+
+/// The virtual NIC of a daemon running as `pilotd up`, in [`Info::inside`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InsideInfo {
+    /// The TUN interface.
+    pub interface: String,
+    /// The node's ULA on it.
+    pub ula: String,
+    /// Its MTU.
+    pub mtu: u16,
+    /// Kernel ports any caller may reach; other ports only trusted peers.
+    pub expose: Vec<u16>,
+    /// Kernel TCP connections carried now.
+    pub flows: u64,
+    /// Outbound connections dialed.
+    pub outbound_dials: u64,
+    /// Outbound connections refused (RST or ICMPv6).
+    pub outbound_refused: u64,
+    /// Inbound attempts offered to the kernel.
+    pub inbound_offered: u64,
+    /// Inbound attempts refused.
+    pub inbound_refused: u64,
 }
 
 /// One tunnel peer in [`Info::peer_list`] (v1 wire §7.3, plus `relay`).

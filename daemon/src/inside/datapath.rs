@@ -234,8 +234,34 @@ impl Inside {
 
     /// The data path's counters now.
     pub fn stats(&self) -> InsideStats {
-        let c = &self.shared.counters;
-        let h: HairpinStats = lock(&self.shared.hairpin).stats();
+        self.shared.stats()
+    }
+
+    /// A source of the counters that does not keep the data path alive: `None` once it is gone.
+    pub fn reporter(&self) -> impl Fn() -> Option<InsideStats> + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        move || shared.upgrade().map(|s| s.stats())
+    }
+
+    /// Stops the data path: the fallback listener is given up and the loops end. Spliced
+    /// connections end with the engine's shutdown.
+    pub async fn stop(self) {
+        let _ = self.shared.engine.send(Cmd::UnlistenFallback).await;
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> InsideStats {
+        let c = &self.counters;
+        let h: HairpinStats = lock(&self.hairpin).stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         InsideStats {
             outbound_dials: get(&c.outbound_dials),
@@ -256,22 +282,6 @@ impl Inside {
         }
     }
 
-    /// Stops the data path: the fallback listener is given up and the loops end. Spliced
-    /// connections end with the engine's shutdown.
-    pub async fn stop(self) {
-        let _ = self.shared.engine.send(Cmd::UnlistenFallback).await;
-    }
-}
-
-impl Drop for Inside {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-impl Shared {
     /// Whether `peer` may reach the kernel's `port`: trusted, or the port exposed.
     fn may_reach(&self, peer: Addr, port: u16) -> bool {
         self.config.expose.contains(&port) || self.config.gate.is_trusted(peer.node)
