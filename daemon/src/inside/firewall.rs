@@ -280,11 +280,7 @@ fn eval_rule(
         };
         for (key, val) in obj {
             match key.as_str() {
-                "match" => {
-                    if match_applies(val, pkt) != Some(true) {
-                        return None;
-                    }
-                }
+                "match" if match_applies(val, pkt) != Some(true) => return None,
                 "accept" => return Some(Outcome::Accept),
                 "drop" | "reject" => return Some(Outcome::Drop),
                 "return" => return Some(Outcome::Through),
