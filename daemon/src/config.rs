@@ -154,6 +154,11 @@ pub struct Cli {
     /// separated (e.g. 80,443). Other ports are reachable only by trusted peers. [default: none]
     #[arg(long, global = true, env = "PILOT_EXPOSE")]
     pub expose: Option<String>,
+    /// Host firewall handling for `up`: none (a self-test warns and names the accept rule to
+    /// add) or nftables (insert that rule into each nftables input chain that would drop the
+    /// TUN interface's packets, and remove it on exit). [default: none]
+    #[arg(long, global = true, env = "PILOT_FIREWALL")]
+    pub firewall: Option<String>,
 }
 
 /// `pilotd` subcommands.
@@ -252,6 +257,8 @@ pub struct Config {
     pub mtu: u16,
     /// Kernel ports any caller may reach (`pilotd up`); others only trusted peers.
     pub expose: Vec<u16>,
+    /// Host firewall handling (`pilotd up`).
+    pub firewall: crate::inside::firewall::FirewallMode,
 }
 
 mod secs {
@@ -535,6 +542,10 @@ impl Cli {
             None => Vec::new(),
             Some(s) => parse_ports(&s).map_err(|e| invalid("expose", e))?,
         };
+        let firewall = match get(self.firewall.clone(), "firewall") {
+            None => crate::inside::firewall::FirewallMode::None,
+            Some(s) => s.parse().map_err(|e: String| invalid("firewall", e))?,
+        };
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -617,6 +628,7 @@ impl Cli {
             tun_name,
             mtu,
             expose,
+            firewall,
         })
     }
 }
@@ -674,6 +686,7 @@ const KNOWN_KEYS: &[&str] = &[
     "tun-name",
     "mtu",
     "expose",
+    "firewall",
 ];
 
 #[cfg(test)]
@@ -778,6 +791,24 @@ mod tests {
             let e = cli(&["--tun-name", bad]).resolve().unwrap_err();
             assert!(e.to_string().starts_with("tun-name:"), "{e}");
         }
+    }
+
+    #[test]
+    fn firewall_mode_parses_and_validates() {
+        use crate::inside::firewall::FirewallMode;
+        assert_eq!(
+            cli(&["--home", "/tmp/x"]).resolve().unwrap().firewall,
+            FirewallMode::None
+        );
+        let c = cli(&["up", "--firewall", "nftables"]).resolve().unwrap();
+        assert_eq!(c.firewall, FirewallMode::Nftables);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.json");
+        std::fs::write(&f, r#"{"firewall": "nftables"}"#).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.firewall, FirewallMode::Nftables);
+        let e = cli(&["--firewall", "iptables"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("firewall:"), "{e}");
     }
 
     #[test]

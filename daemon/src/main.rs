@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use pilotd::config::{Cli, Command, Config, LogFormat};
 use pilotd::inside::datapath::{Inside, InsideConfig};
+use pilotd::inside::firewall::{self, FirewallMode};
 use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
 use pilotd::ipc_server::InsideStatus;
 use pilotd::node::Node;
@@ -141,6 +142,30 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                                 "inbound_refused": s.inbound_refused, "stats": s,
                             })
                         })));
+                    if config.firewall == FirewallMode::Nftables {
+                        match firewall::open(&i.name, i.addr).await {
+                            Ok(chains) if chains.is_empty() => tracing::info!(
+                                iface = %i.name,
+                                "firewall: no nftables input chain drops {}; no rule added",
+                                i.name
+                            ),
+                            Ok(chains) => {
+                                for c in &chains {
+                                    tracing::info!(iface = %i.name, "firewall: accepting {} in input chain {c} (comment \"{}\")", i.name, firewall::comment(&i.name));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(iface = %i.name, error = %e, "firewall: cannot add the accept rule");
+                                eprintln!("pilotd: {e}");
+                                inside.stop().await;
+                                let _ = firewall::close(&i.name).await;
+                                let _ = i.down().await;
+                                stop_node(node).await;
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    }
+                    firewall::self_test(&i.device, &i.name, i.addr).await;
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
                     Some((i, inside))
                 }
@@ -159,6 +184,14 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
     if let Some((i, inside)) = iface {
         inside.stop().await;
         let name = i.name.clone();
+        if config.firewall == FirewallMode::Nftables {
+            match firewall::close(&name).await {
+                Ok(n) => tracing::info!(iface = %name, rules = n, "firewall: accept rules removed"),
+                Err(e) => {
+                    tracing::warn!(iface = %name, error = %e, "firewall: accept rules not removed; `pilotd down` removes them")
+                }
+            }
+        }
         if let Err(e) = i.down().await {
             tracing::warn!(iface = %name, error = %e, "interface not fully removed; `pilotd down` removes the rest");
         }
@@ -188,11 +221,29 @@ async fn stop_node(node: Node) {
 
 /// `pilotd down`: removes what a `pilotd up` left behind.
 async fn down(name: &str) -> ExitCode {
+    let rules = match firewall::close(name).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "pilotd down: firewall rules tagged {:?} not checked: {e}",
+                firewall::comment(name)
+            );
+            0
+        }
+    };
+    if rules > 0 {
+        println!(
+            "pilotd down: removed {rules} firewall rule(s) tagged {:?}",
+            firewall::comment(name)
+        );
+    }
     match cleanup(name).await {
         Ok(c) if c.is_empty() => {
-            println!(
-                "pilotd down: nothing to remove ({name} absent, no Pilot routes or addresses)"
-            );
+            if rules == 0 {
+                println!(
+                    "pilotd down: nothing to remove ({name} absent, no Pilot routes or addresses)"
+                );
+            }
             ExitCode::SUCCESS
         }
         Ok(c) => {

@@ -1,4 +1,5 @@
 //! The inside: the TUN side of the daemon, where the kernel hands packets to Pilot.
 
 pub mod datapath;
+pub mod firewall;
 pub mod iface;

@@ -162,6 +162,39 @@ impl Netns {
         other.ip(&["link", "set", &peer, "up"]);
     }
 
+    /// `nft -f -` inside the namespace with `script` on stdin, which must succeed.
+    pub fn nft_script(&self, script: &str) {
+        use std::io::Write;
+        let mut c = self
+            .exec("nft", &["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft -f - <<{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `nft list ruleset` inside the namespace.
+    pub fn nft_ruleset(&self) -> String {
+        let out = self.exec("nft", &["list", "ruleset"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `program args...` inside the namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");

@@ -1,0 +1,236 @@
+//! `pilotd up` behind a host firewall: namespace B has an nftables input chain with policy
+//! drop that accepts only loopback, established traffic and its veth (so the tunnel's UDP
+//! works), and nothing for pilot0. A curls an http.server on B's ULA through pilot0.
+//!
+//! These need root (network namespaces, /dev/net/tun, nftables), so they are ignored by
+//! default; `scripts/test.sh` runs them when it runs as root.
+#![allow(clippy::unwrap_used)]
+
+mod netns;
+mod support;
+
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use netns::*;
+
+const EXPOSED: u16 = 8080;
+
+/// B's firewall: drop by default, the usual accepts, nothing for pilot0.
+const DROPPING: &str = r#"
+table inet filter {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    iifname "lo" accept
+    iifname "pv0-p" accept
+  }
+}
+"#;
+
+/// A with plain `pilotd up`; B behind [`DROPPING`], exposing [`EXPOSED`], with `b_args`.
+struct Pair {
+    a: Netns,
+    b: Netns,
+    up_a: Up,
+    up_b: Up,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn start(b_args: &[&str]) -> Pair {
+        let mut a = Netns::new();
+        let mut b = Netns::new();
+        a.link_to(&b, "pv0", "10.77.0.1", "10.77.0.2");
+        a.listen = "10.77.0.1:0".into();
+        b.listen = "10.77.0.2:0".into();
+        b.nft_script(DROPPING);
+        let reg = a.registry_at("10.77.0.1:0");
+        let dir = tempfile::tempdir().unwrap();
+        for home in ["a", "b"] {
+            std::fs::create_dir(dir.path().join(home)).unwrap();
+        }
+        let up_a = Up::start(&a, &dir.path().join("a"), &reg, &["--public"]);
+        let expose = EXPOSED.to_string();
+        let mut args = vec!["--public", "--expose", &expose];
+        args.extend_from_slice(b_args);
+        let up_b = Up::start(&b, &dir.path().join("b"), &reg, &args);
+        Pair {
+            a,
+            b,
+            up_a,
+            up_b,
+            _dir: dir,
+        }
+    }
+
+    /// Python's http.server on B's ULA serving `dir`, once it listens.
+    fn http_server(&self, dir: &std::path::Path) -> Server {
+        let ula = self.up_b.ula.to_string();
+        let child = self
+            .b
+            .exec(
+                "python3",
+                &[
+                    "-m",
+                    "http.server",
+                    &EXPOSED.to_string(),
+                    "--bind",
+                    &ula,
+                    "--directory",
+                    dir.to_str().unwrap(),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server(child);
+        let probe = format!("sport = :{EXPOSED}");
+        wait_until("http.server listening", || {
+            self.b
+                .exec("ss", &["-Hltn", &probe])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        });
+        server
+    }
+
+    /// curl from A to B's ULA, at most `max` seconds.
+    fn curl(&self, max: u64) -> (Output, Duration) {
+        let url = format!("http://[{}]:{EXPOSED}/hello.txt", self.up_b.ula);
+        let t = Instant::now();
+        let out = self
+            .a
+            .exec("curl", &["-sS", "-g", "--max-time", &max.to_string(), &url])
+            .output()
+            .unwrap();
+        (out, t.elapsed())
+    }
+}
+
+/// A child process killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn site() -> tempfile::TempDir {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("hello.txt"), b"hello past the firewall\n").unwrap();
+    site
+}
+
+#[test]
+#[ignore = "needs root: network namespaces and /dev/net/tun"]
+fn the_self_test_names_the_rule_and_the_rule_lets_connections_in() {
+    let p = Pair::start(&[]);
+    // A has no firewall: no warning there.
+    assert!(
+        p.up_a
+            .log_text()
+            .contains("firewall self-test: packets arriving on pilot0 reach"),
+        "{}",
+        p.up_a.log_text()
+    );
+    let log = p.up_b.log_text();
+    assert!(
+        log.contains("the host firewall drops packets arriving on pilot0"),
+        "no warning:\n{log}"
+    );
+    let rules: Vec<String> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("to accept them, run: nft ")
+                .map(|(_, r)| r.trim().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        ["insert rule inet filter input iifname \"pilot0\" ip6 saddr fd06:3fcd:b33d::/48 accept"],
+        "{log}"
+    );
+
+    let site = site();
+    let _server = p.http_server(site.path());
+    let (out, _) = p.curl(3);
+    assert!(
+        !out.status.success(),
+        "curl got through the dropping firewall: {}",
+        text(&out.stdout)
+    );
+
+    // The rule the warning names, as a user would run it.
+    let out = p.b.exec("nft", &[&rules[0]]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {}: {}",
+        rules[0],
+        text(&out.stderr)
+    );
+    let (out, _) = p.curl(20);
+    assert!(out.status.success(), "curl: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello past the firewall\n");
+}
+
+#[test]
+#[ignore = "needs root: network namespaces and /dev/net/tun"]
+fn firewall_nftables_accepts_while_up_and_removes_its_rule_on_exit() {
+    let mut p = Pair::start(&["--firewall", "nftables"]);
+    let log = p.up_b.log_text();
+    assert!(
+        log.contains("firewall self-test: packets arriving on pilot0 reach local sockets"),
+        "{log}"
+    );
+    assert!(!log.contains("the host firewall drops"), "{log}");
+    let rules = p.b.nft_ruleset();
+    assert!(rules.contains("comment \"pilotd:pilot0\""), "{rules}");
+
+    let site = site();
+    let _server = p.http_server(site.path());
+    let (out, _) = p.curl(20);
+    assert!(out.status.success(), "curl: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello past the firewall\n");
+
+    p.up_b.signal("-TERM");
+    assert!(p.up_b.wait().success(), "{}", p.up_b.log_text());
+    let rules = p.b.nft_ruleset();
+    assert!(!rules.contains("pilotd"), "rule left after exit:\n{rules}");
+    // The host's own table and policy are untouched.
+    assert!(rules.contains("policy drop"), "{rules}");
+    assert!(rules.contains("iifname \"pv0-p\" accept"), "{rules}");
+}
+
+#[test]
+#[ignore = "needs root: network namespaces and /dev/net/tun"]
+fn pilotd_down_removes_a_rule_a_killed_up_left() {
+    let mut p = Pair::start(&["--firewall", "nftables"]);
+    assert!(p.b.nft_ruleset().contains("pilotd:pilot0"));
+    p.up_b.child.kill().unwrap();
+    p.up_b.wait();
+    assert!(p.b.nft_ruleset().contains("pilotd:pilot0"));
+    let home = tempfile::tempdir().unwrap();
+    let out =
+        p.b.pilotd(home.path(), "127.0.0.1:1", &["down"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("removed 1 firewall rule(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let rules = p.b.nft_ruleset();
+    assert!(!rules.contains("pilotd"), "{rules}");
+    assert!(rules.contains("policy drop"), "{rules}");
+    let _ = &p.up_a;
+}
