@@ -67,6 +67,12 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 const KERNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an echo round trip may take.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Echo round trips in flight at once; further requests are dropped (a ping flood must not
+/// open a connection per packet without bound).
+const MAX_ECHOES: usize = 64;
+/// How long a dialed connection waits for the kernel's side to reach the hairpin listener
+/// after its SYN was released; then it is aborted.
+const HAIRPIN_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait between two passes over the hairpin's timers.
 const TIMER_PASS: Duration = Duration::from_secs(1);
 /// One log line of a kind per this interval.
@@ -114,6 +120,7 @@ struct Counters {
     datagrams_in: AtomicU64,
     datagrams_refused: AtomicU64,
     echoes: AtomicU64,
+    echoes_dropped: AtomicU64,
     device_errors: AtomicU64,
 }
 
@@ -136,6 +143,8 @@ pub struct InsideStats {
     pub datagrams_refused: u64,
     /// Echo requests answered.
     pub echoes: u64,
+    /// Echo requests dropped: too many round trips in flight.
+    pub echoes_dropped: u64,
     /// Reads or writes on the device that failed.
     pub device_errors: u64,
     /// Live hairpin entries.
@@ -159,6 +168,8 @@ struct Shared {
     dialed: Mutex<HashMap<FlowKey, Dialed>>,
     /// (local port, peer, peer port) of datagrams sent lately, and when.
     udp_flows: Mutex<HashMap<(u16, Addr, u16), Instant>>,
+    /// Room for echo round trips in flight.
+    echo_room: Arc<Semaphore>,
     config: InsideConfig,
     own_ip: Ipv6Addr,
     counters: Counters,
@@ -216,6 +227,7 @@ impl Inside {
             hairpin: Mutex::new(Hairpin::new(HairpinConfig::new(config.own, port))),
             dialed: Mutex::new(HashMap::new()),
             udp_flows: Mutex::new(HashMap::new()),
+            echo_room: Arc::new(Semaphore::new(MAX_ECHOES)),
             config,
             own_ip,
             counters: Counters::default(),
@@ -272,6 +284,7 @@ impl Shared {
             datagrams_in: get(&c.datagrams_in),
             datagrams_refused: get(&c.datagrams_refused),
             echoes: get(&c.echoes),
+            echoes_dropped: get(&c.echoes_dropped),
             device_errors: get(&c.device_errors),
             flows: h.live,
             dropped: DropReason::ALL
@@ -381,10 +394,18 @@ async fn tun_loop(shared: Arc<Shared>) {
                 ident,
                 seq,
                 payload,
-            } => {
-                let data = buf[payload].to_vec();
-                tokio::spawn(echo(shared.clone(), peer, ident, seq, data));
-            }
+            } => match shared.echo_room.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let data = buf[payload].to_vec();
+                    tokio::spawn(echo(shared.clone(), peer, ident, seq, data, permit));
+                }
+                Err(_) => {
+                    shared
+                        .counters
+                        .echoes_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            },
             Verdict::Drop(reason) => {
                 if let Some(held) = shared.log_drop.allow() {
                     tracing::debug!(
@@ -442,6 +463,14 @@ async fn dial_outbound(shared: Arc<Shared>, info: FlowInfo) {
             match released {
                 Ok(n) => {
                     shared.write(&out[..n]).await;
+                    // The kernel answers a released SYN at once; if its side never reaches
+                    // the listener (the application went away), the connection is dropped.
+                    tokio::time::sleep(HAIRPIN_ACCEPT_TIMEOUT).await;
+                    let stale = lock(&shared.dialed).remove(&info.key);
+                    if let Some(d) = stale {
+                        tracing::debug!(peer = %dst, "the kernel's side never arrived; connection aborted");
+                        let _ = shared.engine.send(Cmd::Abort { conn: d.conn }).await;
+                    }
                     return;
                 }
                 Err(e) => {
@@ -691,7 +720,14 @@ async fn splice(
 }
 
 /// Answers an ICMPv6 echo request to `peer` with a round trip through its echo port.
-async fn echo(shared: Arc<Shared>, peer: Addr, ident: u16, seq: u16, payload: Vec<u8>) {
+async fn echo(
+    shared: Arc<Shared>,
+    peer: Addr,
+    ident: u16,
+    seq: u16,
+    payload: Vec<u8>,
+    _room: tokio::sync::OwnedSemaphorePermit,
+) {
     let engine = shared.engine.clone();
     let round_trip = async {
         let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
