@@ -270,3 +270,22 @@ pub fn rand_suffix() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+impl Netns {
+    /// Whether a TCP socket listens on `port` in this namespace.
+    pub fn is_listening(&self, port: u16) -> bool {
+        let probe = format!("sport = :{port}");
+        self.exec("ss", &["-Hltn", &probe])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Waits until a TCP socket listens on `port` in this namespace (checked there, so a
+    /// client started next is not refused while the server starts).
+    pub fn wait_listening(&self, port: u16) {
+        wait_until(&format!("a listener on TCP port {port}"), || {
+            self.is_listening(port)
+        });
+    }
+}
