@@ -101,7 +101,8 @@ impl Netns {
         rx.recv_timeout(WAIT).unwrap()
     }
 
-    /// `pilotd args...` inside the namespace with `home` as state directory.
+    /// `pilotd args...` inside the namespace with `home` as state directory, logging at level
+    /// `info` (or `$PILOT_TEST_LOG_LEVEL`, to debug a failing test).
     pub fn pilotd(&self, home: &Path, registry: &str, args: &[&str]) -> Command {
         self.pilotd_with(&[], home, registry, args)
     }
@@ -130,7 +131,10 @@ impl Netns {
                 "--listen",
                 &self.listen,
             ])
-            .args(["--log-level", "info"])
+            .args([
+                "--log-level",
+                &std::env::var("PILOT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            ])
             .args(args)
             .env_remove("PILOT_TUN_NAME")
             .env_remove("PILOT_MTU")
