@@ -649,9 +649,9 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// A client in A connects to a line echo server on B's ULA, talks, stays silent for `idle`,
-/// and talks again; returns what it printed (`first <reply>`, then `second <reply>` or the
-/// error that ended the connection) and whether it exited cleanly.
+/// A client in A connects to an echo server on B's ULA, talks, stays silent for `idle`, and
+/// talks again; returns what it printed (`first <reply>`, then `second <reply>`, or when and
+/// how the connection ended while silent) and whether it exited cleanly.
 fn idle_conversation(p: &Pair, idle: Duration) -> (bool, String) {
     let ula = p.up_b.ula.to_string();
     let port = ECHO_PORT.to_string();
@@ -663,17 +663,22 @@ fn idle_conversation(p: &Pair, idle: Duration) -> (bool, String) {
     );
     p.b.wait_listening(ECHO_PORT);
     let client = format!(
-        "import socket, sys, time\n\
+        "import select, socket, time\n\
          s = socket.create_connection(('{ula}', {port}), timeout=20)\n\
          s.sendall(b'one')\n\
          print('first', s.recv(16).decode(), flush=True)\n\
          t = time.monotonic()\n\
-         time.sleep({secs})\n\
-         try:\n    \
-             s.sendall(b'two')\n    \
-             print('second', s.recv(16).decode() or 'EOF', flush=True)\n\
-         except Exception as e:\n    \
-             print('second', type(e).__name__, e, flush=True)\n",
+         while time.monotonic() - t < {secs}:\n    \
+             # Silent; anything readable now is the end of the connection.\n    \
+             if select.select([s], [], [], 0.25)[0]:\n        \
+                 try:\n            \
+                     why = 'EOF' if not s.recv(16) else 'unexpected data'\n        \
+                 except Exception as e:\n            \
+                     why = type(e).__name__ + ' ' + str(e)\n        \
+                 print('ended after %.1f s of silence: %s' % (time.monotonic() - t, why))\n        \
+                 raise SystemExit(0)\n\
+         s.sendall(b'two')\n\
+         print('second', s.recv(16).decode() or 'EOF', flush=True)\n",
         secs = idle.as_secs_f64()
     );
     let out = p.a.exec("python3", &["-c", &client]).output().unwrap();
@@ -694,7 +699,11 @@ fn an_idle_tcp_connection_survives_with_an_idle_timeout_longer_than_the_keepaliv
 }
 
 #[test]
-#[ignore = "needs root: network namespaces and /dev/net/tun"]
+#[ignore = "bug: an idle timeout shorter than the stream keepalive (30 s, not configurable: \
+            daemon/src/node.rs builds StreamConfig with the default keepalive) kills idle \
+            connections: once a probe is answered, the idle deadline (last_recv + 5 s) comes \
+            before the next probe (+30 s), so the connection fails with ConnError::Idle and the \
+            application gets a RST after 35 s of silence"]
 fn an_idle_tcp_connection_survives_a_short_idle_timeout() {
     // 5 s, far below the stream keepalive (30 s): the connection must still live after 45 s
     // of silence, past the first keepalive probe and its answer.
