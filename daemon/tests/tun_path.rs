@@ -416,7 +416,8 @@ fn ssh_runs_a_command_and_scp_copies_64_mib_intact() {
 
 /// Figures from iperf3's JSON report, read with Python (the tests have no JSON parser).
 fn iperf_figures(json: &[u8], exprs: &str) -> Vec<f64> {
-    let script = format!("import json, sys\nr = json.load(sys.stdin)\ne = r['end']\nprint({exprs})\n");
+    let script =
+        format!("import json, sys\nr = json.load(sys.stdin)\ne = r['end']\nprint({exprs})\n");
     let mut c = std::process::Command::new("python3")
         .args(["-c", &script])
         .stdin(Stdio::piped())
