@@ -637,7 +637,7 @@ fn a_thousand_tcp_connections_opened_in_waves_stay_open_together_and_all_echo() 
 #[ignore = "bug: a burst of inbound attempts beyond the fallback queue (CONN_QUEUE = 64 in \
             daemon/src/inside/datapath.rs) is refused with RST by the engine (engine/apps.rs \
             Event::Incoming: try_send fails -> refuse_incoming), so connect() gets ECONNREFUSED"]
-fn a_thousand_tcp_connections_opened_at_once_all_echo() {
+fn bug_a_thousand_tcp_connections_opened_at_once_all_echo() {
     // No SYN rate limit, so nothing but the data path stands between the burst and B.
     let p = Pair::start_with(&["--syn-rate-limit", "0", "--syn-rate-limit-per-peer", "0"]);
     let report = p.many_connections(1000, 1000, 0.0);
@@ -705,7 +705,7 @@ fn an_idle_tcp_connection_survives_with_an_idle_timeout_longer_than_the_keepaliv
             connections: once a probe is answered, the idle deadline (last_recv + 5 s) comes \
             before the next probe (+30 s), so the connection fails with ConnError::Idle and the \
             application gets a RST after 35 s of silence"]
-fn an_idle_tcp_connection_survives_a_short_idle_timeout() {
+fn bug_an_idle_tcp_connection_survives_a_short_idle_timeout() {
     // 5 s, far below the stream keepalive (30 s): the connection must still live after 45 s
     // of silence, past the first keepalive probe and its answer.
     let p = Pair::start_with(&["--idle-timeout", "5s"]);
