@@ -101,7 +101,8 @@ impl Netns {
         rx.recv_timeout(WAIT).unwrap()
     }
 
-    /// `pilotd args...` inside the namespace with `home` as state directory.
+    /// `pilotd args...` inside the namespace with `home` as state directory, logging at level
+    /// `info` (or `$PILOT_TEST_LOG_LEVEL`, to debug a failing test).
     pub fn pilotd(&self, home: &Path, registry: &str, args: &[&str]) -> Command {
         self.pilotd_with(&[], home, registry, args)
     }
@@ -130,7 +131,10 @@ impl Netns {
                 "--listen",
                 &self.listen,
             ])
-            .args(["--log-level", "info"])
+            .args([
+                "--log-level",
+                &std::env::var("PILOT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            ])
             .args(args)
             .env_remove("PILOT_TUN_NAME")
             .env_remove("PILOT_MTU")
@@ -302,4 +306,23 @@ impl Drop for Up {
 pub fn rand_suffix() -> u32 {
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Netns {
+    /// Whether a TCP socket listens on `port` in this namespace.
+    pub fn is_listening(&self, port: u16) -> bool {
+        let probe = format!("sport = :{port}");
+        self.exec("ss", &["-Hltn", &probe])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Waits until a TCP socket listens on `port` in this namespace (checked there, so a
+    /// client started next is not refused while the server starts).
+    pub fn wait_listening(&self, port: u16) {
+        wait_until(&format!("a listener on TCP port {port}"), || {
+            self.is_listening(port)
+        });
+    }
 }
