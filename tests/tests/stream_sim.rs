@@ -538,6 +538,21 @@ fn idle_connection_stays_up_with_keepalives_and_a_silent_peer_is_detected() {
     assert!(took <= Duration::from_secs(121), "{took:?}");
 }
 
+/// An idle timeout shorter than the keepalive interval: probes go out often enough that a
+/// live, idle connection is never failed for silence.
+#[test]
+fn a_short_idle_timeout_keeps_an_idle_connection_alive() {
+    let mut config = EndpointConfig::default();
+    config.stream.idle_timeout = Duration::from_secs(5);
+    let (mut sim, a, b) = pair(15, LinkConfig::new(10, Duration::from_millis(40)), config);
+    let (ca, cb) = open(&mut sim, a, b, 80);
+    sim.run_until(Duration::from_secs(120), |_| false);
+    for (n, h) in [(a, ca), (b, cb)] {
+        let c = sim.node(n).ep.connection(h).unwrap();
+        assert_eq!((c.state(), c.error()), (State::Established, None));
+    }
+}
+
 #[test]
 fn half_close_keeps_the_other_direction_open() {
     let (mut sim, a, b) = pair(

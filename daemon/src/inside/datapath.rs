@@ -61,8 +61,13 @@ use crate::trust::Gate;
 pub const UDP_FLOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// Outbound UDP flows remembered for their answers.
 const MAX_UDP_FLOWS: usize = 4_096;
-/// How long an outbound dial may take before the application is told the peer is unreachable.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an outbound dial may take before the application is told the peer is unreachable:
+/// longer than the Pilot handshake's own retries, so a SYN the peer's rate limit dropped gets its
+/// retransmissions (the kernel's own connect gives up after about two minutes).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts and datagrams queued for the fallback loop: as many attempts as the node core keeps
+/// undecided, so a burst of connections is not refused for want of queue room.
+const FALLBACK_QUEUE: usize = tunnel::stream::MAX_DEFERRED;
 /// How long the kernel may take to accept an inbound connection.
 const KERNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an echo round trip may take.
@@ -219,7 +224,7 @@ impl Inside {
                 source,
             })?
             .port();
-        let (ftx, frx) = mpsc::channel(CONN_QUEUE);
+        let (ftx, frx) = mpsc::channel(FALLBACK_QUEUE);
         engine.listen_fallback(ftx).await?;
         let shared = Arc::new(Shared {
             device,

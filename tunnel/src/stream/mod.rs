@@ -1195,9 +1195,16 @@ impl Connection {
             self.state,
             State::Established | State::CloseWait | State::FinWait2
         ) {
-            consider(self.last_activity.max(self.last_recv) + self.config.keepalive);
+            consider(self.last_activity.max(self.last_recv) + self.keepalive_interval());
         }
         next
+    }
+
+    /// Idle time before a keepalive probe: the configured interval, but at most a third of the
+    /// idle timeout, so that a peer answering probes is heard from before silence fails the
+    /// connection.
+    fn keepalive_interval(&self) -> Duration {
+        self.config.keepalive.min(self.config.idle_timeout / 3)
     }
 
     /// When silence from the peer fails the connection: after the idle timeout without any
@@ -1221,7 +1228,7 @@ impl Connection {
         if matches!(
             self.state,
             State::Established | State::CloseWait | State::FinWait2
-        ) && now >= self.last_activity.max(self.last_recv) + self.config.keepalive
+        ) && now >= self.last_activity.max(self.last_recv) + self.keepalive_interval()
         {
             self.keepalive_pending = true;
             self.last_activity = now;
