@@ -25,7 +25,8 @@
 //!   listens on are written to the TUN as UDP from the sender's ULA when the sender may reach
 //!   the port (trusted, or the port exposed) or answers a datagram sent to it from that port
 //!   in the last [`UDP_FLOW_TIMEOUT`].
-//! - **ICMPv6 echo** to a peer's ULA is a round trip through the peer's echo port (7); the reply
+//! - **ICMPv6 echo** to a peer's ULA is a round trip through the peer's echo port (7), over one
+//!   stream per peer kept open for its pings; the reply
 //!   comes back as an ICMPv6 echo reply, so `ping` shows the real round-trip time.
 //!
 //! The tun loop allocates nothing per packet: it classifies and rewrites in place and writes the
@@ -75,6 +76,8 @@ const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Echo round trips in flight at once; further requests are dropped (a ping flood must not
 /// open a connection per packet without bound).
 const MAX_ECHOES: usize = 64;
+/// Peers with an echo stream kept open for their pings.
+const MAX_ECHO_LINKS: usize = 256;
 /// How long a dialed connection waits for the kernel's side to reach the hairpin listener
 /// after its SYN was released; then it is aborted.
 const HAIRPIN_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,6 +161,17 @@ pub struct InsideStats {
     pub dropped: HashMap<&'static str, u64>,
 }
 
+/// A peer's echo stream (port 7), its pings' round trips one after the other.
+#[derive(Debug)]
+struct EchoLink {
+    conn: ConnId,
+    credit: Arc<Semaphore>,
+    events: mpsc::Receiver<AppEvent>,
+}
+
+/// A peer's echo stream, once dialed; locked for the length of one round trip.
+type EchoSlot = Arc<tokio::sync::Mutex<Option<EchoLink>>>;
+
 /// An outbound connection dialed, waiting for the kernel's side to reach the hairpin listener.
 #[derive(Debug)]
 struct Dialed {
@@ -175,6 +189,8 @@ struct Shared {
     udp_flows: Mutex<HashMap<(u16, Addr, u16), Instant>>,
     /// Room for echo round trips in flight.
     echo_room: Arc<Semaphore>,
+    /// One echo stream per peer, reused by its pings so a ping costs one round trip.
+    echo_links: Mutex<HashMap<Addr, EchoSlot>>,
     config: InsideConfig,
     own_ip: Ipv6Addr,
     counters: Counters,
@@ -233,6 +249,7 @@ impl Inside {
             dialed: Mutex::new(HashMap::new()),
             udp_flows: Mutex::new(HashMap::new()),
             echo_room: Arc::new(Semaphore::new(MAX_ECHOES)),
+            echo_links: Mutex::new(HashMap::new()),
             config,
             own_ip,
             counters: Counters::default(),
@@ -734,34 +751,69 @@ async fn echo(
     _room: tokio::sync::OwnedSemaphorePermit,
 ) {
     let engine = shared.engine.clone();
-    let round_trip = async {
-        let (tx, mut rx) = mpsc::channel(CONN_QUEUE);
-        let (conn, credit) = engine
-            .dial(PilotAddr::new(peer, crate::services::ECHO_PORT), tx)
-            .await
-            .ok()?;
-        let mut got = 0usize;
-        if !payload.is_empty() {
-            engine.write(conn, &credit, &payload).await.ok()?;
-            while got < payload.len() {
-                match rx.recv().await? {
-                    AppEvent::Data { data, .. } => got += data.len(),
-                    AppEvent::Closed { .. } => break,
-                    _ => {}
+    let (slot, stale) = {
+        let mut links = lock(&shared.echo_links);
+        let mut stale = Vec::new();
+        if links.len() >= MAX_ECHO_LINKS && !links.contains_key(&peer) {
+            // Drop the links no round trip holds now; their streams are closed below.
+            links.retain(|_, l| {
+                let busy = Arc::strong_count(l) > 1;
+                if !busy {
+                    if let Ok(mut l) = l.try_lock() {
+                        stale.extend(l.take().map(|l| l.conn));
+                    }
                 }
+                busy
+            });
+        }
+        (links.entry(peer).or_default().clone(), stale)
+    };
+    for conn in stale {
+        let _ = engine.send(Cmd::Close { conn }).await;
+    }
+    // One round trip at a time per peer: the echoed bytes of one ping are the next to arrive.
+    let mut link = slot.lock().await;
+    let round_trip = async {
+        if link.is_none() {
+            let (tx, events) = mpsc::channel(CONN_QUEUE);
+            let (conn, credit) = engine
+                .dial(PilotAddr::new(peer, crate::services::ECHO_PORT), tx)
+                .await
+                .ok()?;
+            *link = Some(EchoLink {
+                conn,
+                credit,
+                events,
+            });
+        }
+        let l = link.as_mut()?;
+        if payload.is_empty() {
+            return Some(());
+        }
+        engine.write(l.conn, &l.credit, &payload).await.ok()?;
+        let mut got = 0usize;
+        while got < payload.len() {
+            match l.events.recv().await? {
+                AppEvent::Data { data, .. } => got += data.len(),
+                AppEvent::Closed { .. } => return None,
+                _ => {}
             }
         }
-        let _ = engine.send(Cmd::Close { conn }).await;
-        (got >= payload.len()).then_some(())
+        (got == payload.len()).then_some(())
     };
-    if tokio::time::timeout(ECHO_TIMEOUT, round_trip)
+    let answered = tokio::time::timeout(ECHO_TIMEOUT, round_trip)
         .await
         .ok()
         .flatten()
-        .is_none()
-    {
+        .is_some();
+    if !answered {
+        // The stream's state is unknown now (bytes may still be on their way): start afresh.
+        if let Some(l) = link.take() {
+            let _ = engine.send(Cmd::Abort { conn: l.conn }).await;
+        }
         return;
     }
+    drop(link);
     let mut out = vec![0u8; payload.len() + 128];
     if let Ok(n) = build_echo_reply(
         ula::to_ipv6(peer),
