@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         LogFormat::Json => sub.json().init(),
         LogFormat::Text => sub.init(),
     }
+    raise_open_files();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,6 +199,20 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
     }
     stop_node(node).await;
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit of open files to the hard one: every connection the data path carries
+/// holds a kernel socket, and the usual soft default (1,024) is reached near 1,000 connections.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
+    }
 }
 
 /// How long each wait for registration lasts before `pilotd up` logs that it still waits.
