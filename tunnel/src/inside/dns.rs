@@ -13,7 +13,7 @@
 //! ```text
 //! bob.pilot                              AAAA -> ULA of the node registered as "bob"
 //! 0-0000-0000-002a.pilot                 AAAA -> ULA of 0:0000.0000.002A (no lookup)
-//! a.2.0.0. ... .d.3.b.b.d.c.f.3.6.0.d.f.ip6.arpa   PTR -> "<hostname>.pilot"
+//! a.2.0.0. ... .d.3.3.b.d.c.f.3.6.0.d.f.ip6.arpa   PTR -> "<hostname>.pilot"
 //! ```
 //!
 //! The numeric form follows the text form `N:NNNN.HHHH.LLLL` of [`Addr`] with `-` for `:` and
@@ -66,7 +66,7 @@ pub const PORT: u16 = 53;
 /// The forward zone.
 pub const ZONE: &str = "pilot";
 /// The reverse zone of the Pilot /48 (`fd06:3fcd:b33d::/48`).
-pub const REVERSE_ZONE: &str = "d.3.b.b.d.c.f.3.6.0.d.f.ip6.arpa";
+pub const REVERSE_ZONE: &str = "d.3.3.b.d.c.f.3.6.0.d.f.ip6.arpa";
 /// TTL of positive answers and of positive cache entries.
 pub const POSITIVE_TTL: Duration = Duration::from_secs(60);
 /// TTL of negative answers (the SOA's TTL and MINIMUM) and of negative cache entries.
