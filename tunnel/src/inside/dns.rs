@@ -22,6 +22,19 @@
 //! Hostnames follow the registry's rules ([`validate_hostname`]). See [`Name`] for how every
 //! name is classified and which answer each class gets.
 //!
+//! # Answer layout
+//!
+//! ```text
+//! +--------+---------------------------+------------------+-------------------+----------+
+//! | header | question (as sent)        | answer (0 or 1)  | authority (0/1)   | OPT (0/1)|
+//! | 12 B   | name, type, class         | c0 0c, type,     | SOA of the zone   | if the   |
+//! | QR AA? | (<= 259 B)                | class IN, TTL,   | (NXDOMAIN and     | query    |
+//! | RD TC? |                           | rdlen, AAAA/PTR  | NODATA only)      | had EDNS |
+//! +--------+---------------------------+------------------+-------------------+----------+
+//! ```
+//!
+//! A truncated answer (TC) keeps the header, the question and the OPT record.
+//!
 //! # Calling order
 //!
 //! For every UDP payload sent to `[RESOLVER]:53`: [`parse`]. On an error, answer with
