@@ -61,6 +61,7 @@
 //! counted [`DropReason`]. Incoming checksums are not verified: the packets come from the local
 //! kernel.
 
+pub mod dns;
 mod nat;
 pub mod packet;
 
