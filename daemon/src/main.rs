@@ -120,6 +120,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
             };
             let inside_config = InsideConfig {
                 own: tunnel::addr::Addr::new(0, node_id),
+                link: node.daemon.link.clone(),
                 expose: config.expose.clone(),
                 gate: node.trust.gate(),
             };

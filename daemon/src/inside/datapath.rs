@@ -29,6 +29,11 @@
 //!   stream per peer kept open for its pings; the reply
 //!   comes back as an ICMPv6 echo reply, so `ping` shows the real round-trip time.
 //!
+//! - **DNS for `.pilot`** is answered here, at [`dns::RESOLVER`] port 53 (no socket):
+//!   `<hostname>.pilot` AAAA through the registry (whose privacy rules decide who may resolve a
+//!   private node), the numeric form `0-0000-0000-002a.pilot` at once, and PTR for node ULAs;
+//!   answers are cached for a short time ([`dns::POSITIVE_TTL`], [`dns::NEGATIVE_TTL`]).
+//!
 //! The tun loop allocates nothing per packet: it classifies and rewrites in place and writes the
 //! packet back. Work that waits (dials, echo round trips, kernel connects) runs in tasks of its
 //! own, which write their packets to the device directly.
@@ -45,6 +50,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
+use tunnel::inside::dns::{self, CacheKey, CacheValue, DnsCache, Name, Query, Rcode};
 use tunnel::inside::{
     build_echo_reply, build_udp, ChecksumMode, DropReason, FlowInfo, FlowKey, Hairpin,
     HairpinConfig, HairpinStats, Refusal, Verdict,
@@ -56,6 +62,7 @@ use crate::engine::{
     AppEvent, BindError, Cmd, ConnId, DialError, EngineHandle, CONN_QUEUE, READ_CHUNK,
 };
 use crate::ratelog::LogGate;
+use crate::registry_link::{self, LinkCmd, LinkError};
 use crate::trust::Gate;
 
 /// How long a datagram sent from a local port lets the peer's answers to that port in.
@@ -95,6 +102,8 @@ const SMALL_BUF: usize = 1_280;
 pub struct InsideConfig {
     /// This node's Pilot address.
     pub own: Addr,
+    /// The registry link, for names.
+    pub link: mpsc::Sender<LinkCmd>,
     /// Ports any caller may reach on the kernel; others only trusted peers.
     pub expose: Vec<u16>,
     /// The trust gate (who is trusted).
@@ -129,6 +138,8 @@ struct Counters {
     datagrams_refused: AtomicU64,
     echoes: AtomicU64,
     echoes_dropped: AtomicU64,
+    dns_answers: AtomicU64,
+    dns_dropped: AtomicU64,
     device_errors: AtomicU64,
 }
 
@@ -153,6 +164,10 @@ pub struct InsideStats {
     pub echoes: u64,
     /// Echo requests dropped: too many round trips in flight.
     pub echoes_dropped: u64,
+    /// DNS queries answered.
+    pub dns_answers: u64,
+    /// DNS queries dropped (unreadable, or a response).
+    pub dns_dropped: u64,
     /// Reads or writes on the device that failed.
     pub device_errors: u64,
     /// Live hairpin entries.
@@ -191,6 +206,8 @@ struct Shared {
     echo_room: Arc<Semaphore>,
     /// One echo stream per peer, reused by its pings so a ping costs one round trip.
     echo_links: Mutex<HashMap<Addr, EchoSlot>>,
+    /// Names resolved lately, for DNS answers.
+    dns_cache: Mutex<DnsCache>,
     config: InsideConfig,
     own_ip: Ipv6Addr,
     counters: Counters,
@@ -250,6 +267,7 @@ impl Inside {
             udp_flows: Mutex::new(HashMap::new()),
             echo_room: Arc::new(Semaphore::new(MAX_ECHOES)),
             echo_links: Mutex::new(HashMap::new()),
+            dns_cache: Mutex::new(DnsCache::default()),
             config,
             own_ip,
             counters: Counters::default(),
@@ -293,6 +311,21 @@ impl Drop for Inside {
 }
 
 impl Shared {
+    /// Sends a DNS answer from the resolver address to the querying socket.
+    async fn dns_reply(&self, client_port: u16, answer: &[u8]) {
+        if answer.is_empty() {
+            self.counters.dns_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut out = [0u8; dns::MAX_UDP_PAYLOAD + 64];
+        let from = SocketAddrV6::new(dns::RESOLVER, dns::PORT, 0, 0);
+        let to = SocketAddrV6::new(self.own_ip, client_port, 0, 0);
+        if let Ok(n) = build_udp(from, to, answer, &mut out) {
+            self.counters.dns_answers.fetch_add(1, Ordering::Relaxed);
+            self.write(&out[..n]).await;
+        }
+    }
+
     fn stats(&self) -> InsideStats {
         let c = &self.counters;
         let h: HairpinStats = lock(&self.hairpin).stats();
@@ -307,6 +340,8 @@ impl Shared {
             datagrams_refused: get(&c.datagrams_refused),
             echoes: get(&c.echoes),
             echoes_dropped: get(&c.echoes_dropped),
+            dns_answers: get(&c.dns_answers),
+            dns_dropped: get(&c.dns_dropped),
             device_errors: get(&c.device_errors),
             flows: h.live,
             dropped: DropReason::ALL
@@ -428,6 +463,14 @@ async fn tun_loop(shared: Arc<Shared>) {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             },
+            Verdict::DnsQuery {
+                client_port,
+                payload,
+            } => {
+                if let Some(task) = dns_query(&shared, client_port, &buf[payload]).await {
+                    tokio::spawn(task);
+                }
+            }
             Verdict::Drop(reason) => {
                 if let Some(held) = shared.log_drop.allow() {
                     tracing::debug!(
@@ -826,4 +869,162 @@ async fn echo(
         shared.counters.echoes.fetch_add(1, Ordering::Relaxed);
         shared.write(&out[..n]).await;
     }
+}
+
+/// How long a registry request for a DNS answer may take (resolvers retry after about 5 s).
+const DNS_REGISTRY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Answers a DNS query from the tun loop: at once when the answer needs nothing or is cached;
+/// otherwise returns the task that asks the registry and answers then.
+async fn dns_query(
+    shared: &Arc<Shared>,
+    client_port: u16,
+    message: &[u8],
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut out = [0u8; dns::MAX_UDP_PAYLOAD];
+    let query = match dns::parse(message) {
+        Ok(q) => q,
+        Err(e) => {
+            let answer = match e.rcode() {
+                Some(rcode) => dns::answer_header_only(message, rcode, &mut out)
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            match answer {
+                Some(n) => shared.dns_reply(client_port, &out[..n]).await,
+                None => {
+                    shared.counters.dns_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return None;
+        }
+    };
+    let key = match query.kind() {
+        Name::Address(addr) => {
+            let n = dns_answer(&query, Some(&CacheValue::Ula(ula::to_ipv6(addr))), &mut out);
+            shared.dns_reply(client_port, &out[..n]).await;
+            return None;
+        }
+        Name::Hostname(h) => CacheKey::Hostname(h),
+        Name::Reverse(addr) => CacheKey::Address(addr),
+        Name::Empty => {
+            let n = dns::answer_empty(&query, &mut out).unwrap_or(0);
+            shared.dns_reply(client_port, &out[..n]).await;
+            return None;
+        }
+        Name::NotFound => {
+            let n = dns::answer_nxdomain(&query, &mut out).unwrap_or(0);
+            shared.dns_reply(client_port, &out[..n]).await;
+            return None;
+        }
+        Name::Other => {
+            let n = dns::answer_error(&query, Rcode::Refused, &mut out).unwrap_or(0);
+            shared.dns_reply(client_port, &out[..n]).await;
+            return None;
+        }
+    };
+    let cached = lock(&shared.dns_cache)
+        .get(Instant::now(), &key)
+        .map(|(v, _)| v.clone());
+    if let Some(v) = cached {
+        let n = dns_answer(&query, Some(&v), &mut out);
+        shared.dns_reply(client_port, &out[..n]).await;
+        return None;
+    }
+    let shared = shared.clone();
+    Some(async move {
+        let mut out = [0u8; dns::MAX_UDP_PAYLOAD];
+        let n = match resolve(&shared, &key).await {
+            Ok((value, ttl)) => {
+                lock(&shared.dns_cache).insert(Instant::now(), key, value.clone(), ttl);
+                dns_answer(&query, Some(&value), &mut out)
+            }
+            Err(_) => dns_answer(&query, None, &mut out),
+        };
+        shared.dns_reply(client_port, &out[..n]).await;
+    })
+}
+
+/// The answer to `query` for what its name resolved to (`None`: the registry could not be
+/// asked, SERVFAIL); its length in `out` (0 if it could not be built).
+fn dns_answer(query: &Query, value: Option<&CacheValue>, out: &mut [u8]) -> usize {
+    let r = match value {
+        None => dns::answer_error(query, Rcode::ServFail, out),
+        Some(CacheValue::Negative) => dns::answer_nxdomain(query, out),
+        Some(CacheValue::Ula(ip)) if query.qtype == dns::rtype::AAAA => {
+            dns::answer_aaaa(query, *ip, dns::POSITIVE_TTL, out)
+        }
+        Some(CacheValue::Hostname(h)) if query.qtype == dns::rtype::PTR => {
+            dns::answer_ptr(query, &format!("{h}.{}", dns::ZONE), dns::POSITIVE_TTL, out)
+        }
+        // The name exists; not with this type.
+        Some(_) => dns::answer_empty(query, out),
+    };
+    r.unwrap_or(0)
+}
+
+/// Asks the registry what `key` names: a hostname's node (as its ULA) or a node's hostname
+/// (its numeric name when it has none). A name the registry does not know, or will not
+/// resolve for this node, is negative; an unreachable registry is an error.
+async fn resolve(shared: &Shared, key: &CacheKey) -> Result<(CacheValue, Duration), LinkError> {
+    let request = match key {
+        CacheKey::Hostname(h) => {
+            serde_json::json!({"type": "resolve_hostname", "hostname": h, "requester_id": null})
+        }
+        CacheKey::Address(a) => serde_json::json!({"type": "lookup", "node_id": a.node}),
+    };
+    let ask = |request: serde_json::Value| {
+        registry_link::request(
+            &shared.config.link,
+            |tx| LinkCmd::Call(request, tx),
+            DNS_REGISTRY_TIMEOUT,
+        )
+    };
+    let negative = Ok((CacheValue::Negative, dns::NEGATIVE_TTL));
+    let v = match ask(request).await {
+        Ok(v) => v,
+        Err(LinkError::Refused { .. }) => return negative,
+        Err(e) => return Err(e),
+    };
+    let value = match key {
+        CacheKey::Hostname(_) => {
+            let node = v
+                .get("node_id")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+                .filter(|id| *id != 0);
+            let Some(node) = node else {
+                return negative;
+            };
+            // The registry names any node; a private one's name resolves only for nodes the
+            // registry lets resolve it (trust pair or shared network), as its endpoint does.
+            if v.get("public").and_then(serde_json::Value::as_bool) == Some(false) {
+                let resolve =
+                    serde_json::json!({"type": "resolve", "node_id": node, "requester_id": null});
+                match ask(resolve).await {
+                    Ok(_) => {}
+                    Err(LinkError::Refused { .. }) => return negative,
+                    Err(e) => return Err(e),
+                }
+            }
+            CacheValue::Ula(ula::to_ipv6(Addr::new(0, node)))
+        }
+        CacheKey::Address(a) => match v.get("hostname").and_then(serde_json::Value::as_str) {
+            Some(h) if !h.is_empty() => CacheValue::Hostname(h.to_owned()),
+            _ => {
+                let numeric = dns::numeric_name(*a);
+                let label = numeric
+                    .strip_suffix(&format!(".{}", dns::ZONE))
+                    .unwrap_or(&numeric);
+                CacheValue::Hostname(label.to_owned())
+            }
+        },
+    };
+    let ttl = if value == CacheValue::Negative {
+        dns::NEGATIVE_TTL
+    } else {
+        dns::POSITIVE_TTL
+    };
+    Ok((value, ttl))
 }

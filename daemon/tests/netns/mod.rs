@@ -207,11 +207,22 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Gives the namespace its own resolv.conf (`ip netns exec` mounts
+    /// `/etc/netns/<name>/resolv.conf` over `/etc/resolv.conf`); removed on drop.
+    pub fn resolv_conf(&self, content: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), content).unwrap();
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
     }
 }
 

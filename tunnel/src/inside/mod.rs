@@ -228,6 +228,13 @@ pub enum Verdict {
         /// Where the echo data lies in the packet.
         payload: Range<usize>,
     },
+    /// A DNS query to [`dns::RESOLVER`] port 53, for the caller to answer (see [`dns`]).
+    DnsQuery {
+        /// The querying socket's port (on this node's ULA).
+        client_port: u16,
+        /// Where the DNS message lies in the packet.
+        payload: Range<usize>,
+    },
     /// Dropped; counted under the reason.
     Drop(DropReason),
 }
@@ -321,6 +328,8 @@ pub struct HairpinStats {
     pub datagrams: u64,
     /// Echo requests reported.
     pub echo_requests: u64,
+    /// DNS queries to the resolver address reported.
+    pub dns_queries: u64,
     /// Dropped packets, indexed like [`DropReason::ALL`]; see [`HairpinStats::dropped`].
     pub drops: [u64; DropReason::ALL.len()],
     /// Entries in the table now.

@@ -15,8 +15,8 @@ use super::packet::{
     tcp_flags, BuildError, ChecksumMode, Ipv6View, TcpView, ICMPV6_HEADER_LEN, UDP_HEADER_LEN,
 };
 use super::{
-    fake_addr, fake_index, Direction, DropReason, FlowInfo, FlowKey, HairpinConfig, HairpinError,
-    HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN,
+    dns, fake_addr, fake_index, Direction, DropReason, FlowInfo, FlowKey, HairpinConfig,
+    HairpinError, HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN,
 };
 use crate::addr::Addr;
 use crate::ula;
@@ -205,6 +205,7 @@ impl Hairpin {
             Verdict::SynRetransmit(_) => self.stats.syn_retransmits += 1,
             Verdict::Datagram { .. } => self.stats.datagrams += 1,
             Verdict::EchoRequest { .. } => self.stats.echo_requests += 1,
+            Verdict::DnsQuery { .. } => self.stats.dns_queries += 1,
             Verdict::Drop(reason) => self.stats.count(*reason),
         }
         verdict
@@ -229,6 +230,14 @@ impl Hairpin {
         }
         match ip.next {
             proto::TCP => self.classify_tcp(now, p, &ip, mode),
+            proto::UDP if ip.dst == dns::RESOLVER => match parse_udp(p, &ip) {
+                Ok((client_port, dns::PORT)) => Verdict::DnsQuery {
+                    client_port,
+                    payload: ip.l4 + UDP_HEADER_LEN..ip.end,
+                },
+                Ok(_) => Verdict::Drop(DropReason::NotPilot),
+                Err(reason) => Verdict::Drop(reason),
+            },
             proto::UDP => {
                 let peer = match self.pilot_peer(&ip.dst) {
                     Ok(peer) => peer,

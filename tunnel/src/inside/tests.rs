@@ -767,6 +767,26 @@ fn partial_checksums_stay_partial_and_complete_correctly() {
 // --- UDP and echo -----------------------------------------------------------------------------
 
 #[test]
+fn dns_queries_to_the_resolver_address_are_reported() {
+    let mut h = hairpin();
+    let mut p = udp(sock(own_ip(), 40000), sock(dns::RESOLVER, 53), b"query");
+    let v = h.handle_packet(Instant::now(), &mut p, ChecksumMode::Complete);
+    let Verdict::DnsQuery {
+        client_port,
+        payload,
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!((client_port, &p[payload]), (40000, &b"query"[..]));
+    assert_eq!(h.stats().dns_queries, 1);
+    // Another port of the resolver address, or TCP to it, is not a node: dropped.
+    let mut p = udp(sock(own_ip(), 40000), sock(dns::RESOLVER, 54), b"query");
+    let v = h.handle_packet(Instant::now(), &mut p, ChecksumMode::Complete);
+    assert_eq!(v, Verdict::Drop(DropReason::NotPilot));
+}
+
+#[test]
 fn udp_classified_and_built() {
     let mut h = hairpin();
     let mut p = udp(sock(own_ip(), 5353), sock(peer_ip(), 53), b"query");
