@@ -1040,7 +1040,8 @@ pub struct Info {
     pub pid: u32,
     /// The daemon's version (extension; "" from a v1 daemon).
     pub version: String,
-    /// The virtual NIC, when the daemon runs as `pilotd up` (extension).
+    /// The virtual NIC, when the daemon runs as `pilotd up` (extension; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub inside: Option<InsideInfo>,
 }
 
