@@ -138,6 +138,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                             let s = stats().unwrap_or_default();
                             serde_json::json!({
                                 "interface": name, "ula": ula, "mtu": mtu, "expose": expose,
+                            "dns": tunnel::inside::dns::RESOLVER.to_string(),
                                 "flows": s.flows, "outbound_dials": s.outbound_dials,
                                 "outbound_refused": s.outbound_refused,
                                 "inbound_offered": s.inbound_offered,
@@ -168,6 +169,13 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                         }
                     }
                     firewall::self_test(&i.device, &i.name, i.addr).await;
+                    let resolver = tunnel::inside::dns::RESOLVER;
+                    tracing::info!(
+                        "DNS for .pilot names at {resolver} port 53; point the system resolver \
+                         there for them, e.g. `resolvectl dns {name} {resolver}; resolvectl \
+                         domain {name} '~pilot'`",
+                        name = i.name
+                    );
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
                     Some((i, inside))
                 }

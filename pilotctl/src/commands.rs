@@ -480,6 +480,9 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
              Exposed:      {exposed}\n",
             n.interface, n.ula, n.mtu, n.flows
         );
+        if !n.dns.is_empty() {
+            let _ = writeln!(text, "Names:        <hostname>.pilot answered at {}", n.dns);
+        }
     }
     Ok(output(v, text))
 }

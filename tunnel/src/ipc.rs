@@ -1057,6 +1057,8 @@ pub struct InsideInfo {
     pub mtu: u16,
     /// Kernel ports any caller may reach; other ports only trusted peers.
     pub expose: Vec<u16>,
+    /// The address that answers DNS for `.pilot` names, "" if none.
+    pub dns: String,
     /// Kernel TCP connections carried now.
     pub flows: u64,
     /// Outbound connections dialed.
