@@ -34,8 +34,9 @@
 //!   private node), the numeric form `0-0000-0000-002a.pilot` at once, and PTR for node ULAs;
 //!   answers are cached for a short time ([`dns::POSITIVE_TTL`], [`dns::NEGATIVE_TTL`]).
 //!
-//! The tun loop allocates nothing per packet: it classifies and rewrites in place and writes the
-//! packet back. Work that waits (dials, echo round trips, kernel connects) runs in tasks of its
+//! The tun loop allocates nothing per forwarded TCP packet: it classifies and rewrites in place
+//! and writes the packet back (a UDP payload is copied once into the engine's command). Work
+//! that waits (dials, echo round trips, kernel connects, registry lookups) runs in tasks of its
 //! own, which write their packets to the device directly.
 
 use std::collections::HashMap;
