@@ -131,11 +131,23 @@ fn curl_reaches_an_exposed_http_server_and_the_server_sees_the_callers_ula() {
     let p = Pair::start();
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("hello.txt"), b"hello through pilot0\n").unwrap();
-    // 32 MiB that do not repeat, to see every byte arrive in order.
-    let big: Vec<u8> = (0..32u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(site.path().join("big.bin"), &big).unwrap();
+    // 1 GiB that does not repeat (a xorshift stream), to see every byte arrive in order.
+    let big = site.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(File::create(&big).unwrap());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            for w in chunk.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
     let (_server, log) = p.http_server(EXPOSED, site.path());
 
     let (out, _) = p.curl(&[&p.url(EXPOSED, "hello.txt")]);
@@ -148,17 +160,25 @@ fn curl_reaches_an_exposed_http_server_and_the_server_sees_the_callers_ula() {
         p.up_a.ula
     );
 
-    let got = p.dir.path().join("big.out");
+    // Hashed as it arrives (curl into sha256sum), against the file's own hash.
+    let want = sha256_file(&big);
     let t = Instant::now();
-    let (out, _) = p.curl(&["-o", got.to_str().unwrap(), &p.url(EXPOSED, "big.bin")]);
+    let fetch = format!(
+        "set -o pipefail; curl -sS -g --max-time 300 '{}' | sha256sum",
+        p.url(EXPOSED, "big.bin")
+    );
+    let out = p.a.exec("bash", &["-c", &fetch]).output().unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert!(out.status.success(), "curl: {}", text(&out.stderr));
-    let body = std::fs::read(&got).unwrap();
-    assert_eq!(body.len(), big.len());
-    assert!(body == big, "the 32 MiB body differs");
+    let got = text(&out.stdout);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "the 1 GiB body differs"
+    );
     println!(
-        "32 MiB through pilot0 in {secs:.2} s ({:.0} MB/s)",
-        33.554432 / secs
+        "1 GiB through pilot0 in {secs:.2} s ({:.0} MB/s)",
+        1073.741824 / secs
     );
 }
 
