@@ -36,8 +36,19 @@ pub(crate) const LOOKUP_CONCURRENCY: usize = 4;
 const STATUS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of the SHA-256 digest kept in a key fingerprint.
 const FINGERPRINT_BYTES: usize = 16;
-/// Connection states that no longer carry data; `status` does not count them as open.
-const CLOSED_STATES: [&str; 2] = ["TIME_WAIT", "CLOSED"];
+/// Connection states that no longer carry data; `status` does not count them as open. Compared
+/// without case and underscores: daemons write `TIME_WAIT` or `TimeWait`.
+const CLOSED_STATES: [&str; 2] = ["TIMEWAIT", "CLOSED"];
+
+/// Whether a connection state is one of [`CLOSED_STATES`].
+fn is_closed(state: &str) -> bool {
+    let s: String = state
+        .chars()
+        .filter(|&c| c != '_')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    CLOSED_STATES.contains(&s.as_str())
+}
 
 /// The fingerprint of a standard-base64 Ed25519 public key: the first 16 bytes of SHA-256
 /// over the raw 32-byte key, as 32 lowercase hex digits. `None` when the text is not a key.
@@ -393,7 +404,7 @@ pub(crate) fn status_report(
                 .filter(|c| remote_node(c) == Some(p.node_id));
             let (mut open, mut sent, mut recv) = (0usize, 0u64, 0u64);
             for c in conns {
-                if !CLOSED_STATES.contains(&c.state.as_str()) {
+                if !is_closed(&c.state) {
                     open += 1;
                 }
                 sent = sent.saturating_add(c.bytes_sent);
@@ -619,11 +630,21 @@ mod tests {
             ],
             conn_list: vec![
                 conn(3, 42, 80, 51234, "ESTABLISHED"),
-                conn(1, 42, 80, 51000, "TIME_WAIT"),
+                conn(1, 42, 80, 51000, "TimeWait"),
                 conn(2, 42, 1000, 51234, "ESTABLISHED"),
                 conn(4, 9, 7, 49152, "SYN_SENT"),
             ],
             ..ipc::Info::default()
+        }
+    }
+
+    #[test]
+    fn closed_states_in_either_spelling() {
+        for s in ["TIME_WAIT", "TimeWait", "CLOSED", "Closed"] {
+            assert!(is_closed(s), "{s}");
+        }
+        for s in ["ESTABLISHED", "Established", "SYN_SENT", "FinWait1", ""] {
+            assert!(!is_closed(s), "{s}");
         }
     }
 
