@@ -87,6 +87,82 @@ pub enum Command {
     #[command(after_help = "Example:\n  pilotctl info\n  pilotctl --json info")]
     Info,
 
+    /// Who is this node or caller: identity, key, trust, tunnel path and connections.
+    #[command(
+        long_about = "Who is this node or caller: its node ID, address, ULA, hostname, \
+                      public key and key fingerprint, visibility, whether this node trusts \
+                      it, the tunnel to it, and this node's connections to it.\n\n\
+                      Purpose: a service on this host authorizes a caller by its Pilot \
+                      identity. With `pilotd up`, a connection from a peer reaches the \
+                      host's listeners from the peer's ULA (fd06:3fcd:b33d::/48) and port, \
+                      so the service passes its accept()ed peer address, [ULA]:PORT, to \
+                      `pilotctl --json whois` and checks the node ID, the key fingerprint or \
+                      `trust.trusted`: the caller's ULA is the source address of its \
+                      connection, set by pilotd from the Pilot address of the tunnel peer \
+                      that opened it. `tunnel.authenticated` tells whether that tunnel's key \
+                      is signed by the node's identity key.",
+        after_help = "Run with --help for the NODE forms and the fields.\n\nExample:\n  \
+                      pilotctl whois alice\n  pilotctl --json whois \
+                      '[fd06:3fcd:b33d::2a]:51234'",
+        after_long_help = "NODE forms:\n  \
+            fd06:3fcd:b33d::2a            a ULA (any network's subnet)\n  \
+            [fd06:3fcd:b33d::2a]:51234    a ULA and the caller's port\n  \
+            fd06:3fcd:b33d::2a:51234      the same without brackets, when the last group \
+            cannot be part of the address (use brackets to be sure)\n  \
+            0:0000.0000.002A[:PORT]       a Pilot address\n  \
+            42[:PORT]                     a decimal node ID\n  \
+            alice[:PORT]                  a hostname, resolved through the registry\n\n\
+            Fields (text and --json):\n  \
+            node_id, address, ula  the node; the ULA is computed from the address\n  \
+            hostname               the registry's hostname (null if none)\n  \
+            public_key             the Ed25519 key the registry holds, standard base64\n  \
+            key_fingerprint        the first 16 bytes of SHA-256 over the raw 32-byte key, \
+            32 lowercase hex digits (shown as sha256:<hex>)\n  \
+            visibility             public or private; also tags, networks\n  \
+            self                   true when NODE is this node\n  \
+            trust                  {trusted, mutual, network, approved_at}: from this \
+            node's trust list (`pilotctl trust`)\n  \
+            tunnel                 {path: direct|relayed, endpoint, encrypted, \
+            authenticated}, or null when the node is not a tunnel peer now\n  \
+            port                   the PORT given, or null\n  \
+            connections            this node's connections to the node (with PORT: only \
+            those whose remote port is PORT): id, local_port, remote_port, state, \
+            bytes_sent, bytes_recv; sorted by id\n\n\
+            Errors: bad_address when NODE does not parse (or is a ULA outside the Pilot \
+            prefix), not_found when the registry knows no such node or hostname.\n\n\
+            Example:\n  pilotctl whois alice\n  pilotctl whois fd06:3fcd:b33d::2a\n  \
+            pilotctl --json whois '[fd06:3fcd:b33d::2a]:51234'"
+    )]
+    Whois {
+        /// ULA, [ULA]:PORT, address, node ID or hostname (see below).
+        node: String,
+    },
+
+    /// One line for this node, then one per tunnel peer: ULA, hostname, path, traffic.
+    #[command(
+        long_about = "One line for this node (ULA, hostname, address, and the virtual NIC \
+                      when pilotd runs as `pilotd up`), then one line per tunnel peer, \
+                      sorted by node ID: ULA, hostname, address, path (direct ENDPOINT or \
+                      relay ENDPOINT), encrypted, open connections, bytes sent and \
+                      received.",
+        after_help = "Run with --help for where the traffic figures come from.\n\n\
+                      Example:\n  pilotctl status\n  pilotctl --json status",
+        after_long_help = "Hostnames come from a registry lookup per peer (at most 4 at \
+            once, 10 s each); a peer whose lookup fails or that has no hostname shows `-` \
+            (null in JSON).\n\n\
+            Traffic: the daemon reports no per-peer tunnel counters, so CONNS, SENT and \
+            RECEIVED come from its connection list: CONNS counts the connections to the peer \
+            not in TIME_WAIT or CLOSED; SENT and RECEIVED sum the stream payload bytes of \
+            every connection to the peer the daemon still lists (TIME_WAIT included). \
+            Datagrams, connections already forgotten, and tunnel overhead are not counted; \
+            `pilotctl info` has the node-wide tunnel totals.\n\n\
+            JSON: {\"self\": {node_id, address, ula, hostname, interface}, \"peers\": \
+            [{node_id, address, ula, hostname, path, endpoint, encrypted, authenticated, \
+            connections, bytes_sent, bytes_recv}, …]}.\n\n\
+            Example:\n  pilotctl status\n  pilotctl --json status"
+    )]
+    Status,
+
     /// Set this node's hostname in the registry, so others can find it by name.
     #[command(
         name = "set-hostname",

@@ -51,6 +51,8 @@ pub(crate) async fn execute(
     };
     match cli.command {
         Command::Info => info(&ctx).await,
+        Command::Whois { node } => crate::whois::whois(&ctx, &node).await,
+        Command::Status => crate::whois::status(&ctx).await,
         Command::SetHostname { name } => set_hostname(&ctx, name).await,
         Command::ClearHostname => set_hostname(&ctx, String::new()).await,
         Command::Find { name } => find(&ctx, &name).await,
@@ -1627,7 +1629,7 @@ pub(crate) fn progress_bar(ctx: &Ctx, total: u64, what: &str) -> Option<indicati
     Some(bar)
 }
 
-fn yes_no(b: bool) -> &'static str {
+pub(crate) fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"
     } else {
@@ -1635,7 +1637,7 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn fmt_bytes(n: u64) -> String {
+pub(crate) fn fmt_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -1664,7 +1666,7 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
 }
 
 /// How long ago a Unix time was, for tables.
-fn ago(unix_secs: i64) -> String {
+pub(crate) fn ago(unix_secs: i64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

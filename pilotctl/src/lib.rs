@@ -38,6 +38,7 @@ mod commands;
 mod daemon;
 pub mod parse;
 mod services;
+mod whois;
 
 use std::ffi::OsString;
 use std::io::Write;

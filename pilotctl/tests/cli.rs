@@ -98,6 +98,46 @@ fn commands_parse() {
         Command::Send { datagram: true, ref rest, .. } if rest == &["hi".to_owned()]
     ));
     assert!(Cli::try_parse_from(["pilotctl", "webhook"]).is_err());
+    assert!(matches!(
+        parse(&["whois", "[fd06:3fcd:b33d::2a]:51234"]).command,
+        Command::Whois { ref node } if node == "[fd06:3fcd:b33d::2a]:51234"
+    ));
+    assert!(Cli::try_parse_from(["pilotctl", "whois"]).is_err());
+    assert!(matches!(parse(&["status"]).command, Command::Status));
+}
+
+#[tokio::test]
+async fn whois_help_states_its_purpose_and_forms() {
+    let out = run_captured(&["whois", "--help"]).await;
+    assert_eq!(out.status, 0);
+    for needle in [
+        "authorize",
+        "[fd06:3fcd:b33d::2a]:51234",
+        "SHA-256",
+        "not_found",
+    ] {
+        assert!(out.stdout.contains(needle), "whois --help lacks {needle}");
+    }
+    let out = run_captured(&["status", "--help"]).await;
+    assert!(out.stdout.contains("per-peer"), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn whois_rejects_bad_names_before_the_daemon_is_asked() {
+    for bad in ["fd00::1", "[fd06:3fcd:b33d::2a]:99999", "10.0.0.1", "a b"] {
+        let out = run_captured(&["--json", "--socket", NO_SOCKET, "whois", bad]).await;
+        assert_eq!(out.status, EXIT_ERROR, "{bad}");
+        assert_eq!(out.json()["code"], "bad_address", "{bad}");
+    }
+    let out = run_captured(&[
+        "--json",
+        "--socket",
+        NO_SOCKET,
+        "whois",
+        "fd06:3fcd:b33d::2a",
+    ])
+    .await;
+    assert_eq!(out.json()["code"], "daemon_down");
 }
 
 #[test]

@@ -1034,3 +1034,186 @@ async fn a_node_reaches_its_own_address() {
     let info = a.ok(&["info"]).await;
     assert_eq!(info["peers"], 0, "no tunnel to ourselves: {info}");
 }
+
+/// The ULA of a node in network 0, as `pilotd up` shows it to the host.
+fn ula_of(node: u32) -> String {
+    tunnel::ula::to_ipv6(Addr::new(0, node)).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whois_and_status_name_peers_their_trust_and_connections() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A runs without an echo service; B answers on port 7.
+    let a = start_with(&reg, &dir.path().join("a"), true, true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let a_name = format!("whois-a-{}", a.id);
+    let b_name = format!("whois-b-{}", b.id);
+    a.ok(&["set-hostname", &a_name]).await;
+    b.ok(&["set-hostname", &b_name]).await;
+    let a_key = a.ok(&["info"]).await["public_key"].clone();
+
+    // By hostname and by ULA, B learns who A is; no trust yet.
+    let by_name = b.ok(&["whois", &a_name]).await;
+    assert_eq!(by_name["node_id"], a.id);
+    assert_eq!(by_name["address"], a.addr());
+    assert_eq!(by_name["ula"], ula_of(a.id));
+    assert_eq!(by_name["hostname"], a_name.as_str());
+    assert_eq!(by_name["public_key"], a_key);
+    assert_eq!(by_name["key_fingerprint"].as_str().unwrap().len(), 32);
+    assert_eq!(by_name["visibility"], "public");
+    assert_eq!(by_name["self"], false);
+    assert_eq!(by_name["trust"]["trusted"], false);
+    assert_eq!(by_name["port"], Value::Null);
+    let by_ula = b.ok(&["whois", &ula_of(a.id)]).await;
+    assert_eq!(by_ula, by_name);
+    let me = a.ok(&["whois", &a.id.to_string()]).await;
+    assert_eq!(me["self"], true);
+    assert_eq!(me["key_fingerprint"], by_name["key_fingerprint"]);
+
+    // A stream from A to B's echo port, held open: stdin stays open until `hold` drops.
+    let (mut hold, input) = tokio::io::duplex(64);
+    tokio::io::AsyncWriteExt::write_all(&mut hold, b"hello")
+        .await
+        .unwrap();
+    let sock = a.sock.clone();
+    let target = format!("{}:7", b.addr());
+    let conn = tokio::spawn(async move {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = pilotctl::run(
+            ["pilotctl", "--socket", &sock, "connect", &target],
+            pilotctl::Io {
+                stdin: Box::new(input),
+                stdout: &mut out,
+                stderr: &mut err,
+            },
+        )
+        .await;
+        (status, String::from_utf8_lossy(&out).into_owned())
+    });
+
+    // A's status lists B, direct and encrypted, with the open connection and its bytes.
+    let counted = |status: &Value| {
+        status["peers"].as_array().unwrap().iter().any(|p| {
+            p["node_id"] == b.id
+                && p["connections"].as_u64() >= Some(1)
+                && p["bytes_recv"].as_u64() >= Some(5)
+        })
+    };
+    let t0 = Instant::now();
+    let mut status = a.ok(&["status"]).await;
+    while !counted(&status) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "A's status never counted the stream to B: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = a.ok(&["status"]).await;
+    }
+    assert_eq!(status["self"]["node_id"], a.id);
+    assert_eq!(status["self"]["ula"], ula_of(a.id));
+    assert_eq!(status["self"]["hostname"], a_name.as_str());
+    let peers = status["peers"].as_array().unwrap();
+    let ids: Vec<u64> = peers
+        .iter()
+        .map(|p| p["node_id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{status}");
+    let pb = peers.iter().find(|p| p["node_id"] == b.id).unwrap();
+    assert_eq!(pb["hostname"], b_name.as_str());
+    assert_eq!(pb["ula"], ula_of(b.id));
+    assert_eq!(pb["path"], "direct");
+    assert_eq!(pb["encrypted"], true);
+    assert!(pb["bytes_sent"].as_u64().unwrap() >= 5, "{pb}");
+    let text = run_captured(&["--socket", &a.sock, "status"]).await;
+    assert_eq!(text.status, 0);
+    let line = text.stdout.lines().find(|l| l.contains(&b_name)).unwrap();
+    assert!(line.starts_with(&ula_of(b.id)) && line.contains("direct 127.0.0.1:"));
+
+    // On A, [B's ULA]:7 names the connection; on B, [A's ULA]:<A's port> names the same one
+    // from the other side, as a service on B would see its caller.
+    let out = a.ok(&["whois", &format!("[{}]:7", ula_of(b.id))]).await;
+    assert_eq!(out["node_id"], b.id);
+    assert_eq!(out["port"], 7);
+    assert_eq!(out["tunnel"]["path"], "direct");
+    let conns = out["connections"].as_array().unwrap();
+    let open = conns
+        .iter()
+        .find(|c| {
+            c["state"]
+                .as_str()
+                .unwrap()
+                .eq_ignore_ascii_case("established")
+        })
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(open["remote_port"], 7);
+    let a_port = open["local_port"].as_u64().unwrap();
+    let caller = format!("[{}]:{a_port}", ula_of(a.id));
+    let seen = b.ok(&["whois", &caller]).await;
+    assert_eq!(seen["node_id"], a.id);
+    assert_eq!(seen["hostname"], a_name.as_str());
+    let c = seen["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["state"]
+                .as_str()
+                .unwrap()
+                .eq_ignore_ascii_case("established")
+        })
+        .unwrap_or_else(|| panic!("{seen}"))
+        .clone();
+    assert_eq!(c["local_port"], 7);
+    assert_eq!(c["remote_port"], a_port);
+    assert_eq!(seen["tunnel"]["encrypted"], true);
+    let text = run_captured(&["--socket", &b.sock, "whois", &caller]).await;
+    assert_eq!(text.status, 0, "{}", text.stderr);
+    assert!(text.stdout.contains(&a_name) && text.stdout.contains("not trusted"));
+
+    if std::env::var_os("PILOTCTL_SHOW_TEXT").is_some() {
+        for (sock, args) in [
+            (&a.sock, vec!["status"]),
+            (&b.sock, vec!["whois", caller.as_str()]),
+            (&a.sock, vec!["whois", a_name.as_str()]),
+        ] {
+            let mut all = vec!["--socket", sock.as_str()];
+            all.extend_from_slice(&args);
+            let out = run_captured(&all).await;
+            println!(
+                "$ pilotctl {}\n{}{}",
+                args.join(" "),
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+
+    drop(hold);
+    let (code, echoed) = conn.await.unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(echoed, "hello");
+
+    // Trust: A asks, B approves, B's whois of A says so.
+    a.ok(&["handshake", &b.addr(), "whois", "test"]).await;
+    eventually("A's request to reach B", || async {
+        has_node(&b.ok(&["pending"]).await["pending"], a.id)
+    })
+    .await;
+    b.ok(&["approve", &a.addr()]).await;
+    let after = b.ok(&["whois", &a_name]).await;
+    assert_eq!(after["trust"]["trusted"], true, "{after}");
+    assert!(after["trust"]["approved_at"].as_i64().unwrap() > 0);
+
+    // Unknown nodes and names; bad input.
+    assert_eq!(b.err(&["whois", "0:0000.00FF.FFF0"]).await, "not_found");
+    assert_eq!(b.err(&["whois", "no-such-host-whois"]).await, "not_found");
+    assert_eq!(b.err(&["whois", "fd00::1"]).await, "bad_address");
+    assert_eq!(
+        b.err(&["whois", "[fd06:3fcd:b33d::2a]:x"]).await,
+        "bad_address"
+    );
+
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
