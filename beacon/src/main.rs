@@ -97,6 +97,7 @@ fn init_logs(cli: &Cli) -> Result<(), String> {
         .map_err(|e| format!("--log-level {:?}: {e}", cli.log_level))?;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if cli.log_format == "json" {
         b.json().init();

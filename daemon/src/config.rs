@@ -80,22 +80,22 @@ pub struct Cli {
     /// Make the node public (its endpoint visible to everyone). [default: false]
     #[arg(long, global = true, env = "PILOT_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
     pub public: Option<bool>,
-    /// Turn off the echo service (virtual port 7, streams and datagrams). [default: on]
+    /// Turn off the echo service (virtual port 7, streams and datagrams). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_ECHO", num_args = 0..=1, default_missing_value = "true")]
     pub no_echo: Option<bool>,
-    /// Turn off the data exchange service (virtual port 1001: messages and files). [default: on]
+    /// Turn off the data exchange service (virtual port 1001: messages and files). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_DATAEXCHANGE", num_args = 0..=1, default_missing_value = "true")]
     pub no_dataexchange: Option<bool>,
-    /// Turn off the event stream broker (virtual port 1002: publish/subscribe). [default: on]
+    /// Turn off the event stream broker (virtual port 1002: publish/subscribe). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_EVENTSTREAM", num_args = 0..=1, default_missing_value = "true")]
     pub no_eventstream: Option<bool>,
-    /// Turn off the task delegation service (virtual port 1003). [default: on]
+    /// Turn off the task delegation service (virtual port 1003). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_TASKS", num_args = 0..=1, default_missing_value = "true")]
     pub no_tasks: Option<bool>,
-    /// Turn off the nameserver (virtual port 53: name, network and service records). [default: on]
+    /// Turn off the nameserver (virtual port 53: name, network and service records). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_NAMESERVER", num_args = 0..=1, default_missing_value = "true")]
     pub no_nameserver: Option<bool>,
-    /// Turn off the stdio service (virtual port 1000: text streams land in the inbox). [default: on]
+    /// Turn off the stdio service (virtual port 1000: text streams land in the inbox). [default: the service runs]
     #[arg(long, global = true, env = "PILOT_NO_STDIO", num_args = 0..=1, default_missing_value = "true")]
     pub no_stdio: Option<bool>,
     /// Registry heartbeat and NAT keepalive interval (e.g. 30s). [default: 30s]

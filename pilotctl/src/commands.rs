@@ -649,8 +649,18 @@ fn completions(
     }
     use clap::CommandFactory;
     let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "pilotctl", stdout);
-    Ok(Output::default())
+    // Into memory first: the generator panics on a write error, and a reader that closes the
+    // pipe early (`| head`) is not an error of ours.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "pilotctl", &mut script);
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(Output::default()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Output::default()),
+        Err(e) => Err(CtlError::new(
+            code::INTERNAL,
+            format!("writing the completion script: {e}"),
+        )),
+    }
 }
 
 async fn webhook(ctx: &Ctx, url: String) -> Result<Output, CtlError> {

@@ -284,3 +284,21 @@ async fn status_check_prints_nothing() {
     let out = run_captured(&["--json", "completions", "bash"]).await;
     assert_eq!(out.json()["code"], "bad_request");
 }
+
+/// A reader that closes the pipe early (`pilotctl completions zsh | head`) ends the command
+/// quietly, without a panic.
+#[test]
+fn completions_into_a_closed_pipe_do_not_panic() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pilotctl"))
+        .args(["completions", "zsh"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
