@@ -97,6 +97,11 @@ impl Daemon {
 
     /// Starts the daemon's parts, reporting node, connection and datagram events to `events`.
     pub async fn start_with_events(config: &Config, events: Events) -> Result<Daemon, StartError> {
+        // The socket first: a start that fails on a busy port leaves no new identity behind.
+        let socket = bind_udp(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let (identity, created) =
             NodeIdentity::load_or_create(&config.identity).map_err(|e| StartError::Identity {
                 path: config.identity.display().to_string(),
@@ -105,10 +110,6 @@ impl Daemon {
         if created {
             tracing::info!(path = %config.identity.display(), "created a new identity");
         }
-        let socket = bind_udp(config.listen).map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
         let udp_addr = socket.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,

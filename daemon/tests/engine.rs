@@ -316,3 +316,31 @@ async fn the_fallback_listener_decides_each_attempt() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A daemon whose UDP port is taken fails to start before it writes a new identity file, so a
+/// mistyped `--listen` leaves the home directory as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_listen_port_fails_before_an_identity_is_written() {
+    let reg = registry().await;
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("n");
+    let cli = Cli {
+        registry: Some(reg),
+        beacon: Some(String::new()),
+        listen: Some(busy.local_addr().unwrap().to_string()),
+        home: Some(home.clone()),
+        ..Cli::default()
+    };
+    let config = cli.resolve().unwrap();
+    match Daemon::start(&config).await {
+        Err(pilotd::node::StartError::Bind { .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("started on a busy port"),
+    }
+    assert!(
+        !config.identity.exists(),
+        "an identity was written at {}",
+        config.identity.display()
+    );
+}
