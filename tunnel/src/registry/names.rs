@@ -35,18 +35,30 @@ pub enum NameError {
     TooManyTags,
 }
 
+/// Characters of a refused name that an error repeats; the rest is cut (a refused name may be
+/// any size, and errors travel back to whoever sent it and into logs).
+const SHOWN: usize = 80;
+
+/// `name` as an error shows it: at most [`SHOWN`] characters, then `…`.
+fn shown(name: &str) -> String {
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_owned(),
+    }
+}
+
 /// Checks the shared label shape: 1..=max bytes of `a-z0-9-`, not starting or ending with `-`.
 fn check_label(name: &str, max: usize) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
     }
     if name.len() > max {
-        return Err(NameError::TooLong(name.to_owned(), max));
+        return Err(NameError::TooLong(shown(name), max));
     }
     let ok_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
     let bytes = name.as_bytes();
     if !bytes.iter().all(|&b| ok_char(b)) || bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
-        return Err(NameError::Invalid(name.to_owned()));
+        return Err(NameError::Invalid(shown(name)));
     }
     Ok(())
 }
@@ -118,6 +130,18 @@ mod tests {
         }
         assert!(validate_network_name("backbone").is_err());
         assert_eq!(validate_network_name("lab-1"), Ok(()));
+    }
+
+    #[test]
+    fn a_huge_refused_name_is_not_repeated_whole() {
+        let huge = "x".repeat(100_000);
+        let e = validate_hostname(&huge).unwrap_err().to_string();
+        assert!(e.len() < 200, "{} bytes: {e:.120}", e.len());
+        assert!(e.contains("longer than 63"), "{e}");
+        let e = validate_hostname(&format!("{}_", "é".repeat(50_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 400, "{} bytes", e.len());
     }
 
     #[test]
