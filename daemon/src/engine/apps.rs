@@ -52,6 +52,33 @@ struct Conn {
     local_port: u16,
 }
 
+impl Conn {
+    /// A connection owned by `events`, with `credit` for its writes; `dial` hears when it is
+    /// established (or why not) if it is not yet.
+    fn new(
+        events: mpsc::Sender<AppEvent>,
+        credit: Arc<Semaphore>,
+        dial: Option<DialReply>,
+        remote: PilotAddr,
+        local_port: u16,
+    ) -> Conn {
+        Conn {
+            events,
+            credit,
+            pending: VecDeque::new(),
+            pending_off: 0,
+            dial,
+            close_requested: false,
+            shut: false,
+            finished: false,
+            closed: None,
+            waiting: false,
+            remote,
+            local_port,
+        }
+    }
+}
+
 /// Room in an owner's channel for one more event, or `None` when the owner is gone.
 pub(super) type Room = (ConnId, Option<mpsc::OwnedPermit<AppEvent>>);
 
@@ -171,20 +198,13 @@ impl Apps {
                     let (remote, local_port) = (info.remote, info.local_port);
                     self.conns.insert(
                         conn.0,
-                        Conn {
+                        Conn::new(
                             events,
-                            credit: Arc::new(Semaphore::new(WRITE_CREDIT)),
-                            pending: VecDeque::new(),
-                            pending_off: 0,
-                            dial: Some(reply),
-                            close_requested: false,
-                            shut: false,
-                            finished: false,
-                            closed: None,
-                            waiting: false,
+                            Arc::new(Semaphore::new(WRITE_CREDIT)),
+                            Some(reply),
                             remote,
                             local_port,
-                        },
+                        ),
                     );
                 }
                 Err(e) => {
@@ -198,20 +218,13 @@ impl Apps {
                 Ok(id) => {
                     self.conns.insert(
                         id.0,
-                        Conn {
+                        Conn::new(
                             events,
-                            credit: Arc::new(Semaphore::new(WRITE_CREDIT)),
-                            pending: VecDeque::new(),
-                            pending_off: 0,
-                            dial: Some(reply),
-                            close_requested: false,
-                            shut: false,
-                            finished: false,
-                            closed: None,
-                            waiting: false,
-                            remote: dst,
-                            local_port: 0,
-                        },
+                            Arc::new(Semaphore::new(WRITE_CREDIT)),
+                            Some(reply),
+                            dst,
+                            0,
+                        ),
                     );
                 }
                 Err(e) => {
@@ -358,23 +371,8 @@ impl Apps {
             json!({"src_addr": remote.addr.to_string(), "src_port": remote.port,
                    "dst_port": port, "conn_id": id}),
         );
-        self.conns.insert(
-            id,
-            Conn {
-                events,
-                credit,
-                pending: VecDeque::new(),
-                pending_off: 0,
-                dial: None,
-                close_requested: false,
-                shut: false,
-                finished: false,
-                closed: None,
-                waiting: false,
-                remote,
-                local_port: port,
-            },
-        );
+        self.conns
+            .insert(id, Conn::new(events, credit, None, remote, port));
         // Data (or the end) may have come with the handshake.
         self.pump_read(now, node, ev, id, None);
     }
