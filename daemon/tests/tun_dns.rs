@@ -10,21 +10,11 @@ mod netns;
 mod support;
 
 use std::fs::File;
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use netns::*;
 use tunnel::inside::dns;
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -114,24 +104,7 @@ fn pilot_names_resolve_for_the_system_resolver() {
     // An unmodified program by name.
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("index.html"), b"bob by name\n").unwrap();
-    let _server = Proc(
-        b.exec(
-            "python3",
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                &up_b.ula.to_string(),
-                "--directory",
-                site.path().to_str().unwrap(),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let _server = b.http_server(up_b.ula, 8080, site.path(), None);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = a

@@ -9,7 +9,7 @@
 mod netns;
 mod support;
 
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use netns::*;
@@ -65,36 +65,8 @@ impl Pair {
     }
 
     /// Python's http.server on B's ULA serving `dir`, once it listens.
-    fn http_server(&self, dir: &std::path::Path) -> Server {
-        let ula = self.up_b.ula.to_string();
-        let child = self
-            .b
-            .exec(
-                "python3",
-                &[
-                    "-m",
-                    "http.server",
-                    &EXPOSED.to_string(),
-                    "--bind",
-                    &ula,
-                    "--directory",
-                    dir.to_str().unwrap(),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server(child);
-        let probe = format!("sport = :{EXPOSED}");
-        wait_until("http.server listening", || {
-            self.b
-                .exec("ss", &["-Hltn", &probe])
-                .output()
-                .map(|o| !o.stdout.is_empty())
-                .unwrap_or(false)
-        });
-        server
+    fn http_server(&self, dir: &std::path::Path) -> Proc {
+        self.b.http_server(self.up_b.ula, EXPOSED, dir, None)
     }
 
     /// curl from A to B's ULA, at most `max` seconds.
@@ -107,16 +79,6 @@ impl Pair {
             .output()
             .unwrap();
         (out, t.elapsed())
-    }
-}
-
-/// A child process killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -12,7 +12,7 @@ mod support;
 use std::fs::File;
 use std::net::Ipv6Addr;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use netns::*;
@@ -62,51 +62,6 @@ fn world() -> World {
     }
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Python's http.server on `ula`:`port` in `ns`, serving `dir`, its log in `log`; returns once
-/// it listens.
-fn http_server(ns: &Netns, ula: Ipv6Addr, port: u16, dir: &Path, log: &Path) -> Proc {
-    let child = ns
-        .exec(
-            "python3",
-            &[
-                "-u",
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                &ula.to_string(),
-                "--directory",
-                dir.to_str().unwrap(),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let probe = format!("sport = :{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ns
-        .exec("ss", &["-Hltn", &probe])
-        .output()
-        .map(|o| o.stdout.is_empty())
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "http.server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Proc(child)
-}
-
 fn node_of(ula: Ipv6Addr) -> u32 {
     tunnel::ula::from_ipv6(ula).unwrap().node
 }
@@ -140,7 +95,7 @@ fn trust_opens_a_port_that_is_not_exposed_and_info_shows_the_interface() {
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("x"), b"trusted\n").unwrap();
     let log = w.dir.path().join("http.log");
-    let _server = http_server(&w.b, w.up_b.ula, 8081, site.path(), &log);
+    let _server = w.b.http_server(w.up_b.ula, 8081, site.path(), Some(&log));
     let url = format!("http://[{}]:8081/x", w.up_b.ula);
     let curl = || {
         w.a.exec("curl", &["-sS", "-g", "--max-time", "10", &url])
@@ -199,12 +154,11 @@ fn kernel_programs_and_driver_agents_reach_each_other() {
     );
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("index.html"), b"kernel listener on B\n").unwrap();
-    let _server = http_server(
-        &w.b,
+    let _server = w.b.http_server(
         w.up_b.ula,
         EXPOSED,
         site.path(),
-        &w.dir.path().join("http.log"),
+        Some(&w.dir.path().join("http.log")),
     );
     let rt = rt();
     let (dc, nc) = rt.block_on(async {

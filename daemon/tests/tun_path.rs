@@ -12,7 +12,7 @@ mod support;
 
 use std::fs::File;
 use std::net::Ipv6Addr;
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use netns::*;
@@ -73,31 +73,9 @@ impl Pair {
 
     /// Serves `dir` with Python's http.server on B's ULA and `port`; its log (which names each
     /// client) goes to the returned path. Waits until it answers through pilot0 from A.
-    fn http_server(&self, port: u16, dir: &std::path::Path) -> (Server, std::path::PathBuf) {
+    fn http_server(&self, port: u16, dir: &std::path::Path) -> (Proc, std::path::PathBuf) {
         let log = self.dir.path().join(format!("http-{port}.log"));
-        let ula = self.up_b.ula.to_string();
-        let child = self
-            .b
-            .exec(
-                "python3",
-                &[
-                    "-u",
-                    "-m",
-                    "http.server",
-                    &port.to_string(),
-                    "--bind",
-                    &ula,
-                    "--directory",
-                    dir.to_str().unwrap(),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let server = Server(child);
-        // Listening in B's namespace (checked there, so no connection is refused meanwhile).
-        self.b.wait_listening(port);
+        let server = self.b.http_server(self.up_b.ula, port, dir, Some(&log));
         (server, log)
     }
 
@@ -108,16 +86,6 @@ impl Pair {
         let t = Instant::now();
         let out = self.a.exec("curl", &v).output().unwrap();
         (out, t.elapsed())
-    }
-}
-
-/// A child process killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -355,7 +323,7 @@ fn ssh_runs_a_command_and_scp_copies_64_mib_intact() {
     )
     .unwrap();
     let sshd_log = keys.path().join("sshd.log");
-    let _sshd = Server(
+    let _sshd = Proc(
         p.b.exec(
             "/usr/sbin/sshd",
             &["-D", "-e", "-f", k("sshd_config").to_str().unwrap()],
@@ -465,7 +433,7 @@ impl Pair {
     fn iperf(&self, args: &[&str]) -> Vec<u8> {
         let ula = self.up_b.ula.to_string();
         let port = IPERF_PORT.to_string();
-        let mut server = Server(
+        let mut server = Proc(
             self.b
                 .exec("iperf3", &["-s", "-1", "-B", &ula, "-p", &port])
                 .stdout(Stdio::null())
@@ -606,7 +574,7 @@ impl Pair {
     fn many_connections(&self, n: usize, wave: usize, pause: f64) -> String {
         let ula = self.up_b.ula.to_string();
         let port = ECHO_PORT.to_string();
-        let _server = Server(
+        let _server = Proc(
             self.b
                 .exec("python3", &["-c", ECHO_SERVER, &ula, &port])
                 .stdout(Stdio::null())
@@ -673,7 +641,7 @@ fn tail(log: &str) -> String {
 fn idle_conversation(p: &Pair, idle: Duration) -> (bool, String) {
     let ula = p.up_b.ula.to_string();
     let port = ECHO_PORT.to_string();
-    let _server = Server(
+    let _server = Proc(
         p.b.exec("python3", &["-c", ECHO_SERVER, &ula, &port])
             .stdout(Stdio::null())
             .spawn()

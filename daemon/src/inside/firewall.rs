@@ -25,8 +25,8 @@
 //!   matching, so a rule accepting only some ports does not count as accepting the interface.
 //!   The warning names, for each such chain, the `nft insert rule ...` that fixes it.
 //!
-//! Neither part fails `up`: each is bounded in time ([`PROBE_WAIT`], [`NFT_TIMEOUT`]), and
-//! what it cannot find out is logged as unknown.
+//! Neither part fails `up`: each is bounded in time ([`PROBE_WAIT`] times [`PROBE_TRIES`],
+//! [`NFT_TIMEOUT`]), and what it cannot find out is logged as unknown.
 //!
 //! `--firewall=nftables`: in nftables every base chain on a hook must accept a packet; an
 //! accept in a chain of our own (at any priority) does not skip another table's chain that
@@ -56,6 +56,9 @@ pub const ULA_PREFIX: &str = "fd06:3fcd:b33d::/48";
 
 /// How long the probe datagram may take to reach its socket.
 pub const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// Probe datagrams sent, one per [`PROBE_WAIT`], before the path is judged closed (one may be
+/// lost to a busy machine or an interface that has just come up).
+pub const PROBE_TRIES: u32 = 3;
 
 /// How long one `nft` command may run.
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -496,9 +499,9 @@ pub async fn ruleset() -> Result<Value, FirewallError> {
     Ok(serde_json::from_str(&out)?)
 }
 
-/// Sends one UDP datagram from a fake hairpin address through `device` to a socket bound to
-/// `own`: `Some(true)` if it arrived within [`PROBE_WAIT`], `Some(false)` if not, `None` if the
-/// probe could not be sent.
+/// Sends a UDP datagram from a fake hairpin address through `device` to a socket bound to
+/// `own`, up to [`PROBE_TRIES`] times: `Some(true)` once one arrives (each is given
+/// [`PROBE_WAIT`]), `Some(false)` if none did, `None` if the probe could not be sent.
 pub async fn probe(device: &tun_rs::AsyncDevice, own: Ipv6Addr) -> Option<bool> {
     let sock = match tokio::net::UdpSocket::bind(SocketAddrV6::new(own, 0, 0, 0)).await {
         Ok(s) => s,
@@ -525,25 +528,28 @@ pub async fn probe(device: &tun_rs::AsyncDevice, own: Ipv6Addr) -> Option<bool> 
     )
     .ok()?;
     pkt.truncate(n);
-    let deadline = tokio::time::Instant::now() + PROBE_WAIT;
-    if let Err(e) = device.send(&pkt).await {
-        tracing::debug!(error = %e, "firewall probe: writing to the device failed");
-        return None;
-    }
     let mut buf = [0u8; 128];
-    loop {
-        match tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
-            Err(_) => return Some(false),
-            Ok(Err(_)) => return None,
-            Ok(Ok((len, from))) => {
-                if buf.get(..len) == Some(payload.as_slice())
-                    && from.ip() == std::net::IpAddr::V6(*src.ip())
-                {
-                    return Some(true);
+    for _ in 0..PROBE_TRIES {
+        let deadline = tokio::time::Instant::now() + PROBE_WAIT;
+        if let Err(e) = device.send(&pkt).await {
+            tracing::debug!(error = %e, "firewall probe: writing to the device failed");
+            return None;
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
+                Err(_) => break,
+                Ok(Err(_)) => return None,
+                Ok(Ok((len, from))) => {
+                    if buf.get(..len) == Some(payload.as_slice())
+                        && from.ip() == std::net::IpAddr::V6(*src.ip())
+                    {
+                        return Some(true);
+                    }
                 }
             }
         }
     }
+    Some(false)
 }
 
 /// What the self-test found.

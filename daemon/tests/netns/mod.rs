@@ -336,4 +336,44 @@ impl Netns {
             self.is_listening(port)
         });
     }
+
+    /// Python's http.server in this namespace on `ip`:`port`, serving `dir`; its log (which
+    /// names each client) goes to `log` when given. Returns once it listens.
+    pub fn http_server(&self, ip: Ipv6Addr, port: u16, dir: &Path, log: Option<&Path>) -> Proc {
+        let stderr = match log {
+            Some(path) => Stdio::from(File::create(path).unwrap()),
+            None => Stdio::null(),
+        };
+        let child = self
+            .exec(
+                "python3",
+                &[
+                    "-u",
+                    "-m",
+                    "http.server",
+                    &port.to_string(),
+                    "--bind",
+                    &ip.to_string(),
+                    "--directory",
+                    dir.to_str().unwrap(),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let server = Proc(child);
+        self.wait_listening(port);
+        server
+    }
+}
+
+/// A child process, killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
