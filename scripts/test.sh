@@ -13,7 +13,7 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 # not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
-    cargo test -p pilotd --test tun_iface --test tun_path --test tun_mixed --test tun_firewall --test tun_dns --locked -- --ignored 2>&1 | tee -a "$log"
+    cargo test -p pilotd --test tun_iface --test tun_path --test tun_mixed --test tun_firewall --test tun_dns --test tun_resolved --locked -- --ignored 2>&1 | tee -a "$log"
 fi
 # Sum cargo's per-binary "test result" lines into one closing line.
 awk '/^== root-only tests ==$/ { root = 1; next }

@@ -159,6 +159,12 @@ pub struct Cli {
     /// TUN interface's packets, and remove it on exit). [default: none]
     #[arg(long, global = true, env = "PILOT_FIREWALL")]
     pub firewall: Option<String>,
+    /// How `up` points the system resolver at the `.pilot` DNS answerer: auto (systemd-resolved
+    /// when it runs, else resolvconf when installed, else nothing), resolved (systemd-resolved or
+    /// fail), or off (change nothing; `pilotctl status` says how to do it by hand). Settings made
+    /// are reverted when pilotd stops. [default: auto]
+    #[arg(long, global = true, env = "PILOT_DNS")]
+    pub dns: Option<String>,
 }
 
 /// `pilotd` subcommands.
@@ -259,6 +265,8 @@ pub struct Config {
     pub expose: Vec<u16>,
     /// Host firewall handling (`pilotd up`).
     pub firewall: crate::inside::firewall::FirewallMode,
+    /// How the system resolver learns about `.pilot` (`pilotd up`).
+    pub dns: crate::inside::resolver::DnsMode,
 }
 
 mod secs {
@@ -546,6 +554,10 @@ impl Cli {
             None => crate::inside::firewall::FirewallMode::None,
             Some(s) => s.parse().map_err(|e: String| invalid("firewall", e))?,
         };
+        let dns = match get(self.dns.clone(), "dns") {
+            None => crate::inside::resolver::DnsMode::Auto,
+            Some(s) => s.parse().map_err(|e: String| invalid("dns", e))?,
+        };
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -629,6 +641,7 @@ impl Cli {
             mtu,
             expose,
             firewall,
+            dns,
         })
     }
 }
@@ -687,6 +700,7 @@ const KNOWN_KEYS: &[&str] = &[
     "mtu",
     "expose",
     "firewall",
+    "dns",
 ];
 
 #[cfg(test)]
@@ -809,6 +823,29 @@ mod tests {
         assert_eq!(c.firewall, FirewallMode::Nftables);
         let e = cli(&["--firewall", "iptables"]).resolve().unwrap_err();
         assert!(e.to_string().starts_with("firewall:"), "{e}");
+    }
+
+    #[test]
+    fn dns_mode_parses_and_validates() {
+        use crate::inside::resolver::DnsMode;
+        assert_eq!(
+            cli(&["--home", "/tmp/x"]).resolve().unwrap().dns,
+            DnsMode::Auto
+        );
+        for (arg, want) in [
+            ("auto", DnsMode::Auto),
+            ("resolved", DnsMode::Resolved),
+            ("off", DnsMode::Off),
+        ] {
+            assert_eq!(cli(&["up", "--dns", arg]).resolve().unwrap().dns, want);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.json");
+        std::fs::write(&f, r#"{"dns": "off"}"#).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.dns, DnsMode::Off);
+        let e = cli(&["--dns", "dnsmasq"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("dns:"), "{e}");
     }
 
     #[test]

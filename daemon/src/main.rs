@@ -12,6 +12,7 @@ use pilotd::config::{Cli, Command, Config, LogFormat};
 use pilotd::inside::datapath::{Inside, InsideConfig};
 use pilotd::inside::firewall::{self, FirewallMode};
 use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
+use pilotd::inside::resolver::{self, Mechanism, SystemDns};
 use pilotd::ipc_server::InsideStatus;
 use pilotd::node::Node;
 use pilotd::registry_link::LinkCmd;
@@ -126,6 +127,19 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
             };
             match Inside::start(i.device.clone(), node.daemon.engine.clone(), inside_config).await {
                 Ok(inside) => {
+                    let system_dns = match SystemDns::configure(config.dns, &i.name, i.index).await
+                    {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!(iface = %i.name, error = %e, "cannot point the system resolver at .pilot");
+                            eprintln!("pilotd: {e}");
+                            inside.stop().await;
+                            let _ = i.down().await;
+                            stop_node(node).await;
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    let dns_system = system_dns.describer();
                     let stats = inside.reporter();
                     let (name, ula, mtu, expose) = (
                         i.name.clone(),
@@ -138,7 +152,8 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                             let s = stats().unwrap_or_default();
                             serde_json::json!({
                                 "interface": name, "ula": ula, "mtu": mtu, "expose": expose,
-                            "dns": tunnel::inside::dns::RESOLVER.to_string(),
+                                "dns": tunnel::inside::dns::RESOLVER.to_string(),
+                                "dns_system": dns_system(),
                                 "flows": s.flows, "outbound_dials": s.outbound_dials,
                                 "outbound_refused": s.outbound_refused,
                                 "inbound_offered": s.inbound_offered,
@@ -161,6 +176,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                                 tracing::error!(iface = %i.name, error = %e, "firewall: cannot add the accept rule");
                                 eprintln!("pilotd: {e}");
                                 inside.stop().await;
+                                let _ = system_dns.revert().await;
                                 let _ = firewall::close(&i.name).await;
                                 let _ = i.down().await;
                                 stop_node(node).await;
@@ -169,15 +185,9 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                         }
                     }
                     firewall::self_test(&i.device, &i.name, i.addr).await;
-                    let resolver = tunnel::inside::dns::RESOLVER;
-                    tracing::info!(
-                        "DNS for .pilot names at {resolver} port 53; point the system resolver \
-                         there for them, e.g. `resolvectl dns {name} {resolver}; resolvectl \
-                         domain {name} '~pilot'`",
-                        name = i.name
-                    );
+                    tracing::info!(iface = %i.name, "names: {}", system_dns.describe());
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
-                    Some((i, inside))
+                    Some((i, inside, system_dns))
                 }
                 Err(e) => {
                     tracing::error!(iface = %i.name, error = %e, "cannot start the data path");
@@ -191,9 +201,19 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
     };
     stop.await;
     tracing::info!("stopping");
-    if let Some((i, inside)) = iface {
+    if let Some((i, inside, system_dns)) = iface {
         inside.stop().await;
         let name = i.name.clone();
+        let mechanism = system_dns.mechanism();
+        match system_dns.revert().await {
+            Ok(()) if mechanism == Mechanism::None => {}
+            Ok(()) => {
+                tracing::info!(iface = %name, "the system resolver's .pilot settings are taken back")
+            }
+            Err(e) => {
+                tracing::warn!(iface = %name, error = %e, "the system resolver's .pilot settings were not taken back")
+            }
+        }
         if config.firewall == FirewallMode::Nftables {
             match firewall::close(&name).await {
                 Ok(n) => tracing::info!(iface = %name, rules = n, "firewall: accept rules removed"),
@@ -245,6 +265,8 @@ async fn stop_node(node: Node) {
 
 /// `pilotd down`: removes what a `pilotd up` left behind.
 async fn down(name: &str) -> ExitCode {
+    // A record left by a crashed `up`; resolvconf reports a missing one as an error too.
+    let _ = resolver::cleanup_resolvconf(name).await;
     let rules = match firewall::close(name).await {
         Ok(n) => n,
         Err(e) => {

@@ -485,6 +485,9 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         if !n.dns.is_empty() {
             let _ = writeln!(text, "Names:        <hostname>.pilot answered at {}", n.dns);
         }
+        if !n.dns_system.is_empty() {
+            let _ = writeln!(text, "Resolver:     {}", n.dns_system);
+        }
     }
     Ok(output(v, text))
 }

@@ -340,6 +340,8 @@ pub(crate) struct StatusSelf {
     pub(crate) hostname: Option<String>,
     /// The virtual NIC when the daemon runs `pilotd up`.
     pub(crate) interface: Option<String>,
+    /// How the system resolver reaches the `.pilot` answerer, or how to point it there.
+    pub(crate) dns: Option<String>,
 }
 
 /// One tunnel peer in `status`.
@@ -392,6 +394,11 @@ pub(crate) fn status_report(
             .as_ref()
             .map(|n| n.interface.clone())
             .filter(|i| !i.is_empty()),
+        dns: info
+            .inside
+            .as_ref()
+            .map(|n| n.dns_system.clone())
+            .filter(|d| !d.is_empty()),
     };
     let mut peers: Vec<StatusPeer> = info
         .peer_list
@@ -443,6 +450,9 @@ pub(crate) fn status_text(r: &StatusReport) -> String {
         let _ = write!(t, "  {i}");
     }
     t.push_str("  (this node)\n");
+    if let Some(d) = &r.me.dns {
+        let _ = writeln!(t, "# DNS: {d}");
+    }
     if r.peers.is_empty() {
         t.push_str("No tunnel peers\n");
         return t;
@@ -786,6 +796,15 @@ mod tests {
         assert_eq!(
             status_text(&r),
             "fd06:3fcd:b33d::5  me  0:0000.0000.0005  pilot0  (this node)\nNo tunnel peers\n"
+        );
+        if let Some(n) = i.inside.as_mut() {
+            n.dns_system = "not configured (--dns=off): point a resolver at it".into();
+        }
+        let r = status_report(&i, &BTreeMap::new());
+        assert_eq!(
+            status_text(&r),
+            "fd06:3fcd:b33d::5  me  0:0000.0000.0005  pilot0  (this node)\n\
+             # DNS: not configured (--dns=off): point a resolver at it\nNo tunnel peers\n"
         );
     }
 }

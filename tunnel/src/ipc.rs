@@ -1059,6 +1059,8 @@ pub struct InsideInfo {
     pub expose: Vec<u16>,
     /// The address that answers DNS for `.pilot` names, "" if none.
     pub dns: String,
+    /// How the system resolver reaches that address (or how to point it there), "" if unknown.
+    pub dns_system: String,
     /// Kernel TCP connections carried now.
     pub flows: u64,
     /// Outbound connections dialed.

@@ -3,3 +3,4 @@
 pub mod datapath;
 pub mod firewall;
 pub mod iface;
+pub mod resolver;

@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod container;
+
 pub const ROOT: &str = "needs root: network namespaces and /dev/net/tun";
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -136,6 +138,7 @@ impl Netns {
                 &std::env::var("PILOT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             ])
             .args(args)
+            .env("PILOT_DNS", "off")
             .env_remove("PILOT_TUN_NAME")
             .env_remove("PILOT_MTU")
             .env_remove("PILOT_CONFIG");

@@ -1,0 +1,166 @@
+//! systemd-resolved for real: `pilotd up` in a booted Debian container (systemd-nspawn) tells
+//! resolved over D-Bus to send `.pilot` names and reverse lookups of the Pilot /48 to pilot0's
+//! answerer, puts that back after resolved restarts, and takes it back when it stops.
+//!
+//! Needs root (network namespaces, systemd-nspawn, /dev/net/tun) and mmdebstrap with a Debian
+//! mirror, so it is ignored by default; `scripts/test.sh` runs it when it runs as root.
+#![allow(clippy::unwrap_used)]
+
+mod netns;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use netns::container::{debian_rootfs, Container};
+use netns::*;
+use tunnel::inside::dns;
+
+/// Waits until `cond` holds for the output of `args` run in the container.
+fn wait_for(c: &Container, args: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = container_text(c, args);
+        if cond(&out) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn container_text(c: &Container, args: &[&str]) -> String {
+    netns::container::text(&c.run(args))
+}
+
+#[test]
+#[ignore = "needs root: systemd-nspawn, network namespaces and /dev/net/tun"]
+fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
+    let a = Netns::new();
+    let b = Netns::new();
+    a.link_to(&b, "prs0", "10.81.0.1", "10.81.0.2");
+    let reg = a.registry_at("10.81.0.1:0");
+    let root = debian_rootfs(&[
+        "systemd",
+        "systemd-sysv",
+        "dbus",
+        "systemd-resolved",
+        "iproute2",
+    ]);
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_pilotd"),
+        root.path().join("usr/local/bin/pilotd"),
+    )
+    .unwrap();
+    let c = Container::boot(root, &b);
+
+    let start = |unit: &str, mode: &str| {
+        let out = c.enter(&[
+            "systemd-run",
+            &format!("--unit={unit}"),
+            "--",
+            "/usr/local/bin/pilotd",
+            "up",
+            "--registry",
+            &reg,
+            "--beacon",
+            "",
+            "--listen",
+            "10.81.0.2:0",
+            "--public",
+            "--hostname",
+            "bob",
+            "--dns",
+            mode,
+            "--home",
+            "/var/lib/pilot-test",
+        ]);
+        assert!(out.status.success(), "{}", netns::container::text(&out));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = c.journal(unit);
+            if let Some(ula) = log
+                .lines()
+                .find_map(|l| l.split_once("pilot0 up: ").map(|(_, r)| r.to_owned()))
+                .and_then(|r| {
+                    r.split_whitespace()
+                        .next()?
+                        .parse::<std::net::Ipv6Addr>()
+                        .ok()
+                })
+            {
+                return ula;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pilotd up did not come up:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // --dns resolved: the link carries the answerer, both routing domains and no default route.
+    let ula = start("pilotd-resolved", "resolved");
+    let status = c.ok(&["resolvectl", "status", "pilot0"]);
+    assert!(
+        status.contains(&format!("DNS Servers: {}", dns::RESOLVER)),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("~{} ~{}", dns::ZONE, dns::REVERSE_ZONE)),
+        "{status}"
+    );
+    for off in ["-DefaultRoute", "-LLMNR", "-mDNS"] {
+        assert!(status.contains(off), "{off} missing: {status}");
+    }
+    let q = c.ok(&["resolvectl", "query", "bob.pilot"]);
+    assert!(
+        q.contains(&ula.to_string()) && q.contains("link: pilot0"),
+        "{q}"
+    );
+    let g = c.ok(&["getent", "ahosts", "bob.pilot"]);
+    assert!(g.contains(&ula.to_string()), "{g}");
+    let r = c.ok(&["resolvectl", "query", &ula.to_string()]);
+    assert!(r.contains("bob.pilot"), "{r}");
+
+    // A restart of resolved loses link settings; pilotd puts them back.
+    c.ok(&["systemctl", "restart", "systemd-resolved"]);
+    wait_for(
+        &c,
+        &["resolvectl", "domain", "pilot0"],
+        "~pilot after resolved restarted",
+        |s| s.contains("~pilot"),
+    );
+    let q = c.ok(&["resolvectl", "query", "--cache=no", "bob.pilot"]);
+    assert!(q.contains(&ula.to_string()), "{q}");
+    assert!(
+        c.journal("pilotd-resolved").contains("settings reapplied"),
+        "{}",
+        c.journal("pilotd-resolved")
+    );
+
+    // Stopping pilotd takes the settings back and removes the link.
+    c.ok(&["systemctl", "stop", "pilotd-resolved"]);
+    let log = c.journal("pilotd-resolved");
+    assert!(log.contains(".pilot settings are taken back"), "{log}");
+    assert!(!log.contains("were not taken back"), "{log}");
+    let domains = c.ok(&["resolvectl", "domain"]);
+    assert!(!domains.contains("~pilot"), "{domains}");
+    assert!(!c.run(&["ip", "link", "show", "pilot0"]).status.success());
+
+    // --dns auto finds resolved on its own.
+    start("pilotd-auto", "auto");
+    let d = c.ok(&["resolvectl", "domain", "pilot0"]);
+    assert!(d.contains("~pilot"), "{d}");
+    c.ok(&["systemctl", "stop", "pilotd-auto"]);
+
+    // --dns off leaves resolved alone and says how to do it by hand.
+    start("pilotd-off", "off");
+    let d = c.ok(&["resolvectl", "domain", "pilot0"]);
+    assert!(!d.contains("~pilot"), "{d}");
+    let log = c.journal("pilotd-off");
+    assert!(log.contains("not configured (--dns=off)"), "{log}");
+    c.ok(&["systemctl", "stop", "pilotd-off"]);
+}
