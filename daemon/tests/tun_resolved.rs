@@ -164,3 +164,98 @@ fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
     assert!(log.contains("not configured (--dns=off)"), "{log}");
     c.ok(&["systemctl", "stop", "pilotd-off"]);
 }
+
+#[test]
+#[ignore = "needs root: systemd-nspawn, network namespaces and /dev/net/tun"]
+fn without_resolved_a_resolvconf_record_names_the_answerer_first() {
+    let a = Netns::new();
+    let b = Netns::new();
+    a.link_to(&b, "prc0", "10.82.0.1", "10.82.0.2");
+    let reg = a.registry_at("10.82.0.1:0");
+    let root = debian_rootfs(&["systemd", "systemd-sysv", "dbus", "openresolv", "iproute2"]);
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_pilotd"),
+        root.path().join("usr/local/bin/pilotd"),
+    )
+    .unwrap();
+    // An upstream server that never answers, listed before pilotd's record is added.
+    std::fs::write(
+        root.path().join("etc/resolv.conf"),
+        "nameserver 10.82.0.1\noptions timeout:5 attempts:1\n",
+    )
+    .unwrap();
+    let c = Container::boot(root, &b);
+    c.ok(&[
+        "sh",
+        "-c",
+        "echo 'nameserver 10.82.0.1' | resolvconf -a e0.upstream",
+    ]);
+    let up = |unit: &str| {
+        let out = c.enter(&[
+            "systemd-run",
+            &format!("--unit={unit}"),
+            // As the shipped unit: SIGTERM to pilotd alone, which then runs resolvconf.
+            "--property=KillMode=mixed",
+            "--",
+            "/usr/local/bin/pilotd",
+            "up",
+            "--registry",
+            &reg,
+            "--beacon",
+            "",
+            "--listen",
+            "10.82.0.2:0",
+            "--public",
+            "--hostname",
+            "bob",
+            "--home",
+            "/var/lib/pilot-test",
+        ]);
+        assert!(out.status.success(), "{}", netns::container::text(&out));
+        wait_for(
+            &c,
+            &["journalctl", "--no-pager", "-o", "cat", "-u", unit],
+            "pilot0 up",
+            |s| s.contains("pilot0 up: "),
+        )
+    };
+    let log = up("pilotd-rc");
+    assert!(log.contains("resolvconf record lo.pilot0"), "{log}");
+    let conf = c.ok(&["cat", "/etc/resolv.conf"]);
+    let first = conf
+        .lines()
+        .find(|l| l.starts_with("nameserver"))
+        .unwrap_or_default();
+    assert_eq!(first, format!("nameserver {}", dns::RESOLVER), "{conf}");
+    assert!(conf.contains("nameserver 10.82.0.1"), "{conf}");
+    // glibc asks pilot0's answerer first and gets the name at once.
+    let t = Instant::now();
+    let g = c.ok(&["getent", "ahosts", "bob.pilot"]);
+    assert!(g.contains("fd06:3fcd:b33d:"), "{g}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // A clean stop deletes the record.
+    c.ok(&["systemctl", "stop", "pilotd-rc"]);
+    let conf = c.ok(&["cat", "/etc/resolv.conf"]);
+    assert!(
+        !conf.contains(&dns::RESOLVER.to_string()),
+        "{conf}\n{}",
+        c.journal("pilotd-rc")
+    );
+    assert!(conf.contains("nameserver 10.82.0.1"), "{conf}");
+
+    // After kill -9 the record stays; `pilotd down` deletes it.
+    up("pilotd-rc2");
+    c.ok(&["systemctl", "kill", "--signal=KILL", "pilotd-rc2"]);
+    wait_for(
+        &c,
+        &["systemctl", "is-active", "pilotd-rc2"],
+        "pilotd killed",
+        |s| !s.trim().starts_with("active"),
+    );
+    let conf = c.ok(&["cat", "/etc/resolv.conf"]);
+    assert!(conf.contains(&dns::RESOLVER.to_string()), "{conf}");
+    c.ok(&["/usr/local/bin/pilotd", "down"]);
+    let conf = c.ok(&["cat", "/etc/resolv.conf"]);
+    assert!(!conf.contains(&dns::RESOLVER.to_string()), "{conf}");
+}

@@ -8,10 +8,11 @@
 //!   names, and LLMNR, mDNS, DNSSEC and DNS-over-TLS off (the answerer signs nothing and
 //!   speaks plain DNS). Reapplied whenever resolved (re)starts; `RevertLink` on stop. A crash
 //!   leaves nothing behind: the TUN link goes with the process, and resolved forgets it.
-//! - **resolvconf**, where resolved does not run: a record `<iface>.pilot` naming the answerer
-//!   (with `IF_METRIC=0`, which openresolv sorts first; names outside `.pilot` are REFUSED by
-//!   the answerer, so the C library moves on to the next server). Deleted on stop, and by the
-//!   next `pilotd up` or `pilotd down` after a crash.
+//! - **resolvconf**, where resolved does not run: a record `lo.<iface>` naming the answerer.
+//!   Both resolvconf implementations (Debian's and openresolv) put records named `lo.*` first,
+//!   the place of resolvers on the host itself, which the answerer is; it REFUSEs names outside
+//!   its zones, so the C library moves on to the next server at once. Deleted on stop, and by
+//!   `pilotd down` after a crash.
 //! - Otherwise nothing: [`SystemDns::describe`] says how to do it by hand. This module never
 //!   writes `/etc/resolv.conf` itself.
 
@@ -91,6 +92,16 @@ pub enum ResolverError {
         /// What happened.
         reason: String,
     },
+    /// `resolvconf` was killed by a signal.
+    #[error("resolvconf {action} {record}: killed by signal {signal}")]
+    ResolvconfKilled {
+        /// `-a` or `-d`.
+        action: &'static str,
+        /// The record name.
+        record: String,
+        /// The signal.
+        signal: i32,
+    },
 }
 
 /// Which mechanism carries the settings.
@@ -136,9 +147,10 @@ pub fn manual_hint(ifname: &str) -> String {
     )
 }
 
-/// The resolvconf record pilotd writes for `ifname`.
+/// The resolvconf record pilotd writes for `ifname`: named as a resolver on the host, so
+/// resolvconf lists it before the others.
 pub fn resolvconf_record(ifname: &str) -> String {
-    format!("{ifname}.pilot")
+    format!("lo.{ifname}")
 }
 
 impl SystemDns {
@@ -462,7 +474,6 @@ async fn resolvconf_run(
     let mut child = tokio::process::Command::new(path)
         .arg(action)
         .arg(&record)
-        .env("IF_METRIC", "0")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -481,6 +492,12 @@ async fn resolvconf_run(
         .map_err(|e| fail(e.to_string()))?;
     if out.status.success() {
         Ok(())
+    } else if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        Err(ResolverError::ResolvconfKilled {
+            action,
+            record,
+            signal,
+        })
     } else {
         Err(fail(format!(
             "{}: {}",
@@ -495,8 +512,16 @@ async fn resolvconf_add(path: &std::path::Path, ifname: &str) -> Result<(), Reso
     resolvconf_run(path, "-a", ifname, record.as_bytes()).await
 }
 
+/// Deletes the record. Tried twice: a service manager stopping pilotd may signal every
+/// process of its group, a `resolvconf` started during the stop among them.
 async fn resolvconf_delete(path: &std::path::Path, ifname: &str) -> Result<(), ResolverError> {
-    resolvconf_run(path, "-d", ifname, b"").await
+    match resolvconf_run(path, "-d", ifname, b"").await {
+        Err(ResolverError::ResolvconfKilled { .. }) => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            resolvconf_run(path, "-d", ifname, b"").await
+        }
+        r => r,
+    }
 }
 
 /// Deletes a resolvconf record a crashed `pilotd up` left for `ifname`; whether one was there
@@ -531,7 +556,7 @@ mod tests {
         );
         assert!(h.contains("'~pilot'"), "{h}");
         assert!(h.contains("'~d.3.3.b.d.c.f.3.6.0.d.f.ip6.arpa'"), "{h}");
-        assert_eq!(resolvconf_record("pilot7"), "pilot7.pilot");
+        assert_eq!(resolvconf_record("pilot7"), "lo.pilot7");
     }
 
     #[tokio::test]
