@@ -1384,9 +1384,9 @@ async fn restarts_keep_the_registry_state() {
         .unwrap();
     drop(da);
 
+    let node = a.node_id;
     let check = |when: &'static str| {
         let b = &b;
-        let node = a.node_id;
         async move {
             let db = b.driver().await;
             let r = registry_record(&db, node).await;
