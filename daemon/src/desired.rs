@@ -164,9 +164,8 @@ impl DesiredState {
             }
             "create_network" => {
                 if let Some(id) = network(reply) {
-                    let token = token.filter(|_| {
-                        req.get("join_rule").and_then(Value::as_str) == Some("token")
-                    });
+                    let token = token
+                        .filter(|_| req.get("join_rule").and_then(Value::as_str) == Some("token"));
                     self.networks.insert(id, Membership { token });
                 }
             }

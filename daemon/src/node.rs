@@ -129,12 +129,13 @@ impl Daemon {
             None => None,
         };
         let desired = Desired::load(&config.home)?;
-        if desired.update(|s| {
-            let before = s.clone();
-            s.reconcile(config.hostname.as_deref(), config.public);
-            *s != before
-        })
-        .await?
+        if desired
+            .update(|s| {
+                let before = s.clone();
+                s.reconcile(config.hostname.as_deref(), config.public);
+                *s != before
+            })
+            .await?
         {
             tracing::debug!(path = ?desired.path(), "registry state follows the flags");
         }
@@ -446,7 +447,8 @@ async fn follow_task_service(daemon: &Daemon, enabled: bool) {
         .desired
         .update(|s| {
             // Never advertised and not accepting: nothing to tell the registry.
-            let unchanged = s.task_exec.unwrap_or(false) == enabled && (s.task_exec.is_some() || !enabled);
+            let unchanged =
+                s.task_exec.unwrap_or(false) == enabled && (s.task_exec.is_some() || !enabled);
             if !unchanged {
                 s.task_exec = Some(enabled);
             }

@@ -249,7 +249,9 @@ impl PeerCache {
         match req.get("type").and_then(Value::as_str)? {
             "resolve_hostname" => Some(format!(
                 "{:?}",
-                req.get("hostname").and_then(Value::as_str).unwrap_or_default()
+                req.get("hostname")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
             )),
             "lookup" | "resolve" => Some(format!("node {}", node_of(req)?)),
             _ => None,
@@ -355,7 +357,7 @@ mod tests {
             &json!({"type": "resolve", "node_id": 7}),
             &json!({"real_addr": "not an address"}),
         );
-        assert!(c.get(7).map_or(true, |e| e.endpoint.is_none()));
+        assert!(c.get(7).is_none_or(|e| e.endpoint.is_none()));
         assert_eq!(c.node_named("x"), None);
     }
 }

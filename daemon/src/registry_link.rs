@@ -255,7 +255,16 @@ pub async fn run(
     let mut waiters = Waiters::new();
     let mut backoff = BACKOFF.0;
     loop {
-        match session(&config, &mut cmds, &events, &pushes, &mut cache, &mut waiters).await {
+        match session(
+            &config,
+            &mut cmds,
+            &events,
+            &pushes,
+            &mut cache,
+            &mut waiters,
+        )
+        .await
+        {
             Ok(End::Stopped) => return,
             Ok(End::Deregistered) => {
                 tracing::info!("deregistered; registering again on a register request");
@@ -596,8 +605,10 @@ async fn apply(
         reqs.push(json!({"type": "set_task_exec", "node_id": node, "enabled": e}));
     }
     for (id, m) in &want.networks {
-        reqs.push(json!({"type": "join_network", "node_id": node, "network_id": id,
-                         "token": m.token}));
+        reqs.push(
+            json!({"type": "join_network", "node_id": node, "network_id": id,
+                         "token": m.token}),
+        );
     }
     for req in reqs {
         match call(c, &req).await {
@@ -754,6 +765,7 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn refused(code: &str) -> LinkError {
@@ -821,6 +833,58 @@ mod tests {
             message: "gone".into(),
         };
         assert_eq!(LinkError::from_client(&r).code(), code::NOT_FOUND);
+    }
+
+    #[test]
+    fn without_a_session_known_nodes_are_answered_and_unknown_ones_name_the_outage() {
+        let mut cache = PeerCache::new();
+        cache.learn(
+            &json!({"type": "resolve_hostname", "hostname": "bob"}),
+            &json!({"type": "resolve_hostname_ok", "node_id": 7, "hostname": "bob"}),
+        );
+        let bob = json!({"type": "resolve_hostname", "hostname": "bob"});
+        let v = from_cache(&bob, Down::Unreachable, &cache).unwrap();
+        assert_eq!(
+            (v["node_id"].as_u64(), v["stale"].as_bool()),
+            (Some(7), Some(true))
+        );
+        let eve = json!({"type": "resolve_hostname", "hostname": "eve"});
+        let e = from_cache(&eve, Down::Unreachable, &cache).unwrap_err();
+        assert!(matches!(&e, LinkError::Unknown(w) if w == "\"eve\""), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "registry unreachable, and \"eve\" is not among the nodes this node has seen"
+        );
+        // Requests that change something are not answered from the cache.
+        let set = json!({"type": "set_hostname", "node_id": 3, "hostname": "x"});
+        assert!(matches!(
+            from_cache(&set, Down::Unreachable, &cache),
+            Err(LinkError::Unreachable)
+        ));
+        assert!(matches!(
+            from_cache(&eve, Down::Deregistered, &cache),
+            Err(LinkError::Deregistered)
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_a_session_the_engine_gets_cached_keys_and_endpoints() {
+        let mut cache = PeerCache::new();
+        cache.learn_key(7, [9; 32]);
+        cache.learn_endpoint(7, "10.0.0.2:4000".parse().unwrap());
+        let (tx, mut rx) = mpsc::channel(8);
+        fail(LinkCmd::Lookup(7), Down::Unreachable, &cache, &tx).await;
+        fail(LinkCmd::Resolve(7), Down::Unreachable, &cache, &tx).await;
+        fail(LinkCmd::Resolve(8), Down::Unreachable, &cache, &tx).await;
+        assert!(matches!(rx.recv().await, Some(LinkEvent::Key(7, Some(k))) if k == [9; 32]));
+        assert!(matches!(
+            rx.recv().await,
+            Some(LinkEvent::Endpoint(7, Ok(ep))) if ep.port() == 4000
+        ));
+        assert!(matches!(
+            rx.recv().await,
+            Some(LinkEvent::Endpoint(8, Err(LinkError::Unreachable)))
+        ));
     }
 
     #[test]

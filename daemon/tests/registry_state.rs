@@ -179,9 +179,12 @@ async fn a_registry_that_lost_everything_gets_the_state_back() {
 
     reg.restart().await;
     assert!(
-        ask(&reg.addr, json!({"type": "resolve_hostname", "hostname": "alice-lab"}))
-            .await
-            .is_none(),
+        ask(
+            &reg.addr,
+            json!({"type": "resolve_hostname", "hostname": "alice-lab"})
+        )
+        .await
+        .is_none(),
         "the new registry starts empty"
     );
     // The link notices at its next request or heartbeat; a register request makes it now.
@@ -205,9 +208,12 @@ async fn deregister_then_register_restores_the_state() {
 
     ext_ok(&d, ExtRequest::Deregister).await;
     assert!(
-        ask(&reg.addr, json!({"type": "resolve_hostname", "hostname": "alice-lab"}))
-            .await
-            .is_none(),
+        ask(
+            &reg.addr,
+            json!({"type": "resolve_hostname", "hostname": "alice-lab"})
+        )
+        .await
+        .is_none(),
         "deregistered"
     );
     let r = ext_ok(&d, ExtRequest::Register).await;
@@ -258,7 +264,9 @@ async fn echo(d: &Driver, peer: u32) -> Result<(), String> {
         .dial(PilotAddr::new(Addr::new(0, peer), 7))
         .await
         .map_err(|e| e.to_string())?;
-    s.write_all(b"still there?").await.map_err(|e| e.to_string())?;
+    s.write_all(b"still there?")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
         .await
