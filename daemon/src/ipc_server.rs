@@ -67,6 +67,7 @@ use tunnel::node::CloseReason;
 use tunnel::services::nameserver::{parse_request, Record, Request};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
+use crate::desired::Desired;
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle};
 use crate::events::Events;
 use crate::identity::NodeIdentity;
@@ -135,6 +136,9 @@ pub struct IpcContext {
     /// The node's identity: its public key for Info (the engine does not hold the identity),
     /// and the key RotateKey replaces.
     pub identity: Arc<NodeIdentity>,
+    /// The node's desired registry state, and the hostname the registry holds now (for
+    /// Info).
+    pub desired: Desired,
 }
 
 /// Counters of the IPC server, readable at any time (see [`IpcStats::to_json`]).
@@ -208,8 +212,6 @@ struct Shared {
     ctx: IpcContext,
     stats: Arc<IpcStats>,
     webhook: Mutex<String>,
-    /// The hostname set through this server, which the engine's Info does not know about.
-    hostname: Mutex<Option<String>>,
     /// The virtual NIC's status for Info, when `pilotd up` runs one.
     inside: Mutex<Option<InsideStatus>>,
     warn: LogGate,
@@ -343,7 +345,6 @@ pub async fn serve(path: &Path, ctx: IpcContext) -> io::Result<IpcServer> {
         ),
         ctx,
         stats: Arc::new(IpcStats::default()),
-        hostname: Mutex::new(None),
         inside: Mutex::new(None),
         warn: LogGate::new(WARN_INTERVAL),
         next_client: AtomicU64::new(1),
@@ -1111,18 +1112,8 @@ impl ClientCtx {
         req: Value,
         ok: impl for<'a> FnOnce(&'a [u8]) -> Message<'a>,
     ) {
-        let is_hostname = req.get("type").and_then(Value::as_str) == Some("set_hostname");
         match self.shared.registry(req).await {
-            Ok(v) => {
-                if is_hostname {
-                    let h = v
-                        .get("hostname")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    *lock(&self.shared.hostname) = Some(h.to_owned());
-                }
-                slot.send(encode(&ok(&json_bytes(&v))));
-            }
+            Ok(v) => slot.send(encode(&ok(&json_bytes(&v)))),
             Err(e) => slot.error(&self, &e),
         }
     }
@@ -1203,25 +1194,20 @@ impl ClientCtx {
                 to_value(&r)
             }
             ExtRequest::Register => {
-                // The registry link registers on its own (and again after a lost session);
-                // report the registration in effect.
-                if me == 0 {
-                    return Err(ExtError::new(
-                        code::UNAVAILABLE,
-                        "not registered yet; the registry link keeps trying",
-                    ));
-                }
-                sh.registry(json!({"type": "lookup", "node_id": me}))
+                // The link registers now (again, after a deregistration) and applies the
+                // node's desired state before it answers.
+                let v = sh
+                    .link_request(LinkCmd::Register)
                     .await
-                    .map_err(|e| {
-                        ExtError::new(
-                            code::UNAVAILABLE,
-                            format!("not registered ({e}); the registry link registers again after its next failed heartbeat"),
-                        )
-                    })?;
+                    .map_err(registry_error)?;
+                let node = v
+                    .get("node_id")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| ExtError::new(code::INTERNAL, "registry gave no node_id"))?;
                 to_value(&ipc::RegisterReply {
-                    node_id: me,
-                    address: Addr::new(0, me).to_string(),
+                    node_id: node,
+                    address: Addr::new(0, node).to_string(),
                 })
             }
             ExtRequest::Deregister => {
@@ -1387,7 +1373,6 @@ impl ClientCtx {
                     .and_then(Value::as_str)
                     .unwrap_or(&hostname)
                     .to_owned();
-                *lock(&sh.hostname) = Some(hostname.clone());
                 to_value(&ipc::HostnameReply {
                     node_id: me,
                     hostname,
@@ -1634,12 +1619,17 @@ impl ClientCtx {
             .and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| ExtError::new(code::INTERNAL, "registry gave no node_id"))?;
-        to_value(&ipc::ResolveReply {
+        let mut out = to_value(&ipc::ResolveReply {
             node_id: node,
             address: Addr::new(0, node).to_string(),
             hostname: Some(target.to_owned()),
             public: v.get("public").and_then(Value::as_bool),
-        })
+        })?;
+        // Answered from what the node knew, the registry being unreachable.
+        if v.get("stale").and_then(Value::as_bool) == Some(true) {
+            out["stale"] = json!(true);
+        }
+        Ok(out)
     }
 
     /// Echo probes to port 7 of `node`, one fresh connection each. The round-trip time is
@@ -1731,7 +1721,7 @@ impl Shared {
     async fn info(&self) -> Result<Value, String> {
         let mut v = self.ctx.engine.info().await.map_err(|e| e.to_string())?;
         if let Some(o) = v.as_object_mut() {
-            if let Some(h) = lock(&self.hostname).clone() {
+            if let Some(h) = self.ctx.desired.current_hostname() {
                 o.insert("hostname".into(), json!(h));
             }
             let has_key = o

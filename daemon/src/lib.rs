@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataexchange;
+pub mod desired;
 pub mod engine;
 pub mod events;
 pub mod eventstream;
@@ -13,6 +14,7 @@ pub mod ipc_server;
 pub mod local;
 pub mod nameserver;
 pub mod node;
+pub mod peer_cache;
 pub mod ratelog;
 pub mod registry_link;
 pub mod services;

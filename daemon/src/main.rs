@@ -1,5 +1,7 @@
 //! `pilotd`: parses the configuration, starts the daemon, and stops it cleanly on SIGTERM or
-//! SIGINT (FIN to every connection, deregistration, socket removed, exit 0).
+//! SIGINT (FIN to every connection, socket removed, exit 0). A stop does not deregister: the
+//! node keeps its registry entry (and the registry its attributes) until it is reaped, so a
+//! restart finds it as it was (docs/COMPAT.md); `pilotctl deregister` removes it.
 //!
 //! `pilotd up` also brings up the TUN interface once the node is registered and removes it
 //! before that shutdown; `pilotd down` removes what an earlier `pilotd up` left and exits.
@@ -15,7 +17,6 @@ use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
 use pilotd::inside::resolver::{self, Mechanism, SystemDns};
 use pilotd::ipc_server::InsideStatus;
 use pilotd::node::Node;
-use pilotd::registry_link::LinkCmd;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -247,19 +248,9 @@ fn raise_open_files() {
 /// How long each wait for registration lasts before `pilotd up` logs that it still waits.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(10);
 
-/// Finishes every connection, deregisters and stops.
+/// Finishes every connection and stops. The node stays registered (v1 deregisters here).
 async fn stop_node(node: Node) {
-    let link = node.daemon.link.clone();
     node.shutdown().await;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let dereg = serde_json::json!({"type": "deregister", "node_id": null});
-    if link.send(LinkCmd::Call(dereg, tx)).await.is_ok() {
-        match tokio::time::timeout(Duration::from_secs(3), rx).await {
-            Ok(Ok(Ok(_))) => tracing::info!("deregistered"),
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "deregistration failed"),
-            _ => tracing::warn!("deregistration timed out"),
-        }
-    }
     tracing::info!("stopped");
 }
 

@@ -10,6 +10,7 @@ use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 
 use crate::config::Config;
 use crate::dataexchange::{DataExchange, DataExchangeConfig};
+use crate::desired::{Desired, DesiredError};
 use crate::engine::{bind_udp, Cmd, Engine, EngineConfig, EngineHandle};
 use crate::events::Events;
 use crate::eventstream::{Broker, BrokerLimits};
@@ -43,6 +44,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The registry state file (see [`crate::desired`]).
+    #[error("registry state: {0}")]
+    Desired(#[from] DesiredError),
     /// The beacon address does not resolve.
     #[error("beacon address {0}: {1}")]
     Beacon(String, #[source] std::io::Error),
@@ -78,6 +82,8 @@ pub struct Daemon {
     pub identity: Arc<NodeIdentity>,
     /// Handshake events pushed by the registry, for the trust service.
     pub pushes: Option<mpsc::Receiver<serde_json::Value>>,
+    /// What the registry should hold for this node (applied after every registration).
+    pub desired: Desired,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -122,6 +128,17 @@ impl Daemon {
             ),
             None => None,
         };
+        let desired = Desired::load(&config.home)?;
+        if desired
+            .update(|s| {
+                let before = s.clone();
+                s.reconcile(config.hostname.as_deref(), config.public);
+                *s != before
+            })
+            .await?
+        {
+            tracing::debug!(path = ?desired.path(), "registry state follows the flags");
+        }
         let identity = Arc::new(identity);
         let tunnels = TunnelConfig {
             refuse_plaintext: !config.allow_plaintext,
@@ -135,8 +152,7 @@ impl Daemon {
             identity: identity.clone(),
             listen_port,
             owner: config.owner.clone(),
-            hostname: config.hostname.clone(),
-            public: config.public,
+            desired: desired.clone(),
             keepalive: config.keepalive,
         };
         let (push_tx, push_rx) = mpsc::channel(256);
@@ -185,6 +201,7 @@ impl Daemon {
             udp_addr,
             identity,
             pushes: Some(push_rx),
+            desired,
             task,
         })
     }
@@ -250,7 +267,11 @@ impl Node {
         events.set_wanted(url.is_some());
         let webhook = Webhook::start(events_rx, url, daemon.engine.node_watch());
         let trust = TrustService::start(
-            TrustConfig::new(&config.home, daemon.identity.clone(), config.public),
+            TrustConfig::new(
+                &config.home,
+                daemon.identity.clone(),
+                daemon.desired.public(),
+            ),
             daemon.engine.clone(),
             daemon.link.clone(),
             daemon.pushes.take(),
@@ -342,6 +363,8 @@ impl Node {
                 }
             }
         };
+        let task_exec = tasks.as_ref().is_some_and(|t| t.handle().enabled());
+        follow_task_service(&daemon, task_exec).await;
         let mut trust_events = trust.subscribe();
         let feed = events.clone();
         tokio::spawn(async move {
@@ -370,6 +393,7 @@ impl Node {
             tasks: tasks.as_ref().map(TaskService::handle),
             home: config.home.clone(),
             identity: daemon.identity.clone(),
+            desired: daemon.desired.clone(),
         };
         let ipc = match ipc_server::serve(&config.socket, ctx).await {
             Ok(s) => s,
@@ -412,5 +436,42 @@ impl Node {
         if self.webhook.url().is_some() && !self.webhook.drain(&self.events, WEBHOOK_DRAIN).await {
             tracing::warn!("webhook events still queued at exit were not posted");
         }
+    }
+}
+
+/// Makes the task advert in the desired state follow the task service, whose setting decides
+/// at start (`--accept-tasks`, else its kept setting); a change is stored and sent to the
+/// registry in the background (if that fails, the next registration applies it).
+async fn follow_task_service(daemon: &Daemon, enabled: bool) {
+    let changed = daemon
+        .desired
+        .update(|s| {
+            // Never advertised and not accepting: nothing to tell the registry.
+            let unchanged =
+                s.task_exec.unwrap_or(false) == enabled && (s.task_exec.is_some() || !enabled);
+            if !unchanged {
+                s.task_exec = Some(enabled);
+            }
+            !unchanged
+        })
+        .await;
+    match changed {
+        Ok(true) => {
+            let link = daemon.link.clone();
+            tokio::spawn(async move {
+                let req = serde_json::json!({"type": "set_task_exec", "node_id": null, "enabled": enabled});
+                if let Err(e) = registry_link::request(
+                    &link,
+                    |tx| LinkCmd::Call(req, tx),
+                    ipc_server::REGISTRY_TIMEOUT,
+                )
+                .await
+                {
+                    tracing::debug!(error = %e, "task advert sent with the next registration");
+                }
+            });
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "task advert not stored"),
     }
 }

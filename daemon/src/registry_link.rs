@@ -4,8 +4,27 @@
 //! for the engine, and reconnects with backoff. It runs as its own task: nothing here is ever
 //! awaited on the packet path; the engine sends commands and receives events.
 //!
-//! A request answered on a channel ([`LinkCmd::Call`], [`LinkCmd::Rotate`]) fails with a
-//! [`LinkError`]; [`LinkError::code`] is the one place those failures become IPC error codes.
+//! A request answered on a channel ([`LinkCmd::Call`], [`LinkCmd::Rotate`],
+//! [`LinkCmd::Register`]) fails with a [`LinkError`]; [`LinkError::code`] is the one place
+//! those failures become IPC error codes.
+//!
+//! # Desired state
+//!
+//! After every registration (the first, a re-registration after a lost session or a registry
+//! restart, an explicit [`LinkCmd::Register`]) the link applies the node's desired state
+//! ([`crate::desired`]): hostname (sent with the registration), visibility, tags, task
+//! advert and network memberships. Each request of that kind the registry accepts on the
+//! session is recorded in it. A `deregister` request the registry accepts ends the session;
+//! the link then stays unregistered, answering requests from its cache, until
+//! [`LinkCmd::Register`] (or the next start of the daemon).
+//!
+//! # Registry outages
+//!
+//! The link remembers what the registry told it about other nodes ([`PeerCache`]). While the
+//! registry cannot be asked (between sessions, or when a session breaks under a request),
+//! key and endpoint lookups and `lookup`, `resolve` and `resolve_hostname` requests are
+//! answered from it, marked `"stale": true`; a node or name never seen fails with
+//! [`LinkError::Unknown`], which names the outage.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 use tunnel::ipc::code;
 use tunnel::registry::auth::{b64, decode_key};
 
+use crate::desired::{Desired, DesiredState};
 use crate::identity::{NodeIdentity, RotateError};
+use crate::peer_cache::PeerCache;
 
 /// Backoff between reconnection attempts: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
@@ -31,6 +52,12 @@ pub enum LinkError {
     /// The link is between sessions (reconnecting with backoff).
     #[error("registry unreachable")]
     Unreachable,
+    /// The registry cannot be asked and the node has never learned what was asked for.
+    #[error("registry unreachable, and {0} is not among the nodes this node has seen")]
+    Unknown(String),
+    /// The node was deregistered on request; nothing is sent until it registers again.
+    #[error("this node is deregistered; `pilotctl register` registers it again")]
+    Deregistered,
     /// The link task has ended or dropped the request.
     #[error("registry link stopped")]
     Stopped,
@@ -77,6 +104,8 @@ impl LinkError {
     pub fn code(&self) -> &'static str {
         match self {
             LinkError::Unreachable
+            | LinkError::Unknown(_)
+            | LinkError::Deregistered
             | LinkError::Stopped
             | LinkError::Busy
             | LinkError::Connection(_)
@@ -138,10 +167,8 @@ pub struct LinkConfig {
     pub listen_port: u16,
     /// Owner string.
     pub owner: Option<String>,
-    /// Hostname to claim.
-    pub hostname: Option<String>,
-    /// Make the node public.
-    pub public: bool,
+    /// What the registry should hold for the node; applied after every registration.
+    pub desired: Desired,
     /// Heartbeat interval.
     pub keepalive: Duration,
 }
@@ -159,6 +186,9 @@ pub enum LinkCmd {
     /// Replace the node's identity key (see [`crate::identity`]); answered with the
     /// registry's `rotate_key_ok`.
     Rotate(oneshot::Sender<LinkReply>),
+    /// Register now (again) and apply the desired state; answered with the registry's
+    /// `register_ok`. Ends a deregistration and cuts a reconnection backoff short.
+    Register(oneshot::Sender<LinkReply>),
 }
 
 /// What the link reports.
@@ -183,6 +213,36 @@ pub enum LinkEvent {
     Rotated(Arc<SigningKey>),
 }
 
+/// Why the link has no session, for the requests it answers meanwhile.
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    /// Reconnecting with backoff.
+    Unreachable,
+    /// Deregistered on request; waiting for [`LinkCmd::Register`].
+    Deregistered,
+}
+
+impl Down {
+    fn error(self) -> LinkError {
+        match self {
+            Down::Unreachable => LinkError::Unreachable,
+            Down::Deregistered => LinkError::Deregistered,
+        }
+    }
+}
+
+/// How a session ended without a connection error.
+#[derive(Debug)]
+enum End {
+    /// The command channel closed: the daemon is stopping.
+    Stopped,
+    /// The registry accepted a `deregister`.
+    Deregistered,
+}
+
+/// [`LinkCmd::Register`] requests waiting for the next registration.
+type Waiters = Vec<oneshot::Sender<LinkReply>>;
+
 /// Runs the link until `cmds` closes. Pushed handshake events (`handshake_request`,
 /// `handshake_response`) go to `pushes`.
 pub async fn run(
@@ -191,12 +251,48 @@ pub async fn run(
     events: mpsc::Sender<LinkEvent>,
     pushes: mpsc::Sender<Value>,
 ) {
+    let mut cache = PeerCache::new();
+    let mut waiters = Waiters::new();
     let mut backoff = BACKOFF.0;
     loop {
-        match session(&config, &mut cmds, &events, &pushes).await {
-            Ok(()) => return,
+        match session(
+            &config,
+            &mut cmds,
+            &events,
+            &pushes,
+            &mut cache,
+            &mut waiters,
+        )
+        .await
+        {
+            Ok(End::Stopped) => return,
+            Ok(End::Deregistered) => {
+                tracing::info!("deregistered; registering again on a register request");
+                if events
+                    .send(LinkEvent::Disconnected("deregistered".into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                loop {
+                    match cmds.recv().await {
+                        None => return,
+                        Some(LinkCmd::Register(r)) => {
+                            waiters.push(r);
+                            break;
+                        }
+                        Some(c) => fail(c, Down::Deregistered, &cache, &events).await,
+                    }
+                }
+                backoff = BACKOFF.0;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(registry = %config.registry, error = %e, "registry link down; reconnecting");
+                for w in waiters.drain(..) {
+                    let _ = w.send(Err(LinkError::Connection(e.to_string())));
+                }
                 if events
                     .send(LinkEvent::Disconnected(e.to_string()))
                     .await
@@ -206,7 +302,8 @@ pub async fn run(
                 }
             }
         }
-        // Commands that arrive while down are answered at once rather than left waiting.
+        // Commands that arrive while down are answered at once (from the cache where it
+        // can) rather than left waiting; a register request ends the wait.
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
@@ -214,7 +311,11 @@ pub async fn run(
                 _ = &mut sleep => break,
                 c = cmds.recv() => match c {
                     None => return,
-                    Some(c) => fail(c, &events).await,
+                    Some(LinkCmd::Register(r)) => {
+                        waiters.push(r);
+                        break;
+                    }
+                    Some(c) => fail(c, Down::Unreachable, &cache, &events).await,
                 },
             }
         }
@@ -222,20 +323,38 @@ pub async fn run(
     }
 }
 
-/// Answers a command the link cannot carry out: the registry is unreachable.
-async fn fail(cmd: LinkCmd, events: &mpsc::Sender<LinkEvent>) {
+/// Answers a command the registry cannot be asked: from the cache where it can, else with
+/// why not.
+async fn fail(cmd: LinkCmd, down: Down, cache: &PeerCache, events: &mpsc::Sender<LinkEvent>) {
     match cmd {
         LinkCmd::Lookup(n) => {
-            let _ = events.send(LinkEvent::Key(n, None)).await;
+            let key = cache.get(n).and_then(|e| e.key);
+            let _ = events.send(LinkEvent::Key(n, key)).await;
         }
         LinkCmd::Resolve(n) => {
-            let _ = events
-                .send(LinkEvent::Endpoint(n, Err(LinkError::Unreachable)))
-                .await;
+            let ep = cache
+                .get(n)
+                .and_then(|e| e.endpoint)
+                .ok_or_else(|| down.error());
+            let _ = events.send(LinkEvent::Endpoint(n, ep)).await;
         }
-        LinkCmd::Call(_, reply) | LinkCmd::Rotate(reply) => {
-            let _ = reply.send(Err(LinkError::Unreachable));
+        LinkCmd::Call(req, reply) => {
+            let _ = reply.send(from_cache(&req, down, cache));
         }
+        LinkCmd::Rotate(reply) | LinkCmd::Register(reply) => {
+            let _ = reply.send(Err(down.error()));
+        }
+    }
+}
+
+/// The cache's answer to `req`, or why there is none.
+fn from_cache(req: &Value, down: Down, cache: &PeerCache) -> LinkReply {
+    if let Some(v) = cache.answer(req) {
+        return Ok(v);
+    }
+    match (down, PeerCache::subject(req)) {
+        (Down::Unreachable, Some(what)) => Err(LinkError::Unknown(what)),
+        _ => Err(down.error()),
     }
 }
 
@@ -253,13 +372,20 @@ fn refused(e: &ClientError) -> bool {
     matches!(e, ClientError::Refused { .. })
 }
 
-/// One connected session; returns `Ok` only when the command channel closed.
+fn kind(req: &Value) -> &str {
+    req.get("type").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// One connected session; returns `Ok` when the command channel closed or the node was
+/// deregistered.
 async fn session(
     config: &LinkConfig,
     cmds: &mut mpsc::Receiver<LinkCmd>,
     events: &mpsc::Sender<LinkEvent>,
     pushes: &mpsc::Sender<Value>,
-) -> Result<(), ClientError> {
+    cache: &mut PeerCache,
+    waiters: &mut Waiters,
+) -> Result<End, ClientError> {
     let mut c = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&config.registry))
         .await
         .map_err(|_| {
@@ -269,54 +395,16 @@ async fn session(
             ))
         })??;
     settle_rotation(&mut c, config, events).await?;
-    let listen = format!("0.0.0.0:{}", config.listen_port);
-    let identity = config.identity.key();
-    let reply = tokio::time::timeout(
-        CALL_TIMEOUT,
-        c.register_proven(&identity, &listen, config.hostname.as_deref()),
-    )
-    .await
-    .map_err(|_| {
-        ClientError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "register timed out",
-        ))
-    })??;
-    let node = reply
-        .get("node_id")
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or(ClientError::Closed)?;
-    if let Some(e) = reply.get("hostname_error").and_then(Value::as_str) {
-        tracing::warn!(error = e, "hostname not set");
+    let (node, reply) = register(&mut c, config).await?;
+    for w in waiters.drain(..) {
+        let _ = w.send(Ok(reply.clone()));
     }
-    if config.owner.is_some() {
-        tracing::debug!(
-            "owner strings are sent only with v1 registration; ignored with a proven one"
-        );
-    }
-    if config.public {
-        if let Err(e) = call(
-            &mut c,
-            &json!({"type": "set_visibility", "node_id": node, "public": true}),
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "could not make the node public");
-        }
-    }
-    let address = reply
-        .get("address")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    tracing::info!(node, %address, "registered");
     if events
         .send(LinkEvent::Registered { node, reply })
         .await
         .is_err()
     {
-        return Ok(());
+        return Ok(End::Stopped);
     }
     let watcher = tokio::spawn(watch(config.clone(), node, pushes.clone()));
     let _guard = AbortOnDrop(watcher);
@@ -344,23 +432,35 @@ async fn session(
                 }
             }
             cmd = cmds.recv() => {
-                let Some(cmd) = cmd else { return Ok(()) };
+                let Some(cmd) = cmd else { return Ok(End::Stopped) };
                 match cmd {
                     LinkCmd::Lookup(n) => {
-                        let r = call(&mut c, &json!({"type": "lookup", "node_id": n})).await;
-                        let key = match &r {
-                            Ok(v) => v.get("public_key").and_then(Value::as_str).and_then(|k| decode_key(k).ok()),
-                            Err(e) if refused(e) => None,
-                            Err(_) => { fail(LinkCmd::Lookup(n), events).await; return r.map(drop); }
+                        let req = json!({"type": "lookup", "node_id": n});
+                        let key = match call(&mut c, &req).await {
+                            Ok(v) => {
+                                cache.learn(&req, &v);
+                                v.get("public_key").and_then(Value::as_str).and_then(|k| decode_key(k).ok())
+                            }
+                            Err(e) if refused(&e) => None,
+                            Err(e) => {
+                                fail(LinkCmd::Lookup(n), Down::Unreachable, cache, events).await;
+                                return Err(e);
+                            }
                         };
                         let _ = events.send(LinkEvent::Key(n, key)).await;
                     }
                     LinkCmd::Resolve(n) => {
-                        let r = call(&mut c, &json!({"type": "resolve", "node_id": n, "requester_id": node})).await;
-                        let ep = match &r {
-                            Ok(v) => v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| LinkError::BadReply("no endpoint".into())),
-                            Err(e @ ClientError::Refused { .. }) => Err(LinkError::from_client(e)),
-                            Err(_) => { fail(LinkCmd::Resolve(n), events).await; return r.map(drop); }
+                        let req = json!({"type": "resolve", "node_id": n, "requester_id": node});
+                        let ep = match call(&mut c, &req).await {
+                            Ok(v) => {
+                                cache.learn(&req, &v);
+                                v.get("real_addr").and_then(Value::as_str).and_then(|a| a.parse::<SocketAddr>().ok()).ok_or_else(|| LinkError::BadReply("no endpoint".into()))
+                            }
+                            Err(e @ ClientError::Refused { .. }) => Err(LinkError::from_client(&e)),
+                            Err(e) => {
+                                fail(LinkCmd::Resolve(n), Down::Unreachable, cache, events).await;
+                                return Err(e);
+                            }
                         };
                         let _ = events.send(LinkEvent::Endpoint(n, ep)).await;
                     }
@@ -372,18 +472,161 @@ async fn session(
                                 }
                             }
                         }
-                        let r = call(&mut c, &v).await;
-                        match r {
-                            Ok(v) => { let _ = reply.send(Ok(v)); }
+                        match call(&mut c, &v).await {
+                            Ok(answer) => {
+                                accepted(config, cache, &v, &answer).await;
+                                let _ = reply.send(Ok(answer));
+                                if kind(&v) == "deregister" {
+                                    return Ok(End::Deregistered);
+                                }
+                            }
                             Err(e @ ClientError::Refused { .. }) => { let _ = reply.send(Err(LinkError::from_client(&e))); }
-                            Err(e) => { let _ = reply.send(Err(LinkError::from_client(&e))); return Err(e); }
+                            Err(e) => {
+                                let r = match from_cache(&v, Down::Unreachable, cache) {
+                                    Err(LinkError::Unreachable) => Err(LinkError::from_client(&e)),
+                                    r => r,
+                                };
+                                let _ = reply.send(r);
+                                return Err(e);
+                            }
                         }
                     }
                     LinkCmd::Rotate(reply) => rotate(&mut c, config, node, events, reply).await?,
+                    LinkCmd::Register(reply) => match register(&mut c, config).await {
+                        Ok((again, answer)) => {
+                            let _ = reply.send(Ok(answer.clone()));
+                            let _ = events.send(LinkEvent::Registered { node: again, reply: answer }).await;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(LinkError::from_client(&e)));
+                            if !refused(&e) {
+                                return Err(e);
+                            }
+                        }
+                    },
                 }
             }
         }
     }
+}
+
+/// What follows a request the registry accepted: the cache learns from lookups, the desired
+/// state records changes of the node's attributes.
+async fn accepted(config: &LinkConfig, cache: &mut PeerCache, req: &Value, answer: &Value) {
+    cache.learn(req, answer);
+    if let Err(e) = config.desired.record(req, answer).await {
+        tracing::error!(error = %e, "registry state not saved; a restart may not restore it");
+    }
+    if kind(req) == "set_hostname" {
+        let h = answer
+            .get("hostname")
+            .or_else(|| req.get("hostname"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        config.desired.set_current_hostname(h);
+    }
+}
+
+/// Registers on `c` with a proof of the key, then applies the desired state. Returns the node
+/// ID and the `register_ok` reply, whose `hostname` is the one the registry holds once the
+/// state is applied.
+async fn register(
+    c: &mut Client<tokio::net::TcpStream>,
+    config: &LinkConfig,
+) -> Result<(u32, Value), ClientError> {
+    let want = config.desired.snapshot();
+    let listen = format!("0.0.0.0:{}", config.listen_port);
+    let identity = config.identity.key();
+    // Sent with the registration, so the node never shows the registry's default name.
+    let hostname = want.hostname.as_deref().filter(|h| !h.is_empty());
+    let mut reply = tokio::time::timeout(
+        CALL_TIMEOUT,
+        c.register_proven(&identity, &listen, hostname),
+    )
+    .await
+    .map_err(|_| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "register timed out",
+        ))
+    })??;
+    let node = reply
+        .get("node_id")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(ClientError::Closed)?;
+    if let Some(e) = reply.get("hostname_error").and_then(Value::as_str) {
+        tracing::warn!(error = e, "hostname not set");
+    }
+    if config.owner.is_some() {
+        tracing::debug!(
+            "owner strings are sent only with v1 registration; ignored with a proven one"
+        );
+    }
+    apply(c, node, &want, &mut reply).await?;
+    let hostname = reply
+        .get("hostname")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    config.desired.set_current_hostname(hostname.clone());
+    let address = reply
+        .get("address")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    tracing::info!(node, %address, hostname = hostname.as_deref().unwrap_or(""), "registered");
+    Ok((node, reply))
+}
+
+/// Applies the desired state after a registration. A refusal (a hostname taken meanwhile, a
+/// network that needs a new invitation) is logged and the rest still applied; a broken
+/// connection ends the session. `reply` gets the hostname the registry holds afterwards.
+async fn apply(
+    c: &mut Client<tokio::net::TcpStream>,
+    node: u32,
+    want: &DesiredState,
+    reply: &mut Value,
+) -> Result<(), ClientError> {
+    let mut reqs = Vec::new();
+    if let Some(h) = &want.hostname {
+        let held = reply.get("hostname").and_then(Value::as_str);
+        let refused_at_registration = reply.get("hostname_error").is_some();
+        if held.unwrap_or_default() != h && !refused_at_registration {
+            reqs.push(json!({"type": "set_hostname", "node_id": node, "hostname": h}));
+        }
+    }
+    if let Some(p) = want.public {
+        reqs.push(json!({"type": "set_visibility", "node_id": node, "public": p}));
+    }
+    if let Some(t) = &want.tags {
+        reqs.push(json!({"type": "set_tags", "node_id": node, "tags": t}));
+    }
+    if let Some(e) = want.task_exec {
+        reqs.push(json!({"type": "set_task_exec", "node_id": node, "enabled": e}));
+    }
+    for (id, m) in &want.networks {
+        reqs.push(
+            json!({"type": "join_network", "node_id": node, "network_id": id,
+                         "token": m.token}),
+        );
+    }
+    for req in reqs {
+        match call(c, &req).await {
+            Ok(v) => {
+                if kind(&req) == "set_hostname" {
+                    reply["hostname"] = v
+                        .get("hostname")
+                        .cloned()
+                        .unwrap_or_else(|| req["hostname"].clone());
+                }
+            }
+            Err(e) if refused(&e) => {
+                tracing::warn!(request = kind(&req), error = %e, "registry state not applied");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Replaces the identity key: the new key is kept in the pending file before the registry
@@ -522,6 +765,7 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn refused(code: &str) -> LinkError {
@@ -535,6 +779,8 @@ mod tests {
     fn each_link_failure_maps_to_its_code() {
         let cases = [
             (LinkError::Unreachable, code::UNAVAILABLE),
+            (LinkError::Unknown("\"bob\"".into()), code::UNAVAILABLE),
+            (LinkError::Deregistered, code::UNAVAILABLE),
             (LinkError::Stopped, code::UNAVAILABLE),
             (LinkError::Busy, code::UNAVAILABLE),
             (LinkError::Connection("reset".into()), code::UNAVAILABLE),
@@ -587,6 +833,58 @@ mod tests {
             message: "gone".into(),
         };
         assert_eq!(LinkError::from_client(&r).code(), code::NOT_FOUND);
+    }
+
+    #[test]
+    fn without_a_session_known_nodes_are_answered_and_unknown_ones_name_the_outage() {
+        let mut cache = PeerCache::new();
+        cache.learn(
+            &json!({"type": "resolve_hostname", "hostname": "bob"}),
+            &json!({"type": "resolve_hostname_ok", "node_id": 7, "hostname": "bob"}),
+        );
+        let bob = json!({"type": "resolve_hostname", "hostname": "bob"});
+        let v = from_cache(&bob, Down::Unreachable, &cache).unwrap();
+        assert_eq!(
+            (v["node_id"].as_u64(), v["stale"].as_bool()),
+            (Some(7), Some(true))
+        );
+        let eve = json!({"type": "resolve_hostname", "hostname": "eve"});
+        let e = from_cache(&eve, Down::Unreachable, &cache).unwrap_err();
+        assert!(matches!(&e, LinkError::Unknown(w) if w == "\"eve\""), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "registry unreachable, and \"eve\" is not among the nodes this node has seen"
+        );
+        // Requests that change something are not answered from the cache.
+        let set = json!({"type": "set_hostname", "node_id": 3, "hostname": "x"});
+        assert!(matches!(
+            from_cache(&set, Down::Unreachable, &cache),
+            Err(LinkError::Unreachable)
+        ));
+        assert!(matches!(
+            from_cache(&eve, Down::Deregistered, &cache),
+            Err(LinkError::Deregistered)
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_a_session_the_engine_gets_cached_keys_and_endpoints() {
+        let mut cache = PeerCache::new();
+        cache.learn_key(7, [9; 32]);
+        cache.learn_endpoint(7, "10.0.0.2:4000".parse().unwrap());
+        let (tx, mut rx) = mpsc::channel(8);
+        fail(LinkCmd::Lookup(7), Down::Unreachable, &cache, &tx).await;
+        fail(LinkCmd::Resolve(7), Down::Unreachable, &cache, &tx).await;
+        fail(LinkCmd::Resolve(8), Down::Unreachable, &cache, &tx).await;
+        assert!(matches!(rx.recv().await, Some(LinkEvent::Key(7, Some(k))) if k == [9; 32]));
+        assert!(matches!(
+            rx.recv().await,
+            Some(LinkEvent::Endpoint(7, Ok(ep))) if ep.port() == 4000
+        ));
+        assert!(matches!(
+            rx.recv().await,
+            Some(LinkEvent::Endpoint(8, Err(LinkError::Unreachable)))
+        ));
     }
 
     #[test]

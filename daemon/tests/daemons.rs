@@ -1327,3 +1327,101 @@ async fn garbage_is_dropped_and_counted() {
     let db2 = b.driver().await;
     assert_eq!(db2.info().await.unwrap().node_id, b.node_id);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Registry state across restarts
+// ---------------------------------------------------------------------------------------------
+
+/// An extension request that must succeed; its data.
+async fn ext_ok(d: &Driver, req: ExtRequest) -> Value {
+    match d.ext(&req).await.unwrap() {
+        ExtReply::Ok { data } => data,
+        other => panic!("{req:?}: {other:?}"),
+    }
+}
+
+/// What the registry holds for `node`, asked through `asker`.
+async fn registry_record(asker: &Driver, node: u32) -> Value {
+    ext_ok(asker, ExtRequest::Lookup { node_id: node }).await
+}
+
+/// Hostname, visibility, tags, task advert and a network set through `pilotctl`'s requests
+/// survive a clean stop (SIGTERM) and a `kill -9` of the daemon, as another node sees them
+/// in the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_the_registry_state() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::start().await;
+    let mut a = c.daemon("a", false).await;
+    let b = c.daemon("b", true).await;
+    let da = a.driver().await;
+    ext_ok(
+        &da,
+        ExtRequest::SetHostname {
+            hostname: "alice-lab".into(),
+        },
+    )
+    .await;
+    ext_ok(&da, ExtRequest::SetVisibility { public: true }).await;
+    ext_ok(
+        &da,
+        ExtRequest::SetTags {
+            tags: vec!["gpu".into(), "eu".into()],
+        },
+    )
+    .await;
+    ext_ok(&da, ExtRequest::SetTaskExec { enabled: true }).await;
+    let net = ext_ok(
+        &da,
+        ExtRequest::NetworkCreate {
+            name: "lab".into(),
+            join_rule: None,
+            token: None,
+        },
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    drop(da);
+
+    let node = a.node_id;
+    let check = |when: &'static str| {
+        let b = &b;
+        async move {
+            let db = b.driver().await;
+            let r = registry_record(&db, node).await;
+            assert_eq!(r["hostname"], "alice-lab", "{when}: {r}");
+            assert_eq!(r["public"], true, "{when}: {r}");
+            assert_eq!(r["tags"], serde_json::json!(["gpu", "eu"]), "{when}: {r}");
+            assert_eq!(r["task_exec"], true, "{when}: {r}");
+            let nets: Vec<u64> = r["networks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect();
+            assert!(nets.contains(&net), "{when}: {r}");
+            let found = ext_ok(
+                &db,
+                ExtRequest::Resolve {
+                    target: "alice-lab".into(),
+                },
+            )
+            .await;
+            assert_eq!(found["node_id"], node, "{when}: {found}");
+        }
+    };
+    check("before").await;
+
+    a.restart().await;
+    check("after SIGTERM and a start").await;
+    let info = info_json(&a.driver().await).await;
+    assert_eq!(info["hostname"], "alice-lab", "{info}");
+
+    if let Some(mut child) = a.child.take() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    a.start().await;
+    check("after kill -9 and a start").await;
+}

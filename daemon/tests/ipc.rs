@@ -63,6 +63,7 @@ fn ctx(d: &Daemon) -> IpcContext {
         tasks: None,
         home: PathBuf::from("/nonexistent"),
         identity: d.identity.clone(),
+        desired: d.desired.clone(),
     }
 }
 

@@ -391,11 +391,13 @@ pub enum Command {
         timeout: Duration,
     },
 
-    /// Remove this node from the registry; the daemon keeps running.
+    /// Remove this node from the registry; the daemon keeps running, unregistered until
+    /// `pilotctl register` (stopping the daemon does not deregister).
     #[command(after_help = "Example:\n  pilotctl deregister")]
     Deregister,
 
-    /// Register the node with the registry again (after `deregister`), under its identity.
+    /// Register the node with the registry again (after `deregister`), under its identity,
+    /// with its kept hostname, visibility, tags, networks and task advert.
     #[command(after_help = "Example:\n  pilotctl register")]
     Register,
 

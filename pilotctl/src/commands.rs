@@ -613,7 +613,8 @@ async fn deregister(ctx: &Ctx) -> Result<Output, CtlError> {
     Ok(output(
         v,
         format!(
-            "Node {} removed from the registry; pilotd keeps running",
+            "Node {} removed from the registry; pilotd keeps running, unregistered until \
+             `pilotctl register`",
             r.node_id
         ),
     ))
