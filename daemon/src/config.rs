@@ -38,6 +38,9 @@ pub struct Cli {
     /// Print the effective configuration as JSON and exit (non-zero if it is invalid).
     #[arg(long, global = true)]
     pub check_config: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    pub man_page: bool,
     /// Registry address (host:port).
     #[arg(long, global = true, env = "PILOT_REGISTRY")]
     pub registry: Option<String>,
@@ -61,6 +64,11 @@ pub struct Cli {
     /// IPC socket path. [default: /run/pilot/pilotd.sock as root, else <home>/pilotd.sock]
     #[arg(long, global = true, env = "PILOT_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Group that may use the IPC socket: the socket gets that group and mode 0660, so its
+    /// members run pilotctl without root ("" or unset: owner only, mode 0600). The packaged
+    /// service sets "pilot". [default: none]
+    #[arg(long, global = true, env = "PILOT_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
     /// Encrypt tunnels (X25519 + AES-256-GCM). [default: true]
     #[arg(long, global = true, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
     pub encrypt: Option<bool>,
@@ -197,6 +205,8 @@ pub struct Config {
     pub identity: PathBuf,
     /// IPC socket.
     pub socket: PathBuf,
+    /// Group given the IPC socket (mode 0660), if any.
+    pub socket_group: Option<String>,
     /// Encrypt tunnels.
     pub encrypt: bool,
     /// Accept plaintext from peers with an identity.
@@ -340,8 +350,10 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, Value>, ConfigError> {
             reason: "top level is not an object".into(),
         });
     };
+    // Keys starting with '#' are comments (the shipped example documents each setting so).
     Ok(map
         .into_iter()
+        .filter(|(k, _)| !k.starts_with('#'))
         .map(|(k, v)| (k.trim_start_matches('-').replace('_', "-"), v))
         .collect())
 }
@@ -546,6 +558,15 @@ impl Cli {
             None => crate::inside::firewall::FirewallMode::None,
             Some(s) => s.parse().map_err(|e: String| invalid("firewall", e))?,
         };
+        let socket_group = nonempty(get(self.socket_group.clone(), "socket-group"));
+        if let Some(g) = &socket_group {
+            crate::service::group_id(g).map_err(|e| match e {
+                crate::service::ShareError::NoGroup(_) => {
+                    invalid("socket-group", format!("no group named {g:?}"))
+                }
+                e => invalid("socket-group", e.to_string()),
+            })?;
+        }
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -558,6 +579,7 @@ impl Cli {
             home,
             identity,
             socket,
+            socket_group,
             encrypt: bool_of(self.encrypt, "encrypt", true)?,
             allow_plaintext: bool_of(self.allow_plaintext, "allow-plaintext", false)?,
             udp_offload: bool_of(self.udp_offload, "udp-offload", true)?,
@@ -657,6 +679,7 @@ const KNOWN_KEYS: &[&str] = &[
     "home",
     "identity",
     "socket",
+    "socket-group",
     "encrypt",
     "allow-plaintext",
     "udp-offload",

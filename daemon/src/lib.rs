@@ -15,6 +15,7 @@ pub mod nameserver;
 pub mod node;
 pub mod ratelog;
 pub mod registry_link;
+pub mod service;
 pub mod services;
 pub mod stdio;
 pub mod tasks;

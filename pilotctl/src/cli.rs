@@ -552,6 +552,10 @@ pub enum Command {
     )]
     Completions { shell: clap_complete::Shell },
 
+    /// Print the man page (roff) and exit.
+    #[command(hide = true)]
+    ManPage,
+
     /// Networks: list, create, join, leave, invite.
     #[command(
         subcommand,

@@ -20,6 +20,9 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
 use serde_json::{Map, Value};
 
+/// The conventional flag that prints the effective settings and exits; never a file key.
+pub const CHECK_CONFIG: &str = "check-config";
+
 /// Why a config file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -80,8 +83,9 @@ pub enum Parsed<T> {
 }
 
 /// Parses `args` (with the program name first) into `T`, filling what the command line and
-/// environment leave unset from the file given with `--<config_flag>`.
-pub fn parse<T: clap::Parser>(args: Vec<OsString>, config_flag: &str) -> Parsed<T> {
+/// environment leave unset from the file given with `--<config_flag>`. The matches come back
+/// too, for [`effective`].
+pub fn parse<T: clap::Parser>(args: Vec<OsString>, config_flag: &str) -> Parsed<(T, ArgMatches)> {
     let cmd = T::command();
     let matches = match cmd.clone().try_get_matches_from(&args) {
         Ok(m) => m,
@@ -90,8 +94,8 @@ pub fn parse<T: clap::Parser>(args: Vec<OsString>, config_flag: &str) -> Parsed<
     let path = match matches.get_raw(config_flag).and_then(|mut v| v.next()) {
         Some(p) => PathBuf::from(p),
         None => {
-            return match T::try_parse_from(args) {
-                Ok(t) => Parsed::Ok(t),
+            return match T::from_arg_matches(&matches) {
+                Ok(t) => Parsed::Ok((t, matches)),
                 Err(e) => Parsed::Cli(e),
             }
         }
@@ -105,12 +109,18 @@ pub fn parse<T: clap::Parser>(args: Vec<OsString>, config_flag: &str) -> Parsed<
     merged.extend(it.next());
     merged.extend(extra);
     merged.extend(it);
-    match T::try_parse_from(merged) {
-        Ok(t) => Parsed::Ok(t),
-        Err(e) => Parsed::File(ConfigFileError::Rejected {
-            path,
+    let rejected = |e: clap::Error| {
+        Parsed::File(ConfigFileError::Rejected {
+            path: path.clone(),
             message: first_line(&e.to_string()),
-        }),
+        })
+    };
+    match cmd.try_get_matches_from(merged) {
+        Ok(m) => match T::from_arg_matches(&m) {
+            Ok(t) => Parsed::Ok((t, m)),
+            Err(e) => rejected(e),
+        },
+        Err(e) => rejected(e),
     }
 }
 
@@ -149,7 +159,7 @@ pub fn normalize(key: &str) -> String {
 }
 
 /// The long flag names a config file may use for `cmd`: its visible long flags, less help,
-/// version and the config flag itself.
+/// version, `--check-config` (an action, not a setting) and the config flag itself.
 pub fn keys(cmd: &Command, config_flag: &str) -> Vec<String> {
     cmd.get_arguments()
         .filter(|a| !a.is_hide_set())
@@ -160,7 +170,7 @@ pub fn keys(cmd: &Command, config_flag: &str) -> Vec<String> {
             )
         })
         .filter_map(|a| a.get_long())
-        .filter(|l| *l != config_flag)
+        .filter(|l| *l != config_flag && *l != CHECK_CONFIG)
         .map(str::to_owned)
         .collect()
 }
@@ -285,6 +295,8 @@ mod tests {
         peers: Vec<String>,
         #[arg(long, hide = true)]
         secret_switch: bool,
+        #[arg(long)]
+        check_config: bool,
     }
 
     fn args(a: &[&str]) -> Vec<OsString> {
@@ -305,7 +317,7 @@ mod tests {
             r##"{"# addr": "where to listen", "addr": "127.0.0.1:9100", "limit": 3,
                 "open": true, "peers": ["a:1", "b:2"]}"##,
         );
-        let Parsed::Ok(d) = parse::<Demo>(args(&["--config", &f, "--limit", "7"]), "config")
+        let Parsed::Ok((d, _)) = parse::<Demo>(args(&["--config", &f, "--limit", "7"]), "config")
         else {
             panic!("does not parse")
         };
@@ -314,7 +326,7 @@ mod tests {
         assert!(d.open);
         assert_eq!(d.peers, ["a:1", "b:2"]);
         let f = write(&dir, r#"{"open": false}"#);
-        let Parsed::Ok(d) = parse::<Demo>(args(&["--config", &f]), "config") else {
+        let Parsed::Ok((d, _)) = parse::<Demo>(args(&["--config", &f]), "config") else {
             panic!("does not parse")
         };
         assert!(!d.open);
@@ -328,6 +340,7 @@ mod tests {
             (r#"{"colour": "blue"}"#, "unknown key \"colour\""),
             (r#"{"secret_switch": true}"#, "unknown key \"secret-switch\""),
             (r#"{"config": "x"}"#, "unknown key \"config\""),
+            (r#"{"check-config": true}"#, "unknown key \"check-config\""),
             (r#"{"limit": "many"}"#, "--limit"),
             (r#"{"addr": "nowhere"}"#, "--addr"),
             (r#"{"open": "maybe"}"#, "open:"),
@@ -357,6 +370,8 @@ mod tests {
         assert_eq!(e["limit"], "10");
         assert_eq!(e["open"], true);
         assert_eq!(e["peers"], Value::Null);
-        assert!(!e.contains_key("secret-switch") && !e.contains_key("config"));
+        for k in ["secret-switch", "config", "check-config"] {
+            assert!(!e.contains_key(k), "{k}");
+        }
     }
 }
