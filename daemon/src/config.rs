@@ -850,6 +850,44 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_documents_every_key_and_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/pilotd.json");
+        let Value::Object(file) = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+        else {
+            panic!("{} is not a JSON object", path.display())
+        };
+        for k in KNOWN_KEYS {
+            assert!(file.contains_key(&format!("# {k}")), "{k} is not documented");
+        }
+        for k in file.keys().filter(|k| !k.starts_with('#')) {
+            assert!(KNOWN_KEYS.contains(&k.as_str()), "{k} is not a setting");
+            assert!(file.contains_key(&format!("# {k}")), "{k} is not documented");
+        }
+        // The group may not exist on this machine: the flag ("" = none) wins over the file.
+        let c = cli(&["--config", path.to_str().unwrap(), "--socket-group", ""])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.socket_group, None);
+        assert_eq!(c.home, PathBuf::from(SYSTEM_HOME));
+        assert_eq!(c.socket, PathBuf::from(SYSTEM_SOCKET));
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("pilot0", 65535));
+        assert_eq!(c.accept_tasks, None);
+    }
+
+    #[test]
+    fn socket_group_must_exist() {
+        let c = cli(&["--home", "/tmp/x", "--socket-group", "root"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.socket_group.as_deref(), Some("root"));
+        let e = cli(&["--socket-group", "no-such-group-pilot-test"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("socket-group:"), "{e}");
+        assert!(e.to_string().contains("no-such-group-pilot-test"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("daemon.json");
@@ -858,6 +896,9 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.to_string().starts_with("keepalive:"), "{e}");
+        std::fs::write(&f, r##"{"# colour": "a comment", "keepalive": "5s"}"##).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.keepalive, Duration::from_secs(5));
         std::fs::write(&f, r#"{"colour": "blue"}"#).unwrap();
         let e = cli(&["--config", f.to_str().unwrap()])
             .resolve()
