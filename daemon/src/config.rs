@@ -857,11 +857,17 @@ mod tests {
             panic!("{} is not a JSON object", path.display())
         };
         for k in KNOWN_KEYS {
-            assert!(file.contains_key(&format!("# {k}")), "{k} is not documented");
+            assert!(
+                file.contains_key(&format!("# {k}")),
+                "{k} is not documented"
+            );
         }
         for k in file.keys().filter(|k| !k.starts_with('#')) {
             assert!(KNOWN_KEYS.contains(&k.as_str()), "{k} is not a setting");
-            assert!(file.contains_key(&format!("# {k}")), "{k} is not documented");
+            assert!(
+                file.contains_key(&format!("# {k}")),
+                "{k} is not documented"
+            );
         }
         // The group may not exist on this machine: the flag ("" = none) wins over the file.
         let c = cli(&["--config", path.to_str().unwrap(), "--socket-group", ""])

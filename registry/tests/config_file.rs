@@ -30,14 +30,21 @@ fn shipped_example_documents_every_setting_and_checks() {
         store.to_str().unwrap(),
         "--check-config",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let settings: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&out.stdout).unwrap();
     let file: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&example).unwrap()).unwrap();
     assert!(settings.len() >= 10, "{settings:?}");
     for key in settings.keys() {
-        assert!(file.contains_key(&format!("# {key}")), "{key} is not documented");
+        assert!(
+            file.contains_key(&format!("# {key}")),
+            "{key} is not documented"
+        );
     }
     assert_eq!(settings["addr"], "[::]:9000");
     assert_eq!(settings["store"], store.to_str().unwrap());

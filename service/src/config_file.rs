@@ -272,7 +272,11 @@ pub fn effective(cmd: &Command, matches: &ArgMatches, config_flag: &str) -> Map<
 }
 
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned()
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned()
 }
 
 #[cfg(test)]
@@ -300,7 +304,10 @@ mod tests {
     }
 
     fn args(a: &[&str]) -> Vec<OsString> {
-        std::iter::once("demo").chain(a.iter().copied()).map(OsString::from).collect()
+        std::iter::once("demo")
+            .chain(a.iter().copied())
+            .map(OsString::from)
+            .collect()
     }
 
     fn write(dir: &tempfile::TempDir, json: &str) -> String {
@@ -338,7 +345,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
             (r#"{"colour": "blue"}"#, "unknown key \"colour\""),
-            (r#"{"secret_switch": true}"#, "unknown key \"secret-switch\""),
+            (
+                r#"{"secret_switch": true}"#,
+                "unknown key \"secret-switch\"",
+            ),
             (r#"{"config": "x"}"#, "unknown key \"config\""),
             (r#"{"check-config": true}"#, "unknown key \"check-config\""),
             (r#"{"limit": "many"}"#, "--limit"),

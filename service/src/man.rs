@@ -30,9 +30,11 @@ mod tests {
 
     #[test]
     fn page_names_the_command_and_its_flags() {
-        let cmd = clap::Command::new("demo")
-            .about("A demo daemon")
-            .arg(clap::Arg::new("listen").long("listen").help("Where to listen"));
+        let cmd = clap::Command::new("demo").about("A demo daemon").arg(
+            clap::Arg::new("listen")
+                .long("listen")
+                .help("Where to listen"),
+        );
         let page = String::from_utf8(render(cmd, "8").unwrap()).unwrap();
         assert!(page.contains(".TH demo 8"), "{page}");
         assert!(page.contains("listen"), "{page}");
