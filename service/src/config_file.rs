@@ -188,8 +188,7 @@ fn file_args(
     let mut out = Vec::new();
     for (key, value) in file {
         let arg = allowed
-            .iter()
-            .any(|k| *k == key)
+            .contains(&key)
             .then(|| cmd.get_arguments().find(|a| a.get_long() == Some(&key)))
             .flatten()
             .ok_or_else(|| ConfigFileError::UnknownKey {
