@@ -563,7 +563,13 @@ fn deb_installs_runs_and_purges_in_a_booted_debian() {
     }
 
     // Reload keeps it running; restart keeps the address; stop removes pilot0.
+    c.ok("sed -i 's/\"log-level\": \"info\"/\"log-level\": \"debug\"/' /etc/pilot/pilotd.json");
     c.ok("systemctl reload pilotd && systemctl is-active --quiet pilotd");
+    c.wait_for(
+        "the reload",
+        "journalctl -u pilotd --no-pager | grep 'configuration reloaded' | grep -q log-level",
+        Duration::from_secs(10),
+    );
     c.ok("systemctl restart pilotd");
     assert_eq!(c.pilot0_ula(), ula, "restart changed the address");
     c.ok("systemctl stop pilotd");
