@@ -94,6 +94,7 @@ struct Reload {
 /// Runs the daemon until SIGTERM or SIGINT; with `iface`, brings the TUN interface up once the
 /// node is registered and removes it again before the daemon stops.
 async fn run(config: Config, iface: Option<IfaceConfig>, reload: Reload) -> ExitCode {
+    let hup = service::hangups();
     let mut stop = std::pin::pin!(shutdown_signal());
     let node = match Node::start(&config).await {
         Ok(n) => n,
@@ -119,7 +120,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>, reload: Reload) -> Exit
                 if let Ok(id) = engine.registered().await {
                     let status = service::status_line(id, None);
                     service::notify_ready(&status);
-                    service::spawn_reloader(cli, config, set_filter, status);
+                    service::spawn_reloader(hup, cli, config, set_filter, status);
                 }
             });
             None
@@ -211,7 +212,13 @@ async fn run(config: Config, iface: Option<IfaceConfig>, reload: Reload) -> Exit
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
                     let status = service::status_line(node_id, Some((&i.name, i.addr)));
                     service::notify_ready(&status);
-                    service::spawn_reloader(reload.cli, config.clone(), reload.set_filter, status);
+                    service::spawn_reloader(
+                        hup,
+                        reload.cli,
+                        config.clone(),
+                        reload.set_filter,
+                        status,
+                    );
                     Some((i, inside))
                 }
                 Err(e) => {

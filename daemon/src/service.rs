@@ -177,17 +177,30 @@ pub fn init_logs(filter: tracing_subscriber::EnvFilter, json: bool) -> SetLogFil
     }
 }
 
-/// Reloads on every SIGHUP until the process ends: re-reads the configuration, applies what
-/// [`reload`] may, logs the rest, and tells the service manager.
-pub fn spawn_reloader(cli: Cli, mut running: Config, set_filter: SetLogFilter, status: String) {
+/// Takes over SIGHUP from its default action (which ends the process): call it early in the
+/// runtime, so that a SIGHUP that comes before the daemon is ready is held for
+/// [`spawn_reloader`] instead.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "no SIGHUP handler: reloading is off");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Reloads on every SIGHUP of `hup` until the process ends: re-reads the configuration,
+/// applies what [`reload`] may, logs the rest, and tells the service manager.
+pub fn spawn_reloader(
+    hup: Option<tokio::signal::unix::Signal>,
+    cli: Cli,
+    mut running: Config,
+    set_filter: SetLogFilter,
+    status: String,
+) {
+    let Some(mut hup) = hup else { return };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             let _ = pilot_service::notify::reloading();

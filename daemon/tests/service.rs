@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! A real `pilotd` process as systemd sees it, with this test standing in for the service
 //! manager: READY=1 with a STATUS= naming the node once it is registered (not before),
-//! RELOADING=1 then READY=1 again on SIGHUP, STOPPING=1 on SIGTERM, all on `$NOTIFY_SOCKET`;
+//! RELOADING=1 then READY=1 again on SIGHUP (one that comes earlier does not end it),
+//! STOPPING=1 on SIGTERM, all on `$NOTIFY_SOCKET`;
 //! and the IPC socket handed to `--socket-group` with mode 0660.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -91,6 +92,10 @@ async fn pilotd_notifies_ready_reload_and_stop_and_shares_its_socket() {
         "pilotd notified before it was registered"
     );
     notify.set_nonblocking(false).unwrap();
+    // A SIGHUP before the daemon is ready does not end it (it is held for a reload).
+    signal(pid, "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended pilotd");
 
     // The registry comes up: the node registers and pilotd says so.
     let reg = Registry::open(
