@@ -120,5 +120,6 @@ if [ -n "${PILOT_PACKAGE_LINT:-}" ]; then
     # lintian and rpmlint with the justified overrides (packaging/debian/lintian-overrides,
     # packaging/rpm/rpmlint.toml); their reports go to stderr.
     lintian --info --fail-on error,warning "$debfile" >&2
-    rpmlint -c packaging/rpm/rpmlint.toml "$dist/$(basename "$rpmfile")" >&2
+    rpmlint -c packaging/rpm/rpmlint.toml "$dist/$(basename "$rpmfile")" >&2 ||
+        { echo "package: rpmlint found problems" >&2; exit 1; }
 fi

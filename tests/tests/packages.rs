@@ -198,7 +198,8 @@ fn packages() -> &'static Packages {
                 cmd.env_remove(k);
             }
         }
-        let out = run(cmd.env("PILOT_DIST", &dist));
+        // With lintian and rpmlint: either one's complaint fails the build.
+        let out = run(cmd.env("PILOT_DIST", &dist).env("PILOT_PACKAGE_LINT", "1"));
         let text = String::from_utf8_lossy(&out.stdout);
         let find = |ext: &str| {
             PathBuf::from(
