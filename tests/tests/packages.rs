@@ -625,7 +625,7 @@ fn rpm_installs_and_runs_in_a_booted_debian_with_rpm() {
 }
 
 #[test]
-#[ignore = "needs root: builds the packages and boots systemd-nspawn containers"]
+#[ignore = "slow, run as root with the container tests: builds both packages (release build)"]
 fn every_file_the_units_use_is_in_both_packages() {
     if skip("every_file_the_units_use_is_in_both_packages") {
         return;
