@@ -227,7 +227,10 @@ fn readme_commands_work_after_the_main_job() {
         .status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while job.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the main job did not stop on SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "the main job did not stop on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -235,6 +238,9 @@ fn readme_commands_work_after_the_main_job() {
         !String::from_utf8_lossy(&netns.stdout).contains(&ns),
         "{ns} left behind"
     );
-    let pilot0 = Command::new("ip").args(["link", "show", "pilot0"]).output().unwrap();
+    let pilot0 = Command::new("ip")
+        .args(["link", "show", "pilot0"])
+        .output()
+        .unwrap();
     assert!(!pilot0.status.success(), "pilot0 left behind");
 }
