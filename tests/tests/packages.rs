@@ -238,6 +238,8 @@ fn rootfs_tar() -> &'static Path {
             run(Command::new("mmdebstrap").args([
                 "--quiet",
                 "--variant=minbase",
+                // The output's name does not end in .tar, so the format is named.
+                "--format=tar",
                 &format!("--include={ROOTFS_INCLUDE}"),
                 "bookworm",
                 partial.to_str().unwrap(),
