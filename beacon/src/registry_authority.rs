@@ -334,7 +334,11 @@ async fn run_worker(
     }
 }
 
-async fn fetch(client: &mut Option<Client<RegistryStream>>, config: &CacheConfig, f: Fetch) -> Outcome {
+async fn fetch(
+    client: &mut Option<Client<RegistryStream>>,
+    config: &CacheConfig,
+    f: Fetch,
+) -> Outcome {
     if client.is_none() {
         match Client::connect_with(&config.registry, &config.transport).await {
             Ok(c) => *client = Some(c),

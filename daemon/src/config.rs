@@ -914,7 +914,9 @@ mod tests {
         assert!(e.to_string().starts_with("listen:"), "{e}");
         let e = cli(&["--registry-tls", "true"]).resolve().unwrap_err();
         assert!(e.to_string().contains("fingerprint"), "{e}");
-        let e = cli(&["--registry-fingerprint", "abcd"]).resolve().unwrap_err();
+        let e = cli(&["--registry-fingerprint", "abcd"])
+            .resolve()
+            .unwrap_err();
         assert!(e.to_string().starts_with("registry-fingerprint:"), "{e}");
         let e = cli(&["--log-format", "xml"]).resolve().unwrap_err();
         assert!(e.to_string().starts_with("log-format:"), "{e}");
@@ -923,10 +925,19 @@ mod tests {
     #[test]
     fn registry_tls_is_pinned_and_a_lone_fingerprint_is_refused() {
         let fp = "AB".repeat(32);
-        let c = cli(&["--home", "/tmp/x", "--registry-tls", "--registry-fingerprint", &fp])
-            .resolve()
-            .unwrap();
-        assert_eq!(c.registry_fingerprint.as_deref(), Some("ab".repeat(32).as_str()));
+        let c = cli(&[
+            "--home",
+            "/tmp/x",
+            "--registry-tls",
+            "--registry-fingerprint",
+            &fp,
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.registry_fingerprint.as_deref(),
+            Some("ab".repeat(32).as_str())
+        );
         assert_eq!(
             c.registry_transport(),
             Transport::TlsPinned(Fingerprint([0xab; 32]))
@@ -948,15 +959,25 @@ mod tests {
 
     #[test]
     fn encrypt_false_is_refused_and_true_loads() {
-        let e = cli(&["--encrypt", "false"]).resolve().unwrap_err().to_string();
-        assert!(e.starts_with("encrypt:") && e.contains("always encrypts"), "{e}");
+        let e = cli(&["--encrypt", "false"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("encrypt:") && e.contains("always encrypts"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("daemon.json");
         std::fs::write(&f, r#"{"encrypt": false}"#).unwrap();
-        let e = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap_err();
+        let e = cli(&["--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
         assert!(e.to_string().starts_with("encrypt:"), "{e}");
         cli(&["--home", "/tmp/x", "--encrypt"]).resolve().unwrap();
-        cli(&["--home", "/tmp/x", "--encrypt", "true"]).resolve().unwrap();
+        cli(&["--home", "/tmp/x", "--encrypt", "true"])
+            .resolve()
+            .unwrap();
         let help = {
             use clap::CommandFactory;
             Cli::command().render_long_help().to_string()

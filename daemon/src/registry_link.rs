@@ -392,14 +392,17 @@ async fn session(
     cache: &mut PeerCache,
     waiters: &mut Waiters,
 ) -> Result<End, ClientError> {
-    let mut c = tokio::time::timeout(CALL_TIMEOUT, Client::connect_with(&config.registry, &config.transport))
-        .await
-        .map_err(|_| {
-            ClientError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })??;
+    let mut c = tokio::time::timeout(
+        CALL_TIMEOUT,
+        Client::connect_with(&config.registry, &config.transport),
+    )
+    .await
+    .map_err(|_| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))
+    })??;
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
     for w in waiters.drain(..) {

@@ -101,10 +101,17 @@ async fn daemon_registers_over_pinned_tls() {
         if let Some(id) = d.node_id().await.filter(|&id| id != 0) {
             break id;
         }
-        assert!(Instant::now() < deadline, "not registered over TLS\n{}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "not registered over TLS\n{}",
+            d.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(reg.node_key(id).is_some(), "the registry does not know node {id}");
+    assert!(
+        reg.node_key(id).is_some(),
+        "the registry does not know node {id}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -718,11 +718,17 @@ async fn subscribed_means_live_and_a_lost_stream_fails() {
             &sub_node.sock,
             &[&target, &topic, "--count", "1", "--timeout", "20s"],
         );
-        assert!(saw(&mut rx, "Subscribed").await, "round {round}: no Subscribed");
+        assert!(
+            saw(&mut rx, "Subscribed").await,
+            "round {round}: no Subscribed"
+        );
         pub_node.ok(&["publish", &target, &topic, "now"]).await;
         let got = saw(&mut rx, &format!("[{topic}] now")).await;
         let (status, err) = sub.await.unwrap();
-        assert!(got, "round {round}: the event published after Subscribed was lost");
+        assert!(
+            got,
+            "round {round}: the event published after Subscribed was lost"
+        );
         assert_eq!(status, 0, "round {round}: {err}");
     }
 

@@ -307,15 +307,11 @@ mod tests {
     /// A TLS server on loopback with a fresh self-signed certificate that answers one
     /// request; returns its address, the certificate's fingerprint and the task, which yields
     /// the request it read (`None` when the handshake failed).
-    async fn tls_registry() -> (
-        String,
-        Fingerprint,
-        tokio::task::JoinHandle<Option<Value>>,
-    ) {
+    async fn tls_registry() -> (String, Fingerprint, tokio::task::JoinHandle<Option<Value>>) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let fp = Fingerprint::of_der(ck.cert.der());
-        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
-            .unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
         let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -367,7 +363,10 @@ mod tests {
             .await
             .unwrap_err();
         match &e {
-            ClientError::FingerprintMismatch { expected, presented } => {
+            ClientError::FingerprintMismatch {
+                expected,
+                presented,
+            } => {
                 assert_eq!((*expected, *presented), (wrong, fp));
             }
             other => panic!("{other:?}"),

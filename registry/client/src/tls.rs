@@ -54,7 +54,9 @@ impl fmt::Debug for Fingerprint {
 
 /// A fingerprint that is not 64 hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected 64 hex digits (SHA-256 of the registry's certificate), optionally separated by ':'")]
+#[error(
+    "expected 64 hex digits (SHA-256 of the registry's certificate), optionally separated by ':'"
+)]
 pub struct BadFingerprint;
 
 impl FromStr for Fingerprint {
@@ -161,7 +163,9 @@ impl ServerCertVerifier for PinVerifier {
 }
 
 /// A connector that accepts only the certificate with fingerprint `pin`.
-pub(crate) fn pinned_connector(pin: Fingerprint) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
+pub(crate) fn pinned_connector(
+    pin: Fingerprint,
+) -> Result<tokio_rustls::TlsConnector, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
@@ -259,7 +263,13 @@ mod tests {
             .map(|c| String::from_utf8(c.to_vec()).unwrap())
             .collect();
         assert_eq!(colons.join(":").parse::<Fingerprint>().unwrap(), f);
-        for bad in ["", "00", &hex[1..], &format!("{hex}00"), &hex.replace('a', "g")] {
+        for bad in [
+            "",
+            "00",
+            &hex[1..],
+            &format!("{hex}00"),
+            &hex.replace('a', "g"),
+        ] {
             assert_eq!(bad.parse::<Fingerprint>(), Err(BadFingerprint), "{bad}");
         }
     }
