@@ -5,7 +5,9 @@
 # - as root: two nodes running `pilotd up` (each a virtual NIC, pilot0, carrying its ULA), node
 #   A on this host and node B in a network namespace the script creates (linked by a veth);
 #   B trusts A after a handshake, serves a page with Python's http.server on its ULA, and this
-#   host fetches it with an unmodified `curl http://[B's ULA]:8080/` through pilot0;
+#   host fetches it with an unmodified `curl http://[B's ULA]:8080/` through pilot0. A is
+#   `alice` on the system socket (/run/pilot/pilotd.sock) and B is `bob`, so the README's
+#   pilotctl commands work as written; pilotctl is linked into /usr/local/bin;
 # - otherwise (no TUN without root): one plain pilotd on loopback, as an agent host.
 #
 # Prints `pilotctl info` and keeps everything running until Ctrl-C (or for $PILOT_RUN_SECS
@@ -94,13 +96,27 @@ if [ -z "$ns" ]; then
     echo "try: $bin/pilotctl --socket $home/node/pilotd.sock --json info"
     echo "logs and state under $home; Ctrl-C stops all three"
 else
-    sock_a="$home/a/pilotd.sock"
+    # Node A takes the system socket, where a plain `pilotctl` looks first as root, unless
+    # another pilotd holds it; pilotctl goes on PATH unless another one is there.
+    sock_a=/run/pilot/pilotd.sock
+    if "$bin/pilotctl" --socket "$sock_a" daemon status --check >/dev/null 2>&1; then
+        echo "run: another pilotd serves $sock_a; node A uses $home/a/pilotd.sock (pilotctl --socket)"
+        sock_a="$home/a/pilotd.sock"
+    fi
+    link=/usr/local/bin/pilotctl
+    if [ ! -e "$link" ] || [[ "$(readlink "$link")" == */release/pilotctl ]]; then
+        ln -sfn "$bin/pilotctl" "$link"
+        echo "run: $link -> $bin/pilotctl"
+    elif [ "$(readlink -f "$link")" != "$(readlink -f "$bin/pilotctl")" ]; then
+        echo "run: $link is another pilotctl; this build's is $bin/pilotctl"
+    fi
     sock_b="$home/b/pilotd.sock"
-    "$bin/pilotd" up --home "$home/a" --socket "$sock_a" --public \
+    "$bin/pilotd" up --home "$home/a" --socket "$sock_a" --public --hostname alice \
         --registry "$host_ip:$reg_port" --beacon "$host_ip:$beacon_port" \
         --listen "$host_ip:$udp_port" >"$home/a.log" 2>&1 &
     pids+=($!)
     ip netns exec "$ns" "$bin/pilotd" up --home "$home/b" --socket "$sock_b" --public \
+        --hostname bob --accept-tasks \
         --registry "$host_ip:$reg_port" --beacon "$host_ip:$beacon_port" \
         --listen "$ns_ip:$udp_port" >"$home/b.log" 2>&1 &
     pids+=($!)
@@ -137,12 +153,15 @@ else
     echo
     "$bin/pilotctl" --socket "$sock_a" info
     echo
-    echo "try: curl -g http://[$ula_b]:8080/   ping -6 $ula_b"
-    echo "     $bin/pilotctl --socket $sock_a --json info"
+    echo "try: curl -g http://[$ula_b]:8080/   ping -6 $ula_b   pilotctl ping bob   pilotctl status"
+    echo "     (the README's \"Using a node\" commands work here as written)"
     echo "logs and state under $home; Ctrl-C stops everything and removes pilot0 and $ns"
 fi
 if [ -n "${PILOT_RUN_SECS:-}" ]; then
-    sleep "$PILOT_RUN_SECS"
+    # In the background: bash runs the INT/TERM trap at once only while it is in `wait`.
+    sleep "$PILOT_RUN_SECS" &
+    pids+=($!)
+    wait "$!"
 else
     wait -n
 fi

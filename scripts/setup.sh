@@ -14,10 +14,13 @@ need_root() {
 # (ip netns, ip link/addr/route), procps (sysctl) and util-linux (setpriv) for the TUN
 # interface tests; curl, iputils-ping (ping) and python3 (http.server, UDP peers) for the
 # data path tests through pilot0; iperf3, openssh-server and openssh-client (ssh, scp,
-# ssh-keygen) for the pilot0 tests and scripts/bench-tun.sh; mmdebstrap and systemd-container
-# (systemd-nspawn) boot the Debian containers of the systemd-resolved test.
+# ssh-keygen) for the pilot0 tests and scripts/bench-tun.sh; dpkg-dev (dpkg-shlibdeps),
+# rpm (rpmbuild), binutils (strip), lintian and rpmlint for scripts/package.sh and its checks;
+# mmdebstrap and systemd-container (systemd-nspawn) for the package tests and the
+# systemd-resolved test in booted containers.
 APT_PACKAGES=(pkg-config nftables iproute2 procps util-linux curl iputils-ping python3 iperf3
-    openssh-server openssh-client mmdebstrap systemd-container)
+    openssh-server openssh-client dpkg-dev rpm binutils lintian rpmlint mmdebstrap
+    systemd-container)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -8,12 +8,17 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
-# The TUN interface and data path tests need root (network namespaces, /dev/net/tun): they are ignored in the
+# The TUN interface, data path and package tests need root (network namespaces, /dev/net/tun,
+# containers): they are ignored in the
 # run above, counted as skipped there, and run here when we are root (then they count as run,
 # not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
     cargo test -p pilotd --test tun_iface --test tun_path --test tun_mixed --test tun_firewall --test tun_dns --test tun_resolved --locked -- --ignored 2>&1 | tee -a "$log"
+    # The .deb and .rpm built by scripts/package.sh, installed in booted systemd containers.
+    cargo test -p pilot-tests --test packages --locked -- --ignored 2>&1 | tee -a "$log"
+    # The README's "Using a node" commands, as written, right after the main job.
+    cargo test -p pilot-tests --test readme_commands --locked -- --ignored 2>&1 | tee -a "$log"
 fi
 # Sum cargo's per-binary "test result" lines into one closing line.
 awk '/^== root-only tests ==$/ { root = 1; next }

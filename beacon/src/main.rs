@@ -107,6 +107,17 @@ struct Cli {
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, env = "PILOT_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// JSON config file whose keys are these flags' long names (e.g. {"addr": "[::]:9001"};
+    /// keys starting with '#' are comments). Flags and environment variables win over it.
+    #[arg(long, env = "PILOT_BEACON_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Check the settings (flags, environment, config file, token file), print them as JSON
+    /// and exit; non-zero when they are invalid.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 const NO_AUTHORITY: &str = "no authority chosen: pass --registry HOST:PORT with \
@@ -142,10 +153,43 @@ fn read_token(path: &PathBuf) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    use pilot_service::config_file::{self, Parsed};
+    let (cli, matches) = match config_file::parse::<Cli>(std::env::args_os().collect(), "config") {
+        Parsed::Ok(c) => c,
+        Parsed::Cli(e) => e.exit(),
+        Parsed::File(e) => {
+            eprintln!("pilot-beacon: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.man_page {
+        return match pilot_service::man::print(Cli::command(), "8") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pilot-beacon: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.registry.is_none() && !cli.open {
         eprintln!("pilot-beacon: {NO_AUTHORITY}");
         return ExitCode::from(2);
+    }
+    if cli.check_config {
+        if let Some(f) = &cli.beacon_token_file {
+            if let Err(e) = read_token(f) {
+                eprintln!("pilot-beacon: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+            eprintln!("pilot-beacon: log-level {:?}: {e}", cli.log_level);
+            return ExitCode::from(2);
+        }
+        let settings = config_file::effective(&Cli::command(), &matches, "config");
+        println!("{:#}", serde_json::Value::Object(settings));
+        return ExitCode::SUCCESS;
     }
     if let Err(e) = init_logs(&cli) {
         eprintln!("pilot-beacon: {e}");
@@ -210,10 +254,17 @@ async fn run(cli: Cli) -> Result<(), String> {
         ..Config::default()
     };
     let socket = pilot_beacon::bind(cli.addr).map_err(|e| e.to_string())?;
+    let bound = socket.local_addr().map_or(cli.addr, |a| a);
     let server = pilot_beacon::Server::new(socket, authority, config);
     let stats = server.stats();
+    if let Err(e) = pilot_service::notify::ready(&format!("serving on UDP {bound}")) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
     server
-        .run(shutdown_signal())
+        .run(async {
+            shutdown_signal().await;
+            let _ = pilot_service::notify::stopping();
+        })
         .await
         .map_err(|e| format!("UDP {}: {e}", cli.addr))?;
     let s = stats.snapshot();

@@ -39,6 +39,9 @@ pub struct Cli {
     /// Print the effective configuration as JSON and exit (non-zero if it is invalid).
     #[arg(long, global = true)]
     pub check_config: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    pub man_page: bool,
     /// Registry address (host:port).
     #[arg(long, global = true, env = "PILOT_REGISTRY")]
     pub registry: Option<String>,
@@ -62,6 +65,11 @@ pub struct Cli {
     /// IPC socket path. [default: /run/pilot/pilotd.sock as root, else <home>/pilotd.sock]
     #[arg(long, global = true, env = "PILOT_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Group that may use the IPC socket: the socket gets that group and mode 0660, so its
+    /// members run pilotctl without root ("" or unset: owner only, mode 0600). The packaged
+    /// service sets "pilot". [default: none]
+    #[arg(long, global = true, env = "PILOT_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
     /// v1's switch for tunnel encryption. Tunnels are always encrypted: `true` (v1's default)
     /// is accepted so v1 command lines and config files load, `false` is refused at start
     /// (docs/COMPAT.md). Hidden from help.
@@ -206,6 +214,8 @@ pub struct Config {
     pub identity: PathBuf,
     /// IPC socket.
     pub socket: PathBuf,
+    /// Group given the IPC socket (mode 0660), if any.
+    pub socket_group: Option<String>,
     /// Accept plaintext from peers with an identity.
     pub allow_plaintext: bool,
     /// UDP segmentation offload.
@@ -361,8 +371,10 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, Value>, ConfigError> {
             reason: "top level is not an object".into(),
         });
     };
+    // Keys starting with '#' are comments (the shipped example documents each setting so).
     Ok(map
         .into_iter()
+        .filter(|(k, _)| !k.starts_with('#'))
         .map(|(k, v)| (k.trim_start_matches('-').replace('_', "-"), v))
         .collect())
 }
@@ -589,6 +601,15 @@ impl Cli {
             None => crate::inside::resolver::DnsMode::Auto,
             Some(s) => s.parse().map_err(|e: String| invalid("dns", e))?,
         };
+        let socket_group = nonempty(get(self.socket_group.clone(), "socket-group"));
+        if let Some(g) = &socket_group {
+            crate::service::group_id(g).map_err(|e| match e {
+                crate::service::ShareError::NoGroup(_) => {
+                    invalid("socket-group", format!("no group named {g:?}"))
+                }
+                e => invalid("socket-group", e.to_string()),
+            })?;
+        }
         let max =
             |v: u64, key: &'static str| usize::try_from(v).map_err(|_| invalid(key, "too large"));
         Ok(Config {
@@ -601,6 +622,7 @@ impl Cli {
             home,
             identity,
             socket,
+            socket_group,
             allow_plaintext: bool_of(self.allow_plaintext, "allow-plaintext", false)?,
             udp_offload: bool_of(self.udp_offload, "udp-offload", true)?,
             owner: nonempty(get(self.owner.clone(), "owner")),
@@ -700,6 +722,7 @@ const KNOWN_KEYS: &[&str] = &[
     "home",
     "identity",
     "socket",
+    "socket-group",
     "encrypt",
     "allow-plaintext",
     "udp-offload",
@@ -895,6 +918,50 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_documents_every_key_and_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/pilotd.json");
+        let Value::Object(file) = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+        else {
+            panic!("{} is not a JSON object", path.display())
+        };
+        for k in KNOWN_KEYS {
+            assert!(
+                file.contains_key(&format!("# {k}")),
+                "{k} is not documented"
+            );
+        }
+        for k in file.keys().filter(|k| !k.starts_with('#')) {
+            assert!(KNOWN_KEYS.contains(&k.as_str()), "{k} is not a setting");
+            assert!(
+                file.contains_key(&format!("# {k}")),
+                "{k} is not documented"
+            );
+        }
+        // The group may not exist on this machine: the flag ("" = none) wins over the file.
+        let c = cli(&["--config", path.to_str().unwrap(), "--socket-group", ""])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.socket_group, None);
+        assert_eq!(c.home, PathBuf::from(SYSTEM_HOME));
+        assert_eq!(c.socket, PathBuf::from(SYSTEM_SOCKET));
+        assert_eq!((c.tun_name.as_str(), c.mtu), ("pilot0", 65535));
+        assert_eq!(c.accept_tasks, None);
+    }
+
+    #[test]
+    fn socket_group_must_exist() {
+        let c = cli(&["--home", "/tmp/x", "--socket-group", "root"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.socket_group.as_deref(), Some("root"));
+        let e = cli(&["--socket-group", "no-such-group-pilot-test"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("socket-group:"), "{e}");
+        assert!(e.to_string().contains("no-such-group-pilot-test"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("daemon.json");
@@ -903,6 +970,9 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.to_string().starts_with("keepalive:"), "{e}");
+        std::fs::write(&f, r##"{"# colour": "a comment", "keepalive": "5s"}"##).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.keepalive, Duration::from_secs(5));
         std::fs::write(&f, r#"{"colour": "blue"}"#).unwrap();
         let e = cli(&["--config", f.to_str().unwrap()])
             .resolve()

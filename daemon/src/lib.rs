@@ -17,6 +17,7 @@ pub mod node;
 pub mod peer_cache;
 pub mod ratelog;
 pub mod registry_link;
+pub mod service;
 pub mod services;
 pub mod stdio;
 pub mod tasks;

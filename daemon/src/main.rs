@@ -17,10 +17,21 @@ use pilotd::inside::iface::{cleanup, Iface, IfaceConfig};
 use pilotd::inside::resolver::{self, Mechanism, SystemDns};
 use pilotd::ipc_server::InsideStatus;
 use pilotd::node::Node;
+use pilotd::service;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.man_page {
+        use clap::CommandFactory;
+        return match pilot_service::man::print(Cli::command(), "8") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pilotd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match cli.resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -47,14 +58,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => sub.json().init(),
-        LogFormat::Text => sub.init(),
-    }
+    let reload = Reload {
+        set_filter: service::init_logs(filter, config.log_format == LogFormat::Json),
+        cli: cli.clone(),
+    };
     raise_open_files();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -67,22 +74,29 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => rt.block_on(run(config, None)),
+        None => rt.block_on(run(config, None, reload)),
         Some(Command::Up) => {
             let iface = IfaceConfig {
                 name: config.tun_name.clone(),
                 mtu: config.mtu,
                 ..IfaceConfig::default()
             };
-            rt.block_on(run(config, Some(iface)))
+            rt.block_on(run(config, Some(iface), reload))
         }
         Some(Command::Down) => rt.block_on(down(&config.tun_name)),
     }
 }
 
+/// What SIGHUP reloads need: the command line to resolve again and the log filter to change.
+struct Reload {
+    cli: Cli,
+    set_filter: service::SetLogFilter,
+}
+
 /// Runs the daemon until SIGTERM or SIGINT; with `iface`, brings the TUN interface up once the
 /// node is registered and removes it again before the daemon stops.
-async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
+async fn run(config: Config, iface: Option<IfaceConfig>, reload: Reload) -> ExitCode {
+    let hup = service::hangups();
     let mut stop = std::pin::pin!(shutdown_signal());
     let node = match Node::start(&config).await {
         Ok(n) => n,
@@ -92,8 +106,27 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(group) = &config.socket_group {
+        if let Err(e) = service::share_socket(&config.socket, group) {
+            tracing::error!(error = %e, "cannot share the IPC socket");
+            eprintln!("pilotd: {e}");
+            stop_node(node).await;
+            return ExitCode::FAILURE;
+        }
+    }
     let iface = match iface {
-        None => None,
+        None => {
+            let engine = node.daemon.engine.clone();
+            let (cli, set_filter, config) = (reload.cli, reload.set_filter, config.clone());
+            tokio::spawn(async move {
+                if let Ok(id) = engine.registered().await {
+                    let status = service::status_line(id, None);
+                    service::notify_ready(&status);
+                    service::spawn_reloader(hup, cli, config, set_filter, status);
+                }
+            });
+            None
+        }
         Some(ic) => {
             let node_id = loop {
                 tokio::select! {
@@ -188,6 +221,15 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
                     firewall::self_test(&i.device, &i.name, i.addr).await;
                     tracing::info!(iface = %i.name, "names: {}", system_dns.describe());
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
+                    let status = service::status_line(node_id, Some((&i.name, i.addr)));
+                    service::notify_ready(&status);
+                    service::spawn_reloader(
+                        hup,
+                        reload.cli,
+                        config.clone(),
+                        reload.set_filter,
+                        status,
+                    );
                     Some((i, inside, system_dns))
                 }
                 Err(e) => {
@@ -201,6 +243,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>) -> ExitCode {
         }
     };
     stop.await;
+    service::notify_stopping();
     tracing::info!("stopping");
     if let Some((i, inside, system_dns)) = iface {
         inside.stop().await;

@@ -558,6 +558,10 @@ pub enum Command {
     )]
     Completions { shell: clap_complete::Shell },
 
+    /// Print the man page (roff) and exit.
+    #[command(hide = true, after_help = "Example:\n  pilotctl man-page | man -l -")]
+    ManPage,
+
     /// Networks: list, create, join, leave, invite.
     #[command(
         subcommand,

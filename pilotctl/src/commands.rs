@@ -121,6 +121,7 @@ pub(crate) async fn execute(
             timeout,
         } => traceroute(&ctx, &peer, count, timeout).await,
         Command::Completions { shell } => completions(&ctx, shell, stdout),
+        Command::ManPage => man_page(stdout),
         Command::Daemon(cmd) => crate::daemon::run(&ctx, cmd).await,
         Command::Subscribe {
             peer,
@@ -638,6 +639,20 @@ async fn rotate_key(ctx: &Ctx) -> Result<Output, CtlError> {
         v,
         format!("Node {} now has the key {}", r.node_id, r.public_key),
     ))
+}
+
+/// `pilotctl man-page` (hidden; packaging renders pilotctl.1 with it).
+fn man_page(stdout: Stdout<'_>) -> Result<Output, CtlError> {
+    use clap::CommandFactory;
+    let page = pilot_service::man::render(Cli::command(), "1")
+        .map_err(|e| CtlError::new(code::INTERNAL, format!("rendering the man page: {e}")))?;
+    match stdout.write_all(&page).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CtlError::new(
+            code::INTERNAL,
+            format!("writing the man page: {e}"),
+        )),
+        _ => Ok(Output::default()),
+    }
 }
 
 fn completions(

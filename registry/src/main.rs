@@ -69,6 +69,17 @@ struct Cli {
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, env = "PILOT_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// JSON config file whose keys are these flags' long names (e.g. {"addr": "[::]:9000"};
+    /// keys starting with '#' are comments). Flags and environment variables win over it.
+    #[arg(long, env = "PILOT_REGISTRY_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Check the settings (flags, environment, config file, token and TLS files), print them
+    /// as JSON and exit; non-zero when they are invalid.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    man_page: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -139,7 +150,34 @@ fn init_logs(cli: &Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    use pilot_service::config_file::{self, Parsed};
+    let (cli, matches) = match config_file::parse::<Cli>(std::env::args_os().collect(), "config") {
+        Parsed::Ok(c) => c,
+        Parsed::Cli(e) => e.exit(),
+        Parsed::File(e) => {
+            eprintln!("pilot-registry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.man_page {
+        return match pilot_service::man::print(Cli::command(), "8") {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pilot-registry: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.check_config {
+        if let Err(e) = check_files(&cli) {
+            eprintln!("pilot-registry: {e}");
+            return ExitCode::from(2);
+        }
+        let settings = config_file::effective(&Cli::command(), &matches, "config");
+        println!("{:#}", serde_json::Value::Object(settings));
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = init_logs(&cli) {
         eprintln!("pilot-registry: {e}");
         return ExitCode::from(2);
@@ -158,6 +196,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What `--check-config` checks beyond the flags: the secret files hold usable tokens, the
+/// TLS files are readable and the log filter parses.
+fn check_files(cli: &Cli) -> Result<(), String> {
+    read_secret(&cli.admin_token_file, "admin token file")?;
+    read_secret(&cli.beacon_token_file, "beacon token file")?;
+    for p in [&cli.tls_cert, &cli.tls_key].into_iter().flatten() {
+        std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .map_err(|e| format!("log-level {:?}: {e}", cli.log_level))?;
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -234,7 +285,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             std::future::pending(),
         ));
     }
-    reg.serve(listener, tls, shutdown_signal()).await;
+    let status = format!("listening on {bound}");
+    if let Err(e) = pilot_service::notify::ready(&status) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+    reg.serve(listener, tls, async {
+        shutdown_signal().await;
+        let _ = pilot_service::notify::stopping();
+    })
+    .await;
     tracing::info!("registry stopped");
     Ok(())
 }

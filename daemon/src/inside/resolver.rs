@@ -180,7 +180,21 @@ impl SystemDns {
         }
         match resolved_connection().await {
             Ok(conn) => {
-                apply_resolved(&conn, ifname, ifindex).await?;
+                if let Err(e) = apply_resolved(&conn, ifname, ifindex).await {
+                    if mode == DnsMode::Resolved {
+                        return Err(e);
+                    }
+                    // resolved runs but refused: the host's resolver is resolved, so
+                    // resolvconf (its compatibility front end) would fail the same way. What
+                    // was set goes back (a DNS server without its routing domains would take
+                    // every name).
+                    let _ = call(&conn, "RevertLink", ifname, &(link(ifindex),)).await;
+                    tracing::warn!(iface = %ifname, error = %e, "cannot point systemd-resolved at .pilot");
+                    return Ok(nothing(
+                        state,
+                        format!("not configured ({e}): {}", manual_hint(ifname)),
+                    ));
+                }
                 set(&state, resolved_text(ifname));
                 let watcher = tokio::spawn(watch_resolved(
                     conn.clone(),
@@ -202,7 +216,13 @@ impl SystemDns {
         }
         match resolvconf_path() {
             Some(path) => {
-                resolvconf_add(&path, ifname).await?;
+                if let Err(e) = resolvconf_add(&path, ifname).await {
+                    tracing::warn!(iface = %ifname, error = %e, "cannot add the resolvconf record for .pilot");
+                    return Ok(nothing(
+                        state,
+                        format!("not configured ({e}): {}", manual_hint(ifname)),
+                    ));
+                }
                 set(
                     &state,
                     format!(
