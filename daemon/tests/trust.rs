@@ -841,9 +841,19 @@ async fn the_second_copy_of_a_rejected_request_is_not_pending_again() {
     )
     .await
     .unwrap();
-    // The same request arriving again (the copy that took the other path) stays rejected.
-    raw_send(&a.daemon.engine, b.id, &copy).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The same request arriving again through the registry's relay (the copy that took the
+    // other path) stays rejected.
+    let (tx, rx) = oneshot::channel();
+    let relayed = json!({"type": "request_handshake", "from_node_id": a.id,
+        "to_node_id": b.id, "justification": "let me in"});
+    a.daemon
+        .link
+        .send(pilotd::registry_link::LinkCmd::Call(relayed, tx))
+        .await
+        .unwrap();
+    rx.await.unwrap().unwrap();
+    // B polls its registry inbox every second in these tests.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(pending(&b).await.is_empty(), "{:?}", pending(&b).await);
     // A new request (another justification) is heard.
     op(
