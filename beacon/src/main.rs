@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pilot_beacon::{Authority, CacheConfig, Config, OpenAuthority, RegistryAuthority};
+use pilot_registry_client::{Fingerprint, Transport};
 
 /// The Pilot beacon: tells nodes their public UDP endpoint, introduces nodes to each other
 /// for hole punching, and relays tunnel frames between nodes that cannot reach each other
@@ -23,7 +24,8 @@ struct Cli {
     /// UDP address to listen on. The IPv6 wildcard `[::]` also accepts IPv4.
     #[arg(long, env = "PILOT_BEACON_ADDR", default_value = "[::]:9001")]
     addr: SocketAddr,
-    /// Registry to ask about nodes (HOST:PORT, plain TCP). Needs --beacon-token-file.
+    /// Registry to ask about nodes (HOST:PORT; plain TCP unless --registry-tls). Needs
+    /// --beacon-token-file.
     #[arg(
         long,
         env = "PILOT_BEACON_REGISTRY",
@@ -32,6 +34,25 @@ struct Cli {
         conflicts_with = "open"
     )]
     registry: Option<String>,
+    /// Talk TLS to the registry, accepting only the certificate pinned by
+    /// --registry-fingerprint (no check against system roots).
+    #[arg(
+        long,
+        env = "PILOT_BEACON_REGISTRY_TLS",
+        requires = "registry",
+        requires = "registry_fingerprint"
+    )]
+    registry_tls: bool,
+    /// SHA-256 of the registry's TLS certificate, 64 hex digits (pilot-registry logs it at
+    /// start as fingerprint=...). Needs --registry-tls.
+    #[arg(
+        long,
+        env = "PILOT_BEACON_REGISTRY_FINGERPRINT",
+        value_name = "HEX",
+        requires = "registry_tls",
+        value_parser = clap::value_parser!(Fingerprint)
+    )]
+    registry_fingerprint: Option<Fingerprint>,
     /// File holding the token the registry expects from beacons (its --beacon-token-file).
     #[arg(long, env = "PILOT_BEACON_TOKEN_FILE", value_name = "PATH")]
     beacon_token_file: Option<PathBuf>,
@@ -194,11 +215,15 @@ async fn run(cli: Cli) -> Result<(), String> {
     let authority: Arc<dyn Authority> = match (&cli.registry, &cli.beacon_token_file) {
         (Some(registry), Some(token_file)) => {
             let token = read_token(token_file)?;
-            tracing::info!(%registry, "authority: registry");
-            Arc::new(RegistryAuthority::spawn(CacheConfig::new(
-                registry.clone(),
-                token,
-            )))
+            let transport = match cli.registry_fingerprint {
+                Some(fp) if cli.registry_tls => Transport::TlsPinned(fp),
+                _ => Transport::Tcp,
+            };
+            tracing::info!(%registry, tls = cli.registry_tls, "authority: registry");
+            Arc::new(RegistryAuthority::spawn(CacheConfig {
+                transport,
+                ..CacheConfig::new(registry.clone(), token)
+            }))
         }
         _ => {
             tracing::warn!("authority: open (v1 behaviour): nothing is authenticated");

@@ -1,5 +1,6 @@
 //! [`RegistryAuthority`]: answers from a cache that background tasks fill from a remote
-//! registry over TCP, so the packet path never waits on the network.
+//! registry over TCP or pinned TLS ([`CacheConfig::transport`]), so the packet path never
+//! waits on the network.
 //!
 //! ```text
 //! packet path --node_key/may_reach--> cache (mutex, HashMaps) --miss--> fetch queue (bounded)
@@ -24,9 +25,8 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use pilot_registry_client::{Client, ClientError};
+use pilot_registry_client::{Client, ClientError, RegistryStream, Transport};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::authority::{Answer, Authority};
@@ -36,6 +36,8 @@ use crate::authority::{Answer, Authority};
 pub struct CacheConfig {
     /// Registry address, `host:port`.
     pub registry: String,
+    /// Plain TCP, or TLS pinned to the registry's certificate.
+    pub transport: Transport,
     /// The token the registry expects in `reachable` requests.
     pub beacon_token: String,
     /// How long a positive answer (a key, "allowed") is fresh.
@@ -59,6 +61,7 @@ impl CacheConfig {
     pub fn new(registry: impl Into<String>, beacon_token: impl Into<String>) -> CacheConfig {
         CacheConfig {
             registry: registry.into(),
+            transport: Transport::Tcp,
             beacon_token: beacon_token.into(),
             positive_ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(5),
@@ -286,7 +289,7 @@ async fn run_worker(
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Fetch>>>,
     config: CacheConfig,
 ) {
-    let mut client: Option<Client<TcpStream>> = None;
+    let mut client: Option<Client<RegistryStream>> = None;
     let mut failures = 0u32;
     let mut last_warn: Option<Instant> = None;
     loop {
@@ -331,9 +334,13 @@ async fn run_worker(
     }
 }
 
-async fn fetch(client: &mut Option<Client<TcpStream>>, config: &CacheConfig, f: Fetch) -> Outcome {
+async fn fetch(
+    client: &mut Option<Client<RegistryStream>>,
+    config: &CacheConfig,
+    f: Fetch,
+) -> Outcome {
     if client.is_none() {
-        match Client::connect(config.registry.as_str()).await {
+        match Client::connect_with(&config.registry, &config.transport).await {
             Ok(c) => *client = Some(c),
             Err(e) => return Outcome::Failed(format!("connecting: {e}")),
         }

@@ -459,3 +459,42 @@ async fn registry_authority_over_tcp() {
     b.stop().await;
     let _ = stop_reg.send(());
 }
+
+/// The beacon's registry authority over TLS pinned to the registry's certificate: keys are
+/// fetched with the right pin, never with a wrong one.
+#[tokio::test]
+async fn registry_authority_over_pinned_tls() {
+    let token = "beacon-token-0123456789";
+    let mut config = pilot_registry::Config::default();
+    config.policy.beacon_token = Some(token.into());
+    let store = pilot_registry::store::RedbStore::in_memory().unwrap();
+    let reg = pilot_registry::Registry::open(Box::new(store), config).unwrap();
+    let (cert, key_pem, fp) = pilot_registry::server::self_signed().unwrap();
+    let tls = pilot_registry::server::tls_from_pem(cert.as_bytes(), key_pem.as_bytes()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reg_addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        reg.clone()
+            .serve(listener, Some(tls), std::future::pending()),
+    );
+    let k = key(500);
+    let n = register(&reg, &k, "127.0.0.1:5000".parse().unwrap()).await;
+
+    let authority = |fp: &str| {
+        let pin: pilot_registry_client::Fingerprint = fp.parse().unwrap();
+        RegistryAuthority::spawn(CacheConfig {
+            transport: pilot_registry_client::Transport::TlsPinned(pin),
+            ..CacheConfig::new(reg_addr.to_string(), token)
+        })
+    };
+    let right = authority(&fp);
+    let wrong = authority(&"ab".repeat(32));
+    let want = *k.verifying_key().as_bytes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while right.node_key(n) != Some(want) {
+        assert!(Instant::now() < deadline, "no key over pinned TLS");
+        assert_eq!(wrong.node_key(n), None);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(wrong.node_key(n), None);
+}

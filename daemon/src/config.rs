@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use pilot_registry_client::{Fingerprint, Transport};
 use serde_json::Value;
 
 pub use pilot_driver::config::{parse_duration, SOCKET_FILE, SYSTEM_HOME, SYSTEM_SOCKET};
@@ -69,8 +70,10 @@ pub struct Cli {
     /// service sets "pilot". [default: none]
     #[arg(long, global = true, env = "PILOT_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// Encrypt tunnels (X25519 + AES-256-GCM). [default: true]
-    #[arg(long, global = true, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
+    /// v1's switch for tunnel encryption. Tunnels are always encrypted: `true` (v1's default)
+    /// is accepted so v1 command lines and config files load, `false` is refused at start
+    /// (docs/COMPAT.md). Hidden from help.
+    #[arg(long, global = true, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub encrypt: Option<bool>,
     /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
     #[arg(long, global = true, env = "PILOT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
@@ -213,8 +216,6 @@ pub struct Config {
     pub socket: PathBuf,
     /// Group given the IPC socket (mode 0660), if any.
     pub socket_group: Option<String>,
-    /// Encrypt tunnels.
-    pub encrypt: bool,
     /// Accept plaintext from peers with an identity.
     pub allow_plaintext: bool,
     /// UDP segmentation offload.
@@ -277,6 +278,18 @@ pub struct Config {
     pub firewall: crate::inside::firewall::FirewallMode,
     /// How the system resolver learns about `.pilot` (`pilotd up`).
     pub dns: crate::inside::resolver::DnsMode,
+}
+
+impl Config {
+    /// How the registry link connects: TLS pinned to [`Config::registry_fingerprint`] when
+    /// [`Config::registry_tls`] is on (resolution guarantees the fingerprint is then present
+    /// and valid), else plain TCP.
+    pub fn registry_transport(&self) -> Transport {
+        match (self.registry_tls, &self.registry_fingerprint) {
+            (true, Some(fp)) => fp.parse().map_or(Transport::Tcp, Transport::TlsPinned),
+            _ => Transport::Tcp,
+        }
+    }
 }
 
 mod secs {
@@ -518,19 +531,37 @@ impl Cli {
         let registry_fingerprint = nonempty(get(
             self.registry_fingerprint.clone(),
             "registry-fingerprint",
-        ));
-        if let Some(fp) = &registry_fingerprint {
-            if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        ))
+        .map(|fp| {
+            fp.parse::<Fingerprint>()
+                .map(|f| f.to_string())
+                .map_err(|e| invalid("registry-fingerprint", e.to_string()))
+        })
+        .transpose()?;
+        // v1 wire §4.1: TLS to the registry is pinned, never verified against system roots.
+        match (registry_tls, &registry_fingerprint) {
+            (true, None) => {
+                return Err(invalid(
+                    "registry-tls",
+                    "needs --registry-fingerprint: the SHA-256 of the registry's certificate, \
+                     which pilot-registry logs at start as fingerprint=<64 hex digits> \
+                     (certificates are not checked against system roots)",
+                ))
+            }
+            (false, Some(_)) => {
                 return Err(invalid(
                     "registry-fingerprint",
-                    "expected 64 hex digits (SHA-256 of the certificate)",
-                ));
+                    "pins a TLS certificate, but --registry-tls is off: add --registry-tls \
+                     (the registry must serve TLS) or drop the fingerprint",
+                ))
             }
+            _ => {}
         }
-        if registry_tls && registry_fingerprint.is_none() {
+        if !bool_of(self.encrypt, "encrypt", true)? {
             return Err(invalid(
-                "registry-tls",
-                "needs --registry-fingerprint to pin the registry",
+                "encrypt",
+                "false is not supported: pilotd always encrypts tunnels (X25519 + AES-256-GCM); \
+                 to accept a v1 peer that sends plaintext, use --allow-plaintext",
             ));
         }
         let keepalive = dur(self.keepalive.clone(), "keepalive", Duration::from_secs(30))?;
@@ -592,7 +623,6 @@ impl Cli {
             identity,
             socket,
             socket_group,
-            encrypt: bool_of(self.encrypt, "encrypt", true)?,
             allow_plaintext: bool_of(self.allow_plaintext, "allow-plaintext", false)?,
             udp_offload: bool_of(self.udp_offload, "udp-offload", true)?,
             owner: nonempty(get(self.owner.clone(), "owner")),
@@ -742,7 +772,8 @@ mod tests {
         let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
         assert_eq!(c.listen, "[::]:4000".parse().unwrap());
         assert_eq!(c.identity, PathBuf::from("/tmp/x/identity.json"));
-        assert!(c.encrypt && !c.allow_plaintext && !c.public);
+        assert!(!c.allow_plaintext && !c.public);
+        assert_eq!(c.registry_transport(), Transport::Tcp);
         assert_eq!(c.keepalive, Duration::from_secs(30));
         assert_eq!(c.beacon.as_deref(), Some("127.0.0.1:9001"));
     }
@@ -753,13 +784,13 @@ mod tests {
             "--home",
             "/tmp/x",
             "--public",
-            "--encrypt",
+            "--udp-offload",
             "false",
             "--no-echo",
         ])
         .resolve()
         .unwrap();
-        assert!(c.public && !c.encrypt && c.no_echo);
+        assert!(c.public && !c.udp_offload && c.no_echo);
         let c = cli(&["--home", "/tmp/x", "--public=false"])
             .resolve()
             .unwrap();
@@ -953,7 +984,74 @@ mod tests {
         assert!(e.to_string().starts_with("listen:"), "{e}");
         let e = cli(&["--registry-tls", "true"]).resolve().unwrap_err();
         assert!(e.to_string().contains("fingerprint"), "{e}");
+        let e = cli(&["--registry-fingerprint", "abcd"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("registry-fingerprint:"), "{e}");
         let e = cli(&["--log-format", "xml"]).resolve().unwrap_err();
         assert!(e.to_string().starts_with("log-format:"), "{e}");
+    }
+
+    #[test]
+    fn registry_tls_is_pinned_and_a_lone_fingerprint_is_refused() {
+        let fp = "AB".repeat(32);
+        let c = cli(&[
+            "--home",
+            "/tmp/x",
+            "--registry-tls",
+            "--registry-fingerprint",
+            &fp,
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.registry_fingerprint.as_deref(),
+            Some("ab".repeat(32).as_str())
+        );
+        assert_eq!(
+            c.registry_transport(),
+            Transport::TlsPinned(Fingerprint([0xab; 32]))
+        );
+        let e = cli(&["--registry-tls"]).resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("registry-tls:") && e.contains("--registry-fingerprint"),
+            "{e}"
+        );
+        let e = cli(&["--registry-fingerprint", &fp])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("registry-fingerprint:") && e.contains("--registry-tls"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn encrypt_false_is_refused_and_true_loads() {
+        let e = cli(&["--encrypt", "false"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("encrypt:") && e.contains("always encrypts"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"encrypt": false}"#).unwrap();
+        let e = cli(&["--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("encrypt:"), "{e}");
+        cli(&["--home", "/tmp/x", "--encrypt"]).resolve().unwrap();
+        cli(&["--home", "/tmp/x", "--encrypt", "true"])
+            .resolve()
+            .unwrap();
+        let help = {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        };
+        assert!(!help.contains("--encrypt"), "{help}");
     }
 }

@@ -149,6 +149,7 @@ impl Daemon {
         let listen_port = config.endpoint.map_or(udp_addr.port(), |e| e.port());
         let link_config = LinkConfig {
             registry: config.registry.clone(),
+            transport: config.registry_transport(),
             identity: identity.clone(),
             listen_port,
             owner: config.owner.clone(),

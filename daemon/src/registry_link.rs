@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use pilot_registry_client::{sign_v1, Client, ClientError};
+use pilot_registry_client::{sign_v1, Client, ClientError, RegistryStream, Transport};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tunnel::ipc::code;
@@ -161,6 +161,8 @@ pub async fn request(
 pub struct LinkConfig {
     /// Registry address.
     pub registry: String,
+    /// Plain TCP or TLS pinned to the registry's certificate.
+    pub transport: Transport,
     /// Identity key (replaced by a rotation).
     pub identity: Arc<NodeIdentity>,
     /// The UDP port to register (the registry keeps our TCP source IP).
@@ -289,7 +291,11 @@ pub async fn run(
                 continue;
             }
             Err(e) => {
-                tracing::warn!(registry = %config.registry, error = %e, "registry link down; reconnecting");
+                if matches!(e, ClientError::FingerprintMismatch { .. }) {
+                    tracing::error!(registry = %config.registry, error = %e, "registry refused: certificate not pinned; retrying");
+                } else {
+                    tracing::warn!(registry = %config.registry, error = %e, "registry link down; reconnecting");
+                }
                 for w in waiters.drain(..) {
                     let _ = w.send(Err(LinkError::Connection(e.to_string())));
                 }
@@ -358,7 +364,7 @@ fn from_cache(req: &Value, down: Down, cache: &PeerCache) -> LinkReply {
     }
 }
 
-async fn call(c: &mut Client<tokio::net::TcpStream>, v: &Value) -> Result<Value, ClientError> {
+async fn call(c: &mut Client<RegistryStream>, v: &Value) -> Result<Value, ClientError> {
     match tokio::time::timeout(CALL_TIMEOUT, c.call(v)).await {
         Ok(r) => r,
         Err(_) => Err(ClientError::Io(std::io::Error::new(
@@ -386,14 +392,17 @@ async fn session(
     cache: &mut PeerCache,
     waiters: &mut Waiters,
 ) -> Result<End, ClientError> {
-    let mut c = tokio::time::timeout(CALL_TIMEOUT, Client::connect(&config.registry))
-        .await
-        .map_err(|_| {
-            ClientError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })??;
+    let mut c = tokio::time::timeout(
+        CALL_TIMEOUT,
+        Client::connect_with(&config.registry, &config.transport),
+    )
+    .await
+    .map_err(|_| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))
+    })??;
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
     for w in waiters.drain(..) {
@@ -531,7 +540,7 @@ async fn accepted(config: &LinkConfig, cache: &mut PeerCache, req: &Value, answe
 /// ID and the `register_ok` reply, whose `hostname` is the one the registry holds once the
 /// state is applied.
 async fn register(
-    c: &mut Client<tokio::net::TcpStream>,
+    c: &mut Client<RegistryStream>,
     config: &LinkConfig,
 ) -> Result<(u32, Value), ClientError> {
     let want = config.desired.snapshot();
@@ -582,7 +591,7 @@ async fn register(
 /// network that needs a new invitation) is logged and the rest still applied; a broken
 /// connection ends the session. `reply` gets the hostname the registry holds afterwards.
 async fn apply(
-    c: &mut Client<tokio::net::TcpStream>,
+    c: &mut Client<RegistryStream>,
     node: u32,
     want: &DesiredState,
     reply: &mut Value,
@@ -633,7 +642,7 @@ async fn apply(
 /// is asked, so a crash or a lost answer is settled by [`settle_rotation`]. Returns an error
 /// only when the connection broke.
 async fn rotate(
-    c: &mut Client<tokio::net::TcpStream>,
+    c: &mut Client<RegistryStream>,
     config: &LinkConfig,
     node: u32,
     events: &mpsc::Sender<LinkEvent>,
@@ -696,7 +705,7 @@ async fn adopt(config: &LinkConfig, key: SigningKey, events: &mpsc::Sender<LinkE
 /// Before registering: a rotation left unsettled (a crash, or a connection lost before the
 /// registry's answer) is decided by the key the registry holds for the node.
 async fn settle_rotation(
-    c: &mut Client<tokio::net::TcpStream>,
+    c: &mut Client<RegistryStream>,
     config: &LinkConfig,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Result<(), ClientError> {
@@ -743,7 +752,7 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
     let mut backoff = BACKOFF.0;
     loop {
         let r: Result<(), ClientError> = async {
-            let mut c = Client::connect(&config.registry).await?;
+            let mut c = Client::connect_with(&config.registry, &config.transport).await?;
             c.authenticate(node, &config.identity.key()).await?;
             c.call(&json!({"type": "watch"})).await?;
             loop {

@@ -117,6 +117,9 @@ const LINGER: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long after the registry reported a rejection the peer's direct reason is still heard.
 const RELAYED_REJECT_WINDOW: Duration = Duration::from_secs(60);
+/// How long a copy of a request the operator rejected is taken for the rejected request
+/// itself (it came the other way: through the registry or directly).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
 /// Default interval of registry inbox polls (v1 polls after each 30 s heartbeat).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -393,6 +396,7 @@ impl TrustService {
             events: events.clone(),
             state,
             relayed_rejects: HashMap::new(),
+            declined: HashMap::new(),
         };
         tokio::spawn(actor.run(cmd_rx, inbound_rx, pushes, config.poll_interval));
         Ok((cmd_tx, TrustHandle { gate, events }))
@@ -1091,6 +1095,10 @@ struct Actor {
     /// When the registry last reported a rejection by each peer, so that the direct reject
     /// carrying the reason, which races it, is still heard.
     relayed_rejects: HashMap<u32, Instant>,
+    /// The requests the operator rejected lately (when, and their justification): a request
+    /// travels both through the registry and directly, and the slower copy of one just
+    /// rejected must not make it pending again.
+    declined: HashMap<u32, (Instant, String)>,
 }
 
 type Reply = TrustReply;
@@ -1254,10 +1262,14 @@ impl Actor {
                         max: MAX_TEXT,
                     });
                 }
-                if self.state.pending.remove(&peer).is_none() {
+                let Some(rejected) = self.state.pending.remove(&peer) else {
                     return Err(TrustOpError::NoPending(peer));
-                }
+                };
                 self.commit().await?;
+                let now = Instant::now();
+                self.declined
+                    .retain(|_, (at, _)| now.duration_since(*at) < DUPLICATE_WINDOW);
+                self.declined.insert(peer, (now, rejected.justification));
                 self.emit(TrustEvent::Declined {
                     peer,
                     reason: reason.clone(),
@@ -1428,6 +1440,12 @@ impl Actor {
             return;
         };
         let justification: String = truncate(justification, MAX_TEXT);
+        if let Some((at, declined)) = self.declined.get(&peer) {
+            if at.elapsed() < DUPLICATE_WINDOW && *declined == justification {
+                tracing::debug!(peer, "second copy of a request just rejected; ignored");
+                return;
+            }
+        }
         if self.state.trusted.contains_key(&peer) {
             self.emit(TrustEvent::AutoApproved {
                 peer,

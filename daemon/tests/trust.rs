@@ -817,3 +817,58 @@ async fn members_of_a_shared_network_are_approved_automatically() {
     a.daemon.shutdown().await;
     b.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_copy_of_a_rejected_request_is_not_pending_again() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    // B is public so A reaches its port 444 directly without trust.
+    let a = node(&reg, &dir.path().join("a"), false).await;
+    let b = node(&reg, &dir.path().join("b"), true).await;
+    // The request as A's daemon sends it directly ("let me in", signed by A).
+    let copy = message("handshake_request", a.id, b.id, &a.key, true, unix_now());
+    raw_send(&a.daemon.engine, b.id, &copy).await;
+    eventually("B sees the request", || async {
+        ids(&pending(&b).await) == vec![u64::from(a.id)]
+    })
+    .await;
+    op(
+        &b,
+        TrustOp::Reject {
+            peer: a.id,
+            reason: "no".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // The same request arriving again through the registry's relay (the copy that took the
+    // other path) stays rejected.
+    let (tx, rx) = oneshot::channel();
+    let relayed = json!({"type": "request_handshake", "from_node_id": a.id,
+        "to_node_id": b.id, "justification": "let me in"});
+    a.daemon
+        .link
+        .send(pilotd::registry_link::LinkCmd::Call(relayed, tx))
+        .await
+        .unwrap();
+    rx.await.unwrap().unwrap();
+    // B polls its registry inbox every second in these tests.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(pending(&b).await.is_empty(), "{:?}", pending(&b).await);
+    // A new request (another justification) is heard.
+    op(
+        &a,
+        TrustOp::Request {
+            peer: b.id,
+            justification: "please, now".into(),
+        },
+    )
+    .await
+    .unwrap();
+    eventually("B sees the new request", || async {
+        ids(&pending(&b).await) == vec![u64::from(a.id)]
+    })
+    .await;
+    a.daemon.shutdown().await;
+    b.daemon.shutdown().await;
+}

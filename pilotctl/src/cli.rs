@@ -494,7 +494,11 @@ pub enum Command {
         after_help = "TOPIC `*` receives every topic. Stops after --count events or \
                       --timeout, whichever comes first; with neither it runs until \
                       interrupted (not allowed with --json). Events you publish yourself \
-                      are not sent back to you.\n\nExample:\n  pilotctl subscribe bob \
+                      are not sent back to you.\n\n\"Subscribed\" is printed once the \
+                      peer has acknowledged the subscription frame at the transport level \
+                      (the protocol has no acknowledgement of its own); events published \
+                      after that reach you. If the broker closes the stream, subscribe \
+                      fails (exit 1, code refused).\n\nExample:\n  pilotctl subscribe bob \
                       alerts\n  pilotctl --json subscribe bob '*' --count 10 --timeout 1m"
     )]
     Subscribe {

@@ -80,6 +80,15 @@ pub(crate) async fn subscribe(
     eventstream::subscribe(&mut stream, topic)
         .await
         .map_err(|e| stream_error("subscribe", e))?;
+    let frame_len = subscription_frame_len(topic)?;
+    tokio::time::timeout(DIAL_TIMEOUT, acknowledged(&d, stream.conn_id(), frame_len))
+        .await
+        .map_err(|_| {
+            CtlError::new(
+                code::TIMEOUT,
+                format!("the broker at {dst} did not acknowledge the subscription in time"),
+            )
+        })??;
     if !ctx.json {
         let _ = writeln!(stdout, "Subscribed to {topic:?} on {}", peer.label());
         let _ = stdout.flush();
@@ -123,12 +132,60 @@ pub(crate) async fn subscribe(
         "timeout": timed_out,
         "closed": ended,
     });
-    let text = if ended {
-        format!("The broker closed the subscription after {n} events")
-    } else {
-        String::new()
-    };
-    Ok(output(data, text))
+    if ended {
+        return Err(CtlError::new(
+            code::REFUSED,
+            format!(
+                "the subscription to {topic:?} on {} ended: the broker closed the stream \
+                 after {n} event(s)",
+                peer.label()
+            ),
+        ));
+    }
+    Ok(output(data, String::new()))
+}
+
+/// How often [`acknowledged`] asks the daemon about the connection.
+const ACK_POLL: Duration = Duration::from_millis(2);
+
+/// Bytes of the subscription frame [`eventstream::subscribe`] sends for `topic`.
+fn subscription_frame_len(topic: &str) -> Result<u64, CtlError> {
+    tunnel::services::eventstream::encode_frame_header(topic, 0)
+        .map(|h| h.len() as u64)
+        .map_err(|e| CtlError::new(code::BAD_REQUEST, e.to_string()))
+}
+
+/// Waits until the peer has acknowledged, at the transport level, every byte of connection
+/// `conn` and at least `sent` bytes were sent on it: the subscription frame has reached the
+/// broker's node. The event stream protocol has no acknowledgement of its own (v1 wire §8.3),
+/// so this is the closest wire-compatible sign that the subscription is live; what remains
+/// is the time the broker takes to read the frame it already holds.
+async fn acknowledged(d: &pilot_driver::Driver, conn: u32, sent: u64) -> Result<(), CtlError> {
+    loop {
+        let v = ext(d, ExtRequest::Connections).await?;
+        let r: tunnel::ipc::ConnectionsReply = crate::commands::decode(&v)?;
+        let Some(c) = r.connections.iter().find(|c| c.id == conn) else {
+            return Err(CtlError::new(
+                code::REFUSED,
+                "the connection to the broker ended before it acknowledged the subscription",
+            ));
+        };
+        // The engine names states by their Debug form; anything past Established means
+        // the connection is closing.
+        if !c.state.eq_ignore_ascii_case("established") {
+            return Err(CtlError::new(
+                code::REFUSED,
+                format!(
+                    "the connection to the broker is {} before it acknowledged the subscription",
+                    c.state
+                ),
+            ));
+        }
+        if c.bytes_sent >= sent && c.unacked == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(ACK_POLL).await;
+    }
 }
 
 /// Publishes one event on the peer's broker (as v1: subscribe to the topic, then publish).

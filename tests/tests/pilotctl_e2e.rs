@@ -637,6 +637,113 @@ async fn pubsub_with_a_wildcard_and_two_subscribers() {
     assert_eq!(a.err(&["subscribe", &target, "t"]).await, "bad_request");
 }
 
+/// Stdout of a pilotctl run that hands each write to a channel as it happens.
+struct Tap(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl std::io::Write for Tap {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.send(String::from_utf8_lossy(b).into_owned());
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `pilotctl subscribe` in text mode on a task; its stdout arrives on the receiver as
+/// it is written. The task yields the exit status and stderr.
+fn subscribe_text(
+    sock: &str,
+    args: &[&str],
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    tokio::task::JoinHandle<(i32, String)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut argv: Vec<String> = ["pilotctl", "--socket", sock, "subscribe"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let task = tokio::spawn(async move {
+        let mut out = Tap(tx);
+        let mut err = Vec::new();
+        let status = pilotctl::run(
+            argv,
+            pilotctl::Io {
+                stdin: Box::new(std::io::Cursor::new(Vec::new())),
+                stdout: &mut out,
+                stderr: &mut err,
+            },
+        )
+        .await;
+        (status, String::from_utf8_lossy(&err).into_owned())
+    });
+    (rx, task)
+}
+
+/// Waits for a line containing `what` on a subscriber's stdout.
+async fn saw(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> bool {
+    let wait = async {
+        let mut all = String::new();
+        while let Some(s) = rx.recv().await {
+            all.push_str(&s);
+            if all.contains(what) {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribed_means_live_and_a_lost_stream_fails() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start(&reg, &dir.path().join("b"), true).await;
+    let target = b.addr();
+
+    // An event published the moment "Subscribed" is printed reaches the subscriber, every
+    // time: a remote subscriber with the broker's node publishing, and a subscriber on the
+    // broker's node (its own address) with a remote publisher.
+    for round in 0..8 {
+        let topic = format!("race{round}");
+        let (sub_node, pub_node) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (mut rx, sub) = subscribe_text(
+            &sub_node.sock,
+            &[&target, &topic, "--count", "1", "--timeout", "20s"],
+        );
+        assert!(
+            saw(&mut rx, "Subscribed").await,
+            "round {round}: no Subscribed"
+        );
+        pub_node.ok(&["publish", &target, &topic, "now"]).await;
+        let got = saw(&mut rx, &format!("[{topic}] now")).await;
+        let (status, err) = sub.await.unwrap();
+        assert!(
+            got,
+            "round {round}: the event published after Subscribed was lost"
+        );
+        assert_eq!(status, 0, "round {round}: {err}");
+    }
+
+    // A subscriber whose broker goes away fails, saying so.
+    let (mut rx, sub) = subscribe_text(&a.sock, &[&target, "gone"]);
+    assert!(saw(&mut rx, "Subscribed").await);
+    b.node.shutdown().await;
+    let (status, err) = tokio::time::timeout(Duration::from_secs(30), sub)
+        .await
+        .expect("subscribe kept running after its stream ended")
+        .unwrap();
+    assert_eq!(status, 1, "{err}");
+    assert!(err.contains("the broker closed the stream"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_records() {
     let reg = registry().await;

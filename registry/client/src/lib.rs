@@ -1,6 +1,6 @@
-//! A registry client over one connection (plain TCP; TLS callers wrap any stream): frames out,
-//! frames in, strictly one reply per request. Used by the daemon's registry link, the beacon's
-//! registry authority, the load generator and the tests.
+//! A registry client over one connection (plain TCP, or TLS pinned to the registry's
+//! certificate: [`tls`]): frames out, frames in, strictly one reply per request. Used by the
+//! daemon's registry link, the beacon's registry authority, the load generator and the tests.
 //!
 //! The frame codec, the signed strings and the base64 forms come from the sans-IO
 //! [`tunnel::registry`]; this crate only adds the tokio transport, so a node links no part of
@@ -12,12 +12,35 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tunnel::registry::auth::{b64, register_message, session_message};
 use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError};
 
+pub mod tls;
+
+pub use tls::{BadFingerprint, Fingerprint, RegistryStream, Transport};
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Socket error.
     #[error("registry connection: {0}")]
     Io(#[from] std::io::Error),
+    /// The registry's TLS certificate is not the pinned one; nothing was sent.
+    #[error(
+        "registry TLS certificate has fingerprint {presented}, but {expected} is pinned \
+         (--registry-fingerprint); not talking to it"
+    )]
+    FingerprintMismatch {
+        /// The pinned fingerprint.
+        expected: Fingerprint,
+        /// The fingerprint of the certificate the registry presented.
+        presented: Fingerprint,
+    },
+    /// The TLS handshake failed for another reason (a registry serving plain TCP, say).
+    #[error("TLS handshake with the registry {addr}: {source} (does it serve TLS?)")]
+    Tls {
+        /// The registry address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The registry closed the connection.
     #[error("registry closed the connection")]
     Closed,
@@ -52,6 +75,41 @@ impl Client<tokio::net::TcpStream> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         Ok(Client::new(s))
+    }
+}
+
+impl Client<RegistryStream> {
+    /// Connects to `addr` (`host:port`) over `transport`. With [`Transport::TlsPinned`] the
+    /// TLS handshake completes with the pinned certificate before anything else is sent; a
+    /// failed handshake is an error, never a fallback to plain TCP.
+    pub async fn connect_with(addr: &str, transport: &Transport) -> Result<Self, ClientError> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let stream = match *transport {
+            Transport::Tcp => RegistryStream::Tcp(s),
+            Transport::TlsPinned(pin) => {
+                let connector = tls::pinned_connector(pin).map_err(|e| ClientError::Tls {
+                    addr: addr.to_owned(),
+                    source: std::io::Error::other(e),
+                })?;
+                match connector.connect(tls::server_name(addr), s).await {
+                    Ok(t) => RegistryStream::Tls(Box::new(t)),
+                    Err(e) => {
+                        return Err(match tls::pin_mismatch(&e) {
+                            Some(m) => ClientError::FingerprintMismatch {
+                                expected: m.expected,
+                                presented: m.presented,
+                            },
+                            None => ClientError::Tls {
+                                addr: addr.to_owned(),
+                                source: e,
+                            },
+                        })
+                    }
+                }
+            }
+        };
+        Ok(Client::new(stream))
     }
 }
 
@@ -244,6 +302,102 @@ mod tests {
             c.call(&big).await,
             Err(ClientError::Frame(FrameError::TooLarge(_)))
         ));
+    }
+
+    /// A TLS server on loopback with a fresh self-signed certificate that answers one
+    /// request; returns its address, the certificate's fingerprint and the task, which yields
+    /// the request it read (`None` when the handshake failed).
+    async fn tls_registry() -> (String, Fingerprint, tokio::task::JoinHandle<Option<Value>>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let fp = Fingerprint::of_der(ck.cert.der());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut t = acceptor.accept(s).await.ok()?;
+            let mut dec = FrameDecoder::new();
+            let mut buf = [0u8; 1024];
+            let req: Value = loop {
+                if let Some(f) = dec.next_frame().unwrap() {
+                    break serde_json::from_slice(&f).unwrap();
+                }
+                let n = t.read(&mut buf).await.unwrap();
+                dec.push(&buf[..n]);
+            };
+            let mut wire = Vec::new();
+            encode_frame(br#"{"type":"hello_ok","nonce":"bm9uY2U="}"#, &mut wire).unwrap();
+            t.write_all(&wire).await.unwrap();
+            t.flush().await.unwrap();
+            Some(req)
+        });
+        (addr, fp, task)
+    }
+
+    #[tokio::test]
+    async fn tls_with_the_pinned_certificate_carries_requests() {
+        let (addr, fp, server) = tls_registry().await;
+        let mut c = Client::connect_with(&addr, &Transport::TlsPinned(fp))
+            .await
+            .unwrap();
+        assert!(matches!(c.stream, RegistryStream::Tls(_)));
+        assert_eq!(c.hello().await.unwrap(), "bm9uY2U=");
+        assert_eq!(server.await.unwrap().unwrap()["type"], "hello");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_pin_names_both_fingerprints_and_sends_nothing() {
+        let (addr, fp, server) = tls_registry().await;
+        let wrong = Fingerprint([0xab; 32]);
+        let e = Client::connect_with(&addr, &Transport::TlsPinned(wrong))
+            .await
+            .unwrap_err();
+        match &e {
+            ClientError::FingerprintMismatch {
+                expected,
+                presented,
+            } => {
+                assert_eq!((*expected, *presented), (wrong, fp));
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = e.to_string();
+        assert!(
+            text.contains(&fp.to_string()) && text.contains(&wrong.to_string()),
+            "{text}"
+        );
+        // The server's handshake failed: no request reached it.
+        assert_eq!(server.await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn tls_to_a_plain_tcp_registry_is_a_handshake_error() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            // A plain registry answers what it reads as a frame length with an error frame
+            // and closes; here: an arbitrary frame, then close.
+            let mut wire = Vec::new();
+            encode_frame(br#"{"type":"error","error":"bad frame"}"#, &mut wire).unwrap();
+            let _ = s.write_all(&wire).await;
+        });
+        let e = Client::connect_with(&addr, &Transport::TlsPinned(Fingerprint([1; 32])))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Tls { .. }), "{e:?}");
+        assert!(e.to_string().contains("does it serve TLS?"), "{e}");
+        server.await.unwrap();
     }
 
     #[tokio::test]
