@@ -10,6 +10,7 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the main job may take to build and start.
@@ -122,6 +123,19 @@ fn run_line(line: &str, cwd: &Path) -> String {
     }
 }
 
+/// Waits up to 30 s until `seen` contains `what`.
+fn wait_for_output(seen: &Mutex<String>, what: &str, purpose: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.lock().unwrap().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {purpose}: {}",
+            seen.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_block_is_found_and_comments_are_removed() {
     let lines = readme_commands();
@@ -177,21 +191,37 @@ fn readme_commands_work_after_the_main_job() {
     let completions = Path::new("/etc/bash_completion.d/pilotctl");
     let had_completions = completions.exists();
 
-    let mut subscriber: Option<Child> = None;
+    // The subscriber's stdout, read by a thread as it arrives.
+    let mut subscriber: Option<(Child, Arc<Mutex<String>>)> = None;
     for line in readme_commands() {
         if line.contains("pilotctl subscribe") {
-            // Runs until interrupted: it must stay up and say it subscribed.
-            // In a process group of its own, so that one signal ends the shell and pilotctl.
-            let child = Command::new("sh")
+            // Runs until interrupted. In a process group of its own, so that one signal ends
+            // the shell and pilotctl.
+            let mut child = Command::new("sh")
                 .args(["-c", &line])
                 .current_dir(repo())
                 .process_group(0)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
+                .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(Duration::from_secs(2));
-            subscriber = Some(child);
+            let seen = Arc::new(Mutex::new(String::new()));
+            let (mut stdout, sink) = (child.stdout.take().unwrap(), seen.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            // "Subscribed" means the subscription is live: the README's next command may
+            // publish at once.
+            wait_for_output(&seen, "Subscribed", "subscribe to say it subscribed");
+            subscriber = Some((child, seen));
             continue;
         }
         let text = run_line(&line, &repo());
@@ -199,20 +229,12 @@ fn readme_commands_work_after_the_main_job() {
             assert!(text.contains("alice"), "{text}");
         }
         if line.starts_with("pilotctl publish") {
-            std::thread::sleep(Duration::from_secs(1));
-            let mut sub = subscriber.take().expect("subscribe comes before publish");
+            let (mut sub, seen) = subscriber.take().expect("subscribe comes before publish");
+            wait_for_output(&seen, "disk full", "the published event at the subscriber");
             assert!(sub.try_wait().unwrap().is_none(), "subscribe exited early");
             let _ = Command::new("kill")
                 .args(["-TERM", "--", &format!("-{}", sub.id())])
                 .status();
-            let mut seen = String::new();
-            sub.stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut seen)
-                .unwrap();
-            assert!(seen.contains("Subscribed"), "{seen}");
-            assert!(seen.contains("disk full"), "the published event: {seen}");
             let _ = sub.wait();
         }
     }
