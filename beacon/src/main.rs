@@ -164,13 +164,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.man_page {
-        return match pilot_service::man::print(Cli::command(), "8") {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pilot-beacon: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return pilot_service::man::print_daemon_page(Cli::command(), "pilot-beacon");
     }
     if cli.registry.is_none() && !cli.open {
         eprintln!("pilot-beacon: {NO_AUTHORITY}");

@@ -24,13 +24,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.man_page {
         use clap::CommandFactory;
-        return match pilot_service::man::print(Cli::command(), "8") {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pilotd: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return pilot_service::man::print_daemon_page(Cli::command(), "pilotd");
     }
     let config = match cli.resolve() {
         Ok(c) => c,

@@ -9,12 +9,12 @@
 //!   (resolve, ping, a stream), a name never seen fails naming the outage, and the node
 //!   registers again once the registry is back.
 
+mod support;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pilot_driver::Driver;
-use pilot_registry::store::RedbStore;
-use pilot_registry::{Config as RegistryConfig, Registry};
 use pilot_registry_client::Client;
 use pilotd::config::Cli;
 use pilotd::node::Node;
@@ -33,16 +33,7 @@ struct TestRegistry {
 
 impl TestRegistry {
     async fn start(bind: &str) -> TestRegistry {
-        let reg = Registry::open(
-            Box::new(RedbStore::in_memory().unwrap()),
-            RegistryConfig {
-                register_per_minute: 0,
-                requests_per_ip: 0,
-                requests_per_node: 0,
-                ..RegistryConfig::default()
-            },
-        )
-        .unwrap();
+        let reg = support::in_memory_registry();
         let l = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();

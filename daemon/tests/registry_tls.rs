@@ -4,27 +4,19 @@
 //! daemon process registers over TLS with the right pin; with a wrong pin it never registers
 //! and its log names both fingerprints.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pilot_driver::Driver;
-use pilot_registry::store::RedbStore;
-use pilot_registry::{server, Config as RegistryConfig, Registry};
+use pilot_registry::{server, Registry};
 
 /// Starts an in-memory registry serving TLS on loopback; returns its address, the
 /// certificate's fingerprint as the registry logs it, and the registry.
 async fn tls_registry() -> (String, String, Registry) {
-    let reg = Registry::open(
-        Box::new(RedbStore::in_memory().unwrap()),
-        RegistryConfig {
-            register_per_minute: 0,
-            requests_per_ip: 0,
-            requests_per_node: 0,
-            ..RegistryConfig::default()
-        },
-    )
-    .unwrap();
+    let reg = support::in_memory_registry();
     let (cert, key, fp) = server::self_signed().unwrap();
     let tls = server::tls_from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,6 +9,7 @@
 mod netns;
 mod support;
 
+use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use netns::container::{debian_rootfs, Container};
@@ -35,6 +36,45 @@ fn container_text(c: &Container, args: &[&str]) -> String {
     netns::container::text(&c.run(args))
 }
 
+/// Starts `pilotd up` in the container as the transient service `unit`, stopped as the shipped
+/// unit stops it (SIGTERM to pilotd alone, which then takes its resolver settings back), with
+/// hostname `bob`, the `listen` address and `extra` flags; returns the ULA once pilot0 is up.
+fn start_up(c: &Container, unit: &str, reg: &str, listen: &str, extra: &[&str]) -> Ipv6Addr {
+    let unit_arg = format!("--unit={unit}");
+    let mut args = vec![
+        "systemd-run",
+        &unit_arg,
+        "--property=KillMode=mixed",
+        "--",
+        "/usr/local/bin/pilotd",
+        "up",
+        "--registry",
+        reg,
+        "--beacon",
+        "",
+        "--listen",
+        listen,
+        "--public",
+        "--hostname",
+        "bob",
+        "--home",
+        "/var/lib/pilot-test",
+    ];
+    args.extend_from_slice(extra);
+    let out = c.enter(&args);
+    assert!(out.status.success(), "{}", netns::container::text(&out));
+    let log = wait_for(
+        c,
+        &["journalctl", "--no-pager", "-o", "cat", "-u", unit],
+        "pilot0 up",
+        |s| s.contains("pilot0 up: "),
+    );
+    log.lines()
+        .find_map(|l| l.split_once("pilot0 up: ").map(|(_, r)| r.to_owned()))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no ULA in the `up:` line:\n{log}"))
+}
+
 #[test]
 #[ignore = "needs root: systemd-nspawn, network namespaces and /dev/net/tun"]
 fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
@@ -56,53 +96,14 @@ fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
     .unwrap();
     let c = Container::boot(root, &b);
 
-    let start = |unit: &str, mode: &str| {
-        let out = c.enter(&[
-            "systemd-run",
-            &format!("--unit={unit}"),
-            "--",
-            "/usr/local/bin/pilotd",
-            "up",
-            "--registry",
-            &reg,
-            "--beacon",
-            "",
-            "--listen",
-            "10.81.0.2:0",
-            "--public",
-            "--hostname",
-            "bob",
-            "--dns",
-            mode,
-            "--home",
-            "/var/lib/pilot-test",
-        ]);
-        assert!(out.status.success(), "{}", netns::container::text(&out));
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let log = c.journal(unit);
-            if let Some(ula) = log
-                .lines()
-                .find_map(|l| l.split_once("pilot0 up: ").map(|(_, r)| r.to_owned()))
-                .and_then(|r| {
-                    r.split_whitespace()
-                        .next()?
-                        .parse::<std::net::Ipv6Addr>()
-                        .ok()
-                })
-            {
-                return ula;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pilotd up did not come up:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-
     // --dns resolved: the link carries the answerer, both routing domains and no default route.
-    let ula = start("pilotd-resolved", "resolved");
+    let ula = start_up(
+        &c,
+        "pilotd-resolved",
+        &reg,
+        "10.81.0.2:0",
+        &["--dns", "resolved"],
+    );
     let status = c.ok(&["resolvectl", "status", "pilot0"]);
     assert!(
         status.contains(&format!("DNS Servers: {}", dns::RESOLVER)),
@@ -151,13 +152,13 @@ fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
     assert!(!c.run(&["ip", "link", "show", "pilot0"]).status.success());
 
     // --dns auto finds resolved on its own.
-    start("pilotd-auto", "auto");
+    start_up(&c, "pilotd-auto", &reg, "10.81.0.2:0", &["--dns", "auto"]);
     let d = c.ok(&["resolvectl", "domain", "pilot0"]);
     assert!(d.contains("~pilot"), "{d}");
     c.ok(&["systemctl", "stop", "pilotd-auto"]);
 
     // --dns off leaves resolved alone and says how to do it by hand.
-    start("pilotd-off", "off");
+    start_up(&c, "pilotd-off", &reg, "10.81.0.2:0", &["--dns", "off"]);
     let d = c.ok(&["resolvectl", "domain", "pilot0"]);
     assert!(!d.contains("~pilot"), "{d}");
     let log = c.journal("pilotd-off");
@@ -190,36 +191,8 @@ fn without_resolved_a_resolvconf_record_names_the_answerer_first() {
         "-c",
         "echo 'nameserver 10.82.0.1' | resolvconf -a e0.upstream",
     ]);
-    let up = |unit: &str| {
-        let out = c.enter(&[
-            "systemd-run",
-            &format!("--unit={unit}"),
-            // As the shipped unit: SIGTERM to pilotd alone, which then runs resolvconf.
-            "--property=KillMode=mixed",
-            "--",
-            "/usr/local/bin/pilotd",
-            "up",
-            "--registry",
-            &reg,
-            "--beacon",
-            "",
-            "--listen",
-            "10.82.0.2:0",
-            "--public",
-            "--hostname",
-            "bob",
-            "--home",
-            "/var/lib/pilot-test",
-        ]);
-        assert!(out.status.success(), "{}", netns::container::text(&out));
-        wait_for(
-            &c,
-            &["journalctl", "--no-pager", "-o", "cat", "-u", unit],
-            "pilot0 up",
-            |s| s.contains("pilot0 up: "),
-        )
-    };
-    let log = up("pilotd-rc");
+    start_up(&c, "pilotd-rc", &reg, "10.82.0.2:0", &[]);
+    let log = c.journal("pilotd-rc");
     assert!(log.contains("resolvconf record lo.pilot0"), "{log}");
     let conf = c.ok(&["cat", "/etc/resolv.conf"]);
     let first = conf
@@ -245,7 +218,7 @@ fn without_resolved_a_resolvconf_record_names_the_answerer_first() {
     assert!(conf.contains("nameserver 10.82.0.1"), "{conf}");
 
     // After kill -9 the record stays; `pilotd down` deletes it.
-    up("pilotd-rc2");
+    start_up(&c, "pilotd-rc2", &reg, "10.82.0.2:0", &[]);
     c.ok(&["systemctl", "kill", "--signal=KILL", "pilotd-rc2"]);
     wait_for(
         &c,

@@ -161,13 +161,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.man_page {
-        return match pilot_service::man::print(Cli::command(), "8") {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pilot-registry: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return pilot_service::man::print_daemon_page(Cli::command(), "pilot-registry");
     }
     if cli.check_config {
         if let Err(e) = check_files(&cli) {

@@ -23,6 +23,18 @@ pub fn print(cmd: clap::Command, section: &str) -> std::io::Result<()> {
     }
 }
 
+/// `--man-page` of a daemon: prints the page of `cmd` in section 8; on failure says why,
+/// prefixed with `program`, and exits non-zero.
+pub fn print_daemon_page(cmd: clap::Command, program: &str) -> std::process::ExitCode {
+    match print(cmd, "8") {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -11,10 +11,10 @@ pub async fn registry() -> String {
     registry_at("127.0.0.1:0").await
 }
 
-/// Starts an in-memory registry as [`registry`] does, listening on `bind`.
+/// An in-memory registry with every rate limit off, not yet serving.
 #[allow(dead_code)]
-pub async fn registry_at(bind: &str) -> String {
-    let reg = Registry::open(
+pub fn in_memory_registry() -> Registry {
+    Registry::open(
         Box::new(RedbStore::in_memory().unwrap()),
         RegistryConfig {
             register_per_minute: 0,
@@ -23,7 +23,13 @@ pub async fn registry_at(bind: &str) -> String {
             ..RegistryConfig::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Starts an in-memory registry as [`registry`] does, listening on `bind`.
+#[allow(dead_code)]
+pub async fn registry_at(bind: &str) -> String {
+    let reg = in_memory_registry();
     let l = tokio::net::TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(reg.serve(l, None, std::future::pending()));
