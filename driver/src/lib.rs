@@ -291,8 +291,23 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A frame for the daemon, and who waits until it is written to the socket.
+struct Out {
+    frame: Vec<u8>,
+    written: Option<oneshot::Sender<()>>,
+}
+
+impl From<Vec<u8>> for Out {
+    fn from(frame: Vec<u8>) -> Out {
+        Out {
+            frame,
+            written: None,
+        }
+    }
+}
+
 struct Inner {
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Out>,
     state: Arc<Mutex<State>>,
     datagrams: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
     demux: tokio::task::JoinHandle<()>,
@@ -330,7 +345,7 @@ impl Inner {
                 tx,
             });
             // Queued under the lock: waiters and requests stay in the same order.
-            permit.send(frame);
+            permit.send(frame.into());
         }
         rx.await.map_err(|_| self.down())?
     }
@@ -345,7 +360,7 @@ impl Inner {
     /// Queues a message that has no reply.
     async fn send(&self, msg: &Message<'_>) -> Result<(), DriverError> {
         let frame = encode(msg)?;
-        self.out.send(frame).await.map_err(|_| self.down())
+        self.out.send(frame.into()).await.map_err(|_| self.down())
     }
 
     fn stream(
@@ -365,6 +380,7 @@ impl Inner {
             failed: None,
             reserve: None,
             write_closed: false,
+            flushing: None,
         }
     }
 }
@@ -582,8 +598,7 @@ impl Drop for PilotListener {
     }
 }
 
-type ReserveFuture =
-    Pin<Box<dyn Future<Output = Result<OwnedPermit<Vec<u8>>, SendError<()>>> + Send>>;
+type ReserveFuture = Pin<Box<dyn Future<Output = Result<OwnedPermit<Out>, SendError<()>>> + Send>>;
 
 /// A stream connection through the daemon: `AsyncRead` + `AsyncWrite`. `shutdown` sends Close
 /// (FIN after the written data); reading continues until the peer's EOF.
@@ -601,6 +616,8 @@ pub struct PilotStream {
     /// (it is reached through `&mut self`, never locked).
     reserve: Option<Mutex<ReserveFuture>>,
     write_closed: bool,
+    /// A flush or Close on its way to the daemon's socket; fires once written.
+    flushing: Option<oneshot::Receiver<()>>,
 }
 
 impl std::fmt::Debug for PilotStream {
@@ -626,7 +643,7 @@ impl PilotStream {
     }
 
     /// Waits for room to queue one frame.
-    fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedPermit<Vec<u8>>>> {
+    fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedPermit<Out>>> {
         let out = &self.inner.out;
         let fut = self
             .reserve
@@ -639,6 +656,20 @@ impl PilotStream {
                 Poll::Ready(r.map_err(|_| io::Error::from(self.inner.down())))
             }
         }
+    }
+}
+
+impl PilotStream {
+    /// Waits until the frame [`PilotStream::flushing`] stands for is written.
+    fn poll_written(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(rx) = self.flushing.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let Poll::Ready(r) = Pin::new(rx).poll(cx) else {
+            return Poll::Pending;
+        };
+        self.flushing = None;
+        Poll::Ready(r.map_err(|_| io::Error::from(self.inner.down())))
     }
 }
 
@@ -718,39 +749,56 @@ impl AsyncWrite for PilotStream {
         };
         match encode(&msg) {
             Ok(f) => {
-                permit.send(f);
+                permit.send(f.into());
                 Poll::Ready(Ok(n))
             }
             Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, e))),
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Written data is queued in order; the daemon sends it before a later Close.
-        Poll::Ready(Ok(()))
+    /// Ready once everything written so far is in the daemon's socket: a process may exit
+    /// right after it and lose nothing.
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.flushing.is_none() {
+            let permit = match self.poll_permit(cx) {
+                Poll::Ready(Ok(p)) => p,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let (tx, rx) = oneshot::channel();
+            permit.send(Out {
+                frame: Vec::new(),
+                written: Some(tx),
+            });
+            self.flushing = Some(rx);
+        }
+        self.poll_written(cx)
     }
 
+    /// Sends Close (FIN after the written data) and is ready once the Close is in the
+    /// daemon's socket.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.write_closed {
-            return Poll::Ready(Ok(()));
-        }
-        let permit = match self.poll_permit(cx) {
-            Poll::Ready(Ok(p)) => p,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        };
-        let conn = self.conn;
-        if let Some(e) = lock(&self.inner.state).streams.get_mut(&conn) {
-            e.close_sent = true;
-        }
-        match encode(&Message::Close { conn_id: conn }) {
-            Ok(f) => {
-                permit.send(f);
+        if !self.write_closed {
+            let permit = match self.poll_permit(cx) {
+                Poll::Ready(Ok(p)) => p,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let conn = self.conn;
+            let frame = encode(&Message::Close { conn_id: conn })
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            if let Some(e) = lock(&self.inner.state).streams.get_mut(&conn) {
+                e.close_sent = true;
             }
-            Err(e) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, e))),
+            let (tx, rx) = oneshot::channel();
+            permit.send(Out {
+                frame,
+                written: Some(tx),
+            });
+            self.write_closed = true;
+            self.flushing = Some(rx);
         }
-        self.write_closed = true;
-        Poll::Ready(Ok(()))
+        self.poll_written(cx)
     }
 }
 
@@ -763,7 +811,7 @@ impl Drop for PilotStream {
         let Ok(frame) = encode(&Message::Close { conn_id: self.conn }) else {
             return;
         };
-        if let Err(mpsc::error::TrySendError::Full(frame)) = self.inner.out.try_send(frame) {
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.inner.out.try_send(frame.into()) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let out = self.inner.out.clone();
                 rt.spawn(async move {
@@ -778,19 +826,24 @@ impl Drop for PilotStream {
 // Background tasks
 // ---------------------------------------------------------------------------------------------
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
     let mut buf = Vec::with_capacity(WRITE_BATCH);
-    while let Some(f) = rx.recv().await {
+    let mut waiting = Vec::new();
+    while let Some(first) = rx.recv().await {
         buf.clear();
-        buf.extend_from_slice(&f);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(o) = next.take() {
+            buf.extend_from_slice(&o.frame);
+            waiting.extend(o.written);
+            if buf.len() < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
         if wr.write_all(&buf).await.is_err() {
             break;
+        }
+        for w in waiting.drain(..) {
+            let _ = w.send(());
         }
     }
     let _ = wr.shutdown().await;
@@ -799,7 +852,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
 async fn demux(
     mut rd: OwnedReadHalf,
     state: Arc<Mutex<State>>,
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Out>,
     datagrams: mpsc::Sender<Datagram>,
 ) {
     let mut dec = FrameDecoder::new();
@@ -833,9 +886,9 @@ async fn demux(
 }
 
 /// Closes a connection nobody will use.
-async fn close_unwanted(out: &mpsc::Sender<Vec<u8>>, conn: u32) {
+async fn close_unwanted(out: &mpsc::Sender<Out>, conn: u32) {
     if let Ok(f) = encode(&Message::Close { conn_id: conn }) {
-        let _ = out.send(f).await;
+        let _ = out.send(f.into()).await;
     }
 }
 
@@ -856,7 +909,7 @@ fn new_stream(s: &mut State, conn: u32) -> mpsc::Receiver<StreamEvent> {
 async fn route(
     m: Message<'_>,
     state: &Mutex<State>,
-    out: &mpsc::Sender<Vec<u8>>,
+    out: &mpsc::Sender<Out>,
     datagrams: &mpsc::Sender<Datagram>,
 ) {
     match m {
@@ -1064,5 +1117,89 @@ mod tests {
         let bad = DriverError::BadReply("x".into());
         assert_eq!(bad.code(), ipc::code::BAD_REPLY);
         assert_eq!(io::Error::from(bad).kind(), io::ErrorKind::Other);
+    }
+}
+
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixListener;
+
+    /// What a stand-in daemon received: (command, connection, data) per stream frame.
+    type Seen = Vec<(&'static str, u32, Vec<u8>)>;
+
+    /// A daemon on `path` that answers the extension probe and one Dial, then records every
+    /// Send and Close until the client's end of the socket closes.
+    fn fake_daemon(path: &Path) -> std::thread::JoinHandle<Seen> {
+        let listener = UnixListener::bind(path).expect("bind the test socket");
+        std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().expect("a client");
+            let mut dec = FrameDecoder::new();
+            let mut seen = Seen::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = sock.read(&mut buf).expect("read the socket");
+                if n == 0 {
+                    return seen;
+                }
+                dec.push(&buf[..n]);
+                while let Some(m) = dec.next_message().expect("a well-formed frame") {
+                    let reply = match m {
+                        Message::Ext { .. } => Some(Message::Error {
+                            code: ipc::ERROR_CODE,
+                            message: "unknown",
+                        }),
+                        Message::Dial { .. } => Some(Message::DialOk { conn_id: 7 }),
+                        Message::Send { conn_id, data } => {
+                            seen.push(("send", conn_id, data.to_vec()));
+                            None
+                        }
+                        Message::Close { conn_id } => {
+                            seen.push(("close", conn_id, Vec::new()));
+                            None
+                        }
+                        _ => None,
+                    };
+                    if let Some(r) = reply {
+                        let mut v = Vec::new();
+                        r.encode(&mut v).expect("encode a reply");
+                        sock.write_all(&v).expect("answer");
+                    }
+                }
+            }
+        })
+    }
+
+    /// `shutdown` returns once the Close is in the daemon's socket, so a program that exits
+    /// right after it (here: its runtime is dropped at once) loses neither data nor Close.
+    #[test]
+    fn shutdown_then_exit_loses_nothing() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("d.sock");
+        let daemon = fake_daemon(&path);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            let d = Driver::connect(&path).await.expect("connect");
+            let dst = SocketAddr::new(tunnel::Addr::new(0, 2), 1002);
+            let mut s = d.dial(dst).await.expect("dial");
+            s.write_all(b"first").await.expect("write");
+            s.flush().await.expect("flush");
+            s.write_all(b"last").await.expect("write");
+            s.shutdown().await.expect("shutdown");
+        });
+        drop(rt);
+        let seen = daemon.join().expect("the daemon thread");
+        assert_eq!(
+            seen,
+            vec![
+                ("send", 7, b"first".to_vec()),
+                ("send", 7, b"last".to_vec()),
+                ("close", 7, Vec::new()),
+            ]
+        );
     }
 }
