@@ -941,7 +941,10 @@ impl ClientCtx {
                 let ready = slot.send_then(encode(&Message::DialOk { conn_id: conn }));
                 tokio::spawn(self.forward_conn(rx, ready, credit));
             }
-            Err(e) => slot.error(&self, e.to_string()),
+            Err(e) => {
+                let text = self.shared.dial_failure(dst, &e).await;
+                slot.error(&self, text)
+            }
         }
     }
 
@@ -1767,6 +1770,32 @@ impl Shared {
             t.set_public(public);
         }
         Ok(r)
+    }
+
+    /// The text of a failed Dial, worded so that its stable code reads right from it
+    /// ([`pilot_driver::v1_error_code`]'s rules): a private peer that refused a stream from
+    /// a node it does not trust says so, instead of a bare `connection refused` that also
+    /// means a closed port.
+    async fn dial_failure(&self, dst: PilotAddr, e: &crate::engine::DialError) -> String {
+        let refused = matches!(e, crate::engine::DialError::Closed(CloseReason::Refused));
+        let node = dst.addr.node;
+        let trusted = self
+            .ctx
+            .trust_handle
+            .as_ref()
+            .is_none_or(|t| t.gate().is_trusted(node));
+        if !refused || trusted || dst.port == tunnel::addr::port::HANDSHAKE {
+            return e.to_string();
+        }
+        match self
+            .registry(json!({"type": "lookup", "node_id": node}))
+            .await
+        {
+            Ok(v) if v.get("public").and_then(Value::as_bool) == Some(false) => {
+                format!("{e}: node {node} is private and does not trust this node")
+            }
+            _ => e.to_string(),
+        }
     }
 
     async fn registry(&self, req: Value) -> LinkReply {

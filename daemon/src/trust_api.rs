@@ -159,6 +159,8 @@ impl TrustOpError {
             TrustOpError::NotDelivered {
                 registry, direct, ..
             } => match (registry, direct) {
+                // The registry does not know the node: nothing else can reach it.
+                (r, _) if r.code() == code::NOT_FOUND => code::NOT_FOUND,
                 (LinkError::Timeout, _) | (_, DeliveryError::DialTimeout(_)) => code::TIMEOUT,
                 _ => code::REFUSED,
             },
@@ -233,6 +235,17 @@ mod tests {
                     direct: DeliveryError::Closed(CloseReason::Refused),
                 },
                 code::REFUSED,
+            ),
+            (
+                TrustOpError::NotDelivered {
+                    peer: 99,
+                    registry: LinkError::Refused {
+                        code: LinkError::REGISTRY_NOT_FOUND.into(),
+                        message: "node 99 is not registered".into(),
+                    },
+                    direct: DeliveryError::DialTimeout(99),
+                },
+                code::NOT_FOUND,
             ),
         ];
         for (e, want) in cases {

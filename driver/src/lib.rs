@@ -192,13 +192,26 @@ impl DriverError {
 ///
 /// | words                                   | code               |
 /// |-----------------------------------------|--------------------|
+/// | `not registered`                        | `not_found`        |
+/// | `registry unreachable`, `unavailable`   | `unavailable`      |
+/// | `does not trust`                        | `untrusted`        |
 /// | `refused`                               | `refused`          |
 /// | `timeout`, `timed out`                  | `timeout`          |
 /// | `trust`, `private`, `denied`            | `untrusted`        |
 /// | `not found`, `no such`, `unknown`       | `not_found`        |
 /// | `in use`, `already`, `invalid`          | `bad_request`      |
+///
+/// pilotd words its Dial failures so that they read right: a node the registry does not know
+/// is `not registered`, a registry it cannot reach is `registry unreachable`, and a private
+/// peer that refuses us is `does not trust`.
 pub fn v1_error_code(message: &str) -> Option<&'static str> {
     const RULES: &[(&[&str], &str)] = &[
+        (&["not registered"], ipc::code::NOT_FOUND),
+        (
+            &["registry unreachable", "unavailable"],
+            ipc::code::UNAVAILABLE,
+        ),
+        (&["does not trust"], ipc::code::UNTRUSTED),
         (&["refused"], ipc::code::REFUSED),
         (&["timeout", "timed out"], ipc::code::TIMEOUT),
         (&["trust", "private", "denied"], ipc::code::UNTRUSTED),
@@ -1085,6 +1098,18 @@ mod tests {
             ("node 7 is not trusted", Some(ipc::code::UNTRUSTED)),
             ("no such connection", Some(ipc::code::NOT_FOUND)),
             ("port 80 already bound", Some(ipc::code::BAD_REQUEST)),
+            (
+                "resolve node 99: node 99 is not registered",
+                Some(ipc::code::NOT_FOUND),
+            ),
+            (
+                "resolve node 9: registry unreachable",
+                Some(ipc::code::UNAVAILABLE),
+            ),
+            (
+                "connection refused: node 9 is private and does not trust this node",
+                Some(ipc::code::UNTRUSTED),
+            ),
             ("too many tags: at most 3, got 4", None),
         ];
         for (text, want) in cases {

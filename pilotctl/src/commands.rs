@@ -516,7 +516,17 @@ async fn find(ctx: &Ctx, name: &str) -> Result<Output, CtlError> {
         },
     )
     .await?;
-    let r: ipc::ResolveReply = decode(&v)?;
+    let mut r: ipc::ResolveReply = decode(&v)?;
+    let mut v = v;
+    if r.public.is_none() {
+        // An address or node ID resolves without the registry; `find` asks it whether the
+        // node exists.
+        let l = ext(&d, ExtRequest::Lookup { node_id: r.node_id }).await?;
+        let l: ipc::LookupReply = decode(&l)?;
+        r.public = Some(l.public);
+        r.hostname = l.hostname.filter(|h| !h.is_empty());
+        v = serde_json::to_value(&r).map_err(|e| CtlError::new(code::INTERNAL, e.to_string()))?;
+    }
     let visibility = match r.public {
         Some(true) => ", public",
         Some(false) => ", private",
@@ -1058,7 +1068,7 @@ async fn ping(ctx: &Ctx, peer: &str, count: u32, timeout: Duration) -> Result<Ou
         // A probe's error is the daemon's connection failure text, read like a v1 Error;
         // a probe that failed for no stated reason timed out.
         let c = match pilot_driver::v1_error_code(&last) {
-            Some(c @ (code::REFUSED | code::UNTRUSTED)) => c,
+            Some(c @ (code::REFUSED | code::UNTRUSTED | code::NOT_FOUND | code::UNAVAILABLE)) => c,
             _ => code::TIMEOUT,
         };
         return Err(CtlError::new(

@@ -1324,3 +1324,58 @@ async fn whois_and_status_name_peers_their_trust_and_connections() {
     a.node.shutdown().await;
     b.node.shutdown().await;
 }
+
+/// One condition, one code: every command aimed at a node the registry does not know says
+/// `not_found` at once, whichever service it uses; a private peer that revoked trust answers
+/// a new stream with `untrusted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_condition_one_code() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), false).await;
+    let b = start(&reg, &dir.path().join("b"), false).await;
+
+    let ghost = Addr::new(0, 99).to_string();
+    for args in [
+        vec!["ping", ghost.as_str(), "--count", "1"],
+        vec!["send-message", ghost.as_str(), "hello"],
+        vec!["lookup", ghost.as_str()],
+        vec!["find", ghost.as_str()],
+        vec!["whois", ghost.as_str()],
+        vec!["handshake", ghost.as_str(), "please"],
+        vec!["connect", ghost.as_str(), "--message", "hi"],
+        vec!["bench", ghost.as_str(), "--size", "1K"],
+    ] {
+        let started = Instant::now();
+        assert_eq!(a.err(&args).await, "not_found", "pilotctl {args:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "pilotctl {args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Trust both ways, then B revokes: A's next stream is refused as untrusted.
+    a.ok(&["handshake", &b.addr(), "pair"]).await;
+    eventually("the request to reach b", || async {
+        has_node(&b.ok(&["pending"]).await["pending"], a.id)
+    })
+    .await;
+    b.ok(&["approve", &a.id.to_string()]).await;
+    eventually("a to learn of the approval", || async {
+        has_node(&a.ok(&["trust"]).await["trusted"], b.id)
+    })
+    .await;
+    a.ok(&["send-message", &b.addr(), "before"]).await;
+    b.ok(&["untrust", &a.addr()]).await;
+    eventually("a to learn of the revocation", || async {
+        !has_node(&a.ok(&["trust"]).await["trusted"], b.id)
+    })
+    .await;
+    assert_eq!(
+        a.err(&["send-message", &b.addr(), "after"]).await,
+        "untrusted"
+    );
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
