@@ -74,7 +74,9 @@ use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, Semaphore};
-use tunnel::ipc::{HandshakeStatus, PendingEntry, PendingList, TrustedEntry, TrustedList};
+use tunnel::ipc::{
+    HandshakeStatus, OutgoingEntry, PendingEntry, PendingList, TrustedEntry, TrustedList,
+};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 use crate::engine::{AppEvent, Cmd, ConnId, EngineHandle, TrustGate};
@@ -397,6 +399,7 @@ impl TrustService {
             state,
             relayed_rejects: HashMap::new(),
             declined: HashMap::new(),
+            rejected_ours: BTreeMap::new(),
         };
         tokio::spawn(actor.run(cmd_rx, inbound_rx, pushes, config.poll_interval));
         Ok((cmd_tx, TrustHandle { gate, events }))
@@ -1099,7 +1102,13 @@ struct Actor {
     /// travels both through the registry and directly, and the slower copy of one just
     /// rejected must not make it pending again.
     declined: HashMap<u32, (Instant, String)>,
+    /// Our requests that peers rejected (when, Unix seconds, and their reason), shown with
+    /// the pending list until we ask that peer again; at most [`MAX_REJECTED_OURS`].
+    rejected_ours: BTreeMap<u32, (i64, String)>,
 }
+
+/// Most rejections of our requests remembered for `pilotctl pending`.
+const MAX_REJECTED_OURS: usize = 256;
 
 type Reply = TrustReply;
 
@@ -1302,7 +1311,29 @@ impl Actor {
                         received_at: p.received_at,
                     })
                     .collect();
-                serde_json::to_value(PendingList { pending })
+                let waiting = self
+                    .state
+                    .outgoing
+                    .iter()
+                    .map(|(&node_id, o)| OutgoingEntry {
+                        node_id,
+                        justification: o.justification.clone(),
+                        sent_at: o.sent_at,
+                        status: OutgoingEntry::WAITING.into(),
+                        ..OutgoingEntry::default()
+                    });
+                let rejected =
+                    self.rejected_ours
+                        .iter()
+                        .map(|(&node_id, (at, reason))| OutgoingEntry {
+                            node_id,
+                            status: OutgoingEntry::REJECTED.into(),
+                            reason: reason.clone(),
+                            answered_at: Some(*at),
+                            ..OutgoingEntry::default()
+                        });
+                let outgoing = waiting.chain(rejected).collect();
+                serde_json::to_value(PendingList { pending, outgoing })
                     .map_err(|e| TrustOpError::Encode(e.to_string()))
             }
             TrustOp::Trusted => {
@@ -1369,6 +1400,7 @@ impl Actor {
             self.answer_accept(me, peer).await;
             return Ok(status(HandshakeStatus::SENT, peer));
         }
+        self.rejected_ours.remove(&peer);
         self.state.outgoing.insert(
             peer,
             Outgoing {
@@ -1567,6 +1599,20 @@ impl Actor {
             self.relayed_rejects.insert(peer, now);
         }
         if asked || late_reason {
+            if self.rejected_ours.len() >= MAX_REJECTED_OURS
+                && !self.rejected_ours.contains_key(&peer)
+            {
+                let oldest = self
+                    .rejected_ours
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(&n, _)| n);
+                if let Some(n) = oldest {
+                    self.rejected_ours.remove(&n);
+                }
+            }
+            self.rejected_ours
+                .insert(peer, (now_unix(), truncate(reason.clone(), MAX_TEXT)));
             self.emit(TrustEvent::Rejected {
                 peer,
                 reason: truncate(reason, MAX_TEXT),

@@ -881,20 +881,31 @@ async fn connections(ctx: &Ctx) -> Result<Output, CtlError> {
     } else {
         let _ = writeln!(
             text,
-            "{:>6}  {:>6}  {:<24} {:<12} {:>9} {:>12} {:>12} {:>6}",
-            "ID", "LOCAL", "REMOTE", "STATE", "SRTT", "SENT", "RECEIVED", "RETX"
+            "{:>6}  {:>6}  {:<24} {:<12} {:>9} {:>10} {:>10} {:>12} {:>12} {:>6}",
+            "ID",
+            "LOCAL",
+            "REMOTE",
+            "STATE",
+            "SRTT",
+            "CWND",
+            "IN FLIGHT",
+            "SENT",
+            "RECEIVED",
+            "RETX"
         );
         let mut list: Vec<&ipc::ConnInfo> = r.connections.iter().collect();
         list.sort_by_key(|c| c.id);
         for c in list {
             let _ = writeln!(
                 text,
-                "{:>6}  {:>6}  {:<24} {:<12} {:>7.1}ms {:>12} {:>12} {:>6}",
+                "{:>6}  {:>6}  {:<24} {:<12} {:>7.1}ms {:>10} {:>10} {:>12} {:>12} {:>6}",
                 c.id,
                 c.local_port,
                 format!("{}:{}", c.remote_addr, c.remote_port),
                 c.state,
                 c.srtt_ms,
+                c.cong_win,
+                c.in_flight,
                 c.bytes_sent,
                 c.bytes_recv,
                 c.retransmits,
@@ -970,22 +981,54 @@ async fn pending(ctx: &Ctx) -> Result<Output, CtlError> {
     } else {
         let _ = writeln!(
             text,
-            "{:>10}  {:<18} {:<10} JUSTIFICATION",
-            "NODE", "ADDRESS", "RECEIVED"
+            "{:>10}  {:<18} {:<24} {:<10} JUSTIFICATION",
+            "NODE", "ADDRESS", "HOSTNAME", "RECEIVED"
         );
         for p in &r.pending {
+            let name = hostname_of(&d, p.node_id).await;
             let _ = writeln!(
                 text,
-                "{:>10}  {:<18} {:<10} {}",
+                "{:>10}  {:<18} {:<24} {:<10} {}",
                 p.node_id,
                 Addr::new(0, p.node_id).to_string(),
+                name.as_deref().unwrap_or("-"),
                 ago(p.received_at),
                 p.justification
             );
         }
         text.push_str("Answer with `pilotctl approve NODE` or `pilotctl reject NODE [reason]`\n");
     }
+    if !r.outgoing.is_empty() {
+        text.push_str("\nThis node's requests:\n");
+        for o in &r.outgoing {
+            let name = hostname_of(&d, o.node_id).await;
+            let who = match &name {
+                Some(n) => format!("{} ({n})", Addr::new(0, o.node_id)),
+                None => Addr::new(0, o.node_id).to_string(),
+            };
+            let state = match (o.status.as_str(), o.reason.as_str()) {
+                (ipc::OutgoingEntry::REJECTED, "") => {
+                    format!("rejected {}", o.answered_at.map(ago).unwrap_or_default())
+                }
+                (ipc::OutgoingEntry::REJECTED, why) => format!(
+                    "rejected {}: {}",
+                    o.answered_at.map(ago).unwrap_or_default(),
+                    crate::services::clean(why)
+                ),
+                _ => format!("waiting since {}", ago(o.sent_at)),
+            };
+            let _ = writeln!(text, "  {who}: {state}");
+        }
+    }
     Ok(output(v, text))
+}
+
+/// The hostname the registry (or the daemon's memory of it) gives `node`, if any; a
+/// failed lookup only leaves the name out.
+async fn hostname_of(d: &pilot_driver::Driver, node: u32) -> Option<String> {
+    let v = ext(d, ExtRequest::Lookup { node_id: node }).await.ok()?;
+    let r: ipc::LookupReply = decode(&v).ok()?;
+    r.hostname.filter(|h| !h.is_empty())
 }
 
 async fn trusted(ctx: &Ctx) -> Result<Output, CtlError> {
@@ -998,16 +1041,20 @@ async fn trusted(ctx: &Ctx) -> Result<Output, CtlError> {
     } else {
         let _ = writeln!(
             text,
-            "{:>10}  {:<18} {:<7} {:>7}  APPROVED",
-            "NODE", "ADDRESS", "MUTUAL", "NETWORK"
+            "{:>10}  {:<18} {:<24} {:<10} {:>7}  APPROVED",
+            "NODE", "ADDRESS", "HOSTNAME", "ASKED BY", "NETWORK"
         );
         for t in &r.trusted {
+            let name = hostname_of(&d, t.node_id).await;
+            // v1's `mutual` records that this node had asked too when trust was set: true
+            // at the requester, false at the approver of the same pair.
             let _ = writeln!(
                 text,
-                "{:>10}  {:<18} {:<7} {:>7}  {}",
+                "{:>10}  {:<18} {:<24} {:<10} {:>7}  {}",
                 t.node_id,
                 Addr::new(0, t.node_id).to_string(),
-                yes_no(t.mutual),
+                name.as_deref().unwrap_or("-"),
+                if t.mutual { "this node" } else { "the peer" },
                 t.network,
                 ago(t.approved_at)
             );

@@ -300,6 +300,20 @@ async fn ping_peers_bench_connect_and_messages() {
 
     let conns = a.ok(&["connections"]).await;
     assert!(conns["total"].as_u64().unwrap() >= 1, "{conns}");
+    // Connections that carried data show their live transport figures, not zeros.
+    let busy: Vec<&Value> = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["bytes_sent"].as_u64() > Some(1000))
+        .collect();
+    assert!(!busy.is_empty(), "{conns}");
+    for c in busy {
+        assert!(c["srtt_ms"].as_f64() > Some(0.0), "{c}");
+        assert!(c["cong_win"].as_u64() > Some(0), "{c}");
+        assert!(c["ssthresh"].as_u64() > Some(0), "{c}");
+        assert!(c["recv_win"].as_u64() > Some(0), "{c}");
+    }
 
     let sent = a
         .ok(&["send", &format!("{}:7", b.addr()), "stream hello"])
@@ -388,6 +402,8 @@ async fn handshake_pending_approve_trust_between_private_nodes() {
     assert!(!has_node(&t["trusted"], q.id));
     assert_eq!(q.err(&["untrust", &p.addr()]).await, "untrusted");
 
+    let p_name = format!("asker-{}", p.id);
+    p.ok(&["set-hostname", &p_name]).await;
     let sent = p.ok(&["handshake", &q.addr(), "summarizer", "agent"]).await;
     assert_eq!(sent["status"], "sent");
     assert_eq!(sent["node_id"], q.id);
@@ -406,6 +422,9 @@ async fn handshake_pending_approve_trust_between_private_nodes() {
         .unwrap()
         .clone();
     assert_eq!(entry["justification"], "summarizer agent");
+    // The text form names the requester.
+    let text = run_captured(&["--socket", &q.sock, "pending"]).await;
+    assert!(text.stdout.contains(&p_name), "{}", text.stdout);
 
     let approved = q.ok(&["approve", &p.id.to_string()]).await;
     assert_eq!(approved["status"], "approved");
@@ -421,6 +440,13 @@ async fn handshake_pending_approve_trust_between_private_nodes() {
         has_node(&v["trusted"], q.id)
     })
     .await;
+
+    // One pair, told the same way at both ends: who asked.
+    let at_q = run_captured(&["--socket", &q.sock, "trust"]).await;
+    let at_p = run_captured(&["--socket", &p.sock, "trust"]).await;
+    assert!(at_q.stdout.contains(&p_name), "{}", at_q.stdout);
+    assert!(at_q.stdout.contains("the peer"), "{}", at_q.stdout);
+    assert!(at_p.stdout.contains("this node"), "{}", at_p.stdout);
 
     let revoked = q.ok(&["untrust", &p.addr()]).await;
     assert_eq!(revoked["status"], "revoked");
@@ -439,6 +465,14 @@ async fn reject_and_networks() {
     let q = start(&reg, &dir.path().join("q"), true).await;
 
     p.ok(&["handshake", &q.id.to_string(), "hello"]).await;
+    let mine = p.ok(&["pending"]).await;
+    let entry = mine["outgoing"]
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["node_id"] == q.id))
+        .unwrap_or_else(|| panic!("our request is listed: {mine}"))
+        .clone();
+    assert_eq!(entry["status"], "waiting");
+    assert_eq!(entry["justification"], "hello");
     eventually("the request to reach q", || async {
         let v = q.ok(&["pending"]).await;
         has_node(&v["pending"], p.id)
@@ -446,6 +480,19 @@ async fn reject_and_networks() {
     .await;
     let rejected = q.ok(&["reject", &p.addr(), "not", "today"]).await;
     assert_eq!(rejected["status"], "rejected");
+    // The requester sees the rejection and its reason.
+    eventually("p to see the rejection with its reason", || async {
+        let v = p.ok(&["pending"]).await;
+        v["outgoing"].as_array().is_some_and(|l| {
+            l.iter().any(|e| {
+                e["node_id"] == q.id && e["status"] == "rejected" && e["reason"] == "not today"
+            })
+        })
+    })
+    .await;
+    let text = run_captured(&["--socket", &p.sock, "pending"]).await;
+    assert!(text.stdout.contains("rejected"), "{}", text.stdout);
+    assert!(text.stdout.contains("not today"), "{}", text.stdout);
     let pend = q.ok(&["pending"]).await;
     assert!(!has_node(&pend["pending"], p.id));
     let t = q.ok(&["trust"]).await;
@@ -1354,6 +1401,9 @@ async fn one_condition_one_code() {
             started.elapsed()
         );
     }
+    // Failed attempts leave no peer behind.
+    let peers = a.ok(&["peers"]).await;
+    assert!(!has_node(&peers["peers"], 99), "{peers}");
 
     // Trust both ways, then B revokes: A's next stream is refused as untrusted.
     a.ok(&["handshake", &b.addr(), "pair"]).await;

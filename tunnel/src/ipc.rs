@@ -1111,11 +1111,11 @@ pub struct ConnInfo {
     pub ssthresh: u64,
     /// Bytes sent and not acknowledged.
     pub in_flight: u64,
-    /// Smoothed RTT, whole milliseconds.
+    /// Smoothed RTT, milliseconds (whole ones from v1).
     pub srtt_ms: f64,
-    /// RTT variance, whole milliseconds.
+    /// RTT variance, milliseconds (whole ones from v1).
     pub rttvar_ms: f64,
-    /// Segments sent and not acknowledged.
+    /// Bytes written and not yet acknowledged (pilotd; v1 counts segments).
     pub unacked: u64,
     /// Segments held out of order.
     pub ooo_buf: u64,
@@ -1172,6 +1172,43 @@ pub struct PendingList {
     /// Requests waiting for a decision.
     #[serde(default, deserialize_with = "null_as_empty")]
     pub pending: Vec<PendingEntry>,
+    /// Extension: this node's own requests, unanswered or rejected (v1 omits it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outgoing: Vec<OutgoingEntry>,
+}
+
+/// One trust request this node sent, in [`PendingList::outgoing`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutgoingEntry {
+    /// The peer asked.
+    pub node_id: u32,
+    /// [`OutgoingEntry::WAITING`] or [`OutgoingEntry::REJECTED`].
+    pub status: String,
+    /// Our reason, while waiting.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub justification: String,
+    /// When it was sent, Unix seconds (0 once answered).
+    #[serde(skip_serializing_if = "is_zero_i64")]
+    pub sent_at: i64,
+    /// The peer's reason for a rejection ("" when it gave none or it came through the
+    /// registry, which carries none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// When the rejection arrived, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<i64>,
+}
+
+impl OutgoingEntry {
+    /// Sent, no answer yet.
+    pub const WAITING: &'static str = "waiting";
+    /// The peer rejected it.
+    pub const REJECTED: &'static str = "rejected";
+}
+
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
 }
 
 /// One pending trust request.

@@ -688,6 +688,14 @@ impl Engine {
                 "segs_recv": x.stats.segments_received,
                 "retransmits": x.stats.retransmissions,
                 "unacked": x.unacked,
+                "cong_win": x.stats.cwnd,
+                "ssthresh": x.stats.ssthresh,
+                "in_flight": x.stats.bytes_in_flight,
+                "srtt_ms": x.stats.srtt.as_secs_f64() * 1000.0,
+                "rttvar_ms": x.stats.rttvar.as_secs_f64() * 1000.0,
+                "peer_recv_win": x.stats.peer_window,
+                "recv_win": x.stats.recv_window,
+                "in_recovery": x.stats.recovery != tunnel::stream::Recovery::Open,
             }));
         }
         let out = self.outside.stats();
@@ -727,6 +735,12 @@ impl Engine {
     }
 }
 
+/// Whether a dropped datagram says something is wrong. Punch packets are dropped by design
+/// (they only open NAT mappings); they are counted, never warned about.
+fn worth_a_warning(why: tunnel::node::tunnels::Drop) -> bool {
+    !matches!(why, tunnel::node::tunnels::Drop::Punch)
+}
+
 /// Logs a dropped datagram, at most one warning per interval with the count since.
 fn log_drop(
     last: &mut Option<Instant>,
@@ -736,6 +750,9 @@ fn log_drop(
     now: Instant,
 ) {
     tracing::trace!(%src, ?why, "datagram dropped");
+    if !worth_a_warning(why) {
+        return;
+    }
     *unlogged += 1;
     if last.is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL) {
         tracing::warn!(
@@ -746,5 +763,19 @@ fn log_drop(
         );
         *last = Some(now);
         *unlogged = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel::node::tunnels::Drop;
+
+    #[test]
+    fn punch_packets_are_counted_not_warned_about() {
+        assert!(!worth_a_warning(Drop::Punch));
+        for why in [Drop::Undecryptable, Drop::Replayed, Drop::Malformed] {
+            assert!(worth_a_warning(why), "{why:?}");
+        }
     }
 }

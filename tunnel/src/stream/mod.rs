@@ -264,6 +264,12 @@ pub struct Stats {
     pub rttvar: Duration,
     /// Recovery phase.
     pub recovery: Recovery,
+    /// Slow-start threshold in bytes.
+    pub ssthresh: u64,
+    /// The peer's advertised receive window in bytes.
+    pub peer_window: u64,
+    /// The receive window this side advertises, in bytes.
+    pub recv_window: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -542,6 +548,9 @@ impl Connection {
             srtt: self.rtt.srtt(),
             rttvar: self.rtt.rttvar(),
             recovery: self.recovery,
+            ssthresh: self.cc.ssthresh(),
+            peer_window: self.peer_window,
+            recv_window: self.recv.free() as u64,
             ..self.stats
         }
     }
