@@ -528,6 +528,7 @@ impl<R: RngCore + CryptoRng> Node<R> {
             }
             self.touch(h);
         }
+        self.tunnels.remove_if_unknown(node);
     }
 
     /// Forgets everything about `node`'s tunnel (its trust was revoked).

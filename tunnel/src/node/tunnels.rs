@@ -454,6 +454,18 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         self.pending_pila.remove(&node);
     }
 
+    /// Drops `node` if nothing was ever learned of it (no endpoint, no session): its
+    /// resolution failed, and an entry kept would show as a peer that does not exist.
+    pub fn remove_if_unknown(&mut self, node: u32) {
+        if self
+            .peers
+            .get(&node)
+            .is_some_and(|p| p.endpoint.is_none() && p.session.is_none())
+        {
+            self.remove(node);
+        }
+    }
+
     /// The peers, for status output.
     pub fn peers(&self) -> Vec<PeerView> {
         let mut v: Vec<PeerView> = self
