@@ -23,7 +23,7 @@ pub mod state;
 pub mod stats;
 
 pub use authority::{Answer, Authority, OpenAuthority, StaticAuthority};
-pub use registry_authority::{CacheConfig, RegistryAuthority};
+pub use registry_authority::{check_token, CacheConfig, RegistryAuthority, TokenCheck};
 pub use server::{bind, serve, Server};
 pub use state::{Beacon, Config, NodeEntry, Now, Output};
 pub use stats::{DropReason, Stats, StatsHandle};

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use pilot_beacon::{Authority, CacheConfig, Config, OpenAuthority, RegistryAuthority};
+use pilot_beacon::{
+    check_token, Authority, CacheConfig, Config, OpenAuthority, RegistryAuthority, TokenCheck,
+};
 use pilot_registry_client::{Fingerprint, Transport};
 
 /// The Pilot beacon: tells nodes their public UDP endpoint, introduces nodes to each other
@@ -214,10 +216,24 @@ async fn run(cli: Cli) -> Result<(), String> {
                 _ => Transport::Tcp,
             };
             tracing::info!(%registry, tls = cli.registry_tls, "authority: registry");
-            Arc::new(RegistryAuthority::spawn(CacheConfig {
+            let config = CacheConfig {
                 transport,
                 ..CacheConfig::new(registry.clone(), token)
-            }))
+            };
+            match check_token(&config).await {
+                Ok(()) => tracing::info!(%registry, "the registry accepts this beacon's token"),
+                Err(e @ TokenCheck::Refused { .. }) => {
+                    return Err(format!(
+                        "{e} (--beacon-token-file {})",
+                        token_file.display()
+                    ))
+                }
+                Err(e @ TokenCheck::Unreachable { .. }) => tracing::warn!(
+                    "{e}; punch and relay requests wait for it, and are refused while it \
+                     stays unreachable"
+                ),
+            }
+            Arc::new(RegistryAuthority::spawn(config))
         }
         _ => {
             tracing::warn!("authority: open (v1 behaviour): nothing is authenticated");

@@ -367,6 +367,64 @@ async fn fetch(
     }
 }
 
+/// What a start-up check of the registry found.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenCheck {
+    /// The registry answered and refuses the token: nothing would ever be allowed.
+    #[error("the registry at {registry} refuses this beacon's token: {reason}")]
+    Refused {
+        /// The registry asked.
+        registry: String,
+        /// Its answer.
+        reason: String,
+    },
+    /// The registry could not be asked now; the beacon asks again as requests come.
+    #[error("the registry at {registry} cannot be asked now: {reason}")]
+    Unreachable {
+        /// The registry asked.
+        registry: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Asks the registry once whether it takes [`CacheConfig::beacon_token`] (a `reachable`
+/// question about node 0, which the registry answers only for a right token), within
+/// [`CacheConfig::request_timeout`].
+pub async fn check_token(config: &CacheConfig) -> Result<(), TokenCheck> {
+    let unreachable = |reason: String| TokenCheck::Unreachable {
+        registry: config.registry.clone(),
+        reason,
+    };
+    let ask = async {
+        let mut c = Client::connect_with(&config.registry, &config.transport)
+            .await
+            .map_err(|e| unreachable(format!("connecting: {e}")))?;
+        let req = json!({"type": "reachable", "from": 0, "to": 0,
+                         "beacon_token": config.beacon_token});
+        let v = c
+            .call_raw(&req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        if v.get("type").and_then(Value::as_str) != Some("error") {
+            return Ok(());
+        }
+        let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        if text("code") == "forbidden" {
+            return Err(TokenCheck::Refused {
+                registry: config.registry.clone(),
+                reason: text("error"),
+            });
+        }
+        // Anything else (a v1 registry without `reachable`, a throttled request) says
+        // nothing about the token.
+        Err(unreachable(format!("{} ({})", text("error"), text("code"))))
+    };
+    tokio::time::timeout(config.request_timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(unreachable("no answer in time".into())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
