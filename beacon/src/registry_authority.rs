@@ -409,7 +409,12 @@ pub async fn check_token(config: &CacheConfig) -> Result<(), TokenCheck> {
         if v.get("type").and_then(Value::as_str) != Some("error") {
             return Ok(());
         }
-        let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         if text("code") == "forbidden" {
             return Err(TokenCheck::Refused {
                 registry: config.registry.clone(),

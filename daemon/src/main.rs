@@ -34,6 +34,17 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        // Addresses that cannot resolve would only show later as a node that never registers.
+        let named = [
+            ("registry", Some(config.registry.as_str())),
+            ("beacon", config.beacon.as_deref()),
+        ];
+        for (what, addr) in named.into_iter().filter_map(|(w, a)| Some((w, a?))) {
+            if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr) {
+                eprintln!("pilotd: {what} {addr:?} does not resolve: {e}");
+                return ExitCode::from(2);
+            }
+        }
         return match serde_json::to_string_pretty(&config) {
             Ok(s) => {
                 println!("{s}");

@@ -124,3 +124,27 @@ async fn pilotd_notifies_ready_reload_and_stop_and_shares_its_socket() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `--check-config` refuses a registry or beacon address that does not resolve, naming the
+/// setting, instead of passing a node that would never register.
+#[test]
+fn check_config_refuses_an_address_that_does_not_resolve() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pilotd"))
+            .arg("--check-config")
+            .arg("--home")
+            .arg(home.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let good = run(&["--registry", "127.0.0.1:9000", "--beacon", "127.0.0.1:9001"]);
+    assert!(good.status.success(), "{good:?}");
+    for (flag, setting) in [("--registry", "registry"), ("--beacon", "beacon")] {
+        let out = run(&[flag, "registry.invalid:9000"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains(setting) && err.contains("does not resolve"), "{err}");
+    }
+}
