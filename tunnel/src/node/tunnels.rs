@@ -24,11 +24,15 @@
 //! datagram in -> handle() -> beacon message   -> DiscoverReply / PunchCommand / RelayDeliver
 //!                         -> PILA             -> verify against the registry key -> session
 //!                         -> PILS             -> open in place -> inner packet (source bound)
-//!                         -> PILT / PILK      -> refused unless plaintext is allowed
+//!                         -> PILT             -> refused unless plaintext is allowed; then the
+//!                                                inner packet (its source names the peer)
+//!                         -> PILK             -> refused; answered with our PILA
 //! packet out -> seal() in place -> direct, or behind a 9-byte Relay header to the beacon
 //! ```
 //!
-//! Stricter than v1 (docs/COMPAT.md): PILT is refused by default; the inner source node must
+//! Stricter than v1 (docs/COMPAT.md): PILT is refused by default (with plaintext allowed, a
+//! peer that sent PILT and has no session is answered in PILT, as a v1 daemon with encryption
+//! off ignores key exchanges); the inner source node must
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
 //! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
@@ -42,8 +46,8 @@ use std::time::{Duration, Instant};
 use crate::crypto::{build_auth_key_exchange, verify_auth_key_exchange, OpenError, Session};
 use crate::wire::beacon::{self as bw, BeaconMessage, RELAY_HEADER_LEN};
 use crate::wire::frame::{
-    AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_PUNCH, TAG_LEN,
-    X25519_KEY_LEN,
+    AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_LEN, MAGIC_PLAIN,
+    MAGIC_PUNCH, TAG_LEN, X25519_KEY_LEN,
 };
 use crate::wire::header::{Packet, HEADER_LEN};
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -70,6 +74,9 @@ pub const PEER_IDLE: Duration = Duration::from_secs(600);
 pub const QUEUE_PER_PEER: usize = 64;
 /// PILA held while the sender's key is looked up.
 pub const MAX_PENDING_PILA: usize = 256;
+/// Peers the table holds before a PILT from a node it does not know is dropped (nothing
+/// authenticates PILT, so its node IDs cost a sender nothing).
+pub const MAX_PLAINTEXT_PEERS: usize = 4096;
 /// Least time between two look-ups of a cached key that a PILA failed to verify against (the
 /// peer may have rotated its key).
 pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -99,6 +106,9 @@ struct Peer {
     last_probe: Option<Instant>,
     last_resolve: Option<Instant>,
     queue: VecDeque<Vec<u8>>,
+    /// The peer sent us PILT (accepted only while plaintext is allowed): without a session,
+    /// packets to it go out as PILT.
+    plaintext: bool,
     stats: PeerStats,
 }
 
@@ -138,6 +148,9 @@ pub struct PeerView {
     pub encrypted: bool,
     /// The session's key exchange was signed by the registered key (always, when encrypted).
     pub authenticated: bool,
+    /// The peer sent plaintext (PILT, accepted with plaintext allowed); without a session it
+    /// is answered in plaintext.
+    pub plaintext: bool,
     /// Counters.
     pub stats: PeerStats,
 }
@@ -154,6 +167,9 @@ pub enum Drop {
     UnexpectedBeacon,
     /// PILT while plaintext is refused.
     Plaintext,
+    /// PILT (plaintext allowed) from a node the table does not know while it holds
+    /// [`MAX_PLAINTEXT_PEERS`] peers.
+    PlaintextPeersFull,
     /// PILK (anonymous key exchange) while plaintext is refused.
     AnonymousKeyExchange,
     /// PILA whose key or signature is wrong.
@@ -465,6 +481,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 path: p.path,
                 encrypted: p.session.is_some(),
                 authenticated: p.session.is_some(),
+                plaintext: p.plaintext,
                 stats: p.stats,
             })
             .collect();
@@ -596,6 +613,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             last_probe: None,
             last_resolve: None,
             queue: VecDeque::new(),
+            plaintext: false,
             stats: PeerStats::default(),
         })
     }
@@ -645,7 +663,11 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 }
             }
             Frame::Punch => self.drop(Drop::Punch),
-            Frame::Plain(_) => self.drop(Drop::Plaintext),
+            Frame::Plain(_) if self.config.refuse_plaintext => self.drop(Drop::Plaintext),
+            Frame::Plain(inner) => {
+                let start = offset + MAGIC_LEN;
+                self.handle_plain(now, src, relayed, inner, start)
+            }
             Frame::KeyExchange(k) => {
                 // Anonymous key exchange: answer with our signed one so a v1 peer uses it.
                 let node = k.node();
@@ -747,6 +769,55 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 self.schedule(node);
                 Received::Packet { peer: node, range }
             }
+        }
+    }
+
+    /// A PILT while plaintext is allowed (v1 §2.4: a v1 daemon with encryption off sends
+    /// only PILT, and one with encryption on sends PILT too until its key is ready). Nothing
+    /// authenticates it: the inner packet's source names the peer. It never moves an endpoint
+    /// we know; an unknown peer is recorded at the frame's source, as v1 does (§2.5). The peer
+    /// is marked as speaking plaintext, and our PILA goes out (rate-limited) so a peer that
+    /// encrypts makes a session.
+    fn handle_plain(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        relayed: bool,
+        inner: &[u8],
+        start: usize,
+    ) -> Received {
+        let (node, inner_len) = match Packet::new_checked(inner) {
+            Ok(p) => (p.src_addr().node, p.total_len()),
+            Err(_) => return self.drop(Drop::BadInner),
+        };
+        if node == self.me || node == 0 {
+            return self.drop(Drop::FromSelf);
+        }
+        if !self.peers.contains_key(&node) && self.peers.len() >= MAX_PLAINTEXT_PEERS {
+            return self.drop(Drop::PlaintextPeersFull);
+        }
+        let frame_len = MAGIC_LEN + inner.len();
+        let beacon = self.config.beacon.is_some();
+        let p = self.peer(now, node);
+        p.plaintext = true;
+        p.stats.pkts_recv += 1;
+        p.stats.bytes_recv += frame_len as u64;
+        p.last_rx = Some(now);
+        p.unanswered_since = None;
+        if relayed {
+            if p.session.is_none() && p.last_direct_rx.is_none() && beacon {
+                p.path = Path::Relay;
+            }
+        } else if p.endpoint.is_none() {
+            p.endpoint = Some(src);
+        }
+        if self.peers.get(&node).is_some_and(|p| p.session.is_none()) {
+            self.send_pila(now, node, false);
+        }
+        self.schedule(node);
+        Received::Packet {
+            peer: node,
+            range: start..start + inner_len,
         }
     }
 
@@ -884,6 +955,15 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             // The direct-path timeout starts now.
             let d = peer_deadline(p, beacon.is_some(), me != 0);
             self.lower_timeout(d);
+        }
+        let allow_plain = !self.config.refuse_plaintext;
+        let p = self.peer(now, node);
+        if p.session.is_none() && p.plaintext && allow_plain {
+            if let Some(sent) = seal_plain(p, me, node, beacon, buf, len) {
+                // A peer that encrypts after all answers our key exchange with its own.
+                self.send_pila(now, node, false);
+                return sent;
+            }
         }
         let p = self.peer(now, node);
         let Some(session) = p.session.as_mut() else {
@@ -1083,6 +1163,39 @@ fn peer_deadline(p: &Peer, beacon: bool, me: bool) -> Instant {
         }
     }
     due
+}
+
+/// Frames the packet at `buf[HEADROOM..HEADROOM + len]` as PILT in place, direct or behind a
+/// Relay header; `None` when the peer cannot be reached (the packet then waits like any
+/// other). Counted like a sealed packet.
+fn seal_plain(
+    p: &mut Peer,
+    me: u32,
+    node: u32,
+    beacon: Option<SocketAddr>,
+    buf: &mut [u8],
+    len: usize,
+) -> Option<Sent> {
+    let start = HEADROOM - MAGIC_LEN;
+    let end = HEADROOM + len;
+    if buf.len() < end {
+        return None;
+    }
+    let (dst, from) = match (p.path, p.endpoint, beacon) {
+        (Path::Direct, Some(ep), _) => (ep, start),
+        (_, _, Some(b)) => {
+            buf[start - RELAY_HEADER_LEN..start].copy_from_slice(&relay_header(me, node));
+            (b, start - RELAY_HEADER_LEN)
+        }
+        _ => return None,
+    };
+    buf[start..HEADROOM].copy_from_slice(&MAGIC_PLAIN);
+    p.stats.pkts_sent += 1;
+    p.stats.bytes_sent += (end - from) as u64;
+    Some(Sent::Now {
+        dst,
+        range: (from, end),
+    })
 }
 
 /// The 9-byte header that wraps a frame for the beacon's relay.
@@ -1390,6 +1503,8 @@ mod tests {
             b.t.handle(now, a.addr, &mut pilt),
             Received::Dropped(Drop::Plaintext)
         ));
+        assert_eq!(b.t.drops(), vec![(Drop::Plaintext, 1)]);
+        assert!(b.t.peers().is_empty(), "a refused PILT makes no peer");
         // A PILA signed by the wrong key: the first makes B look A's key up again (A may
         // have rotated it); against the same key it is refused, and so is the next.
         let mallory = SigningKey::from_bytes(&[9; 32]);
@@ -1413,6 +1528,125 @@ mod tests {
             let _ = b.t.handle(now, a.addr, &mut g2);
         }
         let _ = &mut a;
+    }
+
+    /// A PILT frame carrying a datagram from `from` to `to`.
+    fn pilt(from: u32, to: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = MAGIC_PLAIN.to_vec();
+        f.extend_from_slice(
+            &packet(from, to, payload)[HEADROOM..HEADROOM + HEADER_LEN + payload.len()],
+        );
+        f
+    }
+
+    #[test]
+    fn plaintext_allowed_is_accepted_and_answered_in_plaintext_until_a_session_exists() {
+        let (mut a, mut b) = pair();
+        b.t.config.refuse_plaintext = false;
+        let now = Instant::now();
+        // A v1 daemon with encryption off: PILT only, key exchanges ignored.
+        let mut f = pilt(1, 2, b"hi");
+        // Bytes after the packet are ignored (v1 §1).
+        f.extend_from_slice(b"trailing");
+        let Received::Packet { peer, range } = b.t.handle(now, a.addr, &mut f) else {
+            panic!("PILT refused with plaintext allowed")
+        };
+        assert_eq!(peer, 1);
+        let inner = Packet::new_checked(&f[range.clone()]).unwrap();
+        assert_eq!(inner.payload(), b"hi");
+        assert_eq!(range.len(), HEADER_LEN + 2);
+        assert!(b.t.drops().is_empty());
+        let v = &b.t.peers()[0];
+        assert!(v.plaintext && !v.encrypted);
+        assert_eq!(
+            v.endpoint,
+            Some(a.addr),
+            "an unknown peer is recorded at the source"
+        );
+
+        // The answer goes out at once as PILT to the peer's endpoint, not queued...
+        let r = send(now, &mut b, 1, b"back");
+        let Sent::Now { dst, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(dst, a.addr);
+        let mut frames = Vec::new();
+        while let Some(o) = b.poll(now) {
+            frames.push(o.bytes);
+        }
+        // ...after our PILA, so a peer that encrypts makes a session.
+        assert!(matches!(
+            Frame::parse(&frames[0]),
+            Ok(Frame::AuthKeyExchange(_))
+        ));
+        let Ok(Frame::Plain(p)) = Frame::parse(&frames[1]) else {
+            panic!("not PILT: {:?}", &frames[1][..4])
+        };
+        assert_eq!(Packet::new_checked(p).unwrap().payload(), b"back");
+        assert_eq!(frames.len(), 2);
+
+        // A PILT never moves a known endpoint.
+        let elsewhere: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        let mut f = pilt(1, 2, b"moved?");
+        assert!(matches!(
+            b.t.handle(now, elsewhere, &mut f),
+            Received::Packet { peer: 1, .. }
+        ));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+
+        // Once the peer keys (a v1 daemon with encryption on), packets go sealed.
+        a.t.set_endpoint(now, 2, b.addr);
+        pump_pilas(now, &mut a, &mut b);
+        assert!(b.t.peers()[0].encrypted);
+        let mut buf = packet(2, 1, b"sealed");
+        let r = b.t.seal(now, 1, &mut buf, HEADER_LEN + 6);
+        let Sent::Now { range, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(matches!(
+            Frame::parse(&buf[range.0..range.1]),
+            Ok(Frame::Encrypted(_))
+        ));
+        // A PILT of our own node or with a broken header is dropped and counted.
+        let mut own = pilt(2, 2, b"x");
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut own),
+            Received::Dropped(Drop::FromSelf)
+        ));
+        let mut short = pilt(1, 2, b"xyz");
+        short.truncate(short.len() - 1);
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut short),
+            Received::Dropped(Drop::BadInner)
+        ));
+    }
+
+    #[test]
+    fn plaintext_through_the_relay_is_answered_through_the_relay() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut b = node(2, 2, 4002, Some(beacon));
+        b.t.config.refuse_plaintext = false;
+        let now = Instant::now();
+        let mut f = vec![bw::kind::RELAY_DELIVER];
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&pilt(1, 2, b"via"));
+        assert!(matches!(
+            b.t.handle(now, beacon, &mut f),
+            Received::Packet { peer: 1, .. }
+        ));
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        let mut buf = packet(2, 1, b"back");
+        let r = b.t.seal(now, 1, &mut buf, HEADER_LEN + 4);
+        let Sent::Now { dst, range } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(dst, beacon);
+        let frame = &buf[range.0..range.1];
+        assert_eq!(frame[..RELAY_HEADER_LEN], relay_header(2, 1));
+        assert!(matches!(
+            Frame::parse(&frame[RELAY_HEADER_LEN..]),
+            Ok(Frame::Plain(_))
+        ));
     }
 
     #[test]
