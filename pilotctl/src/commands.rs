@@ -1594,10 +1594,12 @@ async fn bench(
                 format!("bench to {dst} not done after {}", fmt_duration(timeout)),
             )
         })??;
+    if got < size {
+        return Err(short_echo(&dst, got, size));
+    }
     let mbps = |bytes: u64, t: Duration| bytes as f64 / t.as_secs_f64().max(1e-9) / 1e6;
     let send_mbps = mbps(size, send_time);
-    let echoed = got >= size;
-    let total_mbps = echoed.then(|| mbps(size, total_time));
+    let total_mbps = mbps(size, total_time);
     let data = json!({
         "target": peer.label(),
         "address": peer.addr.to_string(),
@@ -1610,28 +1612,28 @@ async fn bench(
         "send_mbps": send_mbps,
         "total_mbps": total_mbps,
     });
-    let mut text = format!(
-        "Sent {} to {dst} in {:.3} s: {send_mbps:.1} MB/s",
+    let text = format!(
+        "Sent {} to {dst} in {:.3} s: {send_mbps:.1} MB/s\n\
+         Echoed back in {:.3} s: {total_mbps:.1} MB/s round trip",
         fmt_bytes(size),
-        send_time.as_secs_f64()
+        send_time.as_secs_f64(),
+        total_time.as_secs_f64()
     );
-    match total_mbps {
-        Some(t) => {
-            let _ = write!(
-                text,
-                "\nEchoed back in {:.3} s: {t:.1} MB/s round trip",
-                total_time.as_secs_f64()
-            );
-        }
-        None => {
-            let _ = write!(
-                text,
-                "\nReceived {} back (no full echo; is port {port} an echo service?)",
-                fmt_bytes(got)
-            );
-        }
-    }
     Ok(output(data, text))
+}
+
+/// A bench whose echo ended (the peer closed) before every byte sent came back.
+fn short_echo(dst: &SocketAddr, got: u64, size: u64) -> CtlError {
+    CtlError::new(
+        code::SHORT_ECHO,
+        format!(
+            "bench to {dst}: the peer echoed back {got} of {size} bytes ({} of {}) and closed; \
+             is port {} an echo service?",
+            fmt_bytes(got),
+            fmt_bytes(size),
+            dst.port
+        ),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

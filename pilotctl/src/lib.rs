@@ -31,6 +31,7 @@
 //! | `refused` | the peer or registry refused (connection refused, registry rejection) |
 //! | `unavailable` | the registry or the trust service cannot be reached right now |
 //! | `bad_reply` | the daemon's answer does not decode |
+//! | `short_echo` | the peer echoed back fewer bytes than were sent (`bench`) |
 //! | `internal` | an unexpected local failure |
 
 pub mod cli;
@@ -72,6 +73,7 @@ pub const ERROR_CODES: &[&str] = &[
     code::REFUSED,
     code::UNAVAILABLE,
     code::BAD_REPLY,
+    code::SHORT_ECHO,
     code::INTERNAL,
 ];
 
