@@ -23,7 +23,8 @@ Error codes (stable; match on the code, not on the message):
   invalid_hostname  the hostname breaks the naming rules or is taken
   not_found         no such node, hostname, network or pending request
   bad_request       an argument is invalid (also every usage error)
-  unsupported       the daemon does not know this operation (it is older than pilotctl)
+  unsupported       the daemon does not know this operation (it is older than pilotctl,
+                    or is not pilotd: a v1 daemon has none of the extension requests)
   timeout           the peer, registry or daemon did not answer in time
   refused           the peer or registry refused (connection refused, registry rejection)
   unavailable       the registry or the trust service cannot be reached right now

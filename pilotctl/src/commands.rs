@@ -317,16 +317,43 @@ pub(crate) async fn timed<T>(
 }
 
 /// An extension request; its data, or its error code and message.
+///
+/// pilotd answers every extension request with an extension reply (code and message
+/// included), so a v1-form Error in its place comes from a daemon without the extensions: a
+/// v1 daemon answers the unknown command 0x40 with Error (v1 wire §7.2). That is
+/// `unsupported`, whatever the Error's text would read as.
 pub(crate) async fn ext_within(
     d: &Driver,
     req: ExtRequest,
     limit: Duration,
 ) -> Result<Value, CtlError> {
     let what = format!("pilotd request {}", req.op());
-    match timed(limit, &what, d.ext(&req)).await? {
+    let reply = match tokio::time::timeout(limit, d.ext(&req)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(DriverError::Daemon(m))) => return Err(not_pilotd(req.op(), &m)),
+        Ok(Err(e)) => return Err(driver_error(e)),
+        Err(_) => {
+            return Err(CtlError::new(
+                code::TIMEOUT,
+                format!("{what}: no answer within {}", fmt_duration(limit)),
+            ))
+        }
+    };
+    match reply {
         ExtReply::Ok { data } => Ok(data),
         ExtReply::Error { code, message } => Err(CtlError { code, message }),
     }
+}
+
+/// The daemon answered extension request `op` with a v1 Error message (`answer`).
+fn not_pilotd(op: &str, answer: &str) -> CtlError {
+    CtlError::new(
+        code::UNSUPPORTED,
+        format!(
+            "the daemon on this socket is not pilotd, or lacks pilotd's extension requests \
+             (a v1 daemon): it answered {op} with \"{answer}\"; this command needs pilotd"
+        ),
+    )
 }
 
 pub(crate) async fn ext(d: &Driver, req: ExtRequest) -> Result<Value, CtlError> {

@@ -26,7 +26,7 @@
 //! | `invalid_hostname` | the hostname breaks the naming rules or is taken |
 //! | `not_found` | no such node, hostname, network or pending request |
 //! | `bad_request` | an argument is invalid; also every usage error |
-//! | `unsupported` | the daemon does not know the operation (it is older than pilotctl) |
+//! | `unsupported` | the daemon does not know the operation (it is older than pilotctl, or is not pilotd: a v1 daemon) |
 //! | `timeout` | the peer, registry or daemon did not answer in time |
 //! | `refused` | the peer or registry refused (connection refused, registry rejection) |
 //! | `unavailable` | the registry or the trust service cannot be reached right now |

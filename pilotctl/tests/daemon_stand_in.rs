@@ -159,3 +159,24 @@ async fn bench_with_a_short_echo_is_an_error_with_its_own_code() {
     assert!(out.stdout.is_empty(), "{}", out.stdout);
     assert!(out.stderr.contains("short_echo"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_without_the_extensions_is_reported_as_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v1.sock");
+    stand_in(&sock, Daemon::V1);
+    for args in [
+        &["info"][..],
+        &["peers"],
+        &["connections"],
+        &["lookup", "42"],
+    ] {
+        let out = ctl(&sock, args).await;
+        assert_eq!(out.status, EXIT_ERROR, "{args:?}: {}", out.stdout);
+        let v = out.json();
+        assert_eq!(v["code"], "unsupported", "{args:?}: {v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains("not pilotd"), "{args:?}: {msg}");
+        assert!(msg.contains("unknown command: 0x40"), "{args:?}: {msg}");
+    }
+}
