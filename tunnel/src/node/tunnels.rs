@@ -36,6 +36,10 @@
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
 //! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
+//! a peer that leaves [`HALF_KEYED_PILAS`] of our PILAs unanswered while we have no session
+//! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
+//! answers a PILA only when our key is new to it: if its one answer was lost (a relay that
+//! dropped it), nothing else would ever key our side;
 //! a relayed peer is probed for a direct path and moves back when one works.
 
 use std::collections::{HashMap, VecDeque};
@@ -77,6 +81,14 @@ pub const MAX_PENDING_PILA: usize = 256;
 /// Peers the table holds before a PILT from a node it does not know is dropped (nothing
 /// authenticates PILT, so its node IDs cost a sender nothing).
 pub const MAX_PLAINTEXT_PEERS: usize = 4096;
+/// Our PILAs a peer may leave unanswered, while we have no session with it, before it gets a
+/// fresh X25519 key of ours. v1 answers a PILA only when it had no session or our key changed
+/// (v1 wire §2.3 step 8), and re-sends nothing; so when that one answer is lost, the peer
+/// holds a session and we never get one. A new key makes it answer again.
+pub const HALF_KEYED_PILAS: u32 = 3;
+/// Least time between two fresh keys for one peer (a peer that is simply gone gets one at
+/// most this often).
+pub const FRESH_KEY_INTERVAL: Duration = Duration::from_secs(10);
 /// Least time between two look-ups of a cached key that a PILA failed to verify against (the
 /// peer may have rotated its key).
 pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -109,7 +121,25 @@ struct Peer {
     /// The peer sent us PILT (accepted only while plaintext is allowed): without a session,
     /// packets to it go out as PILT.
     plaintext: bool,
+    /// Our PILAs queued for the peer since its last verified PILA or our last fresh key.
+    pilas_unanswered: u32,
+    /// Our X25519 key for this peer when it is not the table's (see [`HALF_KEYED_PILAS`]).
+    own_key: Option<Box<PeerKey>>,
+    /// When `own_key` was made.
+    last_fresh_key: Option<Instant>,
     stats: PeerStats,
+}
+
+/// An X25519 key of ours for one peer, and our PILA carrying it.
+struct PeerKey {
+    secret: StaticSecret,
+    pila: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerKey").finish_non_exhaustive()
+    }
 }
 
 impl Peer {
@@ -117,6 +147,14 @@ impl Peer {
     fn forget_session(&mut self) {
         self.session = None;
         self.peer_x25519 = None;
+    }
+
+    /// Drops the session and any key of ours made for this peer (our identity, node ID or
+    /// table key changed, so that key's PILA is stale).
+    fn forget_keys(&mut self) {
+        self.forget_session();
+        self.own_key = None;
+        self.pilas_unanswered = 0;
     }
 }
 
@@ -256,10 +294,12 @@ impl Transmit {
 /// A datagram waiting for [`Tunnels::poll_transmit`]: what to write, not its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    /// Our PILA to `dst`, behind a Relay header naming `relay_to` when relayed.
+    /// Our PILA for `node` (its own key's, if it has one) to `dst`, behind a Relay header
+    /// when relayed.
     Pila {
+        node: u32,
         dst: SocketAddr,
-        relay_to: Option<u32>,
+        relayed: bool,
     },
     /// A punch packet (PILP).
     Punch(SocketAddr),
@@ -365,7 +405,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         if me != self.me {
             self.me = me;
             self.rebuild_pila();
-            self.peers.values_mut().for_each(Peer::forget_session);
+            self.peers.values_mut().for_each(Peer::forget_keys);
             self.reschedule_all();
         }
     }
@@ -378,7 +418,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         self.secret = StaticSecret::random_from_rng(&mut self.rng);
         self.public = PublicKey::from(&self.secret).to_bytes();
         self.rebuild_pila();
-        self.peers.values_mut().for_each(Peer::forget_session);
+        self.peers.values_mut().for_each(Peer::forget_keys);
         let nodes: Vec<u32> = self.peers.keys().copied().collect();
         for node in nodes {
             self.send_pila(now, node, true);
@@ -521,18 +561,20 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
 
     fn emit(&mut self, now: Instant, p: Pending, buf: &mut [u8]) -> Option<Transmit> {
         match p {
-            Pending::Pila { dst, relay_to } => {
-                let body = self.pila.len();
-                let offset = match relay_to {
-                    Some(dest) => {
-                        buf.get_mut(..RELAY_HEADER_LEN)?
-                            .copy_from_slice(&relay_header(self.me, dest));
-                        RELAY_HEADER_LEN
-                    }
-                    None => 0,
+            Pending::Pila { node, dst, relayed } => {
+                let pila = match self.peers.get(&node).and_then(|p| p.own_key.as_ref()) {
+                    Some(k) => &k.pila,
+                    None => &self.pila,
                 };
-                buf.get_mut(offset..offset + body)?
-                    .copy_from_slice(&self.pila);
+                let body = pila.len();
+                let offset = if relayed {
+                    buf.get_mut(..RELAY_HEADER_LEN)?
+                        .copy_from_slice(&relay_header(self.me, node));
+                    RELAY_HEADER_LEN
+                } else {
+                    0
+                };
+                buf.get_mut(offset..offset + body)?.copy_from_slice(pila);
                 Some(Transmit {
                     dst,
                     offset: 0,
@@ -614,6 +656,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             last_resolve: None,
             queue: VecDeque::new(),
             plaintext: false,
+            pilas_unanswered: 0,
+            own_key: None,
+            last_fresh_key: None,
             stats: PeerStats::default(),
         })
     }
@@ -852,7 +897,11 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             .get(&pila.node)
             .is_none_or(|p| p.peer_x25519 != Some(pila.x25519_public) || p.session.is_none());
         if new_key {
-            let session = Session::new(me, &self.secret, &pila.x25519_public, &mut self.rng)
+            let secret = match self.peers.get(&pila.node).and_then(|p| p.own_key.as_ref()) {
+                Some(k) => &k.secret,
+                None => &self.secret,
+            };
+            let session = Session::new(me, secret, &pila.x25519_public, &mut self.rng)
                 .map_err(|_| Drop::InvalidKeyExchange)?;
             let p = self.peer(now, pila.node);
             p.session = Some(session);
@@ -875,6 +924,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         let p = self.peer(now, pila.node);
         p.last_rx = Some(now);
         p.unanswered_since = None;
+        p.pilas_unanswered = 0;
         // A verified PILA straight from the peer's known endpoint while we relay: the direct
         // path works again (the peer's direct probe got through). Go back to it, and answer
         // directly at once so the peer moves back too.
@@ -917,6 +967,22 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             return;
         }
         p.last_pila = Some(now);
+        let half_keyed = p.session.is_none()
+            && p.pilas_unanswered >= HALF_KEYED_PILAS
+            && p.last_fresh_key
+                .is_none_or(|t| now.duration_since(t) >= FRESH_KEY_INTERVAL);
+        if half_keyed {
+            // The peer may hold a session for our key and never answer it again: a key new
+            // to it makes it answer (v1 wire §2.3 step 8).
+            let secret = StaticSecret::random_from_rng(&mut self.rng);
+            let public = PublicKey::from(&secret).to_bytes();
+            let pila = build_auth_key_exchange(&self.identity, self.me, &public)
+                .to_bytes()
+                .to_vec();
+            p.own_key = Some(Box::new(PeerKey { secret, pila }));
+            p.last_fresh_key = Some(now);
+            p.pilas_unanswered = 0;
+        }
         let dst = match (to, p.path, p.endpoint, self.config.beacon) {
             (Some(to), _, _, _) => Some((to, false)),
             (None, Path::Direct, Some(ep), _) => Some((ep, false)),
@@ -924,16 +990,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             (None, Path::Direct, None, Some(b)) => Some((b, true)),
             _ => None,
         };
-        match dst {
-            Some((dst, false)) => self.out.push_back(Pending::Pila {
-                dst,
-                relay_to: None,
-            }),
-            Some((dst, true)) => self.out.push_back(Pending::Pila {
-                dst,
-                relay_to: Some(node),
-            }),
-            None => {}
+        if let Some((dst, relayed)) = dst {
+            p.pilas_unanswered = p.pilas_unanswered.saturating_add(1);
+            self.out.push_back(Pending::Pila { node, dst, relayed });
         }
     }
 
@@ -1105,8 +1164,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             if let Some(ep) = ep {
                 if me != 0 {
                     self.out.push_back(Pending::Pila {
+                        node,
                         dst: ep,
-                        relay_to: None,
+                        relayed: false,
                     });
                 }
             }
@@ -1647,6 +1707,80 @@ mod tests {
             Frame::parse(&frame[RELAY_HEADER_LEN..]),
             Ok(Frame::Plain(_))
         ));
+    }
+
+    /// `b` stands in for a v1 daemon: it answers a PILA only when the X25519 key in it is new
+    /// to it (v1 wire §2.3 step 8) and sends nothing else unprompted. Its first answer is
+    /// lost, as when a beacon dropped the first Relay of the flow.
+    #[test]
+    fn a_peer_whose_one_pila_answer_was_lost_gets_a_fresh_key_and_answers_it() {
+        let (mut a, mut b) = pair();
+        let t0 = Instant::now();
+        a.t.set_endpoint(t0, 2, b.addr);
+        let mut keys_seen = std::collections::HashSet::new();
+        let mut answers = 0;
+        let mut now = t0;
+        let mut pilas_from_a = 0;
+        let mut opened = 0;
+        for _ in 0..30 {
+            // The application's SYN, retransmitted every second while the tunnel is not ready.
+            send(now, &mut a, 2, b"syn");
+            while let Some(tx) = a.poll(now) {
+                let Ok(Frame::AuthKeyExchange(k)) = Frame::parse(&tx.bytes) else {
+                    // Packets A sealed once it had a session: B must open them.
+                    let mut f = tx.bytes.clone();
+                    if let Received::Packet { peer: 1, .. } = b.t.handle(now, a.addr, &mut f) {
+                        opened += 1;
+                    }
+                    continue;
+                };
+                pilas_from_a += 1;
+                let new_key = keys_seen.insert(k.x25519_public());
+                let mut f = tx.bytes.clone();
+                b.t.handle(now, a.addr, &mut f);
+                while let Some(o) = b.poll(now) {
+                    if !new_key || !matches!(Frame::parse(&o.bytes), Ok(Frame::AuthKeyExchange(_)))
+                    {
+                        continue;
+                    }
+                    answers += 1;
+                    if answers > 1 {
+                        let mut f = o.bytes.clone();
+                        a.t.handle(now, b.addr, &mut f);
+                    }
+                }
+            }
+            if a.t.peers()[0].encrypted {
+                break;
+            }
+            now += Duration::from_secs(1);
+            a.t.handle_timeout(now);
+        }
+        assert!(
+            a.t.peers()[0].encrypted,
+            "still half-keyed after {pilas_from_a} PILAs and {answers} answers"
+        );
+        assert_eq!(keys_seen.len(), 2, "one fresh key was enough");
+        assert!(
+            now.duration_since(t0) <= Duration::from_secs(HALF_KEYED_PILAS as u64 + 1),
+            "recovered after {:?}",
+            now.duration_since(t0)
+        );
+        // Both ends hold the same session: what A queued opened at B.
+        assert!(opened > 0, "nothing A sealed opened at B");
+        // Other peers keep the table's key: only B's PILA carries the fresh one.
+        let mut c = node(3, 3, 4003, None);
+        a.t.set_key(now, 3, c.t.identity.verifying_key());
+        c.t.set_key(now, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(now, 3, c.addr);
+        let to_c = std::iter::from_fn(|| a.poll(now))
+            .find(|o| o.dst == c.addr)
+            .unwrap();
+        let Ok(Frame::AuthKeyExchange(k)) = Frame::parse(&to_c.bytes) else {
+            panic!("not a PILA")
+        };
+        assert_eq!(k.x25519_public(), a.t.public, "C gets the table's key");
+        assert!(keys_seen.contains(&a.t.public), "the key B saw first");
     }
 
     #[test]
