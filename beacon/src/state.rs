@@ -21,7 +21,9 @@
 //! - A node's last accepted signature time stays known for twice the signature window after
 //!   it was accepted, even if the entry expires, so a captured signed Discover cannot be
 //!   replayed after expiry.
-//! - The relay path allocates nothing: the datagram is rewritten in place.
+//! - The relay path allocates nothing: the datagram is rewritten in place. The one exception
+//!   is a Relay held while the authority's answer is pending (a copy, within
+//!   [`Config::max_deferred_relay_bytes`]).
 //! - Nothing here panics on network input.
 
 use std::collections::{HashMap, VecDeque};
@@ -79,6 +81,9 @@ pub struct Config {
     pub max_deferred: usize,
     /// How long a message may wait for a pending authority answer.
     pub defer_for: Duration,
+    /// Most bytes of Relay datagrams held, all together, while their authority answer is
+    /// pending (they count in [`Config::max_deferred`] too).
+    pub max_deferred_relay_bytes: usize,
 }
 
 impl Default for Config {
@@ -99,6 +104,7 @@ impl Default for Config {
             max_nodes: 1 << 20,
             max_deferred: 4096,
             defer_for: Duration::from_secs(5),
+            max_deferred_relay_bytes: 1 << 20,
         }
     }
 }
@@ -283,8 +289,26 @@ struct Peer {
 struct Deferred {
     src: SocketAddr,
     since: Instant,
-    len: u8,
-    bytes: [u8; SIGNED_DISCOVER_LEN],
+    bytes: DeferredBytes,
+}
+
+/// A waiting message: Discovers and PunchRequests inline, Relays (any size) copied out.
+#[derive(Debug)]
+enum DeferredBytes {
+    Small {
+        len: u8,
+        bytes: [u8; SIGNED_DISCOVER_LEN],
+    },
+    Relay(Box<[u8]>),
+}
+
+impl DeferredBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            DeferredBytes::Small { len, bytes } => &bytes[..usize::from(*len)],
+            DeferredBytes::Relay(b) => b,
+        }
+    }
 }
 
 /// Why an entry was not admitted.
@@ -308,6 +332,8 @@ pub struct Beacon {
     peers: Vec<Peer>,
     peer_addrs: Vec<SocketAddr>,
     deferred: VecDeque<Deferred>,
+    /// Bytes of the Relays in `deferred`.
+    deferred_relay_bytes: usize,
     retry_budget: usize,
     verify: Gcra,
     log: DropLog,
@@ -367,6 +393,7 @@ impl Beacon {
             peers,
             peer_addrs,
             deferred: VecDeque::with_capacity(config.max_deferred.min(1 << 16)),
+            deferred_relay_bytes: 0,
             retry_budget: 0,
             verify: Gcra::default(),
             log: DropLog::new(StatsHandle::default()),
@@ -460,7 +487,9 @@ impl Beacon {
             BeaconMessage::PunchRequest { requester, target } => {
                 self.on_punch(now, src, requester, target, deferred_since)
             }
-            BeaconMessage::Relay { sender, dest, .. } => self.on_relay(now, src, sender, dest, buf),
+            BeaconMessage::Relay { sender, dest, .. } => {
+                self.on_relay(now, src, sender, dest, buf, deferred_since)
+            }
             BeaconMessage::Sync { beacon_id, .. } => {
                 self.on_sync(now, src, beacon_id, msg);
                 Output::None
@@ -675,7 +704,8 @@ impl Beacon {
 
     /// Relay: the sender is bound to its recorded endpoint (or the datagram comes from a peer
     /// beacon), may reach the destination, and is within its rates. Delivered in place to a
-    /// local destination, else forwarded unchanged to the peer that gossiped it.
+    /// local destination, else forwarded unchanged to the peer that gossiped it. While the
+    /// authority's answer is pending the datagram is held (like a Discover) and tried again.
     fn on_relay(
         &mut self,
         now: Now,
@@ -683,6 +713,7 @@ impl Beacon {
         sender: u32,
         dest: u32,
         buf: &mut [u8],
+        deferred_since: Option<Instant>,
     ) -> Output {
         let from_peer = self.is_peer(src);
         let ttl = self.config.entry_ttl;
@@ -733,8 +764,15 @@ impl Beacon {
                 }
             }
         };
-        if let Err(r) = checked {
-            return self.dropped(now, r, src, sender);
+        match checked {
+            Ok(()) => {}
+            Err(DropReason::AuthorityPending) => {
+                // The first Relay of a flow is often a key exchange a v1 daemon sends once
+                // (v1 wire §2.3 step 8): hold it until the answer comes.
+                self.defer_relay(now, src, sender, buf, deferred_since);
+                return Output::None;
+            }
+            Err(r) => return self.dropped(now, r, src, sender),
         }
         if let Some(d) = self.node(now.instant, dest) {
             let Ok(start) = relay_into_deliver(buf) else {
@@ -809,8 +847,45 @@ impl Beacon {
         self.deferred.push_back(Deferred {
             src,
             since: first,
-            len: len as u8,
-            bytes,
+            bytes: DeferredBytes::Small {
+                len: len as u8,
+                bytes,
+            },
+        });
+    }
+
+    /// Holds a Relay datagram (`datagram`, exactly as received) until the authority answers,
+    /// within [`Config::defer_for`], [`Config::max_deferred`] and
+    /// [`Config::max_deferred_relay_bytes`].
+    fn defer_relay(
+        &mut self,
+        now: Now,
+        src: SocketAddr,
+        sender: u32,
+        datagram: &[u8],
+        since: Option<Instant>,
+    ) {
+        let first = since.unwrap_or(now.instant);
+        if now.instant.saturating_duration_since(first) >= self.config.defer_for {
+            self.log
+                .record(now.instant, DropReason::AuthorityPending, src, sender);
+            return;
+        }
+        if self.deferred.len() >= self.config.max_deferred
+            || self.deferred_relay_bytes + datagram.len() > self.config.max_deferred_relay_bytes
+        {
+            self.log
+                .record(now.instant, DropReason::DeferOverflow, src, sender);
+            return;
+        }
+        if since.is_none() {
+            Counters::add(&self.counters().deferred, 1);
+        }
+        self.deferred_relay_bytes += datagram.len();
+        self.deferred.push_back(Deferred {
+            src,
+            since: first,
+            bytes: DeferredBytes::Relay(datagram.into()),
         });
     }
 
@@ -886,15 +961,23 @@ impl Beacon {
     }
 
     /// Retries messages that waited for the authority; call after [`Beacon::handle_timeout`]
-    /// until it returns `None`. `buf` (at least 77 bytes) receives the retried message, and an
-    /// [`Output::Send`] points into it.
+    /// until it returns `None`. `buf` (the receive buffer: a held Relay may be as large as
+    /// any datagram; one that does not fit is dropped as `defer_overflow`) receives the
+    /// retried message, and an [`Output::Send`] points into it.
     pub fn poll_deferred(&mut self, now: Now, buf: &mut [u8]) -> Option<Output> {
         while self.retry_budget > 0 {
             self.retry_budget -= 1;
             let d = self.deferred.pop_front()?;
-            let n = usize::from(d.len);
-            let b = buf.get_mut(..n)?;
-            b.copy_from_slice(&d.bytes[..n]);
+            let bytes = d.bytes.as_slice();
+            if let DeferredBytes::Relay(r) = &d.bytes {
+                self.deferred_relay_bytes = self.deferred_relay_bytes.saturating_sub(r.len());
+            }
+            let Some(b) = buf.get_mut(..bytes.len()) else {
+                self.log
+                    .record(now.instant, DropReason::DeferOverflow, d.src, 0);
+                continue;
+            };
+            b.copy_from_slice(bytes);
             let out = self.handle(now, d.src, b, Some(d.since));
             if !out.is_none() {
                 return Some(out);
@@ -1623,5 +1706,88 @@ mod tests {
         assert_eq!(b.poll_deferred(now, &mut buf), None);
         assert_eq!(b.deferred_len(), 0);
         assert_eq!(b.stats().dropped(DropReason::AuthorityPending), 1);
+    }
+
+    #[test]
+    fn pending_answers_hold_relays_until_the_answer_comes() {
+        let auth = Arc::new(PendingAuthority {
+            inner: StaticAuthority::new(),
+            ready: AtomicBool::new(true),
+        });
+        auth.inner
+            .add_node(A, key(A).verifying_key().to_bytes())
+            .add_node(B, key(B).verifying_key().to_bytes())
+            .allow(A, B);
+        let mut now = Now::system();
+        let config = Config {
+            max_deferred_relay_bytes: 600,
+            ..Config::default()
+        };
+        let mut b = Beacon::new(auth.clone(), config, now.instant);
+        for (node, src) in [(A, "198.51.100.1:4000"), (B, "198.51.100.2:4000")] {
+            let mut m = [kind::DISCOVER, 0, 0, 0, 0];
+            m[1..].copy_from_slice(&node.to_be_bytes());
+            b.handle_datagram(now, ep(src), &mut m);
+        }
+        assert!(b.node(now.instant, B).is_some());
+
+        // The authority forgets (its cache expired): a v1 daemon's only PILA reply arrives.
+        auth.ready.store(false, Ordering::Relaxed);
+        let relay = |payload: &[u8]| {
+            let mut r = vec![kind::RELAY];
+            r.extend_from_slice(&A.to_be_bytes());
+            r.extend_from_slice(&B.to_be_bytes());
+            r.extend_from_slice(payload);
+            r
+        };
+        let pila = relay(&[0x50; 136]);
+        let mut dg = pila.clone();
+        assert!(b
+            .handle_datagram(now, ep("198.51.100.1:4000"), &mut dg)
+            .is_none());
+        assert_eq!(b.deferred_len(), 1);
+        assert_eq!(b.stats().dropped(DropReason::AuthorityPending), 0);
+
+        let mut buf = vec![0u8; 65_536];
+        now = now.after(TICK);
+        b.handle_timeout(now.instant);
+        assert_eq!(b.poll_deferred(now, &mut buf), None, "still pending");
+        assert_eq!(b.deferred_len(), 1);
+
+        // The answer comes: the held Relay is delivered, byte for byte, as RelayDeliver.
+        auth.ready.store(true, Ordering::Relaxed);
+        now = now.after(TICK);
+        b.handle_timeout(now.instant);
+        let out = b.poll_deferred(now, &mut buf).unwrap();
+        let Output::Send { to, start, end } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(to, ep("198.51.100.2:4000"));
+        assert_eq!(buf[start], kind::RELAY_DELIVER);
+        assert_eq!(buf[start + 1..start + 5], A.to_be_bytes());
+        assert_eq!(buf[start + 5..end], pila[9..]);
+        assert_eq!(b.poll_deferred(now, &mut buf), None);
+        assert_eq!(b.deferred_len(), 0);
+        assert_eq!(b.stats().relayed_packets, 1);
+
+        // Bounded: relays over the byte budget are dropped, and an answer that never comes
+        // drops the held ones after `defer_for`. (The positive answer is reused for a moment.)
+        auth.ready.store(false, Ordering::Relaxed);
+        now = now.after(REACH_REUSE);
+        for _ in 0..5 {
+            let mut dg = pila.clone();
+            b.handle_datagram(now, ep("198.51.100.1:4000"), &mut dg);
+        }
+        assert_eq!(b.deferred_len(), 4, "4 x 145 bytes fit in 600");
+        assert_eq!(b.stats().dropped(DropReason::DeferOverflow), 1);
+        now = now.after(Duration::from_secs(5));
+        b.handle_timeout(now.instant);
+        assert_eq!(b.poll_deferred(now, &mut buf), None);
+        assert_eq!(b.deferred_len(), 0);
+        assert_eq!(b.stats().dropped(DropReason::AuthorityPending), 4);
+        // The budget is free again.
+        let mut dg = pila.clone();
+        b.handle_datagram(now, ep("198.51.100.1:4000"), &mut dg);
+        assert_eq!(b.deferred_len(), 1);
     }
 }

@@ -436,10 +436,11 @@ async fn registry_authority_over_tcp() {
         .unwrap();
     let (got, _) = recv(&bb).await;
     assert_eq!(&got[5..], b"hello");
+    let held_before = b.stats.snapshot().deferred;
     bb.send_to(&relay_msg(nb, na, b"x"), b.addr).await.unwrap();
-    // The first attempt finds no answer yet (pending), a later one a cached "no".
-    b.until("pending", |s| s.dropped(DropReason::AuthorityPending) >= 1)
-        .await;
+    // The first attempt finds no answer yet (pending): the Relay is held, then refused once
+    // the answer, a "no", arrives; later ones find the cached "no".
+    b.until("held", |s| s.deferred > held_before).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.stats.snapshot().dropped(DropReason::NotAllowed) == 0 {
         assert!(Instant::now() < deadline);

@@ -75,7 +75,9 @@ pub struct Cli {
     /// (docs/COMPAT.md). Hidden from help.
     #[arg(long, global = true, env = "PILOT_ENCRYPT", num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub encrypt: Option<bool>,
-    /// Accept plaintext (PILT) packets from peers that have an identity. [default: false]
+    /// Accept plaintext (PILT) packets from peers, as a v1 daemon run with `-encrypt=false`
+    /// sends, and answer such a peer in plaintext until it makes an encrypted session.
+    /// Nothing authenticates plaintext. [default: false]
     #[arg(long, global = true, env = "PILOT_ALLOW_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     pub allow_plaintext: Option<bool>,
     /// Use UDP segmentation offload (GSO/GRO) on the tunnel socket where the kernel offers it;

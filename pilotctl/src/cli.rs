@@ -23,11 +23,13 @@ Error codes (stable; match on the code, not on the message):
   invalid_hostname  the hostname breaks the naming rules or is taken
   not_found         no such node, hostname, network or pending request
   bad_request       an argument is invalid (also every usage error)
-  unsupported       the daemon does not know this operation (it is older than pilotctl)
+  unsupported       the daemon does not know this operation (it is older than pilotctl,
+                    or is not pilotd: a v1 daemon has none of the extension requests)
   timeout           the peer, registry or daemon did not answer in time
   refused           the peer or registry refused (connection refused, registry rejection)
   unavailable       the registry or the trust service cannot be reached right now
   bad_reply         the daemon's answer does not decode
+  short_echo        bench: the peer echoed back fewer bytes than were sent
   internal          an unexpected local failure
 
 Environment:
@@ -372,8 +374,9 @@ pub enum Command {
     /// Measure throughput: send bytes to a port (the echo service by default) and time it.
     #[command(
         after_help = "Reports the send rate (until the last byte is handed to the daemon) \
-                      and, when the port echoes, the round-trip rate (until the last byte \
-                      came back). Rates are in MB/s (10^6 bytes per second). Sizes take \
+                      and the round-trip rate (until the last byte came back). The port must \
+                      echo every byte: an echo that ends short is the error short_echo. \
+                      Rates are in MB/s (10^6 bytes per second). Sizes take \
                       K, M, G, T suffixes (powers of 1024).\n\nExample:\n  pilotctl bench \
                       bob --size 1G\n  pilotctl bench 42 --size 64M --port 7"
     )]

@@ -317,16 +317,43 @@ pub(crate) async fn timed<T>(
 }
 
 /// An extension request; its data, or its error code and message.
+///
+/// pilotd answers every extension request with an extension reply (code and message
+/// included), so a v1-form Error in its place comes from a daemon without the extensions: a
+/// v1 daemon answers the unknown command 0x40 with Error (v1 wire §7.2). That is
+/// `unsupported`, whatever the Error's text would read as.
 pub(crate) async fn ext_within(
     d: &Driver,
     req: ExtRequest,
     limit: Duration,
 ) -> Result<Value, CtlError> {
     let what = format!("pilotd request {}", req.op());
-    match timed(limit, &what, d.ext(&req)).await? {
+    let reply = match tokio::time::timeout(limit, d.ext(&req)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(DriverError::Daemon(m))) => return Err(not_pilotd(req.op(), &m)),
+        Ok(Err(e)) => return Err(driver_error(e)),
+        Err(_) => {
+            return Err(CtlError::new(
+                code::TIMEOUT,
+                format!("{what}: no answer within {}", fmt_duration(limit)),
+            ))
+        }
+    };
+    match reply {
         ExtReply::Ok { data } => Ok(data),
         ExtReply::Error { code, message } => Err(CtlError { code, message }),
     }
+}
+
+/// The daemon answered extension request `op` with a v1 Error message (`answer`).
+fn not_pilotd(op: &str, answer: &str) -> CtlError {
+    CtlError::new(
+        code::UNSUPPORTED,
+        format!(
+            "the daemon on this socket is not pilotd, or lacks pilotd's extension requests \
+             (a v1 daemon): it answered {op} with \"{answer}\"; this command needs pilotd"
+        ),
+    )
 }
 
 pub(crate) async fn ext(d: &Driver, req: ExtRequest) -> Result<Value, CtlError> {
@@ -1651,10 +1678,12 @@ async fn bench(
                 format!("bench to {dst} not done after {}", fmt_duration(timeout)),
             )
         })??;
+    if got < size {
+        return Err(short_echo(&dst, got, size));
+    }
     let mbps = |bytes: u64, t: Duration| bytes as f64 / t.as_secs_f64().max(1e-9) / 1e6;
     let send_mbps = mbps(size, send_time);
-    let echoed = got >= size;
-    let total_mbps = echoed.then(|| mbps(size, total_time));
+    let total_mbps = mbps(size, total_time);
     let data = json!({
         "target": peer.label(),
         "address": peer.addr.to_string(),
@@ -1667,28 +1696,28 @@ async fn bench(
         "send_mbps": send_mbps,
         "total_mbps": total_mbps,
     });
-    let mut text = format!(
-        "Sent {} to {dst} in {:.3} s: {send_mbps:.1} MB/s",
+    let text = format!(
+        "Sent {} to {dst} in {:.3} s: {send_mbps:.1} MB/s\n\
+         Echoed back in {:.3} s: {total_mbps:.1} MB/s round trip",
         fmt_bytes(size),
-        send_time.as_secs_f64()
+        send_time.as_secs_f64(),
+        total_time.as_secs_f64()
     );
-    match total_mbps {
-        Some(t) => {
-            let _ = write!(
-                text,
-                "\nEchoed back in {:.3} s: {t:.1} MB/s round trip",
-                total_time.as_secs_f64()
-            );
-        }
-        None => {
-            let _ = write!(
-                text,
-                "\nReceived {} back (no full echo; is port {port} an echo service?)",
-                fmt_bytes(got)
-            );
-        }
-    }
     Ok(output(data, text))
+}
+
+/// A bench whose echo ended (the peer closed) before every byte sent came back.
+fn short_echo(dst: &SocketAddr, got: u64, size: u64) -> CtlError {
+    CtlError::new(
+        code::SHORT_ECHO,
+        format!(
+            "bench to {dst}: the peer echoed back {got} of {size} bytes ({} of {}) and closed; \
+             is port {} an echo service?",
+            fmt_bytes(got),
+            fmt_bytes(size),
+            dst.port
+        ),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

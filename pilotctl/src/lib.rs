@@ -26,11 +26,12 @@
 //! | `invalid_hostname` | the hostname breaks the naming rules or is taken |
 //! | `not_found` | no such node, hostname, network or pending request |
 //! | `bad_request` | an argument is invalid; also every usage error |
-//! | `unsupported` | the daemon does not know the operation (it is older than pilotctl) |
+//! | `unsupported` | the daemon does not know the operation (it is older than pilotctl, or is not pilotd: a v1 daemon) |
 //! | `timeout` | the peer, registry or daemon did not answer in time |
 //! | `refused` | the peer or registry refused (connection refused, registry rejection) |
 //! | `unavailable` | the registry or the trust service cannot be reached right now |
 //! | `bad_reply` | the daemon's answer does not decode |
+//! | `short_echo` | the peer echoed back fewer bytes than were sent (`bench`) |
 //! | `internal` | an unexpected local failure |
 
 pub mod cli;
@@ -72,6 +73,7 @@ pub const ERROR_CODES: &[&str] = &[
     code::REFUSED,
     code::UNAVAILABLE,
     code::BAD_REPLY,
+    code::SHORT_ECHO,
     code::INTERNAL,
 ];
 

@@ -1288,6 +1288,8 @@ pub mod code {
     pub const DAEMON_DOWN: &str = "daemon_down";
     /// Client side only: the daemon's reply does not decode.
     pub const BAD_REPLY: &str = "bad_reply";
+    /// Client side only: the peer echoed back fewer bytes than were sent (`pilotctl bench`).
+    pub const SHORT_ECHO: &str = "short_echo";
 }
 
 /// An extension request, body of [`Message::Ext`]: a JSON object tagged by `"op"`.

@@ -727,6 +727,7 @@ impl Engine {
                 "endpoint": p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 "encrypted": p.encrypted,
                 "authenticated": p.authenticated,
+                "plaintext": p.plaintext,
                 "relay": p.path == Path::Relay,
             })).collect::<Vec<_>>(),
             "conn_list": conn_list,

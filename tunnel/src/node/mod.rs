@@ -1221,13 +1221,17 @@ pub(crate) mod tests {
     impl CryptoRng for SeededRng {}
 
     fn node(me: u32) -> Node<SeededRng> {
+        node_with(me, true)
+    }
+
+    fn node_with(me: u32, refuse_plaintext: bool) -> Node<SeededRng> {
         Node::new(
             me,
             SigningKey::from_bytes(&[me as u8; 32]),
             NodeConfig {
                 endpoint: EndpointConfig::default(),
                 tunnels: TunnelConfig {
-                    refuse_plaintext: true,
+                    refuse_plaintext,
                     beacon: None,
                 },
                 syn_per_sec: 0,
@@ -1346,5 +1350,70 @@ pub(crate) mod tests {
             n.send_datagram(PilotAddr::new(Addr::new(0, 6), 81), None, b""),
             Err(DatagramError::Size(0))
         );
+    }
+
+    /// A stream SYN from node 1 (a v1 daemon with encryption off) to `to` port 7, as PILT.
+    fn plaintext_syn(to: u32) -> Vec<u8> {
+        use crate::wire::frame::MAGIC_PLAIN;
+        use crate::wire::header::PacketRepr;
+        let mut f = vec![0u8; 4 + HEADER_LEN];
+        f[..4].copy_from_slice(&MAGIC_PLAIN);
+        PacketRepr {
+            flags: Flags::SYN,
+            protocol: Protocol::Stream,
+            src: PilotAddr::new(Addr::new(0, 1), 49152),
+            dst: PilotAddr::new(Addr::new(0, to), 7),
+            seq: 0,
+            ack: 0,
+            window: 512,
+            payload_len: 0,
+        }
+        .emit(&mut f[4..])
+        .unwrap();
+        f
+    }
+
+    #[test]
+    fn a_plaintext_peer_reaches_a_listener_only_with_plaintext_allowed() {
+        use crate::wire::frame::Frame;
+        let v1: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let now = Instant::now();
+        let mut buf = vec![0u8; TRANSMIT_BUFFER];
+
+        // Refused (the default): dropped and counted, nothing answered.
+        let mut n = node_with(8, true);
+        n.listen(7, ListenMode::Accept).unwrap();
+        assert_eq!(
+            n.handle_outside(now, v1, &mut plaintext_syn(8)),
+            Some(Drop::Plaintext)
+        );
+        assert!(n.poll_transmit(now, &mut buf).is_none());
+        assert_eq!(n.tunnel_drops(), vec![(Drop::Plaintext, 1)]);
+
+        // Allowed: the SYN is answered with a SYN-ACK in plaintext, after our PILA.
+        let mut n = node_with(8, false);
+        n.listen(7, ListenMode::Accept).unwrap();
+        assert_eq!(n.handle_outside(now, v1, &mut plaintext_syn(8)), None);
+        let mut frames = Vec::new();
+        while let Some(t) = n.poll_transmit(now, &mut buf) {
+            assert_eq!(t.dst, v1);
+            frames.push(buf[t.range()].to_vec());
+        }
+        assert!(
+            matches!(Frame::parse(&frames[0]), Ok(Frame::AuthKeyExchange(_))),
+            "{frames:?}"
+        );
+        let synack = frames
+            .iter()
+            .find_map(|f| match Frame::parse(f) {
+                Ok(Frame::Plain(p)) => Some(Packet::new_checked(p.to_vec()).unwrap()),
+                _ => None,
+            })
+            .expect("a PILT answer");
+        assert_eq!(synack.flags(), Flags::SYN | Flags::ACK);
+        assert_eq!(synack.ack(), 1);
+        assert_eq!(synack.dst_addr().node, 1);
+        assert!(n.tunnel_drops().is_empty());
+        assert!(n.peers()[0].plaintext);
     }
 }

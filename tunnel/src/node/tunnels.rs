@@ -24,14 +24,22 @@
 //! datagram in -> handle() -> beacon message   -> DiscoverReply / PunchCommand / RelayDeliver
 //!                         -> PILA             -> verify against the registry key -> session
 //!                         -> PILS             -> open in place -> inner packet (source bound)
-//!                         -> PILT / PILK      -> refused unless plaintext is allowed
+//!                         -> PILT             -> refused unless plaintext is allowed; then the
+//!                                                inner packet (its source names the peer)
+//!                         -> PILK             -> refused; answered with our PILA
 //! packet out -> seal() in place -> direct, or behind a 9-byte Relay header to the beacon
 //! ```
 //!
-//! Stricter than v1 (docs/COMPAT.md): PILT is refused by default; the inner source node must
+//! Stricter than v1 (docs/COMPAT.md): PILT is refused by default (with plaintext allowed, a
+//! peer that sent PILT and has no session is answered in PILT, as a v1 daemon with encryption
+//! off ignores key exchanges); the inner source node must
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
 //! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
+//! a peer that leaves [`HALF_KEYED_PILAS`] of our PILAs unanswered while we have no session
+//! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
+//! answers a PILA only when our key is new to it: if its one answer was lost (a relay that
+//! dropped it), nothing else would ever key our side;
 //! a relayed peer is probed for a direct path and moves back when one works.
 
 use std::collections::{HashMap, VecDeque};
@@ -42,8 +50,8 @@ use std::time::{Duration, Instant};
 use crate::crypto::{build_auth_key_exchange, verify_auth_key_exchange, OpenError, Session};
 use crate::wire::beacon::{self as bw, BeaconMessage, RELAY_HEADER_LEN};
 use crate::wire::frame::{
-    AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_PUNCH, TAG_LEN,
-    X25519_KEY_LEN,
+    AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_LEN, MAGIC_PLAIN,
+    MAGIC_PUNCH, TAG_LEN, X25519_KEY_LEN,
 };
 use crate::wire::header::{Packet, HEADER_LEN};
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -70,6 +78,17 @@ pub const PEER_IDLE: Duration = Duration::from_secs(600);
 pub const QUEUE_PER_PEER: usize = 64;
 /// PILA held while the sender's key is looked up.
 pub const MAX_PENDING_PILA: usize = 256;
+/// Peers the table holds before a PILT from a node it does not know is dropped (nothing
+/// authenticates PILT, so its node IDs cost a sender nothing).
+pub const MAX_PLAINTEXT_PEERS: usize = 4096;
+/// Our PILAs a peer may leave unanswered, while we have no session with it, before it gets a
+/// fresh X25519 key of ours. v1 answers a PILA only when it had no session or our key changed
+/// (v1 wire §2.3 step 8), and re-sends nothing; so when that one answer is lost, the peer
+/// holds a session and we never get one. A new key makes it answer again.
+pub const HALF_KEYED_PILAS: u32 = 3;
+/// Least time between two fresh keys for one peer (a peer that is simply gone gets one at
+/// most this often).
+pub const FRESH_KEY_INTERVAL: Duration = Duration::from_secs(10);
 /// Least time between two look-ups of a cached key that a PILA failed to verify against (the
 /// peer may have rotated its key).
 pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -99,7 +118,28 @@ struct Peer {
     last_probe: Option<Instant>,
     last_resolve: Option<Instant>,
     queue: VecDeque<Vec<u8>>,
+    /// The peer sent us PILT (accepted only while plaintext is allowed): without a session,
+    /// packets to it go out as PILT.
+    plaintext: bool,
+    /// Our PILAs queued for the peer since its last verified PILA or our last fresh key.
+    pilas_unanswered: u32,
+    /// Our X25519 key for this peer when it is not the table's (see [`HALF_KEYED_PILAS`]).
+    own_key: Option<Box<PeerKey>>,
+    /// When `own_key` was made.
+    last_fresh_key: Option<Instant>,
     stats: PeerStats,
+}
+
+/// An X25519 key of ours for one peer, and our PILA carrying it.
+struct PeerKey {
+    secret: StaticSecret,
+    pila: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerKey").finish_non_exhaustive()
+    }
 }
 
 impl Peer {
@@ -107,6 +147,14 @@ impl Peer {
     fn forget_session(&mut self) {
         self.session = None;
         self.peer_x25519 = None;
+    }
+
+    /// Drops the session and any key of ours made for this peer (our identity, node ID or
+    /// table key changed, so that key's PILA is stale).
+    fn forget_keys(&mut self) {
+        self.forget_session();
+        self.own_key = None;
+        self.pilas_unanswered = 0;
     }
 }
 
@@ -138,6 +186,9 @@ pub struct PeerView {
     pub encrypted: bool,
     /// The session's key exchange was signed by the registered key (always, when encrypted).
     pub authenticated: bool,
+    /// The peer sent plaintext (PILT, accepted with plaintext allowed); without a session it
+    /// is answered in plaintext.
+    pub plaintext: bool,
     /// Counters.
     pub stats: PeerStats,
 }
@@ -154,6 +205,9 @@ pub enum Drop {
     UnexpectedBeacon,
     /// PILT while plaintext is refused.
     Plaintext,
+    /// PILT (plaintext allowed) from a node the table does not know while it holds
+    /// [`MAX_PLAINTEXT_PEERS`] peers.
+    PlaintextPeersFull,
     /// PILK (anonymous key exchange) while plaintext is refused.
     AnonymousKeyExchange,
     /// PILA whose key or signature is wrong.
@@ -240,10 +294,12 @@ impl Transmit {
 /// A datagram waiting for [`Tunnels::poll_transmit`]: what to write, not its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    /// Our PILA to `dst`, behind a Relay header naming `relay_to` when relayed.
+    /// Our PILA for `node` (its own key's, if it has one) to `dst`, behind a Relay header
+    /// when relayed.
     Pila {
+        node: u32,
         dst: SocketAddr,
-        relay_to: Option<u32>,
+        relayed: bool,
     },
     /// A punch packet (PILP).
     Punch(SocketAddr),
@@ -349,7 +405,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         if me != self.me {
             self.me = me;
             self.rebuild_pila();
-            self.peers.values_mut().for_each(Peer::forget_session);
+            self.peers.values_mut().for_each(Peer::forget_keys);
             self.reschedule_all();
         }
     }
@@ -362,7 +418,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         self.secret = StaticSecret::random_from_rng(&mut self.rng);
         self.public = PublicKey::from(&self.secret).to_bytes();
         self.rebuild_pila();
-        self.peers.values_mut().for_each(Peer::forget_session);
+        self.peers.values_mut().for_each(Peer::forget_keys);
         let nodes: Vec<u32> = self.peers.keys().copied().collect();
         for node in nodes {
             self.send_pila(now, node, true);
@@ -477,6 +533,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 path: p.path,
                 encrypted: p.session.is_some(),
                 authenticated: p.session.is_some(),
+                plaintext: p.plaintext,
                 stats: p.stats,
             })
             .collect();
@@ -516,18 +573,20 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
 
     fn emit(&mut self, now: Instant, p: Pending, buf: &mut [u8]) -> Option<Transmit> {
         match p {
-            Pending::Pila { dst, relay_to } => {
-                let body = self.pila.len();
-                let offset = match relay_to {
-                    Some(dest) => {
-                        buf.get_mut(..RELAY_HEADER_LEN)?
-                            .copy_from_slice(&relay_header(self.me, dest));
-                        RELAY_HEADER_LEN
-                    }
-                    None => 0,
+            Pending::Pila { node, dst, relayed } => {
+                let pila = match self.peers.get(&node).and_then(|p| p.own_key.as_ref()) {
+                    Some(k) => &k.pila,
+                    None => &self.pila,
                 };
-                buf.get_mut(offset..offset + body)?
-                    .copy_from_slice(&self.pila);
+                let body = pila.len();
+                let offset = if relayed {
+                    buf.get_mut(..RELAY_HEADER_LEN)?
+                        .copy_from_slice(&relay_header(self.me, node));
+                    RELAY_HEADER_LEN
+                } else {
+                    0
+                };
+                buf.get_mut(offset..offset + body)?.copy_from_slice(pila);
                 Some(Transmit {
                     dst,
                     offset: 0,
@@ -608,6 +667,10 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             last_probe: None,
             last_resolve: None,
             queue: VecDeque::new(),
+            plaintext: false,
+            pilas_unanswered: 0,
+            own_key: None,
+            last_fresh_key: None,
             stats: PeerStats::default(),
         })
     }
@@ -657,7 +720,11 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 }
             }
             Frame::Punch => self.drop(Drop::Punch),
-            Frame::Plain(_) => self.drop(Drop::Plaintext),
+            Frame::Plain(_) if self.config.refuse_plaintext => self.drop(Drop::Plaintext),
+            Frame::Plain(inner) => {
+                let start = offset + MAGIC_LEN;
+                self.handle_plain(now, src, relayed, inner, start)
+            }
             Frame::KeyExchange(k) => {
                 // Anonymous key exchange: answer with our signed one so a v1 peer uses it.
                 let node = k.node();
@@ -762,6 +829,55 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         }
     }
 
+    /// A PILT while plaintext is allowed (v1 §2.4: a v1 daemon with encryption off sends
+    /// only PILT, and one with encryption on sends PILT too until its key is ready). Nothing
+    /// authenticates it: the inner packet's source names the peer. It never moves an endpoint
+    /// we know; an unknown peer is recorded at the frame's source, as v1 does (§2.5). The peer
+    /// is marked as speaking plaintext, and our PILA goes out (rate-limited) so a peer that
+    /// encrypts makes a session.
+    fn handle_plain(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        relayed: bool,
+        inner: &[u8],
+        start: usize,
+    ) -> Received {
+        let (node, inner_len) = match Packet::new_checked(inner) {
+            Ok(p) => (p.src_addr().node, p.total_len()),
+            Err(_) => return self.drop(Drop::BadInner),
+        };
+        if node == self.me || node == 0 {
+            return self.drop(Drop::FromSelf);
+        }
+        if !self.peers.contains_key(&node) && self.peers.len() >= MAX_PLAINTEXT_PEERS {
+            return self.drop(Drop::PlaintextPeersFull);
+        }
+        let frame_len = MAGIC_LEN + inner.len();
+        let beacon = self.config.beacon.is_some();
+        let p = self.peer(now, node);
+        p.plaintext = true;
+        p.stats.pkts_recv += 1;
+        p.stats.bytes_recv += frame_len as u64;
+        p.last_rx = Some(now);
+        p.unanswered_since = None;
+        if relayed {
+            if p.session.is_none() && p.last_direct_rx.is_none() && beacon {
+                p.path = Path::Relay;
+            }
+        } else if p.endpoint.is_none() {
+            p.endpoint = Some(src);
+        }
+        if self.peers.get(&node).is_some_and(|p| p.session.is_none()) {
+            self.send_pila(now, node, false);
+        }
+        self.schedule(node);
+        Received::Packet {
+            peer: node,
+            range: start..start + inner_len,
+        }
+    }
+
     /// A PILS we cannot open: the peer has a session we lost (we restarted). Our PILA, at most
     /// once per interval, makes it re-key without waiting for us to send first.
     fn answer_unknown_session(&mut self, now: Instant, node: u32, src: SocketAddr, relayed: bool) {
@@ -793,7 +909,11 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             .get(&pila.node)
             .is_none_or(|p| p.peer_x25519 != Some(pila.x25519_public) || p.session.is_none());
         if new_key {
-            let session = Session::new(me, &self.secret, &pila.x25519_public, &mut self.rng)
+            let secret = match self.peers.get(&pila.node).and_then(|p| p.own_key.as_ref()) {
+                Some(k) => &k.secret,
+                None => &self.secret,
+            };
+            let session = Session::new(me, secret, &pila.x25519_public, &mut self.rng)
                 .map_err(|_| Drop::InvalidKeyExchange)?;
             let p = self.peer(now, pila.node);
             p.session = Some(session);
@@ -816,6 +936,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         let p = self.peer(now, pila.node);
         p.last_rx = Some(now);
         p.unanswered_since = None;
+        p.pilas_unanswered = 0;
         // A verified PILA straight from the peer's known endpoint while we relay: the direct
         // path works again (the peer's direct probe got through). Go back to it, and answer
         // directly at once so the peer moves back too.
@@ -858,6 +979,22 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             return;
         }
         p.last_pila = Some(now);
+        let half_keyed = p.session.is_none()
+            && p.pilas_unanswered >= HALF_KEYED_PILAS
+            && p.last_fresh_key
+                .is_none_or(|t| now.duration_since(t) >= FRESH_KEY_INTERVAL);
+        if half_keyed {
+            // The peer may hold a session for our key and never answer it again: a key new
+            // to it makes it answer (v1 wire §2.3 step 8).
+            let secret = StaticSecret::random_from_rng(&mut self.rng);
+            let public = PublicKey::from(&secret).to_bytes();
+            let pila = build_auth_key_exchange(&self.identity, self.me, &public)
+                .to_bytes()
+                .to_vec();
+            p.own_key = Some(Box::new(PeerKey { secret, pila }));
+            p.last_fresh_key = Some(now);
+            p.pilas_unanswered = 0;
+        }
         let dst = match (to, p.path, p.endpoint, self.config.beacon) {
             (Some(to), _, _, _) => Some((to, false)),
             (None, Path::Direct, Some(ep), _) => Some((ep, false)),
@@ -865,16 +1002,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             (None, Path::Direct, None, Some(b)) => Some((b, true)),
             _ => None,
         };
-        match dst {
-            Some((dst, false)) => self.out.push_back(Pending::Pila {
-                dst,
-                relay_to: None,
-            }),
-            Some((dst, true)) => self.out.push_back(Pending::Pila {
-                dst,
-                relay_to: Some(node),
-            }),
-            None => {}
+        if let Some((dst, relayed)) = dst {
+            p.pilas_unanswered = p.pilas_unanswered.saturating_add(1);
+            self.out.push_back(Pending::Pila { node, dst, relayed });
         }
     }
 
@@ -896,6 +1026,15 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             // The direct-path timeout starts now.
             let d = peer_deadline(p, beacon.is_some(), me != 0);
             self.lower_timeout(d);
+        }
+        let allow_plain = !self.config.refuse_plaintext;
+        let p = self.peer(now, node);
+        if p.session.is_none() && p.plaintext && allow_plain {
+            if let Some(sent) = seal_plain(p, me, node, beacon, buf, len) {
+                // A peer that encrypts after all answers our key exchange with its own.
+                self.send_pila(now, node, false);
+                return sent;
+            }
         }
         let p = self.peer(now, node);
         let Some(session) = p.session.as_mut() else {
@@ -1037,8 +1176,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             if let Some(ep) = ep {
                 if me != 0 {
                     self.out.push_back(Pending::Pila {
+                        node,
                         dst: ep,
-                        relay_to: None,
+                        relayed: false,
                     });
                 }
             }
@@ -1095,6 +1235,39 @@ fn peer_deadline(p: &Peer, beacon: bool, me: bool) -> Instant {
         }
     }
     due
+}
+
+/// Frames the packet at `buf[HEADROOM..HEADROOM + len]` as PILT in place, direct or behind a
+/// Relay header; `None` when the peer cannot be reached (the packet then waits like any
+/// other). Counted like a sealed packet.
+fn seal_plain(
+    p: &mut Peer,
+    me: u32,
+    node: u32,
+    beacon: Option<SocketAddr>,
+    buf: &mut [u8],
+    len: usize,
+) -> Option<Sent> {
+    let start = HEADROOM - MAGIC_LEN;
+    let end = HEADROOM + len;
+    if buf.len() < end {
+        return None;
+    }
+    let (dst, from) = match (p.path, p.endpoint, beacon) {
+        (Path::Direct, Some(ep), _) => (ep, start),
+        (_, _, Some(b)) => {
+            buf[start - RELAY_HEADER_LEN..start].copy_from_slice(&relay_header(me, node));
+            (b, start - RELAY_HEADER_LEN)
+        }
+        _ => return None,
+    };
+    buf[start..HEADROOM].copy_from_slice(&MAGIC_PLAIN);
+    p.stats.pkts_sent += 1;
+    p.stats.bytes_sent += (end - from) as u64;
+    Some(Sent::Now {
+        dst,
+        range: (from, end),
+    })
 }
 
 /// The 9-byte header that wraps a frame for the beacon's relay.
@@ -1402,6 +1575,8 @@ mod tests {
             b.t.handle(now, a.addr, &mut pilt),
             Received::Dropped(Drop::Plaintext)
         ));
+        assert_eq!(b.t.drops(), vec![(Drop::Plaintext, 1)]);
+        assert!(b.t.peers().is_empty(), "a refused PILT makes no peer");
         // A PILA signed by the wrong key: the first makes B look A's key up again (A may
         // have rotated it); against the same key it is refused, and so is the next.
         let mallory = SigningKey::from_bytes(&[9; 32]);
@@ -1425,6 +1600,199 @@ mod tests {
             let _ = b.t.handle(now, a.addr, &mut g2);
         }
         let _ = &mut a;
+    }
+
+    /// A PILT frame carrying a datagram from `from` to `to`.
+    fn pilt(from: u32, to: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = MAGIC_PLAIN.to_vec();
+        f.extend_from_slice(
+            &packet(from, to, payload)[HEADROOM..HEADROOM + HEADER_LEN + payload.len()],
+        );
+        f
+    }
+
+    #[test]
+    fn plaintext_allowed_is_accepted_and_answered_in_plaintext_until_a_session_exists() {
+        let (mut a, mut b) = pair();
+        b.t.config.refuse_plaintext = false;
+        let now = Instant::now();
+        // A v1 daemon with encryption off: PILT only, key exchanges ignored.
+        let mut f = pilt(1, 2, b"hi");
+        // Bytes after the packet are ignored (v1 §1).
+        f.extend_from_slice(b"trailing");
+        let Received::Packet { peer, range } = b.t.handle(now, a.addr, &mut f) else {
+            panic!("PILT refused with plaintext allowed")
+        };
+        assert_eq!(peer, 1);
+        let inner = Packet::new_checked(&f[range.clone()]).unwrap();
+        assert_eq!(inner.payload(), b"hi");
+        assert_eq!(range.len(), HEADER_LEN + 2);
+        assert!(b.t.drops().is_empty());
+        let v = &b.t.peers()[0];
+        assert!(v.plaintext && !v.encrypted);
+        assert_eq!(
+            v.endpoint,
+            Some(a.addr),
+            "an unknown peer is recorded at the source"
+        );
+
+        // The answer goes out at once as PILT to the peer's endpoint, not queued...
+        let r = send(now, &mut b, 1, b"back");
+        let Sent::Now { dst, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(dst, a.addr);
+        let mut frames = Vec::new();
+        while let Some(o) = b.poll(now) {
+            frames.push(o.bytes);
+        }
+        // ...after our PILA, so a peer that encrypts makes a session.
+        assert!(matches!(
+            Frame::parse(&frames[0]),
+            Ok(Frame::AuthKeyExchange(_))
+        ));
+        let Ok(Frame::Plain(p)) = Frame::parse(&frames[1]) else {
+            panic!("not PILT: {:?}", &frames[1][..4])
+        };
+        assert_eq!(Packet::new_checked(p).unwrap().payload(), b"back");
+        assert_eq!(frames.len(), 2);
+
+        // A PILT never moves a known endpoint.
+        let elsewhere: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        let mut f = pilt(1, 2, b"moved?");
+        assert!(matches!(
+            b.t.handle(now, elsewhere, &mut f),
+            Received::Packet { peer: 1, .. }
+        ));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+
+        // Once the peer keys (a v1 daemon with encryption on), packets go sealed.
+        a.t.set_endpoint(now, 2, b.addr);
+        pump_pilas(now, &mut a, &mut b);
+        assert!(b.t.peers()[0].encrypted);
+        let mut buf = packet(2, 1, b"sealed");
+        let r = b.t.seal(now, 1, &mut buf, HEADER_LEN + 6);
+        let Sent::Now { range, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(matches!(
+            Frame::parse(&buf[range.0..range.1]),
+            Ok(Frame::Encrypted(_))
+        ));
+        // A PILT of our own node or with a broken header is dropped and counted.
+        let mut own = pilt(2, 2, b"x");
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut own),
+            Received::Dropped(Drop::FromSelf)
+        ));
+        let mut short = pilt(1, 2, b"xyz");
+        short.truncate(short.len() - 1);
+        assert!(matches!(
+            b.t.handle(now, a.addr, &mut short),
+            Received::Dropped(Drop::BadInner)
+        ));
+    }
+
+    #[test]
+    fn plaintext_through_the_relay_is_answered_through_the_relay() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut b = node(2, 2, 4002, Some(beacon));
+        b.t.config.refuse_plaintext = false;
+        let now = Instant::now();
+        let mut f = vec![bw::kind::RELAY_DELIVER];
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&pilt(1, 2, b"via"));
+        assert!(matches!(
+            b.t.handle(now, beacon, &mut f),
+            Received::Packet { peer: 1, .. }
+        ));
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        let mut buf = packet(2, 1, b"back");
+        let r = b.t.seal(now, 1, &mut buf, HEADER_LEN + 4);
+        let Sent::Now { dst, range } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(dst, beacon);
+        let frame = &buf[range.0..range.1];
+        assert_eq!(frame[..RELAY_HEADER_LEN], relay_header(2, 1));
+        assert!(matches!(
+            Frame::parse(&frame[RELAY_HEADER_LEN..]),
+            Ok(Frame::Plain(_))
+        ));
+    }
+
+    /// `b` stands in for a v1 daemon: it answers a PILA only when the X25519 key in it is new
+    /// to it (v1 wire §2.3 step 8) and sends nothing else unprompted. Its first answer is
+    /// lost, as when a beacon dropped the first Relay of the flow.
+    #[test]
+    fn a_peer_whose_one_pila_answer_was_lost_gets_a_fresh_key_and_answers_it() {
+        let (mut a, mut b) = pair();
+        let t0 = Instant::now();
+        a.t.set_endpoint(t0, 2, b.addr);
+        let mut keys_seen = std::collections::HashSet::new();
+        let mut answers = 0;
+        let mut now = t0;
+        let mut pilas_from_a = 0;
+        let mut opened = 0;
+        for _ in 0..30 {
+            // The application's SYN, retransmitted every second while the tunnel is not ready.
+            send(now, &mut a, 2, b"syn");
+            while let Some(tx) = a.poll(now) {
+                let Ok(Frame::AuthKeyExchange(k)) = Frame::parse(&tx.bytes) else {
+                    // Packets A sealed once it had a session: B must open them.
+                    let mut f = tx.bytes.clone();
+                    if let Received::Packet { peer: 1, .. } = b.t.handle(now, a.addr, &mut f) {
+                        opened += 1;
+                    }
+                    continue;
+                };
+                pilas_from_a += 1;
+                let new_key = keys_seen.insert(k.x25519_public());
+                let mut f = tx.bytes.clone();
+                b.t.handle(now, a.addr, &mut f);
+                while let Some(o) = b.poll(now) {
+                    if !new_key || !matches!(Frame::parse(&o.bytes), Ok(Frame::AuthKeyExchange(_)))
+                    {
+                        continue;
+                    }
+                    answers += 1;
+                    if answers > 1 {
+                        let mut f = o.bytes.clone();
+                        a.t.handle(now, b.addr, &mut f);
+                    }
+                }
+            }
+            if a.t.peers()[0].encrypted {
+                break;
+            }
+            now += Duration::from_secs(1);
+            a.t.handle_timeout(now);
+        }
+        assert!(
+            a.t.peers()[0].encrypted,
+            "still half-keyed after {pilas_from_a} PILAs and {answers} answers"
+        );
+        assert_eq!(keys_seen.len(), 2, "one fresh key was enough");
+        assert!(
+            now.duration_since(t0) <= Duration::from_secs(HALF_KEYED_PILAS as u64 + 1),
+            "recovered after {:?}",
+            now.duration_since(t0)
+        );
+        // Both ends hold the same session: what A queued opened at B.
+        assert!(opened > 0, "nothing A sealed opened at B");
+        // Other peers keep the table's key: only B's PILA carries the fresh one.
+        let mut c = node(3, 3, 4003, None);
+        a.t.set_key(now, 3, c.t.identity.verifying_key());
+        c.t.set_key(now, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(now, 3, c.addr);
+        let to_c = std::iter::from_fn(|| a.poll(now))
+            .find(|o| o.dst == c.addr)
+            .unwrap();
+        let Ok(Frame::AuthKeyExchange(k)) = Frame::parse(&to_c.bytes) else {
+            panic!("not a PILA")
+        };
+        assert_eq!(k.x25519_public(), a.t.public, "C gets the table's key");
+        assert!(keys_seen.contains(&a.t.public), "the key B saw first");
     }
 
     #[test]
