@@ -145,6 +145,9 @@ fn check_config_refuses_an_address_that_does_not_resolve() {
         let out = run(&[flag, "registry.invalid:9000"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
-        assert!(err.contains(setting) && err.contains("does not resolve"), "{err}");
+        assert!(
+            err.contains(setting) && err.contains("does not resolve"),
+            "{err}"
+        );
     }
 }

@@ -575,6 +575,9 @@ pub(crate) async fn tasks(ctx: &Ctx, cmd: TasksCmd) -> Result<Output, CtlError> 
                     s("to"),
                     s("description")
                 );
+                if let Some(f) = t["result_file"].as_str().filter(|f| !f.is_empty()) {
+                    let _ = writeln!(text, "  results in {}", clean(f));
+                }
             }
             if text.is_empty() {
                 text = "No tasks".into();

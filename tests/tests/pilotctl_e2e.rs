@@ -966,7 +966,10 @@ async fn a_delegated_task_and_its_result() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let result_file = last["tasks"][0]["result_file"].as_str().unwrap().to_owned();
-    assert_eq!(std::fs::read_to_string(result_file).unwrap(), "5");
+    assert_eq!(std::fs::read_to_string(&result_file).unwrap(), "5");
+    // The text form says where the results are too.
+    let listed = run_captured(&["--socket", &a.sock, "tasks", "list", "--type", "submitted"]).await;
+    assert!(listed.stdout.contains(&result_file), "{}", listed.stdout);
 
     // Unknown and malformed IDs are errors with codes.
     assert_eq!(b.err(&["tasks", "accept", "../../x"]).await, "bad_request");
