@@ -517,6 +517,18 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
             let _ = writeln!(text, "Resolver:     {}", n.dns_system);
         }
     }
+    if let Some(b) = &i.beacon {
+        let last = b
+            .last_answer_secs
+            .map(|s| format!("last answer {} ago", fmt_duration(Duration::from_secs(s))))
+            .unwrap_or_else(|| "no answer yet".into());
+        let state = match b.answering {
+            Some(true) => "answering",
+            Some(false) => "NOT ANSWERING: peers behind NATs cannot be punched or relayed",
+            None => "starting",
+        };
+        let _ = writeln!(text, "Beacon:       {} ({state}; {last})", b.address);
+    }
     Ok(output(v, text))
 }
 

@@ -1043,6 +1043,22 @@ pub struct Info {
     /// The virtual NIC, when the daemon runs as `pilotd up` (extension; absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inside: Option<InsideInfo>,
+    /// The beacon, when NAT traversal through one is on (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beacon: Option<BeaconInfo>,
+}
+
+/// The beacon as [`Info::beacon`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BeaconInfo {
+    /// Its UDP address.
+    pub address: String,
+    /// Whether it answers the discovers sent at each registry heartbeat (`None` before the
+    /// first could be answered).
+    pub answering: Option<bool>,
+    /// Seconds since it last answered, if it ever did.
+    pub last_answer_secs: Option<u64>,
 }
 
 /// The virtual NIC of a daemon running as `pilotd up`, in [`Info::inside`].

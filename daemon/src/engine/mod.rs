@@ -431,6 +431,64 @@ pub struct Engine {
     drop_log: Option<Instant>,
     drops_unlogged: u64,
     syn_log: Option<Instant>,
+    beacon_watch: BeaconWatch,
+}
+
+/// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
+const BEACON_SILENT_AFTER: u32 = 3;
+
+/// Whether the beacon answers the discovers sent at each heartbeat: one warning when it falls
+/// silent, one line when it answers again.
+#[derive(Debug, Default)]
+struct BeaconWatch {
+    /// When the last discover was sent.
+    last_sent: Option<Instant>,
+    /// Discovers sent since the last answer.
+    unanswered: u32,
+    /// The warning was logged for this silence.
+    warned: bool,
+}
+
+impl BeaconWatch {
+    /// A discover is about to be sent; `answered` is when the beacon last answered one.
+    /// Returns what to log, if anything.
+    fn on_send(&mut self, now: Instant, answered: Option<Instant>) -> Option<BeaconNews> {
+        let got_answer = match (self.last_sent, answered) {
+            (Some(sent), Some(a)) => a >= sent,
+            _ => false,
+        };
+        let news = if got_answer || self.last_sent.is_none() {
+            let back = self.warned && got_answer;
+            self.unanswered = 0;
+            self.warned = false;
+            back.then_some(BeaconNews::Answering)
+        } else {
+            self.unanswered += 1;
+            if self.unanswered >= BEACON_SILENT_AFTER && !self.warned {
+                self.warned = true;
+                Some(BeaconNews::Silent(self.unanswered))
+            } else {
+                None
+            }
+        };
+        self.last_sent = Some(now);
+        news
+    }
+
+    /// Whether the beacon is answering (`None` until a discover could have been answered).
+    fn answering(&self) -> Option<bool> {
+        self.last_sent?;
+        Some(!self.warned)
+    }
+}
+
+/// What changed about the beacon.
+#[derive(Debug, PartialEq, Eq)]
+enum BeaconNews {
+    /// This many discovers in a row went unanswered.
+    Silent(u32),
+    /// It answers again after a silence.
+    Answering,
 }
 
 impl std::fmt::Debug for Engine {
@@ -467,6 +525,7 @@ impl Engine {
             drop_log: None,
             drops_unlogged: 0,
             syn_log: None,
+            beacon_watch: BeaconWatch::default(),
         };
         (engine, EngineHandle { tx, node: node_rx })
     }
@@ -656,6 +715,22 @@ impl Engine {
     /// Tells the beacon where we are, from the tunnel socket itself (sent with the next
     /// drain).
     fn discover(&mut self) {
+        if let Some(beacon) = self.node.beacon() {
+            let news = self
+                .beacon_watch
+                .on_send(Instant::now(), self.node.last_discovered());
+            match news {
+                Some(BeaconNews::Silent(n)) => tracing::warn!(
+                    %beacon,
+                    "the beacon has not answered the last {n} discovers: peers behind NATs \
+                     cannot be hole-punched or relayed until it does"
+                ),
+                Some(BeaconNews::Answering) => {
+                    tracing::info!(%beacon, "the beacon answers again")
+                }
+                None => {}
+            }
+        }
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -722,6 +797,11 @@ impl Engine {
             "datagrams_unlistened": stats.datagrams_unlistened,
             "serviced": stats.serviced,
             "public_endpoint": self.node.public_endpoint().or(self.config.endpoint_override).map(|e| e.to_string()),
+            "beacon": self.node.beacon().map(|b| json!({
+                "address": b.to_string(),
+                "answering": self.beacon_watch.answering(),
+                "last_answer_secs": self.node.last_discovered().map(|t| t.elapsed().as_secs()),
+            })),
             "peer_list": peers.iter().map(|p| json!({
                 "node_id": p.node,
                 "endpoint": p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
@@ -771,6 +851,35 @@ fn log_drop(
 mod tests {
     use super::*;
     use tunnel::node::tunnels::Drop;
+
+    #[test]
+    fn a_silent_beacon_is_reported_once_and_its_return_once() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = BeaconWatch::default();
+        assert_eq!(w.answering(), None);
+        // Answered each time.
+        assert_eq!(w.on_send(at(0), None), None);
+        assert_eq!(w.on_send(at(30), Some(at(1))), None);
+        assert_eq!(w.answering(), Some(true));
+        // Then silent: the third unanswered discover warns, later ones do not.
+        assert_eq!(w.on_send(at(60), Some(at(31))), None);
+        assert_eq!(w.on_send(at(90), Some(at(31))), None);
+        assert_eq!(w.on_send(at(120), Some(at(31))), None);
+        assert_eq!(
+            w.on_send(at(150), Some(at(31))),
+            Some(BeaconNews::Silent(3))
+        );
+        assert_eq!(w.answering(), Some(false));
+        assert_eq!(w.on_send(at(180), Some(at(31))), None);
+        // It answers again.
+        assert_eq!(
+            w.on_send(at(210), Some(at(181))),
+            Some(BeaconNews::Answering)
+        );
+        assert_eq!(w.answering(), Some(true));
+        assert_eq!(w.on_send(at(240), Some(at(211))), None);
+    }
 
     #[test]
     fn punch_packets_are_counted_not_warned_about() {

@@ -397,6 +397,8 @@ pub struct Node<R> {
     looking_up: HashSet<u32>,
     resolving: HashSet<u32>,
     public_endpoint: Option<SocketAddr>,
+    /// When the beacon last answered a discover.
+    last_discovered: Option<Instant>,
     /// `poll_transmit` stopped early (loopback budget): wake again at once.
     yielded: bool,
     last_now: Option<Instant>,
@@ -441,6 +443,7 @@ impl<R: RngCore + CryptoRng> Node<R> {
             looking_up: HashSet::new(),
             resolving: HashSet::new(),
             public_endpoint: None,
+            last_discovered: None,
             yielded: false,
             last_now: None,
             stats: NodeStats::default(),
@@ -485,6 +488,11 @@ impl<R: RngCore + CryptoRng> Node<R> {
     /// Our public endpoint as the beacon last reported it.
     pub fn public_endpoint(&self) -> Option<SocketAddr> {
         self.public_endpoint
+    }
+
+    /// When the beacon last answered a discover (any answer, changed endpoint or not).
+    pub fn last_discovered(&self) -> Option<Instant> {
+        self.last_discovered
     }
 
     /// The registry's answer to [`Event::NeedKey`].
@@ -764,6 +772,7 @@ impl<R: RngCore + CryptoRng> Node<R> {
                 None
             }
             Received::Discovered(ep) => {
+                self.last_discovered = Some(now);
                 if self.public_endpoint != Some(ep) {
                     self.public_endpoint = Some(ep);
                     self.events.push_back(Event::Discovered(ep));
