@@ -470,6 +470,11 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         fmt_bytes(i.bytes_recv),
         i.pkts_recv,
     );
+    if i.registry_protocol == "v1" {
+        text.push_str(
+            "Registry:     v1 (no session extensions: fixed-string signatures, handshakes polled)\n",
+        );
+    }
     if let Some(n) = &i.inside {
         let exposed = if n.expose.is_empty() {
             "none (only trusted peers reach this host's listeners)".to_owned()
