@@ -373,7 +373,9 @@ pub enum Command {
     #[command(
         after_help = "Reports the send rate (until the last byte is handed to the daemon) \
                       and, when the port echoes, the round-trip rate (until the last byte \
-                      came back). Rates are in MB/s (10^6 bytes per second). Sizes take \
+                      came back). The stream is ended only once the whole echo is counted, \
+                      or the service ended it (a v1 echo stops echoing at the end of the \
+                      stream). Rates are in MB/s (10^6 bytes per second). Sizes take \
                       K, M, G, T suffixes (powers of 1024).\n\nExample:\n  pilotctl bench \
                       bob --size 1G\n  pilotctl bench 42 --size 64M --port 7"
     )]

@@ -1568,9 +1568,7 @@ async fn bench(
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            let send_time = t0.elapsed();
-            wr.shutdown().await?;
-            Ok::<Duration, io::Error>(send_time)
+            Ok::<Duration, io::Error>(t0.elapsed())
         };
         let down = async {
             let mut buf = vec![0u8; 256 * 1024];
@@ -1588,6 +1586,10 @@ async fn bench(
             Ok::<(u64, Duration), io::Error>((got, t0.elapsed()))
         };
         let (up, down) = tokio::join!(up, down);
+        // Our direction ends only now, once every echoed byte is counted (or the echo
+        // ended): a v1 echo takes our FIN as the end of both directions and drops what it
+        // has not echoed yet (v1 wire §3.6).
+        let _ = wr.shutdown().await;
         let send_time = up.map_err(|e| io_error("send", e))?;
         let (got, total_time) = down.map_err(|e| io_error("receive", e))?;
         Ok::<_, CtlError>((send_time, got, total_time))
