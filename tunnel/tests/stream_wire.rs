@@ -736,14 +736,14 @@ fn a_v1_peer_that_answered_our_fin_has_finished_reading_ends() {
         ep.connection(h).unwrap().read(&mut buf),
         Err(tunnel::stream::ReadError::Blocked)
     );
-    let sent = run_silent(&mut ep, h, t1 + Duration::from_secs(5));
+    let sent = run_silent(&mut ep, h, t1 + Duration::from_secs(7));
     // A few keepalive probes (seq one below our next), which v1 never answers ...
     let probes = sent
         .iter()
         .filter(|(_, r, p)| r.flags == Flags::ACK && r.seq == 3 && p.is_empty())
         .count();
-    assert!((1..=3).contains(&probes), "{sent:?}");
-    // ... then, within a few seconds, the stream ends cleanly: no FIN|ACK (v1 sent no FIN),
+    assert!((1..=5).contains(&probes), "{sent:?}");
+    // ... then, within 7 s (at the minimum RTO), the stream ends cleanly: no FIN|ACK (v1 sent no FIN),
     // no RST.
     assert!(
         sent.iter()
