@@ -614,9 +614,9 @@ async fn accepted(config: &LinkConfig, cache: &mut PeerCache, req: &Value, answe
     }
 }
 
-/// Registers on `c` with a proof of the key, then applies the desired state. Returns the node
-/// ID and the `register_ok` reply, whose `hostname` is the one the registry holds once the
-/// state is applied.
+/// Registers on `c` with a proof of the key (in v1's plain form toward a v1 registry), then
+/// applies the desired state. Returns the node ID and the `register_ok` reply, whose
+/// `hostname` is the one the registry holds once the state is applied.
 async fn register(c: &mut Session, config: &LinkConfig) -> Result<(u32, Value), ClientError> {
     let want = config.desired.snapshot();
     let listen = format!("0.0.0.0:{}", config.listen_port);
