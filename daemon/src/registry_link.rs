@@ -4,6 +4,15 @@
 //! for the engine, and reconnects with backoff. It runs as its own task: nothing here is ever
 //! awaited on the packet path; the engine sends commands and receives events.
 //!
+//! # A v1 registry
+//!
+//! Every session starts with [`Client::negotiate`]. A registry that refuses `hello` in v1's
+//! form is a v1 registry ([`RegistryProtocol::V1`]): the link then registers in v1's form,
+//! signs every request that v1 signs with its fixed string (wire §4.3), runs no watching
+//! connection (handshakes arrive through the trust service's polling), and says so once in
+//! the log and in Info (`registry_protocol`). Each reconnection negotiates again, so a
+//! registry upgraded in place is used with the session extensions at once.
+//!
 //! A request answered on a channel ([`LinkCmd::Call`], [`LinkCmd::Rotate`],
 //! [`LinkCmd::Register`]) fails with a [`LinkError`]; [`LinkError::code`] is the one place
 //! those failures become IPC error codes.
@@ -31,7 +40,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use pilot_registry_client::{sign_v1, Client, ClientError, RegistryStream, Transport};
+use pilot_registry_client::{
+    sign_request_v1, sign_v1, Client, ClientError, RegistryProtocol, RegistryStream, Transport,
+};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tunnel::ipc::code;
@@ -202,6 +213,8 @@ pub enum LinkEvent {
         node: u32,
         /// The `register_ok` reply.
         reply: Value,
+        /// The protocol the registry speaks.
+        protocol: RegistryProtocol,
     },
     /// A heartbeat succeeded (time to refresh the beacon mapping).
     Heartbeat,
@@ -256,6 +269,7 @@ pub async fn run(
     let mut cache = PeerCache::new();
     let mut waiters = Waiters::new();
     let mut backoff = BACKOFF.0;
+    let mut spoken = None;
     loop {
         match session(
             &config,
@@ -264,6 +278,7 @@ pub async fn run(
             &pushes,
             &mut cache,
             &mut waiters,
+            &mut spoken,
         )
         .await
         {
@@ -364,14 +379,61 @@ fn from_cache(req: &Value, down: Down, cache: &PeerCache) -> LinkReply {
     }
 }
 
-async fn call(c: &mut Client<RegistryStream>, v: &Value) -> Result<Value, ClientError> {
-    match tokio::time::timeout(CALL_TIMEOUT, c.call(v)).await {
+/// One registry connection and the protocol it speaks.
+struct Session {
+    client: Client<RegistryStream>,
+    protocol: RegistryProtocol,
+    identity: Arc<NodeIdentity>,
+}
+
+/// Sends `v` on the session; toward a v1 registry with the fixed-string signature v1 checks
+/// (by the identity key in use when it is sent).
+async fn call(s: &mut Session, v: &Value) -> Result<Value, ClientError> {
+    let signed;
+    let v = match s.protocol {
+        RegistryProtocol::Pilot => v,
+        RegistryProtocol::V1 => {
+            let mut req = v.clone();
+            sign_request_v1(&s.identity.key(), &mut req);
+            signed = req;
+            &signed
+        }
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, s.client.call(v)).await {
         Ok(r) => r,
         Err(_) => Err(ClientError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "registry request timed out",
         ))),
     }
+}
+
+/// Logs the protocol the registry speaks when it is not the one spoken before (once per
+/// change, not per reconnection).
+fn report_protocol(
+    config: &LinkConfig,
+    spoken: &mut Option<RegistryProtocol>,
+    now: RegistryProtocol,
+) {
+    if *spoken == Some(now) {
+        return;
+    }
+    match now {
+        RegistryProtocol::V1 => tracing::warn!(
+            registry = %config.registry,
+            protocol = %now,
+            "the registry refused the session extensions (a v1 registry): using v1's forms \
+             with fixed-string signatures, which anyone who sees them can replay; handshake \
+             requests arrive by polling"
+        ),
+        RegistryProtocol::Pilot if spoken.is_some() => tracing::info!(
+            registry = %config.registry,
+            protocol = %now,
+            "the registry speaks the session extensions again"
+        ),
+        RegistryProtocol::Pilot => {}
+    }
+    *spoken = Some(now);
 }
 
 fn refused(e: &ClientError) -> bool {
@@ -391,32 +453,48 @@ async fn session(
     pushes: &mpsc::Sender<Value>,
     cache: &mut PeerCache,
     waiters: &mut Waiters,
+    spoken: &mut Option<RegistryProtocol>,
 ) -> Result<End, ClientError> {
-    let mut c = tokio::time::timeout(
+    let timed_out = |what: &str| {
+        ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} timed out"),
+        ))
+    };
+    let mut client = tokio::time::timeout(
         CALL_TIMEOUT,
         Client::connect_with(&config.registry, &config.transport),
     )
     .await
-    .map_err(|_| {
-        ClientError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))
-    })??;
+    .map_err(|_| timed_out("connect"))??;
+    let protocol = tokio::time::timeout(CALL_TIMEOUT, client.negotiate())
+        .await
+        .map_err(|_| timed_out("hello"))??;
+    report_protocol(config, spoken, protocol);
+    let mut c = Session {
+        client,
+        protocol,
+        identity: config.identity.clone(),
+    };
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
     for w in waiters.drain(..) {
         let _ = w.send(Ok(reply.clone()));
     }
     if events
-        .send(LinkEvent::Registered { node, reply })
+        .send(LinkEvent::Registered {
+            node,
+            reply,
+            protocol,
+        })
         .await
         .is_err()
     {
         return Ok(End::Stopped);
     }
-    let watcher = tokio::spawn(watch(config.clone(), node, pushes.clone()));
-    let _guard = AbortOnDrop(watcher);
+    // A v1 registry pushes nothing: the trust service's polling delivers handshakes.
+    let _guard = (protocol == RegistryProtocol::Pilot)
+        .then(|| AbortOnDrop(tokio::spawn(watch(config.clone(), node, pushes.clone()))));
     let mut tick = tokio::time::interval(config.keepalive);
     tick.tick().await;
     let mut failures = 0;
@@ -504,7 +582,7 @@ async fn session(
                     LinkCmd::Register(reply) => match register(&mut c, config).await {
                         Ok((again, answer)) => {
                             let _ = reply.send(Ok(answer.clone()));
-                            let _ = events.send(LinkEvent::Registered { node: again, reply: answer }).await;
+                            let _ = events.send(LinkEvent::Registered { node: again, reply: answer, protocol }).await;
                         }
                         Err(e) => {
                             let _ = reply.send(Err(LinkError::from_client(&e)));
@@ -536,29 +614,33 @@ async fn accepted(config: &LinkConfig, cache: &mut PeerCache, req: &Value, answe
     }
 }
 
-/// Registers on `c` with a proof of the key, then applies the desired state. Returns the node
-/// ID and the `register_ok` reply, whose `hostname` is the one the registry holds once the
-/// state is applied.
-async fn register(
-    c: &mut Client<RegistryStream>,
-    config: &LinkConfig,
-) -> Result<(u32, Value), ClientError> {
+/// Registers on `c` with a proof of the key (in v1's plain form toward a v1 registry), then
+/// applies the desired state. Returns the node ID and the `register_ok` reply, whose
+/// `hostname` is the one the registry holds once the state is applied.
+async fn register(c: &mut Session, config: &LinkConfig) -> Result<(u32, Value), ClientError> {
     let want = config.desired.snapshot();
     let listen = format!("0.0.0.0:{}", config.listen_port);
     let identity = config.identity.key();
     // Sent with the registration, so the node never shows the registry's default name.
     let hostname = want.hostname.as_deref().filter(|h| !h.is_empty());
-    let mut reply = tokio::time::timeout(
-        CALL_TIMEOUT,
-        c.register_proven(&identity, &listen, hostname),
-    )
-    .await
-    .map_err(|_| {
-        ClientError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "register timed out",
-        ))
-    })??;
+    let registration = async {
+        match c.protocol {
+            RegistryProtocol::Pilot => c.client.register_proven(&identity, &listen, hostname).await,
+            RegistryProtocol::V1 => {
+                c.client
+                    .register_v1(&identity, &listen, hostname, config.owner.as_deref())
+                    .await
+            }
+        }
+    };
+    let mut reply = tokio::time::timeout(CALL_TIMEOUT, registration)
+        .await
+        .map_err(|_| {
+            ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "register timed out",
+            ))
+        })??;
     let node = reply
         .get("node_id")
         .and_then(Value::as_u64)
@@ -567,7 +649,7 @@ async fn register(
     if let Some(e) = reply.get("hostname_error").and_then(Value::as_str) {
         tracing::warn!(error = e, "hostname not set");
     }
-    if config.owner.is_some() {
+    if config.owner.is_some() && c.protocol == RegistryProtocol::Pilot {
         tracing::debug!(
             "owner strings are sent only with v1 registration; ignored with a proven one"
         );
@@ -583,7 +665,7 @@ async fn register(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    tracing::info!(node, %address, hostname = hostname.as_deref().unwrap_or(""), "registered");
+    tracing::info!(node, %address, hostname = hostname.as_deref().unwrap_or(""), protocol = %c.protocol, "registered");
     Ok((node, reply))
 }
 
@@ -591,7 +673,7 @@ async fn register(
 /// network that needs a new invitation) is logged and the rest still applied; a broken
 /// connection ends the session. `reply` gets the hostname the registry holds afterwards.
 async fn apply(
-    c: &mut Client<RegistryStream>,
+    c: &mut Session,
     node: u32,
     want: &DesiredState,
     reply: &mut Value,
@@ -642,7 +724,7 @@ async fn apply(
 /// is asked, so a crash or a lost answer is settled by [`settle_rotation`]. Returns an error
 /// only when the connection broke.
 async fn rotate(
-    c: &mut Client<RegistryStream>,
+    c: &mut Session,
     config: &LinkConfig,
     node: u32,
     events: &mpsc::Sender<LinkEvent>,
@@ -705,7 +787,7 @@ async fn adopt(config: &LinkConfig, key: SigningKey, events: &mpsc::Sender<LinkE
 /// Before registering: a rotation left unsettled (a crash, or a connection lost before the
 /// registry's answer) is decided by the key the registry holds for the node.
 async fn settle_rotation(
-    c: &mut Client<RegistryStream>,
+    c: &mut Session,
     config: &LinkConfig,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Result<(), ClientError> {

@@ -375,8 +375,10 @@ pub enum Command {
     #[command(
         after_help = "Reports the send rate (until the last byte is handed to the daemon) \
                       and the round-trip rate (until the last byte came back). The port must \
-                      echo every byte: an echo that ends short is the error short_echo. \
-                      Rates are in MB/s (10^6 bytes per second). Sizes take \
+                      echo every byte: an echo that ends short is the error short_echo. The \
+                      stream is ended only once the whole echo is counted (a v1 echo stops \
+                      echoing at the end of the stream). Rates are in MB/s (10^6 bytes per \
+                      second). Sizes take \
                       K, M, G, T suffixes (powers of 1024).\n\nExample:\n  pilotctl bench \
                       bob --size 1G\n  pilotctl bench 42 --size 64M --port 7"
     )]

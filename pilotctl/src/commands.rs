@@ -497,6 +497,11 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         fmt_bytes(i.bytes_recv),
         i.pkts_recv,
     );
+    if i.registry_protocol == "v1" {
+        text.push_str(
+            "Registry:     v1 (no session extensions: fixed-string signatures, handshakes polled)\n",
+        );
+    }
     if let Some(n) = &i.inside {
         let exposed = if n.expose.is_empty() {
             "none (only trusted peers reach this host's listeners)".to_owned()
@@ -1659,9 +1664,7 @@ async fn bench(
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            let send_time = t0.elapsed();
-            wr.shutdown().await?;
-            Ok::<Duration, io::Error>(send_time)
+            Ok::<Duration, io::Error>(t0.elapsed())
         };
         let down = async {
             let mut buf = vec![0u8; 256 * 1024];
@@ -1679,6 +1682,10 @@ async fn bench(
             Ok::<(u64, Duration), io::Error>((got, t0.elapsed()))
         };
         let (up, down) = tokio::join!(up, down);
+        // Our direction ends only now, once every echoed byte is counted (or the echo
+        // ended): a v1 echo takes our FIN as the end of both directions and drops what it
+        // has not echoed yet (v1 wire §3.6).
+        let _ = wr.shutdown().await;
         let send_time = up.map_err(|e| io_error("send", e))?;
         let (got, total_time) = down.map_err(|e| io_error("receive", e))?;
         Ok::<_, CtlError>((send_time, got, total_time))

@@ -390,6 +390,61 @@ async fn ping_peers_bench_connect_and_messages() {
     b.node.shutdown().await;
 }
 
+/// An echo service that ends a stream as v1's does (wire §3.6): it echoes what it read,
+/// slowly (8 KiB every 20 ms), and drops whatever it has not echoed yet as soon as the
+/// client's end of stream arrives, since a v1 FIN ends both directions.
+async fn v1_style_echo(engine: pilotd::engine::EngineHandle, port: u16) {
+    use pilotd::engine::{AppEvent, Cmd};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    engine.listen(port, tx).await.unwrap();
+    tokio::spawn(async move {
+        let mut open = None;
+        let mut queue: Vec<u8> = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    None => return,
+                    Some(AppEvent::Accepted { conn, credit, .. }) => {
+                        open = Some((conn, credit));
+                        queue.clear();
+                    }
+                    Some(AppEvent::Data { data, .. }) => queue.extend_from_slice(&data),
+                    Some(AppEvent::Closed { conn, .. }) => {
+                        queue.clear();
+                        open = None;
+                        let _ = engine.send(Cmd::Close { conn }).await;
+                    }
+                    Some(_) => {}
+                },
+                _ = tick.tick() => {
+                    if let Some((conn, credit)) = &open {
+                        let n = queue.len().min(8 * 1024);
+                        if n > 0 {
+                            let chunk: Vec<u8> = queue.drain(..n).collect();
+                            let _ = engine.write(*conn, credit, &chunk).await;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ends_its_stream_only_after_the_whole_echo() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&reg, &dir.path().join("a"), true).await;
+    let b = start_with(&reg, &dir.path().join("b"), true, true).await;
+    v1_style_echo(b.node.daemon.engine.clone(), 7).await;
+    let bench = a
+        .ok(&["bench", &b.addr(), "--size", "512K", "--timeout", "60s"])
+        .await;
+    assert_eq!(bench["recv_bytes"], 512 << 10, "{bench}");
+    assert!(bench["total_mbps"].as_f64().unwrap() > 0.0, "{bench}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_pending_approve_trust_between_private_nodes() {
     let reg = registry().await;

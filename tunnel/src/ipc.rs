@@ -1040,6 +1040,10 @@ pub struct Info {
     pub pid: u32,
     /// The daemon's version (extension; "" from a v1 daemon).
     pub version: String,
+    /// The protocol the registry speaks: `"pilot"` (session extensions) or `"v1"` (fixed-string
+    /// signatures, no pushes); "" before the first registration (extension; "" from a v1
+    /// daemon).
+    pub registry_protocol: String,
     /// The virtual NIC, when the daemon runs as `pilotd up` (extension; absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inside: Option<InsideInfo>,

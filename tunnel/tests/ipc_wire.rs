@@ -508,6 +508,7 @@ fn info_json_uses_v1_field_names() {
         // Extensions.
         "pid",
         "version",
+        "registry_protocol",
     ];
     top.sort();
     assert_eq!(keys(&v), top);

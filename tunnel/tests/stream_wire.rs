@@ -679,3 +679,148 @@ fn a_refused_deferred_dial_fails_as_refused() {
     assert_eq!(c.error(), Some(ConnError::Refused));
     assert!(c.is_drained());
 }
+
+/// Runs every timer of `h` up to `until`, delivering nothing from the peer; returns what was
+/// sent, with the time of each packet.
+fn run_silent(
+    ep: &mut Endpoint,
+    h: ConnHandle,
+    until: Instant,
+) -> Vec<(Instant, PacketRepr, Vec<u8>)> {
+    let mut sent = Vec::new();
+    while let Some(now) = ep.connection(h).and_then(|c| c.poll_timeout()) {
+        if now > until {
+            break;
+        }
+        ep.handle_timeout(now);
+        for p in drain(ep, h, now) {
+            let (r, payload) = parse(&p);
+            sent.push((now, r, payload));
+        }
+    }
+    sent
+}
+
+/// We half-close toward a v1 peer: v1 answers our FIN with FIN|ACK, which puts it in
+/// TIME_WAIT for good (wire §3.6): it sends nothing more, never a FIN of its own.
+fn half_closed_toward_v1(t0: Instant) -> (Endpoint, ConnHandle, SocketAddr) {
+    let (mut ep, h, local) = dial_v1(t0, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    ep.connection(h).unwrap().write(b"abc").unwrap();
+    ep.connection(h).unwrap().shutdown(t0);
+    drain(&mut ep, h, t0);
+    let t1 = t0 + Duration::from_millis(50);
+    ep.handle(t1, &v1_packet(Flags::ACK, peer, local, 1, 4, 512, b"hi"));
+    let fin = drain(&mut ep, h, t1)
+        .iter()
+        .map(|p| parse(p).0)
+        .find(|r| r.flags == Flags::FIN)
+        .unwrap();
+    assert_eq!(fin.seq, 4);
+    ep.handle(
+        t1,
+        &v1_packet(Flags::FIN | Flags::ACK, peer, local, 3, 5, 0, &[]),
+    );
+    assert_eq!(ep.connection(h).unwrap().state(), State::FinWait2);
+    (ep, h, local)
+}
+
+#[test]
+fn a_v1_peer_that_answered_our_fin_has_finished_reading_ends() {
+    let t0 = Instant::now();
+    let (mut ep, h, _) = half_closed_toward_v1(t0);
+    let t1 = t0 + Duration::from_millis(50);
+    let mut buf = [0u8; 8];
+    assert_eq!(ep.connection(h).unwrap().read(&mut buf), Ok(2));
+    assert_eq!(
+        ep.connection(h).unwrap().read(&mut buf),
+        Err(tunnel::stream::ReadError::Blocked)
+    );
+    let sent = run_silent(&mut ep, h, t1 + Duration::from_secs(7));
+    // A few keepalive probes (seq one below our next), which v1 never answers ...
+    let probes = sent
+        .iter()
+        .filter(|(_, r, p)| r.flags == Flags::ACK && r.seq == 3 && p.is_empty())
+        .count();
+    assert!((1..=5).contains(&probes), "{sent:?}");
+    // ... then, within 7 s (at the minimum RTO), the stream ends cleanly: no FIN|ACK (v1 sent no FIN),
+    // no RST.
+    assert!(
+        sent.iter()
+            .all(|(_, r, _)| !r.flags.contains(Flags::FIN) && !r.flags.contains(Flags::RST)),
+        "{sent:?}"
+    );
+    let mut c = ep.connection(h).unwrap();
+    assert_eq!(c.read(&mut buf), Ok(0), "end of stream");
+    assert_eq!(c.error(), None);
+    assert_eq!(c.state(), State::TimeWait);
+}
+
+#[test]
+fn a_peer_that_answers_the_probe_after_our_fin_may_still_send() {
+    let t0 = Instant::now();
+    let (mut ep, h, local) = half_closed_toward_v1(t0);
+    let peer = SocketAddr::new(B, 1000);
+    let t1 = t0 + Duration::from_millis(50);
+    // The first probe goes out (after the delayed ACK of "hi"); a pilot peer answers it at
+    // once with an ACK.
+    let mut t = t1;
+    let mut probed = false;
+    while !probed && t < t1 + Duration::from_secs(1) {
+        t = ep.connection(h).unwrap().poll_timeout().unwrap();
+        ep.handle_timeout(t);
+        probed = drain(&mut ep, h, t).iter().any(|p| parse(p).0.seq == 3);
+    }
+    assert!(probed, "no probe within a second of our FIN being answered");
+    ep.handle(t, &v1_packet(Flags::ACK, peer, local, 3, 4, 512, &[]));
+    // It keeps reading for as long as the peer sends nothing (no end without its FIN) ...
+    let later = t1 + Duration::from_secs(25);
+    run_silent(&mut ep, h, later);
+    let mut buf = [0u8; 8];
+    let mut c = ep.connection(h).unwrap();
+    assert_eq!(c.state(), State::FinWait2);
+    assert_eq!(c.read(&mut buf), Ok(2));
+    assert_eq!(c.read(&mut buf), Err(tunnel::stream::ReadError::Blocked));
+    drop(c);
+    // ... then its data and its FIN arrive.
+    ep.handle(
+        later,
+        &v1_packet(Flags::ACK, peer, local, 3, 4, 512, b"late"),
+    );
+    ep.handle(later, &v1_packet(Flags::FIN, peer, local, 7, 0, 0, &[]));
+    let mut c = ep.connection(h).unwrap();
+    assert_eq!(c.read(&mut buf), Ok(4));
+    assert_eq!(&buf[..4], b"late");
+    assert_eq!(c.read(&mut buf), Ok(0));
+    assert_eq!(c.state(), State::TimeWait);
+}
+
+#[test]
+fn our_fin_after_the_peers_is_resent_only_briefly_and_ends_cleanly() {
+    let t0 = Instant::now();
+    let (mut ep, h, local) = dial_v1(t0, 1000, 512);
+    let peer = SocketAddr::new(B, 1000);
+    // v1 closes first; we answer FIN|ACK, then close.
+    ep.handle(t0, &v1_packet(Flags::FIN, peer, local, 1, 0, 0, &[]));
+    let out = drain(&mut ep, h, t0);
+    assert_eq!(parse(&out[0]).0.flags, Flags::FIN | Flags::ACK);
+    ep.connection(h).unwrap().close(t0);
+    let fin = drain(&mut ep, h, t0);
+    assert_eq!(fin.len(), 1);
+    assert_eq!(parse(&fin[0]).0.flags, Flags::FIN);
+    // The v1 peer has forgotten the connection and stays silent.
+    let sent = run_silent(&mut ep, h, t0 + Duration::from_secs(120));
+    let fins: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, r, _)| r.flags == Flags::FIN)
+        .map(|(t, _, _)| *t - t0)
+        .collect();
+    assert_eq!(fins.len(), 2, "FIN sent three times in all: {sent:?}");
+    assert!(
+        sent.iter().all(|(_, r, _)| !r.flags.contains(Flags::RST)),
+        "no RST: {sent:?}"
+    );
+    let c = ep.connection(h).unwrap();
+    assert_eq!((c.state(), c.error()), (State::Closed, None));
+    assert!(*fins.last().unwrap() < Duration::from_secs(3), "{fins:?}");
+}

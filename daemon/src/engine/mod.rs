@@ -425,6 +425,8 @@ pub struct Engine {
     link_events: mpsc::Receiver<LinkEvent>,
     started: Instant,
     registered: Option<Value>,
+    /// The protocol the registry spoke at the last registration (Info `registry_protocol`).
+    registry_protocol: Option<pilot_registry_client::RegistryProtocol>,
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
     /// When the last dropped-datagram warning was logged, and drops since.
@@ -520,6 +522,7 @@ impl Engine {
             link_events,
             started: Instant::now(),
             registered: None,
+            registry_protocol: None,
             shutting_down: false,
             node_tx,
             drop_log: None,
@@ -675,7 +678,11 @@ impl Engine {
 
     fn on_link(&mut self, now: Instant, e: LinkEvent) {
         match e {
-            LinkEvent::Registered { node, reply } => {
+            LinkEvent::Registered {
+                node,
+                reply,
+                protocol,
+            } => {
                 self.config.events.emit(
                     "node.registered",
                     json!({"address": Addr::new(0, node).to_string(),
@@ -684,6 +691,7 @@ impl Engine {
                 let _ = self.node_tx.send(node);
                 self.node.set_node(node);
                 self.registered = Some(reply);
+                self.registry_protocol = Some(protocol);
                 self.discover();
             }
             LinkEvent::Heartbeat => self.discover(),
@@ -778,6 +786,7 @@ impl Engine {
             "node_id": node,
             "address": Addr::new(0, node).to_string(),
             "hostname": self.registered.as_ref().and_then(|r| r.get("hostname")).cloned().unwrap_or(json!("")),
+            "registry_protocol": self.registry_protocol.map(|p| p.as_str()).unwrap_or_default(),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,
             "ports": self.apps.ports(),

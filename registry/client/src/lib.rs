@@ -5,12 +5,23 @@
 //! The frame codec, the signed strings and the base64 forms come from the sans-IO
 //! [`tunnel::registry`]; this crate only adds the tokio transport, so a node links no part of
 //! the registry server.
+//!
+//! # Which protocol the registry speaks
+//!
+//! [`Client::negotiate`] sends the `hello` extension first. `pilot-registry` answers with a
+//! session nonce ([`RegistryProtocol::Pilot`]): the node then proves its key and
+//! authenticates the session. A v1 registry knows no `hello` and answers with its one error
+//! form, `{"type":"error","error":"request failed"}` without a `code`
+//! ([`RegistryProtocol::V1`]): the node then speaks only the v1 forms of wire §4.3, each
+//! signed request carrying a fixed-string signature ([`sign_request_v1`]). A refusal that
+//! carries a `code` comes from `pilot-registry` (throttled, say) and is an error, never a
+//! reason to fall back.
 
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tunnel::registry::auth::{b64, register_message, session_message};
-use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError};
+use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError, Request};
 
 pub mod tls;
 
@@ -53,11 +64,55 @@ pub enum ClientError {
     /// The registry refused the request.
     #[error("registry refused ({code}): {message}")]
     Refused {
-        /// Stable error code (`request_failed` from a v1 registry).
+        /// Stable error code ([`ClientError::V1_CODE`] when the refusal has none, as every
+        /// refusal from a v1 registry).
         code: String,
         /// Reason.
         message: String,
     },
+    /// A success reply lacks a field the request needs.
+    #[error("registry reply to {request} has no {field}")]
+    MissingField {
+        /// The request's type.
+        request: &'static str,
+        /// The field.
+        field: &'static str,
+    },
+}
+
+impl ClientError {
+    /// The code a refusal without a `code` field gets (v1 registries send none, wire §4.2).
+    pub const V1_CODE: &'static str = "request_failed";
+
+    /// Whether this is a refusal in v1's form: an `error` string and no `code`.
+    pub fn is_v1_refusal(&self) -> bool {
+        matches!(self, ClientError::Refused { code, .. } if code == Self::V1_CODE)
+    }
+}
+
+/// Which form of the registry protocol a connection speaks (see the crate documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryProtocol {
+    /// `pilot-registry`: session nonce, proven registration, authenticated session, pushes.
+    Pilot,
+    /// A v1 registry: plain `register`, fixed-string signatures, polled handshakes.
+    V1,
+}
+
+impl RegistryProtocol {
+    /// The name reported in the daemon's Info (`registry_protocol`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistryProtocol::Pilot => "pilot",
+            RegistryProtocol::V1 => "v1",
+        }
+    }
+}
+
+impl std::fmt::Display for RegistryProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One connection to a registry.
@@ -66,6 +121,7 @@ pub struct Client<S> {
     stream: S,
     dec: FrameDecoder,
     buf: Vec<u8>,
+    /// A nonce from [`Client::negotiate`] not yet signed; each nonce is signed once.
     nonce: Option<String>,
 }
 
@@ -124,20 +180,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
-    /// Sends one request and returns the reply; a refusal is [`ClientError::Refused`].
+    /// Sends one request and returns the reply; a refusal (a string `error` field, or the
+    /// type `error`) is [`ClientError::Refused`].
     pub async fn call(&mut self, req: &Value) -> Result<Value, ClientError> {
         let v = self.call_raw(req).await?;
-        match v.get("error").and_then(Value::as_str) {
-            Some(msg) => Err(ClientError::Refused {
-                code: v
-                    .get("code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("request_failed")
-                    .to_owned(),
-                message: msg.to_owned(),
-            }),
-            None => Ok(v),
+        let message = v.get("error").and_then(Value::as_str);
+        if message.is_none() && v.get("type").and_then(Value::as_str) != Some("error") {
+            return Ok(v);
         }
+        Err(ClientError::Refused {
+            code: v
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or(ClientError::V1_CODE)
+                .to_owned(),
+            message: message.unwrap_or("request failed").to_owned(),
+        })
     }
 
     /// Sends one request and returns the reply, refusals included.
@@ -166,13 +224,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Asks for a fresh session nonce.
     pub async fn hello(&mut self) -> Result<String, ClientError> {
         let v = self.call(&json!({"type": "hello"})).await?;
-        let nonce = v
-            .get("nonce")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        self.nonce = Some(nonce.clone());
-        Ok(nonce)
+        match v.get("nonce").and_then(Value::as_str) {
+            Some(n) if !n.is_empty() => Ok(n.to_owned()),
+            _ => Err(ClientError::MissingField {
+                request: "hello",
+                field: "nonce",
+            }),
+        }
+    }
+
+    /// Finds out which protocol the registry speaks by sending `hello`. With
+    /// [`RegistryProtocol::Pilot`] the nonce is kept for the next [`Client::register_proven`]
+    /// or [`Client::authenticate`]. A v1-form refusal means [`RegistryProtocol::V1`]; any
+    /// other failure is returned.
+    pub async fn negotiate(&mut self) -> Result<RegistryProtocol, ClientError> {
+        match self.hello().await {
+            Ok(n) => {
+                self.nonce = Some(n);
+                Ok(RegistryProtocol::Pilot)
+            }
+            Err(e) if e.is_v1_refusal() => Ok(RegistryProtocol::V1),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The nonce [`Client::negotiate`] kept, or a fresh one.
+    async fn unused_nonce(&mut self) -> Result<String, ClientError> {
+        match self.nonce.take() {
+            Some(n) => Ok(n),
+            None => self.hello().await,
+        }
     }
 
     /// Registers `key` with a proof of possession; the session is then bound to the node.
@@ -183,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         listen_addr: &str,
         hostname: Option<&str>,
     ) -> Result<Value, ClientError> {
-        let nonce = self.hello().await?;
+        let nonce = self.unused_nonce().await?;
         let pk = b64(key.verifying_key().as_bytes());
         let proof = b64(&key
             .sign(register_message(&nonce, &pk).as_bytes())
@@ -197,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Authenticates the session as `node` with a fresh nonce.
     pub async fn authenticate(&mut self, node: u32, key: &SigningKey) -> Result<(), ClientError> {
-        let nonce = self.hello().await?;
+        let nonce = self.unused_nonce().await?;
         let sig = b64(&key
             .sign(session_message(&nonce, node).as_bytes())
             .to_bytes());
@@ -205,11 +286,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await
             .map(drop)
     }
+
+    /// Registers `key` in v1's form (wire §4.3: no proof; the session stays
+    /// unauthenticated). Returns the `register_ok` reply.
+    pub async fn register_v1(
+        &mut self,
+        key: &SigningKey,
+        listen_addr: &str,
+        hostname: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let pk = b64(key.verifying_key().as_bytes());
+        let mut req = json!({"type": "register", "listen_addr": listen_addr, "public_key": pk});
+        if let Some(h) = hostname {
+            req["hostname"] = json!(h);
+        }
+        if let Some(o) = owner {
+            req["owner"] = json!(o);
+        }
+        self.call(&req).await
+    }
 }
 
 /// v1's fixed-string signature: standard base64 of `key`'s signature over `challenge`.
 pub fn sign_v1(key: &SigningKey, challenge: &str) -> String {
     b64(&key.sign(challenge.as_bytes()).to_bytes())
+}
+
+/// Gives `req` the `signature` a v1 registry checks (wire §4.3: `key`'s signature over the
+/// request's fixed challenge string, e.g. `heartbeat:7`). Requests v1 does not sign, requests
+/// that do not parse (the registry will refuse them anyway) and requests that already carry
+/// a signature are left as they are.
+pub fn sign_request_v1(key: &SigningKey, req: &mut Value) {
+    if req
+        .get("signature")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
+    {
+        return;
+    }
+    let Ok(parsed) = serde_json::from_value::<Request>(req.clone()) else {
+        return;
+    };
+    if let (Some(challenge), Some(o)) = (parsed.challenge(), req.as_object_mut()) {
+        o.insert("signature".into(), json!(sign_v1(key, &challenge)));
+    }
 }
 
 #[cfg(test)]
@@ -430,6 +551,124 @@ mod tests {
                 proof
             ),
             Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_v1_refusal_of_hello_means_a_v1_registry_and_a_coded_one_is_an_error() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let server = tokio::spawn(async move {
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            reply(&mut far, br#"{"type":"error","error":"request failed"}"#).await;
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            // A v1 registry's error form without any `error` string is a refusal too.
+            reply(&mut far, br#"{"type":"error"}"#).await;
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            reply(
+                &mut far,
+                br#"{"type":"error","error":"slow down","code":"throttled"}"#,
+            )
+            .await;
+            assert_eq!(read_request(&mut far).await["type"], "hello");
+            reply(&mut far, br#"{"type":"hello_ok","nonce":"bm9uY2U="}"#).await;
+            // The negotiated nonce is the one the registration proves.
+            read_request(&mut far).await
+        });
+        assert_eq!(c.negotiate().await.unwrap(), RegistryProtocol::V1);
+        assert_eq!(c.negotiate().await.unwrap(), RegistryProtocol::V1);
+        let e = c.negotiate().await.unwrap_err();
+        assert!(!e.is_v1_refusal(), "{e}");
+        assert_eq!(c.negotiate().await.unwrap(), RegistryProtocol::Pilot);
+        let key = SigningKey::from_bytes(&[6; 32]);
+        let pk = b64(key.verifying_key().as_bytes());
+        // The far end stops answering after the register it reads.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            c.register_proven(&key, ":4000", None),
+        )
+        .await;
+        let reg = server.await.unwrap();
+        assert_eq!(reg["type"], "register");
+        let raw = tunnel::registry::auth::decode_key(&pk).unwrap();
+        assert_eq!(
+            tunnel::registry::auth::verify(
+                &raw,
+                register_message("bm9uY2U=", &pk).as_bytes(),
+                reg["proof"].as_str().unwrap()
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn v1_requests_get_their_fixed_string_signatures() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let raw = key.verifying_key().to_bytes();
+        let cases = [
+            (json!({"type": "heartbeat", "node_id": 12}), "heartbeat:12"),
+            (
+                json!({"type": "resolve", "node_id": 3, "requester_id": 12}),
+                "resolve:12:3",
+            ),
+            (
+                json!({"type": "request_handshake", "from_node_id": 12, "to_node_id": 3,
+                       "justification": "hi"}),
+                "handshake:12:3",
+            ),
+            (
+                json!({"type": "respond_handshake", "node_id": 12, "peer_id": 3, "accept": true}),
+                "respond:12:3",
+            ),
+            (
+                json!({"type": "poll_handshakes", "node_id": 12}),
+                "poll_handshakes:12",
+            ),
+            (
+                json!({"type": "set_hostname", "node_id": 12, "hostname": "a"}),
+                "set_hostname:12",
+            ),
+        ];
+        for (mut req, challenge) in cases {
+            sign_request_v1(&key, &mut req);
+            let sig = req["signature"].as_str().unwrap();
+            assert_eq!(
+                tunnel::registry::auth::verify(&raw, challenge.as_bytes(), sig),
+                Ok(()),
+                "{req}"
+            );
+        }
+        // Unsigned requests stay unsigned; a signature already there is kept.
+        let mut lookup = json!({"type": "lookup", "node_id": 3});
+        sign_request_v1(&key, &mut lookup);
+        assert!(lookup.get("signature").is_none());
+        let mut rotate = json!({"type": "rotate_key", "node_id": 12, "signature": "kept",
+                                "new_public_key": "x"});
+        sign_request_v1(&key, &mut rotate);
+        assert_eq!(rotate["signature"], "kept");
+    }
+
+    #[tokio::test]
+    async fn v1_registration_sends_no_proof() {
+        let (near, mut far) = tokio::io::duplex(4096);
+        let mut c = Client::new(near);
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let server = tokio::spawn(async move {
+            let reg = read_request(&mut far).await;
+            reply(&mut far, br#"{"type":"register_ok","node_id":4}"#).await;
+            reg
+        });
+        let v = c
+            .register_v1(&key, ":4000", Some("agent"), Some("ops"))
+            .await
+            .unwrap();
+        assert_eq!(v["node_id"], 4);
+        let reg = server.await.unwrap();
+        assert_eq!(
+            reg,
+            json!({"type": "register", "listen_addr": ":4000",
+                   "public_key": b64(key.verifying_key().as_bytes()),
+                   "hostname": "agent", "owner": "ops"})
         );
     }
 }

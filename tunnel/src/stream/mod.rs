@@ -289,6 +289,13 @@ const MAX_SYN_INTERVAL: Duration = Duration::from_secs(8);
 const MAX_PERSIST: Duration = Duration::from_secs(30);
 /// Duplicate ACKs that trigger fast retransmit.
 const DUP_THRESH: u32 = 3;
+/// Keepalive probes sent after the peer answered our FIN, to learn whether it may still send
+/// (see [`Connection::check_peer_finished`]). Five, so that one of our peers on a path losing
+/// 10 % of packets each way is taken for a silent one about once in 4,000 half-closes.
+const FIN_WAIT_PROBES: u8 = 5;
+/// Transmissions of our FIN after the peer's FIN was received (LAST_ACK) before the
+/// connection ends without its answer (see [`Connection::on_retransmit_timer`]).
+const LAST_ACK_FIN_TRANSMISSIONS: u8 = 3;
 
 /// HyStart++ (RFC 9406) delay-increase detection: leave slow start when the minimum RTT of a
 /// round grows by more than an eighth (clamped to 4..16 ms) over the previous round's.
@@ -371,6 +378,9 @@ pub struct Connection {
     peer_fin: Option<u64>,
     peer_fin_seq: u32,
     fin_ack_pending: bool,
+    /// Probes sent in FIN_WAIT_2 to learn whether the peer, having answered our FIN, may
+    /// still send; `None` when not (or no longer) asking.
+    fin_wait_probes: Option<u8>,
     rst_pending: bool,
     keepalive_pending: bool,
     /// A keepalive probe went out and nothing has arrived since.
@@ -481,6 +491,7 @@ impl Connection {
             peer_fin: None,
             peer_fin_seq: 0,
             fin_ack_pending: false,
+            fin_wait_probes: None,
             rst_pending: false,
             keepalive_pending: false,
             probe_outstanding: false,
@@ -806,6 +817,13 @@ impl Connection {
             return;
         }
         self.stats.segments_received += 1;
+        if self.probe_outstanding
+            && self.fin_wait_probes.is_some()
+            && !seg.flags.contains(Flags::FIN)
+        {
+            // The peer answered after our FIN was: it is not a v1 peer in TIME_WAIT.
+            self.fin_wait_probes = None;
+        }
         if self.probe_outstanding {
             self.probe_outstanding = false;
             self.peer_answers_probes = true;
@@ -1012,6 +1030,11 @@ impl Connection {
                     // A v1 peer never sends its own FIN after answering ours: a closed
                     // connection waits for one only so long.
                     self.set_timer(Timer::TimeWait, Some(now + self.config.fin_wait2));
+                }
+                if !self.peer_answers_probes {
+                    // It may be a v1 peer, which has now finished both directions: ask.
+                    self.fin_wait_probes = Some(0);
+                    self.set_timer(Timer::Retransmit, Some(now + self.rtt.rto()));
                 }
             }
             State::Closing => {
@@ -1273,13 +1296,25 @@ impl Connection {
                 return;
             }
             State::TimeWait | State::Closed => return,
+            State::FinWait2 => {
+                self.check_peer_finished(now);
+                return;
+            }
             _ => {}
         }
         if self.send.in_flight_segments() == 0 {
             if self.fin_sent && self.fin_pending {
                 // Our FIN went unanswered.
                 self.fin_transmissions = self.fin_transmissions.saturating_add(1);
-                if self.fin_transmissions > self.config.max_retransmits {
+                if self.state == State::LastAck
+                    && self.fin_transmissions >= LAST_ACK_FIN_TRANSMISSIONS
+                {
+                    // The peer finished first and acknowledged every byte we sent: our FIN
+                    // only tells it we are done too. A v1 peer forgets the connection 10 to
+                    // 25 s after its FIN and then ignores FINs (v1 wire §3.6), so the FIN is
+                    // not resent for long, and the end is clean: no RST, no error.
+                    self.finish(now, None);
+                } else if self.fin_transmissions > self.config.max_retransmits {
                     self.fail(now, ConnError::TimedOut);
                 } else {
                     self.fin_sent = false;
@@ -1319,6 +1354,32 @@ impl Connection {
         self.dup_acks = 0;
         self.send.mark_all_lost();
         self.set_timer(Timer::Retransmit, Some(now + self.current_rto()));
+    }
+
+    /// FIN_WAIT_2 after the peer answered our FIN: tells a v1 peer, which has then finished
+    /// both directions, from one of ours, which may still send (half-close).
+    ///
+    /// v1 wire §3.6: a v1 peer answers our FIN with FIN|ACK and enters TIME_WAIT, where it
+    /// sends no data and never a FIN of its own. Our peers answer a keepalive probe at once;
+    /// v1 never does. So up to [`FIN_WAIT_PROBES`] probes go out, the first one RTO after
+    /// the FIN|ACK, then doubling (6.2 s in all at the minimum RTO); an answer (any segment
+    /// other than a FIN after a probe) keeps the connection open until the peer's FIN,
+    /// silence ends the peer's direction here as its FIN would have.
+    fn check_peer_finished(&mut self, now: Instant) {
+        let Some(sent) = self.fin_wait_probes else {
+            return;
+        };
+        if sent < FIN_WAIT_PROBES {
+            self.fin_wait_probes = Some(sent + 1);
+            self.keepalive_pending = true;
+            let wait = (self.rtt.rto() * (1u32 << sent)).min(rtt::MAX_RTO);
+            self.set_timer(Timer::Retransmit, Some(now + wait));
+            return;
+        }
+        self.fin_wait_probes = None;
+        self.peer_fin = Some(self.recv.nxt());
+        self.state = State::TimeWait;
+        self.enter_time_wait(now);
     }
 
     // ---- output --------------------------------------------------------------------------
