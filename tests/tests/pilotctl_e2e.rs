@@ -1484,6 +1484,25 @@ async fn one_condition_one_code() {
         a.err(&["send-message", &b.addr(), "after"]).await,
         "untrusted"
     );
+    // Both ends dropped the tunnel with the trust (as a v1 peer does).
+    for (me, other) in [(&a, b.id), (&b, a.id)] {
+        eventually("the tunnel to be dropped", || async {
+            !has_node(&me.ok(&["peers"]).await["peers"], other)
+        })
+        .await;
+    }
+    // Trust again: a fresh key exchange, and messages flow.
+    a.ok(&["handshake", &b.addr(), "again"]).await;
+    eventually("the second request to reach b", || async {
+        has_node(&b.ok(&["pending"]).await["pending"], a.id)
+    })
+    .await;
+    b.ok(&["approve", &a.id.to_string()]).await;
+    eventually("a to learn of the second approval", || async {
+        has_node(&a.ok(&["trust"]).await["trusted"], b.id)
+    })
+    .await;
+    a.ok(&["send-message", &b.addr(), "again"]).await;
     a.node.shutdown().await;
     b.node.shutdown().await;
 }
