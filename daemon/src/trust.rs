@@ -756,18 +756,6 @@ fn build(
     serde_json::to_vec(&msg).unwrap_or_default()
 }
 
-/// How long after a peer's revoke arrived its tunnel is dropped: the stream that carried it
-/// has closed by then.
-const FORGET_AFTER_REVOKE: Duration = Duration::from_secs(2);
-
-/// Drops the tunnel to `peer` once trust with it ended: a v1 peer drops its side then, so a
-/// session kept here would only send what it can no longer open.
-async fn forget_tunnel(engine: &EngineHandle, peer: u32) {
-    let _ = engine
-        .send(crate::engine::Cmd::ForgetPeer { node: peer })
-        .await;
-}
-
 /// Sends one message to `peer`'s port 444: dial, write, finish, and wait briefly for the
 /// peer to finish too.
 async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<(), DeliveryError> {
@@ -1377,14 +1365,7 @@ impl Actor {
                 if let Err(e) = registry(&self.link, req).await {
                     tracing::warn!(peer, error = %e, "registry revoke_trust failed");
                 }
-                let body = build(&self.key.key(), me, peer, REVOKE, "", "trust revoked");
-                let engine = self.engine.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = send_direct(&engine, peer, &body).await {
-                        tracing::debug!(peer, error = %e, "direct revoke not delivered");
-                    }
-                    forget_tunnel(&engine, peer).await;
-                });
+                self.spawn_direct(me, peer, REVOKE, "", "trust revoked");
                 Ok(status(HandshakeStatus::REVOKED, peer))
             }
         }
@@ -1652,12 +1633,6 @@ impl Actor {
         }
         if was {
             self.emit(TrustEvent::RevokedByPeer { peer });
-            let engine = self.engine.clone();
-            tokio::spawn(async move {
-                // After the stream that carried the revoke has closed.
-                tokio::time::sleep(FORGET_AFTER_REVOKE).await;
-                forget_tunnel(&engine, peer).await;
-            });
             let req = json!({"type": "revoke_trust", "node_id": me, "peer_id": peer});
             // The peer usually withdrew the pair already; a not-found answer is expected.
             let _ = registry(&self.link, req).await;

@@ -114,13 +114,6 @@ pub enum AppEvent {
 /// A request to the engine.
 #[derive(Debug)]
 pub enum Cmd {
-    /// Drop the tunnel to `node` (its session, keys and endpoint): trust with it ended, and
-    /// a v1 peer drops its side of the tunnel then (v1 wire §6.3), so the next contact must
-    /// start with a fresh key exchange.
-    ForgetPeer {
-        /// The node.
-        node: u32,
-    },
     /// Listen on a port (stream connections and datagrams).
     Listen {
         /// The port.
@@ -678,7 +671,6 @@ impl Engine {
                 let _ = reply.send(self.info());
             }
             Cmd::SetGate(gate) => self.node.set_gate(Some(gate)),
-            Cmd::ForgetPeer { node } => self.node.forget_peer(node),
             Cmd::Shutdown => self.begin_shutdown(now),
             other => self.apps.on_cmd(now, &mut self.node, other),
         }
