@@ -1484,8 +1484,7 @@ async fn one_condition_one_code() {
         a.err(&["send-message", &b.addr(), "after"]).await,
         "untrusted"
     );
-    // Trust again (both ends dropped the tunnel with the trust, as a v1 peer does, so this
-    // starts with a fresh key exchange), and messages flow.
+    // Trust given again: messages flow.
     a.ok(&["handshake", &b.addr(), "again"]).await;
     eventually("the second request to reach b", || async {
         has_node(&b.ok(&["pending"]).await["pending"], a.id)
