@@ -497,6 +497,18 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
         fmt_bytes(i.bytes_recv),
         i.pkts_recv,
     );
+    if let Some(r) = &i.registry {
+        let since = fmt_duration(Duration::from_secs(r.since_secs));
+        let _ = match (r.connected, &r.error) {
+            (true, _) => writeln!(text, "Registry:     connected for {since}"),
+            (false, Some(e)) => writeln!(
+                text,
+                "Registry:     NOT CONNECTED for {since}: {}; retrying",
+                crate::services::clean(e)
+            ),
+            (false, None) => writeln!(text, "Registry:     connecting ({since})"),
+        };
+    }
     if i.registry_protocol == "v1" {
         text.push_str(
             "Registry:     v1 (no session extensions: fixed-string signatures, handshakes polled)\n",

@@ -1499,3 +1499,52 @@ async fn one_condition_one_code() {
     a.node.shutdown().await;
     b.node.shutdown().await;
 }
+
+/// `info` says whether the registry link is up, and why not when it is down, instead of a
+/// node that silently shows node 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_reports_the_registry_link() {
+    let reg = registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = start(&reg, &dir.path().join("up"), false).await;
+    let info = up.ok(&["info"]).await;
+    assert_eq!(info["registry"]["connected"], true, "{info}");
+
+    // A registry address where nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let home = dir.path().join("down");
+    let sock = home.join("pilotd.sock");
+    let cli = Cli {
+        registry: Some(nowhere),
+        beacon: Some(String::new()),
+        listen: Some("127.0.0.1:0".into()),
+        home: Some(home.clone()),
+        socket: Some(sock.clone()),
+        ..Cli::default()
+    };
+    let node = Node::start(&cli.resolve().unwrap()).await.unwrap();
+    let sock = sock.to_string_lossy().into_owned();
+    let mut last = Value::Null;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        let out = run_captured(&["--json", "--socket", &sock, "info"]).await;
+        last = out.json();
+        if last["data"]["registry"]["error"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["data"]["registry"]["connected"], false, "{last}");
+    assert!(
+        last["data"]["registry"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{last}"
+    );
+    let text = run_captured(&["--socket", &sock, "info"]).await;
+    assert!(text.stdout.contains("NOT CONNECTED"), "{}", text.stdout);
+    node.shutdown().await;
+    up.node.shutdown().await;
+}

@@ -1044,12 +1044,27 @@ pub struct Info {
     /// signatures, no pushes); "" before the first registration (extension; "" from a v1
     /// daemon).
     pub registry_protocol: String,
+    /// The registry link's state (extension; absent from a v1 daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryLinkInfo>,
     /// The virtual NIC, when the daemon runs as `pilotd up` (extension; absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inside: Option<InsideInfo>,
     /// The beacon, when NAT traversal through one is on (extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub beacon: Option<BeaconInfo>,
+}
+
+/// The registry link as [`Info::registry`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegistryLinkInfo {
+    /// Whether the node has a registered session now.
+    pub connected: bool,
+    /// Seconds in this state (since start while it never connected).
+    pub since_secs: u64,
+    /// Why the last attempt or session failed, while not connected.
+    pub error: Option<String>,
 }
 
 /// The beacon as [`Info::beacon`] reports it.

@@ -427,6 +427,8 @@ pub struct Engine {
     registered: Option<Value>,
     /// The protocol the registry spoke at the last registration (Info `registry_protocol`).
     registry_protocol: Option<pilot_registry_client::RegistryProtocol>,
+    /// Whether the registry link has a session, since when, and why not (Info `registry`).
+    registry_link: (bool, Instant, Option<String>),
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
     /// When the last dropped-datagram warning was logged, and drops since.
@@ -523,6 +525,7 @@ impl Engine {
             started: Instant::now(),
             registered: None,
             registry_protocol: None,
+            registry_link: (false, Instant::now(), None),
             shutting_down: false,
             node_tx,
             drop_log: None,
@@ -692,6 +695,7 @@ impl Engine {
                 self.node.set_node(node);
                 self.registered = Some(reply);
                 self.registry_protocol = Some(protocol);
+                self.registry_link = (true, Instant::now(), None);
                 self.discover();
             }
             LinkEvent::Heartbeat => self.discover(),
@@ -709,7 +713,14 @@ impl Engine {
                     self.node.resolve_failed(now, node);
                 }
             },
-            LinkEvent::Disconnected(_) => {}
+            LinkEvent::Disconnected(why) => {
+                let since = if self.registry_link.0 {
+                    Instant::now()
+                } else {
+                    self.registry_link.1
+                };
+                self.registry_link = (false, since, Some(why));
+            }
             LinkEvent::Rotated(key) => {
                 self.node.set_identity(now, (*key).clone());
                 self.config.events.emit(
@@ -787,6 +798,11 @@ impl Engine {
             "address": Addr::new(0, node).to_string(),
             "hostname": self.registered.as_ref().and_then(|r| r.get("hostname")).cloned().unwrap_or(json!("")),
             "registry_protocol": self.registry_protocol.map(|p| p.as_str()).unwrap_or_default(),
+            "registry": json!({
+                "connected": self.registry_link.0,
+                "since_secs": self.registry_link.1.elapsed().as_secs(),
+                "error": self.registry_link.2,
+            }),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,
             "ports": self.apps.ports(),
