@@ -1,8 +1,10 @@
 //! A multi-node simulator around the sans-IO node core ([`tunnel::node::Node`]): real Ed25519
 //! identities, real X25519 / AES-GCM tunnels, UDP-level links with delay and seeded loss on a
-//! virtual clock, a fake registry answering `NeedKey` / `NeedEndpoint` from memory, and an
-//! optional beacon that relays like the real one (a Relay frame rewritten in place to a
-//! RelayDeliver for the destination's registered endpoint). No sockets, no threads.
+//! virtual clock, a fake registry answering `NeedKey` / `NeedEndpoint` from memory (it may
+//! refuse chosen resolutions, as the real one does without a trust pair), an optional beacon
+//! that relays like the real one (a Relay frame rewritten in place to a RelayDeliver for the
+//! destination's registered endpoint), and hosts behind a NAT that lets in only answers. No
+//! sockets, no threads.
 //!
 //! Each node runs a small application: bulk senders ([`NodeNet::send`]) and sinks that hash
 //! everything a listened port receives, so a test checks SHA-256 of what arrived.
@@ -151,11 +153,21 @@ pub struct NodeNet {
     pub beacon: Option<SocketAddr>,
     /// Pairs of UDP addresses between which direct datagrams are lost (a broken path).
     pub blocked: HashSet<(SocketAddr, SocketAddr)>,
+    /// Hosts behind a NAT that lets a datagram in only from an address the host sent to
+    /// before (the beacon's mapping is kept open by the host's Discovers).
+    pub nat: HashSet<SocketAddr>,
+    /// (requester, target) node IDs whose resolution the registry refuses (a private target
+    /// without a trust pair).
+    pub refused: HashSet<(u32, u32)>,
     /// Datagrams relayed by the beacon.
     pub relayed: u64,
     /// Connection settings of nodes made from now on.
     pub endpoint: EndpointConfig,
     registry: HashMap<u32, (VerifyingKey, SocketAddr)>,
+    /// Resolutions asked, per (requester, target).
+    resolves: HashMap<(u32, u32), u64>,
+    /// (inside, outside) address pairs a NAT lets in: the inside host sent to the outside.
+    opened: HashSet<(SocketAddr, SocketAddr)>,
     queue: BinaryHeap<Reverse<InFlight>>,
     order: u64,
     rng: Rng,
@@ -180,9 +192,13 @@ impl NodeNet {
             loss,
             beacon: None,
             blocked: HashSet::new(),
+            nat: HashSet::new(),
+            refused: HashSet::new(),
             relayed: 0,
             endpoint: EndpointConfig::default(),
             registry: HashMap::new(),
+            resolves: HashMap::new(),
+            opened: HashSet::new(),
             queue: BinaryHeap::new(),
             order: 0,
             rng: Rng::new(seed),
@@ -272,6 +288,12 @@ impl NodeNet {
         let conn = n.node.accept_incoming(now, id).expect("a pending attempt");
         n.sinks.insert(conn, Received::default());
         conn
+    }
+
+    /// Resolutions of node `to`'s endpoint node `from` has asked the registry for.
+    pub fn resolves(&self, from: usize, to: usize) -> u64 {
+        let key = (self.nodes[from].id, self.nodes[to].id);
+        self.resolves.get(&key).copied().unwrap_or(0)
     }
 
     /// Bytes node `from` has handed to its node on `conn` so far.
@@ -367,7 +389,13 @@ impl NodeNet {
     }
 
     fn post(&mut self, src: SocketAddr, dst: SocketAddr, data: Vec<u8>) {
-        if self.rng.chance(self.loss) || self.blocked.contains(&(src, dst)) {
+        if self.nat.contains(&src) {
+            self.opened.insert((src, dst));
+        }
+        let filtered = self.nat.contains(&dst)
+            && Some(src) != self.beacon
+            && !self.opened.contains(&(dst, src));
+        if self.rng.chance(self.loss) || self.blocked.contains(&(src, dst)) || filtered {
             return;
         }
         self.order += 1;
@@ -420,11 +448,19 @@ impl NodeNet {
                     }
                 }
                 Event::NeedEndpoint(node) => {
-                    let ep = self.registry.get(&node).map(|r| r.1);
+                    let requester = self.nodes[i].id;
+                    *self.resolves.entry((requester, node)).or_default() += 1;
+                    let ep = self
+                        .registry
+                        .get(&node)
+                        .map(|r| r.1)
+                        .filter(|_| !self.refused.contains(&(requester, node)));
                     let n = &mut self.nodes[i].node;
                     match ep {
                         Some(ep) => n.endpoint_resolved(now, node, ep),
-                        None => n.resolve_failed(now, node),
+                        None => {
+                            n.resolve_failed(now, node);
+                        }
                     }
                 }
                 Event::Accepted { conn, .. } => {

@@ -1,8 +1,9 @@
 //! The node core ([`tunnel::node::Node`]) in the deterministic simulator with real crypto:
 //! key exchanges through a fake registry, streams with and without loss checked by SHA-256,
-//! a peer restart that re-keys, the trust gate, own-address delivery, a relayed path, the
-//! fallback listener (SYN-ACK only once the owner accepts; refusal answers RST), and idle
-//! connections that cost nothing per timer wake.
+//! a peer restart that re-keys, the trust gate, own-address delivery, a relayed path (and its
+//! way back to direct once the registry resolves the peer), the fallback listener (SYN-ACK
+//! only once the owner accepts; refusal answers RST), and idle connections that cost nothing
+//! per timer wake.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::HashSet;
@@ -225,6 +226,75 @@ fn a_broken_direct_path_goes_through_the_beacon_relay() {
         net.nodes[a].node.peers()[0].path,
         tunnel::node::tunnels::Path::Relay
     );
+}
+
+/// A peer whose resolution the registry first refuses (no trust pair yet) and that is then
+/// reached only through the relay has its endpoint looked up again, about every 10 s, without
+/// those refusals ending dials that go through the relay; once the registry allows the
+/// look-up, the node probes the endpoint and the path turns direct within 20 s. A sits behind
+/// a NAT that lets in only answers, so B's own direct probes never reach it: only A's
+/// look-up can heal the path (as with a v1 peer, which never probes).
+#[test]
+fn a_relayed_peer_the_registry_refused_goes_direct_once_allowed() {
+    use tunnel::node::tunnels::Path;
+    let mut net = NodeNet::new(11, 10 * MS, 0.0).with_beacon();
+    let a = net.add_node(1);
+    let b = net.add_node(2);
+    let (ia, ib) = (net.nodes[a].id, net.nodes[b].id);
+    let (pa, pb) = (net.nodes[a].addr, net.nodes[b].addr);
+    net.nat.insert(pa);
+    net.refused.insert((ia, ib));
+    let peer_b = |n: &NodeNet| n.nodes[a].node.peers().into_iter().find(|p| p.node == ib);
+
+    // A's first dial is refused at once and leaves no peer.
+    let first = net.send(a, b, 79, b"too early".to_vec());
+    let ended = net.run_until(Duration::from_secs(5), |n| {
+        n.nodes[a].closed.contains_key(&first)
+    });
+    assert!(ended, "the refused dial ended");
+    assert_eq!(net.nodes[a].closed[&first], CloseReason::Unreachable);
+    assert!(peer_b(&net).is_none(), "a refused look-up leaves no peer");
+
+    // B reaches A: its direct packets die at A's NAT, so it goes through the relay.
+    transfer(&mut net, b, a, 80, 21, 20_000);
+    assert!(net.relayed > 0, "B's data went through the relay");
+    let p = peer_b(&net).expect("A knows B");
+    assert_eq!((p.path, p.endpoint), (Path::Relay, None));
+
+    // A talks back through the relay while its look-ups of B keep being refused; a refusal
+    // that lands while A's dial is under way does not end it.
+    let (start, asked) = (net.now, net.resolves(a, b));
+    let data = payload(22, 20_000);
+    let want = sha256(&data);
+    net.listen(b, 81);
+    net.send(a, b, 81, data);
+    let now = net.now;
+    assert!(
+        !net.nodes[a].node.resolve_failed(now, ib),
+        "a relayed peer with a session is still reachable"
+    );
+    let ok = net.run_until(Duration::from_secs(30), |n| digests(n, b).contains(&want));
+    assert!(ok, "A's stream through the relay arrived");
+    net.run_until(Duration::from_secs(60), |_| false);
+    let again = net.resolves(a, b) - asked;
+    let secs = net.now.duration_since(start).as_secs();
+    assert!(again >= 5, "A looked B up again {again} times in {secs} s");
+    assert!(
+        again <= secs / 10 + 1,
+        "at most one look-up per 10 s: {again} in {secs} s"
+    );
+    let p = peer_b(&net).expect("refusals keep a relayed peer");
+    assert_eq!((p.path, p.endpoint), (Path::Relay, None));
+
+    // B approves: the registry now resolves B for A. The path turns direct within 20 s.
+    net.refused.remove(&(ia, ib));
+    let direct = net.run_until(Duration::from_secs(20), |n| {
+        peer_b(n).is_some_and(|p| p.path == Path::Direct && p.endpoint == Some(pb))
+    });
+    assert!(direct, "A's path to B: {:?}", peer_b(&net));
+    let relayed = net.relayed;
+    transfer(&mut net, a, b, 82, 23, 20_000);
+    assert_eq!(net.relayed, relayed, "the data went direct");
 }
 
 #[test]

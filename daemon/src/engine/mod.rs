@@ -709,8 +709,11 @@ impl Engine {
                 Ok(ep) => self.node.endpoint_resolved(now, node, ep),
                 Err(e) => {
                     tracing::debug!(node, error = %e, "cannot resolve peer");
-                    self.apps.fail_dials_to(node, Arc::new(e));
-                    self.node.resolve_failed(now, node);
+                    // Dials end only when nothing else reaches the peer; a peer reached
+                    // through the relay keeps them, and its endpoint is asked again later.
+                    if self.node.resolve_failed(now, node) {
+                        self.apps.fail_dials_to(node, Arc::new(e));
+                    }
                 }
             },
             LinkEvent::Disconnected(why) => {

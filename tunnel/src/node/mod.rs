@@ -200,7 +200,9 @@ pub enum Event {
     /// [`Node::key_unavailable`]. Asked once until answered.
     NeedKey(u32),
     /// The endpoint of this node is needed: answer with [`Node::endpoint_resolved`] or
-    /// [`Node::resolve_failed`]. Asked once until answered.
+    /// [`Node::resolve_failed`]. Asked once until answered; asked again (at most every 10 s
+    /// per peer) for a direct peer gone silent and for a relayed peer whose endpoint is
+    /// unknown, so a refused look-up is retried.
     NeedEndpoint(u32),
     /// The beacon reported our public endpoint (reported when it changes).
     Discovered(SocketAddr),
@@ -513,10 +515,18 @@ impl<R: RngCore + CryptoRng> Node<R> {
         self.tunnels.set_endpoint(now, node, endpoint);
     }
 
-    /// `node` cannot be resolved: dials to it that are not yet connected end with
-    /// [`CloseReason::Unreachable`]. Costs a pass over the connections (rare).
-    pub fn resolve_failed(&mut self, now: Instant, node: u32) {
+    /// `node` cannot be resolved. When nothing else reaches it (no session, no endpoint:
+    /// the tunnel forgets it), dials to it that are not yet connected end with
+    /// [`CloseReason::Unreachable`] and this returns `true`. A peer still reached otherwise
+    /// (a session through the relay, an endpoint it was heard from) keeps its dials and its
+    /// entry, whose endpoint is looked up again later (the registry may not allow the
+    /// look-up yet): this returns `false`. Costs a pass over the connections when dials end
+    /// (rare).
+    pub fn resolve_failed(&mut self, now: Instant, node: u32) -> bool {
         self.resolving.remove(&node);
+        if !self.tunnels.remove_if_unknown(node) {
+            return false;
+        }
         let dials: Vec<ConnHandle> = self
             .ids
             .values()
@@ -536,7 +546,7 @@ impl<R: RngCore + CryptoRng> Node<R> {
             }
             self.touch(h);
         }
-        self.tunnels.remove_if_unknown(node);
+        true
     }
 
     /// Forgets everything about `node`'s tunnel (its trust was revoked).

@@ -40,7 +40,10 @@
 //! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
 //! answers a PILA only when our key is new to it: if its one answer was lost (a relay that
 //! dropped it), nothing else would ever key our side;
-//! a relayed peer is probed for a direct path and moves back when one works.
+//! a relayed peer we talk to is probed for a direct path and moves back when one works; one
+//! whose endpoint we do not know (the registry refused it, or it was only heard through the
+//! relay) has it looked up in the registry instead, at most once per probe interval, and is
+//! probed as soon as it is known.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -68,7 +71,8 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Least time between two registry look-ups of the endpoint of a direct peer that stopped
 /// answering (it may have restarted on another port or moved without sending first).
 pub const RERESOLVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How often a relayed peer is probed for a direct path.
+/// How often a relayed peer is probed for a direct path (or, without an endpoint, has it
+/// looked up in the registry).
 pub const DIRECT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Least time between two PILA we send one peer unprompted or in answer.
 pub const PILA_INTERVAL: Duration = Duration::from_secs(1);
@@ -155,6 +159,18 @@ impl Peer {
         self.forget_session();
         self.own_key = None;
         self.pilas_unanswered = 0;
+    }
+
+    /// We talk to the peer: a session is held, or packets of ours wait for one. Only such a
+    /// relayed peer is probed for a direct path (a peer made by frames we could not use is
+    /// not worth a registry look-up).
+    fn in_use(&self) -> bool {
+        self.session.is_some() || !self.queue.is_empty()
+    }
+
+    /// Nothing was ever learned of the peer: no endpoint, no session.
+    fn unknown(&self) -> bool {
+        self.endpoint.is_none() && self.session.is_none()
     }
 }
 
@@ -495,12 +511,19 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     }
 
     /// Sets the direct endpoint of `node` (from the registry) and starts the key exchange:
-    /// a punch request through the beacon and our PILA straight to the endpoint.
+    /// a punch request through the beacon and our PILA straight to the endpoint. A relayed
+    /// peer is probed at once: the PILA goes straight to the endpoint, and the peer's direct
+    /// answer moves the path back (see [`Tunnels::handle_timeout`]).
     pub fn set_endpoint(&mut self, now: Instant, node: u32, endpoint: SocketAddr) {
         let p = self.peer(now, node);
         p.endpoint = Some(endpoint);
-        self.punch_request(node);
-        self.send_pila(now, node, true);
+        if p.path == Path::Relay {
+            p.last_probe = Some(now);
+            self.probe_direct(node, endpoint);
+        } else {
+            self.punch_request(node);
+            self.send_pila(now, node, true);
+        }
         self.schedule(node);
     }
 
@@ -512,13 +535,17 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
 
     /// Drops `node` if nothing was ever learned of it (no endpoint, no session): its
     /// resolution failed, and an entry kept would show as a peer that does not exist.
-    pub fn remove_if_unknown(&mut self, node: u32) {
-        if self
-            .peers
-            .get(&node)
-            .is_some_and(|p| p.endpoint.is_none() && p.session.is_none())
-        {
-            self.remove(node);
+    /// Returns whether `node` is unknown (dropped now, or never held): nothing reaches it.
+    /// A peer with a session (for example through the relay) is kept, and its endpoint is
+    /// looked up again later.
+    pub fn remove_if_unknown(&mut self, node: u32) -> bool {
+        match self.peers.get(&node) {
+            None => true,
+            Some(p) if p.unknown() => {
+                self.remove(node);
+                true
+            }
+            Some(_) => false,
         }
     }
 
@@ -1044,9 +1071,14 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             let Some(packet) = buf.get(HEADROOM..HEADROOM + len) else {
                 return Sent::Dropped;
             };
+            let first = p.queue.is_empty();
             p.queue.push_back(packet.to_vec());
             if p.endpoint.is_none() && p.path == Path::Direct {
                 return Sent::NeedEndpoint;
+            }
+            if first {
+                // A relayed peer with packets waiting is probed for a direct path.
+                self.schedule(node);
             }
             self.send_pila(now, node, false);
             return Sent::Queued;
@@ -1118,7 +1150,8 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     }
 
     /// Runs timers: moves silent direct peers to the relay, probes relayed peers for a direct
-    /// path, and forgets idle peers.
+    /// path (asking [`Tunnels::poll_resolve`] for the endpoint of one without), and forgets
+    /// idle peers.
     pub fn handle_timeout(&mut self, now: Instant) {
         let beacon = self.config.beacon;
         let mut pila = Vec::new();
@@ -1155,9 +1188,21 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     let due = p
                         .last_probe
                         .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_INTERVAL);
-                    if due && p.endpoint.is_some() && p.session.is_some() {
-                        p.last_probe = Some(now);
-                        probe.push((node, p.endpoint));
+                    if due && p.in_use() {
+                        if let Some(ep) = p.endpoint {
+                            p.last_probe = Some(now);
+                            probe.push((node, ep));
+                        }
+                    }
+                    // Without an endpoint the probe starts with the registry: the look-up
+                    // may have been refused before (no trust pair yet), or the peer was
+                    // only ever heard through the relay.
+                    let resolve_due = p
+                        .last_resolve
+                        .is_none_or(|t| now.duration_since(t) >= DIRECT_PROBE_INTERVAL);
+                    if resolve_due && p.endpoint.is_none() && p.in_use() {
+                        p.last_resolve = Some(now);
+                        self.resolve.push_back(node);
                     }
                     if p.session.is_none() {
                         pila.push(node);
@@ -1169,19 +1214,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             self.send_pila(now, node, false);
         }
         for (node, ep) in probe {
-            // A punch through the beacon opens both NATs; our PILA straight to the peer is
-            // answered directly, and the first direct PILS moves the path back.
-            self.punch_request(node);
-            let me = self.me;
-            if let Some(ep) = ep {
-                if me != 0 {
-                    self.out.push_back(Pending::Pila {
-                        node,
-                        dst: ep,
-                        relayed: false,
-                    });
-                }
-            }
+            self.probe_direct(node, ep);
         }
         self.reschedule_all();
         // Work that could not be done now (no node ID yet) waits a moment, never spins.
@@ -1194,6 +1227,20 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     /// registry (the answer goes to [`Tunnels::set_endpoint`]).
     pub fn poll_resolve(&mut self) -> Option<u32> {
         self.resolve.pop_front()
+    }
+
+    /// Probes the direct path of a relayed peer at `ep`. A punch through the beacon opens
+    /// both NATs; our PILA straight to the peer is answered directly, and a verified direct
+    /// PILA from the endpoint or the first direct PILS moves the path back.
+    fn probe_direct(&mut self, node: u32, ep: SocketAddr) {
+        self.punch_request(node);
+        if self.me != 0 {
+            self.out.push_back(Pending::Pila {
+                node,
+                dst: ep,
+                relayed: false,
+            });
+        }
     }
 }
 
@@ -1223,11 +1270,14 @@ fn peer_deadline(p: &Peer, beacon: bool, me: bool) -> Instant {
             }
         }
         Path::Relay => {
-            if p.endpoint.is_some() && p.session.is_some() {
-                due = due.min(
+            if p.in_use() {
+                // A direct probe with an endpoint, a registry look-up without one.
+                let tried = if p.endpoint.is_some() {
                     p.last_probe
-                        .map_or(p.last_tx, |t| t + DIRECT_PROBE_INTERVAL),
-                );
+                } else {
+                    p.last_resolve
+                };
+                due = due.min(tried.map_or(p.last_tx, |t| t + DIRECT_PROBE_INTERVAL));
             }
             if p.session.is_none() && me {
                 due = due.min(p.last_pila.map_or(p.last_tx, |t| t + PILA_INTERVAL));
@@ -1884,6 +1934,68 @@ mod tests {
         assert_eq!(a.t.path(2), Some(Path::Direct));
         assert!(matches!(send(t, &mut a, 2, b"direct"), Sent::Now { dst, .. } if dst == b.addr));
         assert_eq!(pump(t, &mut a, &mut b), 1);
+    }
+
+    #[test]
+    fn a_relayed_peer_without_an_endpoint_is_looked_up_until_found_then_probed() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let mut b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        b.t.set_key(t0, 1, a.t.identity.verifying_key());
+        let relay = |from: &mut Node, to: &mut Node, now: Instant| {
+            while let Some(tx) = from.poll(now) {
+                if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
+                    let mut d = bw::relay_deliver_header(from.t.me).to_vec();
+                    d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
+                    let _ = to.t.handle(now, beacon, &mut d);
+                }
+            }
+        };
+        // A's own look-up of B was refused: a peer made only by our packets is forgotten.
+        assert_eq!(send(t0, &mut a, 2, b"early"), Sent::NeedEndpoint);
+        assert!(a.t.remove_if_unknown(2));
+        assert!(a.t.peers().is_empty());
+        while a.poll(t0).is_some() {}
+        // B reaches A only through the relay: A has a session but no endpoint of B.
+        b.t.peer(t0, 1).endpoint = Some(a.addr);
+        b.t.peer(t0, 1).path = Path::Relay;
+        send(t0, &mut b, 1, b"hi");
+        relay(&mut b, &mut a, t0);
+        relay(&mut a, &mut b, t0);
+        relay(&mut b, &mut a, t0);
+        assert_eq!(a.t.path(2), Some(Path::Relay));
+        assert_eq!(a.t.peers()[0].endpoint, None);
+        assert!(a.t.peers()[0].encrypted);
+        // A looks B's endpoint up at once, then once per probe interval while refused.
+        assert!(a.t.poll_timeout().is_some_and(|t| t <= t0));
+        a.t.handle_timeout(t0);
+        assert_eq!(a.t.poll_resolve(), Some(2));
+        assert_eq!(a.t.poll_resolve(), None);
+        assert!(!a.t.remove_if_unknown(2), "a refusal keeps a relayed peer");
+        let t1 = t0 + Duration::from_secs(1);
+        a.t.handle_timeout(t1);
+        assert_eq!(a.t.poll_resolve(), None, "once per interval");
+        let t2 = t0 + DIRECT_PROBE_INTERVAL;
+        assert!(a.t.poll_timeout().is_some_and(|t| t <= t2));
+        a.t.handle_timeout(t2);
+        assert_eq!(a.t.poll_resolve(), Some(2));
+        // The registry answers: A's PILA goes straight to B, whose direct answer moves both.
+        a.t.set_endpoint(t2, 2, b.addr);
+        let mut direct = 0;
+        while let Some(tx) = a.poll(t2) {
+            if tx.dst == b.addr {
+                direct += 1;
+                let mut d = tx.bytes.clone();
+                let _ = b.t.handle(t2, a.addr, &mut d);
+            }
+        }
+        assert_eq!(direct, 1, "one direct PILA");
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        pump(t2, &mut b, &mut a);
+        assert_eq!(a.t.path(2), Some(Path::Direct));
+        assert!(matches!(send(t2, &mut a, 2, b"direct"), Sent::Now { dst, .. } if dst == b.addr));
     }
 
     #[test]
