@@ -318,10 +318,15 @@ impl Container {
                 .args(["-P", &pid.to_string()])
                 .output()
                 .unwrap();
+            // nspawn may show a short-lived helper child first; the leader is the child
+            // that runs systemd.
             c.leader = String::from_utf8_lossy(&out.stdout)
                 .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
+                .filter_map(|p| p.parse::<u32>().ok())
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|comm| matches!(comm.trim(), "systemd" | "init"))
+                })
                 .unwrap_or(0);
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -83,7 +83,15 @@ impl Container {
                 panic!("systemd-nspawn exited ({st}):\n{}", c.console());
             }
             if c.leader == 0 {
-                c.leader = children(c.nspawn.id()).first().copied().unwrap_or(0);
+                // nspawn may show a short-lived helper child first; the leader is the child
+                // that runs systemd.
+                c.leader = children(c.nspawn.id())
+                    .into_iter()
+                    .find(|p| {
+                        std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .is_ok_and(|comm| matches!(comm.trim(), "systemd" | "init"))
+                    })
+                    .unwrap_or(0);
             }
             if c.leader != 0 {
                 let state = c.enter(&["systemctl", "is-system-running"]);
