@@ -67,13 +67,8 @@ impl TestRegistry {
 
 async fn start_node(registry: &str, home: &Path) -> Node {
     let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
         public: Some(false),
-        ..Cli::default()
+        ..support::loopback_cli(registry, home)
     };
     let node = Node::start(&cli.resolve().unwrap()).await.unwrap();
     node.daemon

@@ -212,15 +212,10 @@ async fn v1_registry() -> (String, Arc<Mutex<V1State>>) {
 
 async fn start_node(registry: &str, home: &Path, hostname: &str) -> Node {
     let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
         public: Some(true),
         hostname: Some(hostname.into()),
         keepalive: Some("1s".into()),
-        ..Cli::default()
+        ..support::loopback_cli(registry, home)
     };
     Node::start(&cli.resolve().unwrap()).await.unwrap()
 }

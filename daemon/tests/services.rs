@@ -17,14 +17,9 @@ use support::registry;
 
 async fn node(registry: &str, home: &std::path::Path, no_echo: bool) -> Node {
     let cli = Cli {
-        registry: Some(registry.into()),
-        beacon: Some(String::new()),
-        listen: Some("127.0.0.1:0".into()),
-        home: Some(home.into()),
-        socket: Some(home.join("pilotd.sock")),
         public: Some(true),
         no_echo: Some(no_echo),
-        ..Cli::default()
+        ..support::loopback_cli(registry, home)
     };
     Node::start(&cli.resolve().unwrap()).await.unwrap()
 }

@@ -1430,6 +1430,20 @@ async fn whois_and_status_name_peers_their_trust_and_connections() {
     b.node.shutdown().await;
 }
 
+/// `a` asks `b` for trust and `b` approves; returns once `a` knows.
+async fn pair(a: &TestNode, b: &TestNode) {
+    a.ok(&["handshake", &b.addr(), "pair"]).await;
+    eventually("the request to reach b", || async {
+        has_node(&b.ok(&["pending"]).await["pending"], a.id)
+    })
+    .await;
+    b.ok(&["approve", &a.id.to_string()]).await;
+    eventually("a to learn of the approval", || async {
+        has_node(&a.ok(&["trust"]).await["trusted"], b.id)
+    })
+    .await;
+}
+
 /// One condition, one code: every command aimed at a node the registry does not know says
 /// `not_found` at once, whichever service it uses; a private peer that revoked trust answers
 /// a new stream with `untrusted`.
@@ -1464,16 +1478,7 @@ async fn one_condition_one_code() {
     assert!(!has_node(&peers["peers"], 99), "{peers}");
 
     // Trust both ways, then B revokes: A's next stream is refused as untrusted.
-    a.ok(&["handshake", &b.addr(), "pair"]).await;
-    eventually("the request to reach b", || async {
-        has_node(&b.ok(&["pending"]).await["pending"], a.id)
-    })
-    .await;
-    b.ok(&["approve", &a.id.to_string()]).await;
-    eventually("a to learn of the approval", || async {
-        has_node(&a.ok(&["trust"]).await["trusted"], b.id)
-    })
-    .await;
+    pair(&a, &b).await;
     a.ok(&["send-message", &b.addr(), "before"]).await;
     b.ok(&["untrust", &a.addr()]).await;
     eventually("a to learn of the revocation", || async {
@@ -1485,16 +1490,7 @@ async fn one_condition_one_code() {
         "untrusted"
     );
     // Trust given again: messages flow.
-    a.ok(&["handshake", &b.addr(), "again"]).await;
-    eventually("the second request to reach b", || async {
-        has_node(&b.ok(&["pending"]).await["pending"], a.id)
-    })
-    .await;
-    b.ok(&["approve", &a.id.to_string()]).await;
-    eventually("a to learn of the second approval", || async {
-        has_node(&a.ok(&["trust"]).await["trusted"], b.id)
-    })
-    .await;
+    pair(&a, &b).await;
     a.ok(&["send-message", &b.addr(), "again"]).await;
     a.node.shutdown().await;
     b.node.shutdown().await;

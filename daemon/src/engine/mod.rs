@@ -427,8 +427,8 @@ pub struct Engine {
     registered: Option<Value>,
     /// The protocol the registry spoke at the last registration (Info `registry_protocol`).
     registry_protocol: Option<pilot_registry_client::RegistryProtocol>,
-    /// Whether the registry link has a session, since when, and why not (Info `registry`).
-    registry_link: (bool, Instant, Option<String>),
+    /// The registry link's state (Info `registry`).
+    registry_link: LinkState,
     shutting_down: bool,
     node_tx: watch::Sender<u32>,
     /// When the last dropped-datagram warning was logged, and drops since.
@@ -436,6 +436,16 @@ pub struct Engine {
     drops_unlogged: u64,
     syn_log: Option<Instant>,
     beacon_watch: BeaconWatch,
+}
+
+/// Whether the registry link has a session, since when, and why not.
+#[derive(Debug)]
+struct LinkState {
+    connected: bool,
+    /// When it entered this state (start, while it never connected).
+    since: Instant,
+    /// Why the last attempt or session failed, while not connected.
+    error: Option<String>,
 }
 
 /// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
@@ -525,7 +535,11 @@ impl Engine {
             started: Instant::now(),
             registered: None,
             registry_protocol: None,
-            registry_link: (false, Instant::now(), None),
+            registry_link: LinkState {
+                connected: false,
+                since: Instant::now(),
+                error: None,
+            },
             shutting_down: false,
             node_tx,
             drop_log: None,
@@ -695,7 +709,11 @@ impl Engine {
                 self.node.set_node(node);
                 self.registered = Some(reply);
                 self.registry_protocol = Some(protocol);
-                self.registry_link = (true, Instant::now(), None);
+                self.registry_link = LinkState {
+                    connected: true,
+                    since: Instant::now(),
+                    error: None,
+                };
                 self.discover();
             }
             LinkEvent::Heartbeat => self.discover(),
@@ -717,12 +735,12 @@ impl Engine {
                 }
             },
             LinkEvent::Disconnected(why) => {
-                let since = if self.registry_link.0 {
-                    Instant::now()
-                } else {
-                    self.registry_link.1
-                };
-                self.registry_link = (false, since, Some(why));
+                let l = &mut self.registry_link;
+                if l.connected {
+                    l.connected = false;
+                    l.since = Instant::now();
+                }
+                l.error = Some(why);
             }
             LinkEvent::Rotated(key) => {
                 self.node.set_identity(now, (*key).clone());
@@ -802,9 +820,9 @@ impl Engine {
             "hostname": self.registered.as_ref().and_then(|r| r.get("hostname")).cloned().unwrap_or(json!("")),
             "registry_protocol": self.registry_protocol.map(|p| p.as_str()).unwrap_or_default(),
             "registry": json!({
-                "connected": self.registry_link.0,
-                "since_secs": self.registry_link.1.elapsed().as_secs(),
-                "error": self.registry_link.2,
+                "connected": self.registry_link.connected,
+                "since_secs": self.registry_link.since.elapsed().as_secs(),
+                "error": self.registry_link.error,
             }),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,

@@ -36,16 +36,25 @@ pub async fn registry_at(bind: &str) -> String {
     addr.to_string()
 }
 
-/// A public node on loopback with none of the built-in services, for tests that start the
-/// service under test on its engine themselves.
+/// The settings of a test node: `registry`, no beacon, a loopback tunnel port, state and IPC
+/// socket under `home`. Tests add what they need with struct update syntax.
 #[allow(dead_code)]
-pub async fn bare_node(registry: &str, home: &std::path::Path) -> pilotd::node::Node {
-    let cli = pilotd::config::Cli {
+pub fn loopback_cli(registry: &str, home: &std::path::Path) -> pilotd::config::Cli {
+    pilotd::config::Cli {
         registry: Some(registry.into()),
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),
         socket: Some(home.join("pilotd.sock")),
+        ..pilotd::config::Cli::default()
+    }
+}
+
+/// A public node on loopback with none of the built-in services, for tests that start the
+/// service under test on its engine themselves.
+#[allow(dead_code)]
+pub async fn bare_node(registry: &str, home: &std::path::Path) -> pilotd::node::Node {
+    let cli = pilotd::config::Cli {
         public: Some(true),
         no_echo: Some(true),
         no_dataexchange: Some(true),
@@ -53,7 +62,7 @@ pub async fn bare_node(registry: &str, home: &std::path::Path) -> pilotd::node::
         no_eventstream: Some(true),
         no_nameserver: Some(true),
         no_tasks: Some(true),
-        ..pilotd::config::Cli::default()
+        ..loopback_cli(registry, home)
     };
     pilotd::node::Node::start(&cli.resolve().unwrap())
         .await

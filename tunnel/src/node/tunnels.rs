@@ -1432,6 +1432,18 @@ mod tests {
     }
 
     /// Delivers every control datagram `from` has queued to `to`, returning packets.
+    /// Moves what `from` sends through the beacon at `beacon` to `to`, as the beacon would
+    /// deliver it; everything sent directly is lost.
+    fn relay_only(beacon: SocketAddr, now: Instant, from: &mut Node, to: &mut Node) {
+        while let Some(tx) = from.poll(now) {
+            if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
+                let mut d = bw::relay_deliver_header(from.t.me).to_vec();
+                d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
+                let _ = to.t.handle(now, beacon, &mut d);
+            }
+        }
+    }
+
     fn pump(now: Instant, from: &mut Node, to: &mut Node) -> usize {
         let mut n = 0;
         while let Some(tx) = from.poll(now) {
@@ -1902,25 +1914,16 @@ mod tests {
         a.t.set_endpoint(t0, 2, b.addr);
         b.t.set_endpoint(t0, 1, a.addr);
         // The direct path is down: everything direct is lost, relays get through.
-        let relay = |from: &mut Node, to: &mut Node, now: Instant| {
-            while let Some(tx) = from.poll(now) {
-                if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
-                    let mut d = bw::relay_deliver_header(from.t.me).to_vec();
-                    d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
-                    let _ = to.t.handle(now, beacon, &mut d);
-                }
-            }
-        };
         send(t0, &mut a, 2, b"hi");
         send(t0, &mut b, 1, b"hi");
-        relay(&mut a, &mut b, t0);
-        relay(&mut b, &mut a, t0);
+        relay_only(beacon, t0, &mut a, &mut b);
+        relay_only(beacon, t0, &mut b, &mut a);
         let mut t = t0 + DIRECT_TIMEOUT;
         for _ in 0..4 {
             a.t.handle_timeout(t);
             b.t.handle_timeout(t);
-            relay(&mut a, &mut b, t);
-            relay(&mut b, &mut a, t);
+            relay_only(beacon, t, &mut a, &mut b);
+            relay_only(beacon, t, &mut b, &mut a);
         }
         assert_eq!(a.t.path(2), Some(Path::Relay));
         assert_eq!(b.t.path(1), Some(Path::Relay));
@@ -1944,15 +1947,6 @@ mod tests {
         let t0 = Instant::now();
         a.t.set_key(t0, 2, b.t.identity.verifying_key());
         b.t.set_key(t0, 1, a.t.identity.verifying_key());
-        let relay = |from: &mut Node, to: &mut Node, now: Instant| {
-            while let Some(tx) = from.poll(now) {
-                if tx.dst == beacon && tx.bytes.first() == Some(&bw::kind::RELAY) {
-                    let mut d = bw::relay_deliver_header(from.t.me).to_vec();
-                    d.extend_from_slice(&tx.bytes[RELAY_HEADER_LEN..]);
-                    let _ = to.t.handle(now, beacon, &mut d);
-                }
-            }
-        };
         // A's own look-up of B was refused: a peer made only by our packets is forgotten.
         assert_eq!(send(t0, &mut a, 2, b"early"), Sent::NeedEndpoint);
         assert!(a.t.remove_if_unknown(2));
@@ -1962,9 +1956,9 @@ mod tests {
         b.t.peer(t0, 1).endpoint = Some(a.addr);
         b.t.peer(t0, 1).path = Path::Relay;
         send(t0, &mut b, 1, b"hi");
-        relay(&mut b, &mut a, t0);
-        relay(&mut a, &mut b, t0);
-        relay(&mut b, &mut a, t0);
+        relay_only(beacon, t0, &mut b, &mut a);
+        relay_only(beacon, t0, &mut a, &mut b);
+        relay_only(beacon, t0, &mut b, &mut a);
         assert_eq!(a.t.path(2), Some(Path::Relay));
         assert_eq!(a.t.peers()[0].endpoint, None);
         assert!(a.t.peers()[0].encrypted);
