@@ -136,6 +136,12 @@ impl LinkError {
         matches!(self, LinkError::Refused { code, .. } if code == Self::REGISTRY_CONFLICT)
     }
 
+    /// Whether this is a refusal in a v1 registry's form: no code, and always the same
+    /// words (`request failed`), whatever the cause (wire §4.2).
+    pub fn is_v1_refusal(&self) -> bool {
+        matches!(self, LinkError::Refused { code, .. } if code == ClientError::V1_CODE)
+    }
+
     /// A failed call on the session.
     fn from_client(e: &ClientError) -> LinkError {
         match e {
@@ -904,6 +910,19 @@ mod tests {
         assert!(!refused("request_failed").is_conflict());
         assert!(!LinkError::Timeout.is_conflict());
     }
+
+    #[test]
+    fn a_v1_registrys_refusal_is_told_apart_by_its_missing_code() {
+        let v1 = LinkError::Refused {
+            code: ClientError::V1_CODE.into(),
+            message: "request failed".into(),
+        };
+        assert!(v1.is_v1_refusal());
+        assert!(!v1.is_conflict());
+        assert!(!refused("conflict").is_v1_refusal());
+        assert!(!LinkError::Timeout.is_v1_refusal());
+    }
+
 
     #[test]
     fn session_failures_become_link_errors() {

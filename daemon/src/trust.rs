@@ -756,6 +756,15 @@ fn build(
     serde_json::to_vec(&msg).unwrap_or_default()
 }
 
+/// Trust with `peer` ended: a v1 peer drops its tunnel keys for us then (v1 wire §6.3), so
+/// the engine sends our key exchange ahead of what goes to it next (the session stays, so
+/// open streams go on and the gate still refuses the peer's new streams at once).
+async fn rekey_tunnel(engine: &EngineHandle, peer: u32) {
+    let _ = engine
+        .send(crate::engine::Cmd::Rekey { node: peer })
+        .await;
+}
+
 /// Sends one message to `peer`'s port 444: dial, write, finish, and wait briefly for the
 /// peer to finish too.
 async fn send_direct(engine: &EngineHandle, peer: u32, body: &[u8]) -> Result<(), DeliveryError> {
@@ -1365,7 +1374,17 @@ impl Actor {
                 if let Err(e) = registry(&self.link, req).await {
                     tracing::warn!(peer, error = %e, "registry revoke_trust failed");
                 }
-                self.spawn_direct(me, peer, REVOKE, "", "trust revoked");
+                // The revoke goes out over the session as it is; then the peer may have
+                // dropped its keys for us (a v1 daemon does on a revoke), so what we send
+                // next starts with our key exchange.
+                let body = build(&self.key.key(), me, peer, REVOKE, "", "trust revoked");
+                let engine = self.engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = send_direct(&engine, peer, &body).await {
+                        tracing::debug!(peer, error = %e, "direct revoke not delivered");
+                    }
+                    rekey_tunnel(&engine, peer).await;
+                });
                 Ok(status(HandshakeStatus::REVOKED, peer))
             }
         }
@@ -1401,6 +1420,8 @@ impl Actor {
             return Ok(status(HandshakeStatus::SENT, peer));
         }
         self.rejected_ours.remove(&peer);
+        // Asked before and not answered yet: the registry may still hold that request.
+        let repeat = self.state.outgoing.contains_key(&peer);
         self.state.outgoing.insert(
             peer,
             Outgoing {
@@ -1422,7 +1443,10 @@ impl Actor {
                 self.spawn_direct_body(peer, body);
                 Ok(status(HandshakeStatus::SENT, peer))
             }
-            Err(e) if e.is_conflict() => {
+            // The registry holds our earlier request. A v1 registry says so only as "request
+            // failed" (no code, wire §4.2): for a request we already sent and that is still
+            // unanswered, that is read as the same conflict.
+            Err(e) if e.is_conflict() || (repeat && e.is_v1_refusal()) => {
                 self.spawn_direct_body(peer, body);
                 Ok(status(HandshakeStatus::SENT, peer))
             }
@@ -1633,6 +1657,7 @@ impl Actor {
         }
         if was {
             self.emit(TrustEvent::RevokedByPeer { peer });
+            rekey_tunnel(&self.engine, peer).await;
             let req = json!({"type": "revoke_trust", "node_id": me, "peer_id": peer});
             // The peer usually withdrew the pair already; a not-found answer is expected.
             let _ = registry(&self.link, req).await;

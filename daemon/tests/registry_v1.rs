@@ -36,6 +36,10 @@ struct V1State {
     bad_signatures: Vec<Value>,
     /// Heartbeats whose signature verified.
     heartbeats: u32,
+    /// Handshake requests held for their target (from, to) until it polls.
+    inbox: Vec<(u32, u32)>,
+    /// `request_handshake` refused because the target's inbox held one from the sender.
+    duplicate_requests: u32,
 }
 
 #[derive(Clone)]
@@ -167,6 +171,21 @@ fn answer(st: &mut V1State, req: &Value, peer_ip: std::net::IpAddr) -> Value {
         "poll_handshakes" => {
             json!({"type": "poll_handshakes_ok", "requests": [], "responses": []})
         }
+        "request_handshake" => {
+            let n = |k: &str| req[k].as_u64().unwrap_or(0) as u32;
+            let (from, to) = (n("from_node_id"), n("to_node_id"));
+            if !st.nodes.contains_key(&to) {
+                return error;
+            }
+            // v1 refuses a second request from the same sender while the first is held,
+            // in its one error form.
+            if st.inbox.contains(&(from, to)) {
+                st.duplicate_requests += 1;
+                return error;
+            }
+            st.inbox.push((from, to));
+            json!({"type": "request_handshake_ok", "status": "delivered"})
+        }
         _ => {
             st.unknown.push(t);
             error
@@ -284,4 +303,44 @@ async fn pilotd_registers_with_a_v1_registry_in_v1_forms_and_reaches_a_peer() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_trust_request_a_v1_registry_still_holds_counts_as_sent() {
+    let (registry, state) = v1_registry().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&registry, &dir.path().join("a"), "alice").await;
+    assert!(a.daemon.registered(Duration::from_secs(10)).await.is_some());
+    // A private v1 node that is not running: the registry holds requests for it, and a
+    // direct delivery cannot reach it (its endpoint is refused, and nothing listens).
+    let target = 4242;
+    {
+        let key = [7u8; 32];
+        state.lock().unwrap().nodes.insert(
+            target,
+            V1Node {
+                key,
+                key_b64: tunnel::registry::auth::b64(&key),
+                endpoint: "127.0.0.1:9".into(),
+                public: false,
+                hostname: String::new(),
+            },
+        );
+    }
+    let da = Driver::connect(dir.path().join("a").join("pilotd.sock"))
+        .await
+        .unwrap();
+    let ask = || {
+        da.handshake(tunnel::ipc::HandshakeOp::Request {
+            node: target,
+            justification: "again",
+        })
+    };
+    let first = ask().await.unwrap();
+    assert_eq!(first["status"], "sent", "{first}");
+    // The registry still holds the first: v1 refuses the second with its uncoded error.
+    let second = ask().await.unwrap();
+    assert_eq!(second["status"], "sent", "{second}");
+    assert_eq!(state.lock().unwrap().duplicate_requests, 1);
+    a.shutdown().await;
 }

@@ -253,7 +253,7 @@ impl Apps {
             } => {
                 let _ = node.send_datagram(dst, src_port, &data);
             }
-            Cmd::Info { .. } | Cmd::SetGate(_) | Cmd::Shutdown => {}
+            Cmd::Info { .. } | Cmd::SetGate(_) | Cmd::Rekey { .. } | Cmd::Shutdown => {}
         }
     }
 

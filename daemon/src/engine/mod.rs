@@ -200,6 +200,13 @@ pub enum Cmd {
     },
     /// Enforce this gate from now on (see [`Engine::set_gate`]).
     SetGate(Arc<dyn TrustGate>),
+    /// Trust with `node` ended: the next packets to it go out behind our PILA until it
+    /// answers, since a v1 peer drops its keys for us then (see `tunnel::node::Node::rekey_peer`).
+    /// The session stays (open streams go on; the gate still refuses new ones at once).
+    Rekey {
+        /// The node.
+        node: u32,
+    },
     /// Stop: FIN to every connection, then exit.
     Shutdown,
 }
@@ -688,6 +695,7 @@ impl Engine {
                 let _ = reply.send(self.info());
             }
             Cmd::SetGate(gate) => self.node.set_gate(Some(gate)),
+            Cmd::Rekey { node } => self.node.rekey_peer(node),
             Cmd::Shutdown => self.begin_shutdown(now),
             other => self.apps.on_cmd(now, &mut self.node, other),
         }

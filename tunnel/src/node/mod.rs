@@ -554,6 +554,19 @@ impl<R: RngCore + CryptoRng> Node<R> {
         self.tunnels.remove(node);
     }
 
+    /// Trust with `node` ended (either side revoked): the peer may have dropped its keys for
+    /// us (a v1 daemon does), so the next packets to it go out behind our PILA until it
+    /// answers (see [`Tunnels::rekey`]). The session is kept: open streams go on, and the
+    /// peer's new streams still reach the gate at once.
+    pub fn rekey_peer(&mut self, node: u32) {
+        self.tunnels.rekey(node);
+    }
+
+    /// Whether packets to `node` still go out behind our PILA (see [`Node::rekey_peer`]).
+    pub fn rekey_pending(&self, node: u32) -> bool {
+        self.tunnels.rekey_pending(node)
+    }
+
     // ---- applications ---------------------------------------------------------------------
 
     /// Listens on `port` for connections and datagrams.

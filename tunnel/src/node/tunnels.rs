@@ -40,6 +40,10 @@
 //! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
 //! answers a PILA only when our key is new to it: if its one answer was lost (a relay that
 //! dropped it), nothing else would ever key our side;
+//! a peer that may have dropped its keys for us while we kept our session (trust with it
+//! ended: a v1 peer removes its tunnel peer then; or our packets to it went unanswered) gets
+//! our PILA ahead of the next packets, at most one a second and [`REKEY_PILAS`] in all, until
+//! its verified PILA answers ([`Tunnels::rekey`]);
 //! a relayed peer we talk to is probed for a direct path and moves back when one works; one
 //! whose endpoint we do not know (the registry refused it, or it was only heard through the
 //! relay) has it looked up in the registry instead, at most once per probe interval, and is
@@ -96,6 +100,11 @@ pub const FRESH_KEY_INTERVAL: Duration = Duration::from_secs(10);
 /// Least time between two look-ups of a cached key that a PILA failed to verify against (the
 /// peer may have rotated its key).
 pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Our PILAs sent ahead of sealed packets to a peer that may have dropped its keys for us
+/// (see [`Tunnels::rekey`]), at most one per [`PILA_INTERVAL`], before we trust our session
+/// again without an answer. A peer that still holds our key never answers a PILA with an
+/// unchanged key (v1 wire §2.3 step 8), so the count bounds how often we reset its context.
+pub const REKEY_PILAS: u8 = 3;
 
 /// How a peer is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -131,6 +140,9 @@ struct Peer {
     own_key: Option<Box<PeerKey>>,
     /// When `own_key` was made.
     last_fresh_key: Option<Instant>,
+    /// The peer may have dropped its keys for us while we kept our session: our PILAs still
+    /// to send ahead of sealed packets, until the peer's verified PILA answers one.
+    rekey: u8,
     stats: PeerStats,
 }
 
@@ -151,6 +163,7 @@ impl Peer {
     fn forget_session(&mut self) {
         self.session = None;
         self.peer_x25519 = None;
+        self.rekey = 0;
     }
 
     /// Drops the session and any key of ours made for this peer (our identity, node ID or
@@ -279,7 +292,9 @@ pub enum Sent {
         /// The frame inside the caller's buffer.
         range: (usize, usize),
     },
-    /// Queued until the session is ready; a key exchange is under way.
+    /// Queued until the session is ready; a key exchange is under way. Also: queued behind
+    /// our PILA, which goes first (see [`Tunnels::rekey`]); both come from
+    /// [`Tunnels::poll_transmit`].
     Queued,
     /// The peer's endpoint is unknown: resolve it and call [`Tunnels::set_endpoint`]; the
     /// packet is queued.
@@ -527,6 +542,28 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         self.schedule(node);
     }
 
+    /// `node` may have dropped its keys for us while we keep our session: a v1 peer removes
+    /// its tunnel peer (session and endpoint) when trust with us ends either way (v1 wire
+    /// §2.5, §6.3), and then drops our sealed packets without a word (§2.4) until it has our
+    /// key again. Our session is kept (open streams with a peer that kept its keys go on, and
+    /// its new streams still reach our gate at once); the next packets to `node` go out behind
+    /// our PILA, at most one per [`PILA_INTERVAL`] and [`REKEY_PILAS`] in all, until the
+    /// peer's verified PILA answers. A v1 peer without keys makes its context from our PILA
+    /// (same key, fresh replay window: our sealed packets open again) and answers it.
+    pub fn rekey(&mut self, node: u32) {
+        if let Some(p) = self.peers.get_mut(&node) {
+            if p.session.is_some() {
+                p.rekey = REKEY_PILAS;
+                p.last_pila = None;
+            }
+        }
+    }
+
+    /// Whether packets to `node` still go out behind our PILA (see [`Tunnels::rekey`]).
+    pub fn rekey_pending(&self, node: u32) -> bool {
+        self.peers.get(&node).is_some_and(|p| p.rekey > 0)
+    }
+
     /// Drops everything about `node` (trust revoked).
     pub fn remove(&mut self, node: u32) {
         self.peers.remove(&node);
@@ -698,6 +735,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             pilas_unanswered: 0,
             own_key: None,
             last_fresh_key: None,
+            rekey: 0,
             stats: PeerStats::default(),
         })
     }
@@ -964,6 +1002,9 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         p.last_rx = Some(now);
         p.unanswered_since = None;
         p.pilas_unanswered = 0;
+        // The peer has our key again (it answers a PILA only when it lacked it, or ours
+        // changed): sealed packets go out alone again.
+        p.rekey = 0;
         // A verified PILA straight from the peer's known endpoint while we relay: the direct
         // path works again (the peer's direct probe got through). Go back to it, and answer
         // directly at once so the peer moves back too.
@@ -987,23 +1028,29 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     }
 
     /// Sends our PILA to `node` over its path, at most once per [`PILA_INTERVAL`] unless
-    /// `force`.
-    fn send_pila(&mut self, now: Instant, node: u32, force: bool) {
-        self.send_pila_via(now, node, force, None);
+    /// `force`. Returns whether one was queued.
+    fn send_pila(&mut self, now: Instant, node: u32, force: bool) -> bool {
+        self.send_pila_via(now, node, force, None)
     }
 
-    fn send_pila_via(&mut self, now: Instant, node: u32, force: bool, to: Option<SocketAddr>) {
+    fn send_pila_via(
+        &mut self,
+        now: Instant,
+        node: u32,
+        force: bool,
+        to: Option<SocketAddr>,
+    ) -> bool {
         if self.me == 0 {
-            return;
+            return false;
         }
         let Some(p) = self.peers.get_mut(&node) else {
-            return;
+            return false;
         };
         if !force
             && p.last_pila
                 .is_some_and(|t| now.duration_since(t) < PILA_INTERVAL)
         {
-            return;
+            return false;
         }
         p.last_pila = Some(now);
         let half_keyed = p.session.is_none()
@@ -1029,9 +1076,13 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             (None, Path::Direct, None, Some(b)) => Some((b, true)),
             _ => None,
         };
-        if let Some((dst, relayed)) = dst {
-            p.pilas_unanswered = p.pilas_unanswered.saturating_add(1);
-            self.out.push_back(Pending::Pila { node, dst, relayed });
+        match dst {
+            Some((dst, relayed)) => {
+                p.pilas_unanswered = p.pilas_unanswered.saturating_add(1);
+                self.out.push_back(Pending::Pila { node, dst, relayed });
+                true
+            }
+            None => false,
         }
     }
 
@@ -1062,6 +1113,27 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 self.send_pila(now, node, false);
                 return sent;
             }
+        }
+        let p = self.peer(now, node);
+        let rekey_due = p.session.is_some()
+            && p.rekey > 0
+            && p.last_pila
+                .is_none_or(|t| now.duration_since(t) >= PILA_INTERVAL);
+        if rekey_due && self.send_pila(now, node, false) {
+            // Our PILA first, then this packet sealed behind it (from the queue, through
+            // `poll_transmit`): a peer without our key makes its context before the packet
+            // arrives.
+            let p = self.peer(now, node);
+            p.rekey -= 1;
+            let Some(packet) = buf.get(HEADROOM..HEADROOM + len) else {
+                return Sent::Dropped;
+            };
+            if p.queue.len() >= QUEUE_PER_PEER {
+                p.queue.pop_front();
+            }
+            p.queue.push_back(packet.to_vec());
+            self.flush_queue(node);
+            return Sent::Queued;
         }
         let p = self.peer(now, node);
         let Some(session) = p.session.as_mut() else {
@@ -1175,6 +1247,12 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     if stuck && direct_silent && resolve_due && p.endpoint.is_some() {
                         p.last_resolve = Some(now);
                         self.resolve.push_back(node);
+                        // The peer may have dropped its keys for us without our knowing (a
+                        // v1 peer's revoke that never reached us): the next packets go
+                        // behind our PILA even if the registry refuses the look-up.
+                        if p.session.is_some() {
+                            p.rekey = REKEY_PILAS;
+                        }
                     }
                     if stuck && direct_silent && beacon.is_some() {
                         p.path = Path::Relay;
