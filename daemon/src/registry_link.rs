@@ -923,7 +923,6 @@ mod tests {
         assert!(!LinkError::Timeout.is_v1_refusal());
     }
 
-
     #[test]
     fn session_failures_become_link_errors() {
         let timed_out = ClientError::Io(std::io::Error::new(

@@ -760,9 +760,7 @@ fn build(
 /// the engine sends our key exchange ahead of what goes to it next (the session stays, so
 /// open streams go on and the gate still refuses the peer's new streams at once).
 async fn rekey_tunnel(engine: &EngineHandle, peer: u32) {
-    let _ = engine
-        .send(crate::engine::Cmd::Rekey { node: peer })
-        .await;
+    let _ = engine.send(crate::engine::Cmd::Rekey { node: peer }).await;
 }
 
 /// Sends one message to `peer`'s port 444: dial, write, finish, and wait briefly for the

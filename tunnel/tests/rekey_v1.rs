@@ -35,7 +35,9 @@ fn addr(port: u16) -> SocketAddr {
 
 /// A byte cycle of prime length: keys and nonce prefixes drawn from it differ.
 fn rng(offset: u8) -> FixedRng {
-    let bytes: Vec<u8> = (0..251u8).map(|i| i.wrapping_mul(7).wrapping_add(offset)).collect();
+    let bytes: Vec<u8> = (0..251u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(offset))
+        .collect();
     FixedRng::new(&bytes)
 }
 
@@ -117,8 +119,9 @@ impl V1Tunnel {
                 verify_auth_key_exchange(&pila, &self.our_key).unwrap();
                 let answer = self.context.is_none() || self.our_x25519 != Some(pila.x25519_public);
                 // Step 5: a new context replaces any, even for an unchanged key.
-                self.context =
-                    Some(Session::new(V1, &self.secret, &pila.x25519_public, &mut self.rng).unwrap());
+                self.context = Some(
+                    Session::new(V1, &self.secret, &pila.x25519_public, &mut self.rng).unwrap(),
+                );
                 self.our_x25519 = Some(pila.x25519_public);
                 self.endpoint = Some(src);
                 if answer {
@@ -365,7 +368,10 @@ fn a_peer_that_kept_its_keys_gets_a_bounded_number_of_pilas_and_loses_nothing() 
 #[test]
 fn between_two_pilot_nodes_a_rekey_costs_one_pila_each_way_and_keeps_the_sessions() {
     let t0 = Instant::now();
-    let (ka, kb) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+    let (ka, kb) = (
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[2; 32]),
+    );
     let mut a = Us::new(ka.clone(), 3);
     let mut b = Tunnels::new(
         V1,
