@@ -7,8 +7,8 @@
 //! `scripts/test.sh` runs them when it runs as root.
 #![allow(clippy::unwrap_used)]
 
-mod netns;
-mod support;
+use crate::netns;
+use crate::support;
 
 use std::fs::File;
 use std::net::Ipv6Addr;

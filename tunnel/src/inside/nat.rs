@@ -16,7 +16,7 @@ use super::packet::{
 };
 use super::{
     dns, fake_addr, fake_index, Direction, DropReason, FlowInfo, FlowKey, HairpinConfig,
-    HairpinError, HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN,
+    HairpinError, HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN, PROBE_INDEX,
 };
 use crate::addr::Addr;
 use crate::ula;
@@ -298,6 +298,16 @@ impl Hairpin {
             Err(reason) => return Verdict::Drop(reason),
         };
         if let Some(index) = fake_index(&ip.dst) {
+            if index == PROBE_INDEX {
+                return match tcp.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) {
+                    f if f == tcp_flags::SYN | tcp_flags::ACK => Verdict::ProbeSynAck {
+                        port: tcp.src_port,
+                        probe_port: tcp.dst_port,
+                        ack: tcp.ack,
+                    },
+                    _ => Verdict::Drop(DropReason::TcpNoFlow),
+                };
+            }
             return self.classify_inner(now, p, ip, &tcp, index, mode);
         }
         let peer = match self.pilot_peer(&ip.dst) {
@@ -416,9 +426,9 @@ impl Hairpin {
     ) -> FlowKey {
         let key = FlowKey(self.next_key);
         self.next_key += 1;
-        // Skip indices in use: with at most 2^32 - 1 entries one is always free.
+        // Skip indices in use and the probe's: with at most 2^32 - 2 entries one is always free.
         let mut index = self.next_fake;
-        while self.by_fake.contains_key(&index) {
+        while index == PROBE_INDEX || self.by_fake.contains_key(&index) {
             index = index.wrapping_add(1);
         }
         self.next_fake = index.wrapping_add(1);
