@@ -347,6 +347,8 @@ pub struct HairpinStats {
     pub echo_requests: u64,
     /// DNS queries to the resolver address reported.
     pub dns_queries: u64,
+    /// SYN-ACKs to the firewall probe address reported.
+    pub probe_answers: u64,
     /// Dropped packets, indexed like [`DropReason::ALL`]; see [`HairpinStats::dropped`].
     pub drops: [u64; DropReason::ALL.len()],
     /// Entries in the table now.

@@ -206,6 +206,7 @@ impl Hairpin {
             Verdict::Datagram { .. } => self.stats.datagrams += 1,
             Verdict::EchoRequest { .. } => self.stats.echo_requests += 1,
             Verdict::DnsQuery { .. } => self.stats.dns_queries += 1,
+            Verdict::ProbeSynAck { .. } => self.stats.probe_answers += 1,
             Verdict::Drop(reason) => self.stats.count(*reason),
         }
         verdict
@@ -626,12 +627,13 @@ mod tests {
             .prepare_inbound(SocketAddrV6::new(peer, 1, 0, 0), 22)
             .unwrap();
         assert_eq!(fake_index(at_zero.fake.ip()), Some(0));
-        h.next_fake = u32::MAX;
+        h.next_fake = u32::MAX - 1;
         let last = h
             .prepare_inbound(SocketAddrV6::new(peer, 2, 0, 0), 22)
             .unwrap();
-        assert_eq!(fake_index(last.fake.ip()), Some(u32::MAX));
-        // Index 0 is still in use: the counter wraps past it.
+        assert_eq!(fake_index(last.fake.ip()), Some(u32::MAX - 1));
+        // The probe's index is never given out, and index 0 is still in use: the counter wraps
+        // past both.
         let next = h
             .prepare_inbound(SocketAddrV6::new(peer, 3, 0, 0), 22)
             .unwrap();

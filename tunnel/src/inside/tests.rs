@@ -1118,6 +1118,7 @@ fn answers_to_the_firewall_probe_are_reported_never_rewritten() {
         }
     );
     assert_eq!(p, syn_ack.build(), "a probe answer is left alone");
+    assert_eq!(h.stats().probe_answers, 1);
     // Any other segment to the probe address is dropped, and no entry is made.
     for flags in [RST | ACK, ACK, SYN, RST] {
         let mut p = Tcp::new(listener, probe, flags).build();
