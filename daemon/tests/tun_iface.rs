@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::netns;
-use crate::support;
 
 use std::net::Ipv6Addr;
 use std::path::Path;

@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::netns;
-use crate::support;
 
 use std::fs::File;
 use std::net::Ipv6Addr;
