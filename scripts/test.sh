@@ -14,11 +14,11 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 # not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
-    cargo test -p pilotd --test tun_iface --test tun_path --test tun_mixed --test tun_firewall --test tun_dns --test tun_resolved --locked -- --ignored 2>&1 | tee -a "$log"
+    cargo test -p pilotd --test integration --locked -- --ignored tun_ 2>&1 | tee -a "$log"
     # The .deb and .rpm built by scripts/package.sh, installed in booted systemd containers.
-    cargo test -p pilot-tests --test packages --locked -- --ignored 2>&1 | tee -a "$log"
+    cargo test -p pilot-tests --test integration --locked -- --ignored packages:: 2>&1 | tee -a "$log"
     # The README's "Using a node" commands, as written, right after the main job.
-    cargo test -p pilot-tests --test readme_commands --locked -- --ignored 2>&1 | tee -a "$log"
+    cargo test -p pilot-tests --test integration --locked -- --ignored readme_commands:: 2>&1 | tee -a "$log"
 fi
 # Sum cargo's per-binary "test result" lines into one closing line.
 awk '/^== root-only tests ==$/ { root = 1; next }

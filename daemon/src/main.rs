@@ -223,7 +223,7 @@ async fn run(config: Config, iface: Option<IfaceConfig>, reload: Reload) -> Exit
                             }
                         }
                     }
-                    firewall::self_test(&i.device, &i.name, i.addr).await;
+                    firewall::self_test(&i.device, &i.name, i.addr, inside.probe_answers()).await;
                     tracing::info!(iface = %i.name, "names: {}", system_dns.describe());
                     tracing::info!(iface = %i.name, index = i.index, mtu = i.mtu, expose = ?config.expose, "{} up: {}", i.name, i.addr);
                     let status = service::status_line(node_id, Some((&i.name, i.addr)));

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tunnel::services::dataexchange::{encode_file_prefix, FrameType};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 /// Two registered nodes, A and B, with the data exchange service on B.

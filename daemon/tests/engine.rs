@@ -12,7 +12,7 @@ use pilotd::node::Daemon;
 use tokio::sync::{mpsc, Semaphore};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 async fn daemon(registry: &str, home: &std::path::Path, public: bool) -> Daemon {

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tunnel::services::eventstream::{encode_frame, MAX_TOPIC};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 const WAIT: Duration = Duration::from_secs(20);

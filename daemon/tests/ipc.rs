@@ -19,7 +19,7 @@ use tunnel::{Addr, SocketAddr as PilotAddr};
 
 const T: Duration = Duration::from_secs(20);
 
-mod support;
+use crate::support;
 use support::registry;
 
 struct Node {

@@ -15,7 +15,7 @@ use tunnel::services::nameserver::{
 };
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 const WAIT: Duration = Duration::from_secs(20);

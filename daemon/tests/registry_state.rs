@@ -9,7 +9,7 @@
 //!   (resolve, ping, a stream), a name never seen fails naming the outage, and the node
 //!   registers again once the registry is back.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

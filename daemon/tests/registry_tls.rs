@@ -4,7 +4,7 @@
 //! daemon process registers over TLS with the right pin; with a wrong pin it never registers
 //! and its log names both fingerprints.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -6,7 +6,7 @@
 //! work: register, heartbeat, apply its state, and reach another node found through the
 //! registry.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::Path;

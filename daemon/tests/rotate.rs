@@ -10,7 +10,7 @@ use pilotd::identity::NodeIdentity;
 use serde_json::json;
 use tunnel::Identity;
 
-mod support;
+use crate::support;
 use support::{bare_node, registry};
 
 async fn started(reg: &str, home: &std::path::Path) -> (pilotd::node::Node, u32) {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 async fn node(registry: &str, home: &std::path::Path, no_echo: bool) -> Node {

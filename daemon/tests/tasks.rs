@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
-mod support;
+use crate::support;
 use support::registry;
 
 const WAIT: Duration = Duration::from_secs(10);

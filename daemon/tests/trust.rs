@@ -22,7 +22,7 @@ use tunnel::{Addr, Identity, SocketAddr as PilotAddr};
 
 const APP_PORT: u16 = 7000;
 
-mod support;
+use crate::support;
 use support::registry;
 
 struct Node {

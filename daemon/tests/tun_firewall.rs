@@ -6,8 +6,7 @@
 //! default; `scripts/test.sh` runs them when it runs as root.
 #![allow(clippy::unwrap_used)]
 
-mod netns;
-mod support;
+use crate::netns;
 
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -28,7 +27,18 @@ table inet filter {
 }
 "#;
 
-/// A with plain `pilotd up`; B behind [`DROPPING`], exposing [`EXPOSED`], with `b_args`.
+/// B's firewall: accept by default, but drop new TCP connections arriving on pilot0 (datagrams
+/// still get in).
+const DROPPING_NEW_TCP: &str = r#"
+table inet filter {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    iifname "pilot0" meta l4proto tcp ct state new drop
+  }
+}
+"#;
+
+/// A with plain `pilotd up`; B behind a firewall, exposing [`EXPOSED`], with `b_args`.
 struct Pair {
     a: Netns,
     b: Netns,
@@ -38,13 +48,19 @@ struct Pair {
 }
 
 impl Pair {
+    /// B behind [`DROPPING`].
     fn start(b_args: &[&str]) -> Pair {
+        Pair::start_behind(DROPPING, b_args)
+    }
+
+    /// B behind the nftables script `firewall`.
+    fn start_behind(firewall: &str, b_args: &[&str]) -> Pair {
         let mut a = Netns::new();
         let mut b = Netns::new();
         a.link_to(&b, "pv0", "10.77.0.1", "10.77.0.2");
         a.listen = "10.77.0.1:0".into();
         b.listen = "10.77.0.2:0".into();
-        b.nft_script(DROPPING);
+        b.nft_script(firewall);
         let reg = a.registry_at("10.77.0.1:0");
         let dir = tempfile::tempdir().unwrap();
         for home in ["a", "b"] {
@@ -90,6 +106,28 @@ fn site() -> tempfile::TempDir {
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("hello.txt"), b"hello past the firewall\n").unwrap();
     site
+}
+
+#[test]
+#[ignore = "needs root: network namespaces and /dev/net/tun"]
+fn the_tcp_probe_sees_a_firewall_that_drops_only_new_connections() {
+    let p = Pair::start_behind(DROPPING_NEW_TCP, &[]);
+    let log = p.up_b.log_text();
+    assert!(
+        log.contains(
+            "the host firewall lets datagrams arriving on pilot0 in but drops new TCP connections"
+        ),
+        "no warning:\n{log}"
+    );
+    // The warning is right: a connection through pilot0 does not get in.
+    let site = site();
+    let _server = p.http_server(site.path());
+    let (out, _) = p.curl(3);
+    assert!(
+        !out.status.success(),
+        "curl got through the dropping firewall: {}",
+        text(&out.stdout)
+    );
 }
 
 #[test]

@@ -6,8 +6,7 @@
 //! `scripts/test.sh` runs them when it runs as root.
 #![allow(clippy::unwrap_used)]
 
-mod netns;
-mod support;
+use crate::netns;
 
 use std::fs::File;
 use std::net::Ipv6Addr;

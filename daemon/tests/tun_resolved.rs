@@ -6,8 +6,7 @@
 //! mirror, so it is ignored by default; `scripts/test.sh` runs it when it runs as root.
 #![allow(clippy::unwrap_used)]
 
-mod netns;
-mod support;
+use crate::netns;
 
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};

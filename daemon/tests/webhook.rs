@@ -452,7 +452,7 @@ async fn drain_waits_for_the_queued_events_and_gives_up_at_its_limit() {
     assert_eq!(hook.stats(), WebhookStats::default());
 }
 
-mod support;
+use crate::support;
 
 /// A whole node with a webhook: the engine's and the trust service's events arrive as posts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod common;
+use crate::common;
 
 use common::{hex, FixedRng};
 use ed25519_dalek::SigningKey;

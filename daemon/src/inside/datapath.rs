@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 use tunnel::inside::dns::{self, CacheKey, CacheValue, DnsCache, Name, Query, Rcode};
@@ -214,6 +214,8 @@ struct Shared {
     counters: Counters,
     log_drop: LogGate,
     log_device: LogGate,
+    /// The last answer to a firewall probe SYN (see [`Inside::probe_answers`]).
+    probe: watch::Sender<Option<ProbeAnswer>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -228,6 +230,18 @@ impl std::fmt::Debug for Shared {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A SYN-ACK the kernel sent to [`tunnel::inside::PROBE_ADDR`]: proof that a probe SYN passed
+/// the host's input filtering and reached a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    /// The listener's port.
+    pub port: u16,
+    /// The probe's source port.
+    pub probe_port: u16,
+    /// The probe's initial sequence number plus one.
+    pub ack: u32,
 }
 
 /// The running data path; dropping it stops it.
@@ -274,6 +288,7 @@ impl Inside {
             counters: Counters::default(),
             log_drop: LogGate::new(LOG_EVERY),
             log_device: LogGate::new(LOG_EVERY),
+            probe: watch::channel(None).0,
         });
         tracing::info!(listener = port, ula = %own_ip, "data path started");
         let tasks = vec![
@@ -288,6 +303,12 @@ impl Inside {
     /// The data path's counters now.
     pub fn stats(&self) -> InsideStats {
         self.shared.stats()
+    }
+
+    /// The kernel's answers to probe SYNs from [`tunnel::inside::PROBE_ADDR`], newest first
+    /// (the firewall self-test's TCP probe).
+    pub fn probe_answers(&self) -> watch::Receiver<Option<ProbeAnswer>> {
+        self.shared.probe.subscribe()
     }
 
     /// A source of the counters that does not keep the data path alive: `None` once it is gone.
@@ -426,6 +447,17 @@ async fn tun_loop(shared: Arc<Shared>) {
                 tokio::spawn(dial_outbound(shared.clone(), info));
             }
             Verdict::SynRetransmit(_) => {}
+            Verdict::ProbeSynAck {
+                port,
+                probe_port,
+                ack,
+            } => {
+                shared.probe.send_replace(Some(ProbeAnswer {
+                    port,
+                    probe_port,
+                    ack,
+                }));
+            }
             Verdict::Datagram {
                 peer,
                 peer_port,

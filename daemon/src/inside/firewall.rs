@@ -12,13 +12,18 @@
 //! drops by default drops all of them.
 //!
 //! The self-test has two parts:
-//! - A real probe: one UDP datagram from a fake hairpin address to a UDP socket bound to the
-//!   node's ULA, written to the TUN device, so the kernel receives it on the interface exactly
-//!   as it receives the data path's packets. It either reaches the socket (the input path lets
-//!   the interface through) or not. A TCP probe through the hairpin would need the data path
-//!   to map a fake address back, which it does only for flows it opened itself; the UDP probe
-//!   needs nothing from it, and nothing answers it (a `reject` rule's ICMPv6 error goes to the
-//!   fake address, which the data path drops as unknown).
+//! - Real probes, written to the TUN device from the probe address
+//!   ([`tunnel::inside::PROBE_ADDR`], a fake hairpin address no NAT entry uses), so the kernel
+//!   receives them on the interface exactly as it receives the data path's packets:
+//!   - one UDP datagram to a UDP socket bound to the node's ULA: it reaches the socket or not;
+//!   - one TCP SYN to a listener bound to the node's ULA: if the input path lets it through, the
+//!     kernel answers with a SYN-ACK to the probe address, which the data path reports
+//!     ([`ProbeAnswer`]) instead of rewriting; the probe then resets the half-open connection.
+//!     This catches filters that let datagrams in but drop new TCP connections (a rule on
+//!     `ct state new`, on TCP flags, or on ports).
+//!
+//!   Nothing else answers a probe (a `reject` rule's ICMPv6 error goes to the probe address,
+//!   which the data path drops).
 //! - A reading of the nftables ruleset, to name the chains that drop: each input base chain of
 //!   family `inet` or `ip6` is evaluated for a new connection from the /48 on the interface.
 //!   Conditions it does not understand (named sets, ports, marks, limits) count as not
@@ -50,6 +55,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tokio::sync::watch;
+use tunnel::inside::PROBE_ADDR;
+
+use super::datapath::ProbeAnswer;
 
 /// The prefix of every Pilot ULA, as the rules write it.
 pub const ULA_PREFIX: &str = "fd06:3fcd:b33d::/48";
@@ -59,6 +68,9 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// Probe datagrams sent, one per [`PROBE_WAIT`], before the path is judged closed (one may be
 /// lost to a busy machine or an interface that has just come up).
 pub const PROBE_TRIES: u32 = 3;
+
+/// The source port of the probes (discard).
+const PROBE_PORT: u16 = 9;
 
 /// How long one `nft` command may run.
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -518,7 +530,7 @@ pub async fn probe(device: &tun_rs::AsyncDevice, own: Ipv6Addr) -> Option<bool> 
         .to_be_bytes();
     let mut payload = b"pilotd firewall probe ".to_vec();
     payload.extend_from_slice(&nonce);
-    let src = SocketAddrV6::new(tunnel::inside::fake_addr(u32::MAX), 9, 0, 0);
+    let src = SocketAddrV6::new(PROBE_ADDR, PROBE_PORT, 0, 0);
     let mut pkt = vec![0u8; 128];
     let n = tunnel::inside::packet::build_udp(
         src,
@@ -552,32 +564,101 @@ pub async fn probe(device: &tun_rs::AsyncDevice, own: Ipv6Addr) -> Option<bool> 
     Some(false)
 }
 
+/// Sends a TCP SYN from the probe address through `device` to a listener bound to `own`, up
+/// to [`PROBE_TRIES`] times: `Some(true)` once the data path reports the kernel's SYN-ACK
+/// (each try is given [`PROBE_WAIT`]), `Some(false)` if none came, `None` if the probe could
+/// not be sent. The half-open connection is reset afterwards.
+pub async fn probe_tcp(
+    device: &tun_rs::AsyncDevice,
+    own: Ipv6Addr,
+    mut answers: watch::Receiver<Option<ProbeAnswer>>,
+) -> Option<bool> {
+    use tunnel::inside::packet::{build_tcp, tcp_flags};
+    let listener = match tokio::net::TcpListener::bind(SocketAddrV6::new(own, 0, 0, 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "firewall probe: cannot listen on the node's address");
+            return None;
+        }
+    };
+    let port = listener.local_addr().ok()?.port();
+    let probe = SocketAddrV6::new(PROBE_ADDR, PROBE_PORT, 0, 0);
+    let to = SocketAddrV6::new(own, port, 0, 0);
+    // Any initial sequence number will do; a varying one keeps the answers of runs apart.
+    let isn = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let mut pkt = [0u8; 128];
+    let n = build_tcp(probe, to, isn, 0, tcp_flags::SYN, &mut pkt).ok()?;
+    let expected = ProbeAnswer {
+        port,
+        probe_port: PROBE_PORT,
+        ack: isn.wrapping_add(1),
+    };
+    answers.mark_unchanged();
+    for _ in 0..PROBE_TRIES {
+        let deadline = tokio::time::Instant::now() + PROBE_WAIT;
+        if let Err(e) = device.send(&pkt[..n]).await {
+            tracing::debug!(error = %e, "firewall probe: writing to the device failed");
+            return None;
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, answers.changed()).await {
+                Err(_) => break,
+                Ok(Err(_)) => return None,
+                Ok(Ok(())) => {
+                    if *answers.borrow_and_update() == Some(expected) {
+                        let mut rst = [0u8; 128];
+                        if let Ok(n) =
+                            build_tcp(probe, to, expected.ack, 0, tcp_flags::RST, &mut rst)
+                        {
+                            let _ = device.send(&rst[..n]).await;
+                        }
+                        return Some(true);
+                    }
+                }
+            }
+        }
+    }
+    Some(false)
+}
+
 /// What the self-test found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SelfTest {
     /// Whether the probe datagram reached its socket (`None`: not sent).
     pub delivered: Option<bool>,
+    /// Whether the probe SYN reached its listener (`None`: not sent).
+    pub tcp: Option<bool>,
     /// The nftables input chains that would drop packets from the interface (`None`: the
     /// ruleset could not be read).
     pub dropping: Option<Vec<Chain>>,
 }
 
 impl SelfTest {
-    /// Whether input filtering is judged to drop the interface's packets: the probe's answer
-    /// when there is one, else the ruleset's.
+    /// Whether input filtering is judged to drop the interface's packets: the probes' answers
+    /// when there are any (either probe lost counts), else the ruleset's.
     pub fn drops(&self) -> bool {
-        match self.delivered {
-            Some(d) => !d,
-            None => self.dropping.as_ref().is_some_and(|d| !d.is_empty()),
+        match (self.delivered, self.tcp) {
+            (None, None) => self.dropping.as_ref().is_some_and(|d| !d.is_empty()),
+            (udp, tcp) => udp == Some(false) || tcp == Some(false),
         }
     }
 }
 
-/// Probes the input path of `tun` and reads the nftables ruleset; logs a warning naming the rule
-/// to add when packets arriving on the interface are dropped. Never fails; bounded by
-/// [`PROBE_WAIT`] and [`NFT_TIMEOUT`].
-pub async fn self_test(device: &Arc<tun_rs::AsyncDevice>, tun: &str, own: Ipv6Addr) -> SelfTest {
+/// Probes the input path of `tun` (a datagram, and a SYN whose answer the data path reports on
+/// `answers`) and reads the nftables ruleset; logs a warning naming the rule to add when
+/// packets arriving on the interface are dropped. Never fails; bounded by [`PROBE_WAIT`] and
+/// [`NFT_TIMEOUT`].
+pub async fn self_test(
+    device: &Arc<tun_rs::AsyncDevice>,
+    tun: &str,
+    own: Ipv6Addr,
+    answers: watch::Receiver<Option<ProbeAnswer>>,
+) -> SelfTest {
     let delivered = probe(device, own).await;
+    let tcp = probe_tcp(device, own, answers).await;
     let dropping = match ruleset().await {
         Ok(rs) => Some(dropping_chains(&rs, tun, own)),
         Err(FirewallError::NftMissing) => None,
@@ -588,24 +669,38 @@ pub async fn self_test(device: &Arc<tun_rs::AsyncDevice>, tun: &str, own: Ipv6Ad
     };
     let t = SelfTest {
         delivered,
+        tcp,
         dropping,
     };
     let chains = t.dropping.clone().unwrap_or_default();
     if !t.drops() {
         tracing::info!(
             iface = tun,
-            probe = ?t.delivered,
+            probe_udp = ?t.delivered,
+            probe_tcp = ?t.tcp,
             "firewall self-test: packets arriving on {tun} reach local sockets"
         );
         return t;
     }
-    tracing::warn!(
-        iface = tun,
-        probe = ?t.delivered,
-        dropping_chains = chains.len(),
-        "firewall self-test: the host firewall drops packets arriving on {tun}; connections \
-         through {tun} will fail until they are accepted (or start with --firewall=nftables)"
-    );
+    if t.delivered == Some(true) && t.tcp == Some(false) {
+        tracing::warn!(
+            iface = tun,
+            dropping_chains = chains.len(),
+            "firewall self-test: the host firewall lets datagrams arriving on {tun} in but \
+             drops new TCP connections; connections through {tun} will fail until they are \
+             accepted"
+        );
+    } else {
+        tracing::warn!(
+            iface = tun,
+            probe_udp = ?t.delivered,
+            probe_tcp = ?t.tcp,
+            dropping_chains = chains.len(),
+            "firewall self-test: the host firewall drops packets arriving on {tun}; \
+             connections through {tun} will fail until they are accepted (or start with \
+             --firewall=nftables)"
+        );
+    }
     for c in &chains {
         tracing::warn!(
             "input chain {c} drops them; to accept them, run: nft {}",
@@ -614,7 +709,10 @@ pub async fn self_test(device: &Arc<tun_rs::AsyncDevice>, tun: &str, own: Ipv6Ad
     }
     if chains.is_empty() {
         tracing::warn!(
-            "no nftables chain found that drops them (ip6tables-legacy?); to accept them, run: \
+            "no nftables chain found that drops them by policy or plain rule (a rule on \
+             protocols, ports, TCP flags or sets, or ip6tables-legacy?); insert at the top of \
+             each input chain an accept for {tun} from {ULA_PREFIX}, e.g. nft insert rule \
+             <family> <table> <chain> iifname \"{tun}\" ip6 saddr {ULA_PREFIX} accept, or \
              ip6tables -I INPUT -i {tun} -s {ULA_PREFIX} -j ACCEPT"
         );
     }
@@ -894,6 +992,32 @@ mod tests {
             delete_script(&r, &comment("pilot0")),
             "delete rule inet filter input handle 9\n"
         );
+    }
+
+    #[test]
+    fn either_lost_probe_means_dropping() {
+        let t = |delivered, tcp, dropping: Option<Vec<Chain>>| SelfTest {
+            delivered,
+            tcp,
+            dropping,
+        };
+        let chains = || {
+            Some(vec![Chain {
+                family: "inet".into(),
+                table: "filter".into(),
+                name: "input".into(),
+            }])
+        };
+        // The probes, when sent, outweigh a reading of the ruleset.
+        assert!(!t(Some(true), Some(true), chains()).drops());
+        assert!(t(Some(true), Some(false), Some(vec![])).drops());
+        assert!(t(Some(false), Some(true), None).drops());
+        assert!(t(None, Some(false), None).drops());
+        assert!(!t(None, Some(true), None).drops());
+        // Without probes the ruleset decides.
+        assert!(t(None, None, chains()).drops());
+        assert!(!t(None, None, Some(vec![])).drops());
+        assert!(!t(None, None, None).drops());
     }
 
     #[test]

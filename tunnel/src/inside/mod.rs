@@ -109,6 +109,13 @@ pub const fn fake_addr(index: u32) -> Ipv6Addr {
     )
 }
 
+/// The index of [`PROBE_ADDR`]; never given to a NAT entry.
+pub const PROBE_INDEX: u32 = u32::MAX;
+/// The fake address pilotd's firewall self-test sends its probes from. Segments the kernel sends
+/// to it are never rewritten: an answer to a probe SYN is reported as
+/// [`Verdict::ProbeSynAck`], anything else is dropped.
+pub const PROBE_ADDR: Ipv6Addr = fake_addr(PROBE_INDEX);
+
 /// The index of a fake address, or `None` if `ip` is not one.
 pub fn fake_index(ip: &Ipv6Addr) -> Option<u32> {
     let o = ip.octets();
@@ -235,6 +242,16 @@ pub enum Verdict {
         /// Where the DNS message lies in the packet.
         payload: Range<usize>,
     },
+    /// The kernel answered a probe SYN sent from [`PROBE_ADDR`] with a SYN-ACK: the input path
+    /// let the SYN through to a listener. Nothing is written back.
+    ProbeSynAck {
+        /// The listener's port.
+        port: u16,
+        /// The probe's port.
+        probe_port: u16,
+        /// The acknowledgment number: the probe's initial sequence number plus one.
+        ack: u32,
+    },
     /// Dropped; counted under the reason.
     Drop(DropReason),
 }
@@ -330,6 +347,8 @@ pub struct HairpinStats {
     pub echo_requests: u64,
     /// DNS queries to the resolver address reported.
     pub dns_queries: u64,
+    /// SYN-ACKs to the firewall probe address reported.
+    pub probe_answers: u64,
     /// Dropped packets, indexed like [`DropReason::ALL`]; see [`HairpinStats::dropped`].
     pub drops: [u64; DropReason::ALL.len()],
     /// Entries in the table now.

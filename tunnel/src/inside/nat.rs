@@ -16,7 +16,7 @@ use super::packet::{
 };
 use super::{
     dns, fake_addr, fake_index, Direction, DropReason, FlowInfo, FlowKey, HairpinConfig,
-    HairpinError, HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN,
+    HairpinError, HairpinStats, Refusal, Verdict, LINGER, MAX_HELD_SYN, PROBE_INDEX,
 };
 use crate::addr::Addr;
 use crate::ula;
@@ -206,6 +206,7 @@ impl Hairpin {
             Verdict::Datagram { .. } => self.stats.datagrams += 1,
             Verdict::EchoRequest { .. } => self.stats.echo_requests += 1,
             Verdict::DnsQuery { .. } => self.stats.dns_queries += 1,
+            Verdict::ProbeSynAck { .. } => self.stats.probe_answers += 1,
             Verdict::Drop(reason) => self.stats.count(*reason),
         }
         verdict
@@ -298,6 +299,16 @@ impl Hairpin {
             Err(reason) => return Verdict::Drop(reason),
         };
         if let Some(index) = fake_index(&ip.dst) {
+            if index == PROBE_INDEX {
+                return match tcp.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) {
+                    f if f == tcp_flags::SYN | tcp_flags::ACK => Verdict::ProbeSynAck {
+                        port: tcp.src_port,
+                        probe_port: tcp.dst_port,
+                        ack: tcp.ack,
+                    },
+                    _ => Verdict::Drop(DropReason::TcpNoFlow),
+                };
+            }
             return self.classify_inner(now, p, ip, &tcp, index, mode);
         }
         let peer = match self.pilot_peer(&ip.dst) {
@@ -416,9 +427,9 @@ impl Hairpin {
     ) -> FlowKey {
         let key = FlowKey(self.next_key);
         self.next_key += 1;
-        // Skip indices in use: with at most 2^32 - 1 entries one is always free.
+        // Skip indices in use and the probe's: with at most 2^32 - 2 entries one is always free.
         let mut index = self.next_fake;
-        while self.by_fake.contains_key(&index) {
+        while index == PROBE_INDEX || self.by_fake.contains_key(&index) {
             index = index.wrapping_add(1);
         }
         self.next_fake = index.wrapping_add(1);
@@ -616,12 +627,13 @@ mod tests {
             .prepare_inbound(SocketAddrV6::new(peer, 1, 0, 0), 22)
             .unwrap();
         assert_eq!(fake_index(at_zero.fake.ip()), Some(0));
-        h.next_fake = u32::MAX;
+        h.next_fake = u32::MAX - 1;
         let last = h
             .prepare_inbound(SocketAddrV6::new(peer, 2, 0, 0), 22)
             .unwrap();
-        assert_eq!(fake_index(last.fake.ip()), Some(u32::MAX));
-        // Index 0 is still in use: the counter wraps past it.
+        assert_eq!(fake_index(last.fake.ip()), Some(u32::MAX - 1));
+        // The probe's index is never given out, and index 0 is still in use: the counter wraps
+        // past both.
         let next = h
             .prepare_inbound(SocketAddrV6::new(peer, 3, 0, 0), 22)
             .unwrap();

@@ -1099,3 +1099,34 @@ proptest! {
         prop_assert!(checksum_ok(&out[..n]));
     }
 }
+
+#[test]
+fn answers_to_the_firewall_probe_are_reported_never_rewritten() {
+    let mut h = hairpin();
+    let now = Instant::now();
+    let listener = sock(own_ip(), 40_000);
+    let probe = sock(PROBE_ADDR, 9);
+    let mut syn_ack = Tcp::new(listener, probe, SYN | ACK);
+    syn_ack.ack = 1001;
+    let mut p = syn_ack.build();
+    assert_eq!(
+        h.handle_packet(now, &mut p, ChecksumMode::Complete),
+        Verdict::ProbeSynAck {
+            port: 40_000,
+            probe_port: 9,
+            ack: 1001
+        }
+    );
+    assert_eq!(p, syn_ack.build(), "a probe answer is left alone");
+    assert_eq!(h.stats().probe_answers, 1);
+    // Any other segment to the probe address is dropped, and no entry is made.
+    for flags in [RST | ACK, ACK, SYN, RST] {
+        let mut p = Tcp::new(listener, probe, flags).build();
+        assert_eq!(
+            h.handle_packet(now, &mut p, ChecksumMode::Complete),
+            Verdict::Drop(DropReason::TcpNoFlow),
+            "flags {flags:#x}"
+        );
+    }
+    assert_eq!(h.stats().entries, 0);
+}

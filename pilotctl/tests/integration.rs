@@ -1,0 +1,6 @@
+//! pilotctl's integration tests: each file of this directory is one module of this single test
+//! binary, so the shared helpers are built once and the crate links one test executable.
+//! Run one area with a name filter, e.g. `cargo test --test integration -- cli::`.
+
+mod cli;
+mod daemon_stand_in;
