@@ -7,5 +7,6 @@ mod common;
 mod crypto;
 mod identity;
 mod ipc_wire;
+mod rekey_v1;
 mod roundtrip;
 mod stream_wire;
