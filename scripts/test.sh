@@ -15,6 +15,10 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
     cargo test -p pilotd --test tun_iface --test tun_path --test tun_mixed --test tun_firewall --test tun_dns --test tun_resolved --locked -- --ignored 2>&1 | tee -a "$log"
+    # The beacon relay tests of daemons.rs (nftables rules on loopback).
+    cargo test -p pilotd --test daemons --locked -- --ignored relay 2>&1 | tee -a "$log"
+    # The NAT lab: pilotd pairs behind nftables NATs in network namespaces.
+    cargo test -p pilot-tests --test nat_lab --locked -- --ignored 2>&1 | tee -a "$log"
     # The .deb and .rpm built by scripts/package.sh, installed in booted systemd containers.
     cargo test -p pilot-tests --test packages --locked -- --ignored 2>&1 | tee -a "$log"
     # The README's "Using a node" commands, as written, right after the main job.
