@@ -141,7 +141,8 @@ impl Nat {
     /// learns endpoints from the beacon and from what arrives: not through a UDP firewall, not
     /// between a symmetric NAT and one that filters on the remote port.
     pub fn direct_possible(a: Nat, b: Nat) -> bool {
-        let port_filtering = |n: Nat| matches!(n, Nat::PortRestricted | Nat::DoubleNat | Nat::Symmetric);
+        let port_filtering =
+            |n: Nat| matches!(n, Nat::PortRestricted | Nat::DoubleNat | Nat::Symmetric);
         if a == Nat::UdpFirewall || b == Nat::UdpFirewall {
             return false;
         }
@@ -221,7 +222,11 @@ impl Netns {
     /// `sysctl -w key=value` inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), LabError> {
         let kv = format!("{key}={value}");
-        run("ip", &["netns", "exec", &self.name, "sysctl", "-q", "-w", &kv]).map(drop)
+        run(
+            "ip",
+            &["netns", "exec", &self.name, "sysctl", "-q", "-w", &kv],
+        )
+        .map(drop)
     }
 
     /// `nft -f -` inside the namespace with `script` on stdin.
@@ -261,7 +266,16 @@ impl Netns {
         other_ip4: &str,
     ) -> Result<(), LabError> {
         self.ip(&[
-            "link", "add", name, "type", "veth", "peer", "name", other_name, "netns", &other.name,
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            other_name,
+            "netns",
+            &other.name,
         ])?;
         if !ip4.is_empty() {
             self.ip(&["addr", "add", ip4, "dev", name])?;
@@ -408,7 +422,15 @@ pub fn bin_dir() -> Result<PathBuf, LabError> {
     if bins.iter().any(|b| !dir.join(b).is_file()) {
         let cargo = option_env!("CARGO").unwrap_or("cargo");
         let st = Command::new(cargo)
-            .args(["build", "-p", "pilotd", "-p", "pilot-registry", "-p", "pilot-beacon"])
+            .args([
+                "build",
+                "-p",
+                "pilotd",
+                "-p",
+                "pilot-registry",
+                "-p",
+                "pilot-beacon",
+            ])
             .status()
             .map_err(io_err("running cargo build"))?;
         if !st.success() {
@@ -429,7 +451,11 @@ pub fn bin_dir() -> Result<PathBuf, LabError> {
 /// A random hex ID for namespace names (from the kernel's UUID source).
 fn lab_id() -> String {
     let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
-    let hex: String = uuid.chars().filter(char::is_ascii_hexdigit).take(6).collect();
+    let hex: String = uuid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(6)
+        .collect();
     format!("{hex}{}", std::process::id() % 1000)
 }
 
@@ -559,7 +585,9 @@ impl Lab {
             cgnat.nft(&Nat::PortRestricted.rules(""))?;
             nats.push(home);
         }
-        let gw = nats.last().unwrap_or_else(|| unreachable!("nats holds the outer NAT"));
+        let gw = nats
+            .last()
+            .unwrap_or_else(|| unreachable!("nats holds the outer NAT"));
         gw.ip(&["link", "add", "lan", "type", "bridge"])?;
         gw.ip(&["addr", "add", &format!("10.{i}.0.1/24"), "dev", "lan"])?;
         gw.ip(&["link", "set", "lan", "up"])?;

@@ -15,8 +15,7 @@
 use std::time::{Duration, Instant};
 
 use pilot_tests::natlab::{
-    echo_first_byte, hashed_transfer, unavailable, Host, Lab, LabError, Nat, ECHO_PORT,
-    SINK_PORT,
+    echo_first_byte, hashed_transfer, unavailable, Host, Lab, LabError, Nat, ECHO_PORT, SINK_PORT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -365,7 +364,10 @@ async fn beacon_and_registry_restart_during_transfer() {
         .expect("64 MiB across the restarts: not within 300 s")
         .unwrap()
         .unwrap();
-    println!("64 MiB across beacon and registry restarts: {} ms", t.as_millis());
+    println!(
+        "64 MiB across beacon and registry restarts: {} ms",
+        t.as_millis()
+    );
     // The registry kept nothing: both daemons register again; new streams work.
     let t0 = Instant::now();
     let mut a = a;
@@ -398,4 +400,46 @@ async fn beacon_and_registry_restart_during_transfer() {
         ttfb.as_millis()
     );
     server.abort();
+}
+
+/// Two hosts behind one port-restricted NAT that does not hairpin (Linux masquerade: a
+/// datagram from the LAN to the NAT's public address ends at the NAT itself). Each learns
+/// the other's public endpoint only, which it cannot reach from inside: the pair must still
+/// connect, through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces and nftables"]
+async fn same_nat_without_hairpin() {
+    if !runnable("same_nat_without_hairpin") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut lab = Lab::start().unwrap();
+    let mut site = lab.site(Nat::PortRestricted).unwrap();
+    let mut a = site.host().unwrap();
+    let mut b = site.host().unwrap();
+    a.wait_registered().await.unwrap();
+    b.wait_registered().await.unwrap();
+    let _server = b.serve().await.unwrap();
+    let d = a.driver().await.unwrap();
+    let ttfb = tokio::time::timeout(
+        Duration::from_secs(30),
+        echo_first_byte(&d, b.addr(ECHO_PORT)),
+    )
+    .await
+    .expect("no echo within 30 s")
+    .unwrap();
+    let t = tokio::time::timeout(
+        Duration::from_secs(180),
+        hashed_transfer(&d, b.addr(SINK_PORT), 16 * MIB, 5),
+    )
+    .await
+    .expect("16 MiB not within 180 s")
+    .unwrap();
+    let path = a.relayed(b.node_id).await.unwrap();
+    println!(
+        "same NAT, no hairpin: first byte after {} ms, 16 MiB in {} ms, relayed {path:?}",
+        ttfb.as_millis(),
+        t.as_millis()
+    );
+    assert_eq!(path, Some(true), "a direct path through a NAT that does not hairpin");
 }
