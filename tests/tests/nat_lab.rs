@@ -441,5 +441,9 @@ async fn same_nat_without_hairpin() {
         ttfb.as_millis(),
         t.as_millis()
     );
-    assert_eq!(path, Some(true), "a direct path through a NAT that does not hairpin");
+    assert_eq!(
+        path,
+        Some(true),
+        "a direct path through a NAT that does not hairpin"
+    );
 }
