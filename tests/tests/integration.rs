@@ -2,6 +2,7 @@
 //! binary, so the shared helpers are built once and the crate links one test executable.
 //! Run one area with a name filter, e.g. `cargo test --test integration -- node_sim::`.
 
+mod nat_lab;
 mod node_sim;
 mod packages;
 mod pilotctl_e2e;

@@ -128,6 +128,8 @@ struct Peer {
     /// First send since the last thing we heard from the peer.
     unanswered_since: Option<Instant>,
     last_pila: Option<Instant>,
+    /// When a punch from the peer's endpoint last made us send our PILA again.
+    punch_pila: Option<Instant>,
     last_probe: Option<Instant>,
     last_resolve: Option<Instant>,
     queue: VecDeque<Vec<u8>>,
@@ -728,6 +730,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             last_tx: now,
             unanswered_since: None,
             last_pila: None,
+            punch_pila: None,
             last_probe: None,
             last_resolve: None,
             queue: VecDeque::new(),
@@ -784,7 +787,12 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     Err(_) => self.drop(Drop::Malformed),
                 }
             }
-            Frame::Punch => self.drop(Drop::Punch),
+            Frame::Punch => {
+                if !relayed {
+                    self.punched_by(now, src);
+                }
+                self.drop(Drop::Punch)
+            }
             Frame::Plain(_) if self.config.refuse_plaintext => self.drop(Drop::Plaintext),
             Frame::Plain(inner) => {
                 let start = offset + MAGIC_LEN;
@@ -1199,6 +1207,28 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     }
 
     /// Keeps the deadline no later than when `node` next needs the timer.
+    /// A punch arrived from `src`: the peer there just opened its NAT towards us. Our first
+    /// PILA to it, sent with the punch request, most likely reached that NAT before the
+    /// punch and was dropped; a direct peer at `src` still without a session gets our PILA
+    /// again now instead of at its next retry, at most once per [`PILA_INTERVAL`]. (The scan
+    /// over the peers costs less than the signature check any PILA from anyone costs.)
+    fn punched_by(&mut self, now: Instant, src: SocketAddr) {
+        let found = self.peers.iter_mut().find(|(_, p)| {
+            p.endpoint == Some(src) && p.path == Path::Direct && p.session.is_none()
+        });
+        let Some((&node, p)) = found else {
+            return;
+        };
+        if p.punch_pila
+            .is_some_and(|t| now.duration_since(t) < PILA_INTERVAL)
+        {
+            return;
+        }
+        p.punch_pila = Some(now);
+        self.send_pila(now, node, true);
+        self.schedule(node);
+    }
+
     fn schedule(&mut self, node: u32) {
         let (beacon, me) = (self.config.beacon.is_some(), self.me != 0);
         if let Some(d) = self.peers.get(&node).map(|p| peer_deadline(p, beacon, me)) {
@@ -2104,5 +2134,34 @@ mod tests {
         send(t2, &mut b, 1, b"direct again");
         assert_eq!(pump(t2, &mut b, &mut a), 1);
         assert_eq!(a.t.path(2), Some(Path::Direct));
+    }
+
+    #[test]
+    fn a_punch_from_a_peer_without_a_session_brings_our_pila_again_at_once() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        a.t.set_endpoint(t0, 2, b.addr);
+        while a.poll(t0).is_some() {} // the punch request, and the PILA B's NAT drops
+                                      // B's punch (the beacon told it to) arrives: our PILA goes out again now.
+        let t1 = t0 + Duration::from_millis(20);
+        let mut punch = MAGIC_PUNCH.to_vec();
+        let _ = a.t.handle(t1, b.addr, &mut punch);
+        let tx = a.poll(t1).expect("a PILA in answer to the punch");
+        assert_eq!(tx.dst, b.addr);
+        assert_eq!(
+            tx.bytes[..MAGIC_LEN],
+            crate::wire::frame::MAGIC_AUTH_KEY_EXCHANGE
+        );
+        assert!(a.poll(t1).is_none());
+        // More punches within PILA_INTERVAL bring nothing more; nor does one from elsewhere.
+        let mut punch = MAGIC_PUNCH.to_vec();
+        let _ = a.t.handle(t1, b.addr, &mut punch);
+        let mut punch = MAGIC_PUNCH.to_vec();
+        let _ =
+            a.t.handle(t1, "127.0.0.1:4999".parse().unwrap(), &mut punch);
+        assert!(a.poll(t1).is_none());
     }
 }
