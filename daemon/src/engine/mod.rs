@@ -446,6 +446,8 @@ struct LinkState {
     since: Instant,
     /// Why the last attempt or session failed, while not connected.
     error: Option<String>,
+    /// Another daemon with this node's identity, as the registry explained it.
+    conflict: Option<String>,
 }
 
 /// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
@@ -539,6 +541,7 @@ impl Engine {
                 connected: false,
                 since: Instant::now(),
                 error: None,
+                conflict: None,
             },
             shutting_down: false,
             node_tx,
@@ -713,6 +716,7 @@ impl Engine {
                     connected: true,
                     since: Instant::now(),
                     error: None,
+                    conflict: self.registry_link.conflict.take(),
                 };
                 self.discover();
             }
@@ -742,6 +746,7 @@ impl Engine {
                 }
                 l.error = Some(why);
             }
+            LinkEvent::Conflict(c) => self.registry_link.conflict = c,
             LinkEvent::Rotated(key) => {
                 self.node.set_identity(now, (*key).clone());
                 self.config.events.emit(
@@ -823,6 +828,7 @@ impl Engine {
                 "connected": self.registry_link.connected,
                 "since_secs": self.registry_link.since.elapsed().as_secs(),
                 "error": self.registry_link.error,
+                "conflict": self.registry_link.conflict,
             }),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,
