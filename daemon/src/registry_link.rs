@@ -437,7 +437,9 @@ impl Seen {
             .as_ref()
             .is_some_and(|(_, at)| at.elapsed() >= RIVAL_QUIET)
         {
-            tracing::info!("no other daemon with this node's identity has tried to register lately");
+            tracing::info!(
+                "no other daemon with this node's identity has tried to register lately"
+            );
             self.rival = None;
             let _ = events.send(LinkEvent::Conflict(None)).await;
         }
@@ -591,7 +593,9 @@ async fn session(
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
     if seen.refused.take().is_some() {
-        tracing::info!("the other daemon with this identity is gone; this daemon serves the node now");
+        tracing::info!(
+            "the other daemon with this identity is gone; this daemon serves the node now"
+        );
         let _ = events.send(LinkEvent::Conflict(None)).await;
     }
     for w in waiters.drain(..) {

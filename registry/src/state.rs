@@ -1525,7 +1525,9 @@ mod tests {
         let req = Request::Register {
             listen_addr: "0.0.0.0:4000".into(),
             // The public key of the all-zero secret key.
-            public_key: b64(ed25519_dalek::SigningKey::from_bytes(&[0; 32]).verifying_key().as_bytes()),
+            public_key: b64(ed25519_dalek::SigningKey::from_bytes(&[0; 32])
+                .verifying_key()
+                .as_bytes()),
             owner: None,
             hostname: None,
             proof: None,

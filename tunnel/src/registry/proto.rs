@@ -483,9 +483,9 @@ impl Request {
     pub fn instance(&self) -> Option<&str> {
         use Request::*;
         match self {
-            Register { instance, .. } | Heartbeat { instance, .. } | Deregister { instance, .. } => {
-                instance.as_deref()
-            }
+            Register { instance, .. }
+            | Heartbeat { instance, .. }
+            | Deregister { instance, .. } => instance.as_deref(),
             _ => None,
         }
     }
