@@ -1125,6 +1125,43 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn a_refused_rival_is_reported_until_it_has_been_quiet() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut seen = Seen::default();
+        let notice = json!({"type": "duplicate_instance", "instance": "bbbb",
+                            "endpoint": "10.0.0.2:4000", "message": "another pilotd: stop it"});
+        seen.rival(&notice, &tx).await;
+        seen.rival(&notice, &tx).await;
+        for _ in 0..2 {
+            assert!(matches!(
+                rx.try_recv(),
+                Ok(LinkEvent::Conflict(Some(m))) if m == "another pilotd: stop it"
+            ));
+        }
+        // Reported a moment ago: it stays.
+        seen.expire(&tx).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(seen.rival.as_ref().map(|(i, _)| i.as_str()), Some("bbbb"));
+        // Quiet for RIVAL_QUIET: cleared, and Info is told.
+        // The monotonic clock counts from boot, long more than RIVAL_QUIET ago.
+        let long_ago = tokio::time::Instant::now()
+            .checked_sub(RIVAL_QUIET)
+            .unwrap();
+        seen.rival.as_mut().unwrap().1 = long_ago;
+        seen.expire(&tx).await;
+        assert!(matches!(rx.try_recv(), Ok(LinkEvent::Conflict(None))));
+        assert!(seen.rival.is_none());
+    }
+
+    #[test]
+    fn instance_ids_are_random_and_fit_the_wire_limit() {
+        let (a, b) = (new_instance(), new_instance());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(a.len() <= tunnel::registry::proto::MAX_INSTANCE);
+    }
+
     #[test]
     fn unsettled_rotation_keeps_its_text() {
         let e = LinkError::RotationUnsettled("registry closed the connection".into());

@@ -547,7 +547,10 @@ impl Registry {
                 return Ok(Some(json!({
                     "type": "hello_ok",
                     "nonce": nonce,
-                    "features": ["session_auth", "register_proof", "watch", "networks", "reachable"],
+                    "features": [
+                        "session_auth", "register_proof", "watch", "networks", "reachable",
+                        "instance",
+                    ],
                 })));
             }
             Request::Auth { node_id, signature } => {
