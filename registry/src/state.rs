@@ -485,7 +485,10 @@ impl State {
         }
         let ago = ctx.unix.saturating_sub(live.since);
         let message = format!(
-            "node {id} is served by another live pilotd with the same identity (instance {},              endpoint {}, since unix time {} ({ago} s ago)); this daemon's {kind} was refused              and it does not take the node over. Stop the other daemon, or, if this daemon's              identity directory was copied from it, give this daemon its own identity",
+            "node {id} is served by another live pilotd with the same identity (instance {}, \
+            endpoint {}, since unix time {} ({ago} s ago)); this daemon's {kind} was refused \
+            and it does not take the node over. Stop the other daemon, or, if this daemon's \
+            identity directory was copied from it, give this daemon its own identity",
             live.id, live.endpoint, live.since
         );
         let notice = json!({
@@ -495,7 +498,10 @@ impl State {
             "endpoint": endpoint.to_string(),
             "at": ctx.unix,
             "message": format!(
-                "another pilotd with this node's identity (node {id}, instance {claim},                  endpoint {endpoint}) sent a {kind} at unix time {}; it was refused and this                  daemon keeps the node. Stop that daemon, or, if its identity directory was                  copied from this one, give it its own identity",
+                "another pilotd with this node's identity (node {id}, instance {claim}, \
+                endpoint {endpoint}) sent a {kind} at unix time {}; it was refused and this \
+                daemon keeps the node. Stop that daemon, or, if its identity directory was \
+                copied from this one, give it its own identity",
                 ctx.unix
             ),
         });
