@@ -155,6 +155,7 @@ impl Daemon {
             owner: config.owner.clone(),
             desired: desired.clone(),
             keepalive: config.keepalive,
+            instance: registry_link::new_instance(),
         };
         let (push_tx, push_rx) = mpsc::channel(256);
         tokio::spawn(registry_link::run(link_config, link_rx, ev_tx, push_tx));

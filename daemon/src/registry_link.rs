@@ -27,6 +27,18 @@
 //! the link then stays unregistered, answering requests from its cache, until
 //! [`LinkCmd::Register`] (or the next start of the daemon).
 //!
+//! # One daemon per node
+//!
+//! Each link picks a random instance ID when the daemon starts ([`new_instance`]) and, toward
+//! `pilot-registry`, sends it with `register`, `heartbeat` and `deregister` (never toward a v1
+//! registry). While one daemon serves the node, the registry refuses another daemon with the
+//! same identity (a copied home directory) with `duplicate_instance`: the refused link logs
+//! the registry's explanation as an error, reports it in Info (`registry.conflict`), never
+//! takes the node over, and tries again every [`RIVAL_RETRY`], so it takes the node once the
+//! other daemon has stopped. The serving link learns of each refused rival (pushed on its
+//! watching connection and in its next heartbeat reply), logs it as an error and reports it
+//! in Info until no rival has been refused for [`RIVAL_QUIET`].
+//!
 //! # Registry outages
 //!
 //! The link remembers what the registry told it about other nodes ([`PeerCache`]). While the
@@ -56,6 +68,18 @@ use crate::peer_cache::PeerCache;
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
 /// How long one registry request may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wait before registering again after the registry refused this daemon because another one
+/// with the same identity serves the node.
+pub const RIVAL_RETRY: Duration = Duration::from_secs(30);
+/// A refused rival stays in Info this long after the last report of it (a few of its
+/// retries).
+pub const RIVAL_QUIET: Duration = Duration::from_secs(90);
+
+/// A fresh random instance ID for this daemon process: 16 hex digits.
+pub fn new_instance() -> String {
+    use rand_core::RngCore;
+    format!("{:016x}", rand_core::OsRng.next_u64())
+}
 
 /// Why a registry request made through the link failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +214,8 @@ pub struct LinkConfig {
     pub desired: Desired,
     /// Heartbeat interval.
     pub keepalive: Duration,
+    /// This daemon process's instance ID ([`new_instance`]).
+    pub instance: String,
 }
 
 /// A request from the engine or the IPC server.
@@ -232,6 +258,10 @@ pub enum LinkEvent {
     Disconnected(String),
     /// The node's identity key was replaced: tunnels are re-keyed under the new one.
     Rotated(Arc<SigningKey>),
+    /// Another daemon with this node's identity: the registry's explanation (this daemon
+    /// was refused, or a rival was refused while this one serves the node), or `None` once
+    /// that is over.
+    Conflict(Option<String>),
 }
 
 /// Why the link has no session, for the requests it answers meanwhile.
@@ -275,7 +305,7 @@ pub async fn run(
     let mut cache = PeerCache::new();
     let mut waiters = Waiters::new();
     let mut backoff = BACKOFF.0;
-    let mut spoken = None;
+    let mut seen = Seen::default();
     loop {
         match session(
             &config,
@@ -284,7 +314,7 @@ pub async fn run(
             &pushes,
             &mut cache,
             &mut waiters,
-            &mut spoken,
+            &mut seen,
         )
         .await
         {
@@ -310,6 +340,25 @@ pub async fn run(
                 }
                 backoff = BACKOFF.0;
                 continue;
+            }
+            Err(e) if e.is_duplicate_instance() => {
+                if seen.refused.is_none() {
+                    tracing::error!(registry = %config.registry, instance = %config.instance, error = %e, "registration refused: another daemon with this identity serves the node; retrying every {}s", RIVAL_RETRY.as_secs());
+                } else {
+                    tracing::debug!(error = %e, "registration still refused");
+                }
+                seen.refused = Some(e.to_string());
+                for w in waiters.drain(..) {
+                    let _ = w.send(Err(LinkError::from_client(&e)));
+                }
+                let told = events
+                    .send(LinkEvent::Conflict(Some(e.to_string())))
+                    .await
+                    .and(events.send(LinkEvent::Disconnected(e.to_string())).await);
+                if told.is_err() {
+                    return;
+                }
+                backoff = RIVAL_RETRY;
             }
             Err(e) => {
                 if matches!(e, ClientError::FingerprintMismatch { .. }) {
@@ -347,6 +396,59 @@ pub async fn run(
             }
         }
         backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// What the link has reported, across sessions.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The protocol the registry spoke at the last negotiation.
+    protocol: Option<RegistryProtocol>,
+    /// Why the last registration was refused, while another daemon serves the node.
+    refused: Option<String>,
+    /// The last rival refused while this daemon serves the node: its instance and when it
+    /// was reported.
+    rival: Option<(String, tokio::time::Instant)>,
+}
+
+impl Seen {
+    /// A `duplicate_instance` report from the registry (pushed, or in a heartbeat reply):
+    /// logged as an error once per rival, and shown in Info.
+    async fn rival(&mut self, notice: &Value, events: &mpsc::Sender<LinkEvent>) {
+        let instance = notice
+            .get("instance")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let message = notice
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("another daemon with this node's identity tried to register")
+            .to_owned();
+        if self.rival.as_ref().map(|(i, _)| i) != Some(&instance) {
+            let endpoint = notice
+                .get("endpoint")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            tracing::error!(rival = %instance, endpoint, "{message}");
+        }
+        self.rival = Some((instance, tokio::time::Instant::now()));
+        let _ = events.send(LinkEvent::Conflict(Some(message))).await;
+    }
+
+    /// Clears a rival not reported for [`RIVAL_QUIET`].
+    async fn expire(&mut self, events: &mpsc::Sender<LinkEvent>) {
+        if self
+            .rival
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= RIVAL_QUIET)
+        {
+            tracing::info!(
+                "no other daemon with this node's identity has tried to register lately"
+            );
+            self.rival = None;
+            let _ = events.send(LinkEvent::Conflict(None)).await;
+        }
     }
 }
 
@@ -390,6 +492,9 @@ struct Session {
     client: Client<RegistryStream>,
     protocol: RegistryProtocol,
     identity: Arc<NodeIdentity>,
+    /// This daemon's instance ID, sent with heartbeats and deregistration toward
+    /// `pilot-registry`.
+    instance: String,
 }
 
 /// Sends `v` on the session; toward a v1 registry with the fixed-string signature v1 checks
@@ -397,6 +502,14 @@ struct Session {
 async fn call(s: &mut Session, v: &Value) -> Result<Value, ClientError> {
     let signed;
     let v = match s.protocol {
+        RegistryProtocol::Pilot if matches!(kind(v), "heartbeat" | "deregister") => {
+            let mut req = v.clone();
+            if let Some(o) = req.as_object_mut() {
+                o.insert("instance".into(), json!(s.instance));
+            }
+            signed = req;
+            &signed
+        }
         RegistryProtocol::Pilot => v,
         RegistryProtocol::V1 => {
             let mut req = v.clone();
@@ -459,7 +572,7 @@ async fn session(
     pushes: &mpsc::Sender<Value>,
     cache: &mut PeerCache,
     waiters: &mut Waiters,
-    spoken: &mut Option<RegistryProtocol>,
+    seen: &mut Seen,
 ) -> Result<End, ClientError> {
     let timed_out = |what: &str| {
         ClientError::Io(std::io::Error::new(
@@ -476,14 +589,21 @@ async fn session(
     let protocol = tokio::time::timeout(CALL_TIMEOUT, client.negotiate())
         .await
         .map_err(|_| timed_out("hello"))??;
-    report_protocol(config, spoken, protocol);
+    report_protocol(config, &mut seen.protocol, protocol);
     let mut c = Session {
         client,
         protocol,
         identity: config.identity.clone(),
+        instance: config.instance.clone(),
     };
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
+    if seen.refused.take().is_some() {
+        tracing::info!(
+            "the other daemon with this identity is gone; this daemon serves the node now"
+        );
+        let _ = events.send(LinkEvent::Conflict(None)).await;
+    }
     for w in waiters.drain(..) {
         let _ = w.send(Ok(reply.clone()));
     }
@@ -499,8 +619,15 @@ async fn session(
         return Ok(End::Stopped);
     }
     // A v1 registry pushes nothing: the trust service's polling delivers handshakes.
-    let _guard = (protocol == RegistryProtocol::Pilot)
-        .then(|| AbortOnDrop(tokio::spawn(watch(config.clone(), node, pushes.clone()))));
+    let (rivals_tx, mut rivals) = mpsc::channel(8);
+    let _guard = (protocol == RegistryProtocol::Pilot).then(|| {
+        AbortOnDrop(tokio::spawn(watch(
+            config.clone(),
+            node,
+            pushes.clone(),
+            rivals_tx,
+        )))
+    });
     let mut tick = tokio::time::interval(config.keepalive);
     tick.tick().await;
     let mut failures = 0;
@@ -508,8 +635,12 @@ async fn session(
         tokio::select! {
             _ = tick.tick() => {
                 match call(&mut c, &json!({"type": "heartbeat", "node_id": node})).await {
-                    Ok(_) => {
+                    Ok(v) => {
                         failures = 0;
+                        if let Some(notice) = v.get("duplicate_instance") {
+                            seen.rival(notice, events).await;
+                        }
+                        seen.expire(events).await;
                         let _ = events.send(LinkEvent::Heartbeat).await;
                     }
                     Err(e) if refused(&e) => {
@@ -524,6 +655,7 @@ async fn session(
                     }
                 }
             }
+            Some(notice) = rivals.recv() => seen.rival(&notice, events).await,
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { return Ok(End::Stopped) };
                 match cmd {
@@ -631,7 +763,11 @@ async fn register(c: &mut Session, config: &LinkConfig) -> Result<(u32, Value), 
     let hostname = want.hostname.as_deref().filter(|h| !h.is_empty());
     let registration = async {
         match c.protocol {
-            RegistryProtocol::Pilot => c.client.register_proven(&identity, &listen, hostname).await,
+            RegistryProtocol::Pilot => {
+                c.client
+                    .register_instance(&identity, &listen, hostname, Some(&config.instance))
+                    .await
+            }
             RegistryProtocol::V1 => {
                 c.client
                     .register_v1(&identity, &listen, hostname, config.owner.as_deref())
@@ -835,8 +971,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A second connection, authenticated as `node`, receiving pushed handshake events.
-async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
+/// A second connection, authenticated as `node`, receiving pushed events: handshake events go
+/// to `pushes`, reports of a refused rival daemon to `rivals`.
+async fn watch(
+    config: LinkConfig,
+    node: u32,
+    pushes: mpsc::Sender<Value>,
+    rivals: mpsc::Sender<Value>,
+) {
     let mut backoff = BACKOFF.0;
     loop {
         let r: Result<(), ClientError> = async {
@@ -845,7 +987,12 @@ async fn watch(config: LinkConfig, node: u32, pushes: mpsc::Sender<Value>) {
             c.call(&json!({"type": "watch"})).await?;
             loop {
                 let ev = c.next().await?;
-                if pushes.send(ev).await.is_err() {
+                let to = if kind(&ev) == "duplicate_instance" {
+                    &rivals
+                } else {
+                    &pushes
+                };
+                if to.send(ev).await.is_err() {
                     return Ok(());
                 }
             }
@@ -994,6 +1141,43 @@ mod tests {
             rx.recv().await,
             Some(LinkEvent::Endpoint(8, Err(LinkError::Unreachable)))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_rival_is_reported_until_it_has_been_quiet() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut seen = Seen::default();
+        let notice = json!({"type": "duplicate_instance", "instance": "bbbb",
+                            "endpoint": "10.0.0.2:4000", "message": "another pilotd: stop it"});
+        seen.rival(&notice, &tx).await;
+        seen.rival(&notice, &tx).await;
+        for _ in 0..2 {
+            assert!(matches!(
+                rx.try_recv(),
+                Ok(LinkEvent::Conflict(Some(m))) if m == "another pilotd: stop it"
+            ));
+        }
+        // Reported a moment ago: it stays.
+        seen.expire(&tx).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(seen.rival.as_ref().map(|(i, _)| i.as_str()), Some("bbbb"));
+        // Quiet for RIVAL_QUIET: cleared, and Info is told.
+        // The monotonic clock counts from boot, long more than RIVAL_QUIET ago.
+        let long_ago = tokio::time::Instant::now()
+            .checked_sub(RIVAL_QUIET)
+            .unwrap();
+        seen.rival.as_mut().unwrap().1 = long_ago;
+        seen.expire(&tx).await;
+        assert!(matches!(rx.try_recv(), Ok(LinkEvent::Conflict(None))));
+        assert!(seen.rival.is_none());
+    }
+
+    #[test]
+    fn instance_ids_are_random_and_fit_the_wire_limit() {
+        let (a, b) = (new_instance(), new_instance());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(a.len() <= tunnel::registry::proto::MAX_INSTANCE);
     }
 
     #[test]

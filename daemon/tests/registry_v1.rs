@@ -84,6 +84,10 @@ const V1_ERROR: &[u8] = br#"{"type":"error","error":"request failed"}"#;
 fn answer(st: &mut V1State, req: &Value, peer_ip: std::net::IpAddr) -> Value {
     let t = req["type"].as_str().unwrap_or_default().to_owned();
     st.seen.push(t.clone());
+    if req.get("instance").is_some() {
+        // Not a v1 field: the daemon names its instance only to pilot-registry.
+        st.unknown.push(format!("{t} instance"));
+    }
     let error: Value = serde_json::from_slice(V1_ERROR).unwrap();
     if let Some((signer, text)) = challenge(req) {
         let ok = st.nodes.get(&signer).is_some_and(|n| {
@@ -288,7 +292,7 @@ async fn pilotd_registers_with_a_v1_registry_in_v1_forms_and_reaches_a_peer() {
             st.bad_signatures
         );
         // Each connection asked `hello` once and then spoke only v1's forms: no `auth`, no
-        // `watch`, no registration proof.
+        // `watch`, no registration proof, no instance.
         assert!(
             st.unknown.iter().all(|t| t == "hello"),
             "requests v1 does not know: {:?}",

@@ -508,6 +508,13 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
             ),
             (false, None) => writeln!(text, "Registry:     connecting ({since})"),
         };
+        if let Some(c) = &r.conflict {
+            let _ = writeln!(
+                text,
+                "Conflict:     ANOTHER DAEMON WITH THIS IDENTITY: {}",
+                crate::services::clean(c)
+            );
+        }
     }
     if i.registry_protocol == "v1" {
         text.push_str(

@@ -108,6 +108,8 @@ struct Inner {
     by_node: Option<Limiter<u32>>,
     registrations: Option<Limiter<IpAddr>>,
     connections: std::sync::atomic::AtomicUsize,
+    /// The last connection number handed out (0 stands for in-process requests).
+    conn_ids: std::sync::atomic::AtomicU64,
     committer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -135,11 +137,26 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// Per-connection session: the last nonce handed out and the node the connection proved to be.
+/// Per-connection session: the last nonce handed out, the node the connection proved to be,
+/// and the connection's number (0 for in-process requests).
 #[derive(Debug, Default)]
 struct Session {
     nonce: Option<String>,
     node: Option<u32>,
+    conn: u64,
+}
+
+/// Tells the state when a connection ends, however its task ends (closed, idle, aborted at
+/// shutdown): a daemon instance that spoke on it is no longer live.
+struct ConnectionEnd<'a> {
+    reg: &'a Registry,
+    conn: u64,
+}
+
+impl Drop for ConnectionEnd<'_> {
+    fn drop(&mut self) {
+        self.reg.state().connection_closed(self.conn);
+    }
 }
 
 /// Counts a connection for as long as its task lives, including when it is aborted.
@@ -193,6 +210,7 @@ impl Registry {
             by_node: limiter(per_second(config.requests_per_node)),
             registrations: limiter(per_minute),
             connections: Default::default(),
+            conn_ids: Default::default(),
             committer: Some(committer),
             config,
         };
@@ -381,7 +399,16 @@ impl Registry {
         let mut dec = FrameDecoder::new();
         let mut buf = vec![0u8; 4096];
         let mut out = Vec::new();
-        let mut session = Session::default();
+        let conn = self
+            .inner
+            .conn_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let _end = ConnectionEnd { reg: self, conn };
+        let mut session = Session {
+            conn,
+            ..Session::default()
+        };
         loop {
             let frame = match dec.next_frame() {
                 Ok(Some(f)) => f,
@@ -487,6 +514,9 @@ impl Registry {
                 if r.code == Code::Unauthorized || r.code == Code::Throttled {
                     tracing::debug!(%peer, kind, code = r.code.as_str(), reason = %r.message, "request refused");
                 }
+                if r.code == Code::DuplicateInstance {
+                    tracing::warn!(%peer, kind, code = r.code.as_str(), reason = %r.message, "second live daemon for one node refused");
+                }
                 if matches!(r.code, Code::Unsupported) && kind == "subscribe_replication" {
                     Action::Close(r.to_json())
                 } else {
@@ -517,7 +547,10 @@ impl Registry {
                 return Ok(Some(json!({
                     "type": "hello_ok",
                     "nonce": nonce,
-                    "features": ["session_auth", "register_proof", "watch", "networks", "reachable"],
+                    "features": [
+                        "session_auth", "register_proof", "watch", "networks", "reachable",
+                        "instance",
+                    ],
                 })));
             }
             Request::Auth { node_id, signature } => {
@@ -598,6 +631,7 @@ impl Registry {
             register_proven,
             now_ms,
             unix: unix_now(),
+            conn: session.conn,
         };
         let (outcome, rx) = {
             let mut st = self.state();
@@ -614,10 +648,8 @@ impl Registry {
             // A refusal changes nothing, but wait for anything it queued to stay in order.
             let _ = rx.await;
         }
-        let v = reply?;
-        if let Some(node) = outcome.bind_session {
-            session.node = Some(node);
-        }
+        // Pushes go out even with a refusal: a refused rival instance is reported to the live
+        // one.
         if !outcome.pushes.is_empty() {
             let watchers = self
                 .inner
@@ -631,6 +663,10 @@ impl Registry {
                     }
                 }
             }
+        }
+        let v = reply?;
+        if let Some(node) = outcome.bind_session {
+            session.node = Some(node);
         }
         Ok(Some(v))
     }

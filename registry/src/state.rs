@@ -10,7 +10,7 @@ use tunnel::Addr;
 
 use crate::auth::{b64, decode_key};
 use crate::names::{default_hostname, normalize_tags, validate_hostname, validate_network_name};
-use crate::proto::Request;
+use crate::proto::{Request, MAX_INSTANCE};
 use crate::store::{
     InboxEntry, JoinRule, Mutation, NetworkRecord, NodeRecord, ResponseEntry, Snapshot,
 };
@@ -34,6 +34,15 @@ pub const MAX_TOKEN: usize = 256;
 /// Highest node ID handed out (0xFFFF_FFFF is the broadcast node).
 pub const MAX_NODE_ID: u32 = 0xFFFF_FFFE;
 
+/// A `register` request's fields.
+struct Registration<'a> {
+    listen_addr: &'a str,
+    public_key: &'a str,
+    owner: Option<String>,
+    hostname: Option<String>,
+    instance: Option<&'a str>,
+}
+
 /// Stable error codes, sent as `code` next to v1's `error` string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
@@ -53,6 +62,8 @@ pub enum Code {
     Exhausted,
     /// Not offered by this registry.
     Unsupported,
+    /// Another daemon process with this node's identity is live (extension).
+    DuplicateInstance,
     /// The store failed.
     Internal,
 }
@@ -69,6 +80,7 @@ impl Code {
             Code::Throttled => "throttled",
             Code::Exhausted => "exhausted",
             Code::Unsupported => "unsupported",
+            Code::DuplicateInstance => "duplicate_instance",
             Code::Internal => "internal",
         }
     }
@@ -115,6 +127,9 @@ pub struct Ctx {
     pub now_ms: u64,
     /// Unix seconds (timestamps kept or sent).
     pub unix: u64,
+    /// The connection the request came on (0: none, for in-process requests). A daemon
+    /// instance is live only while the connection it last spoke on is open.
+    pub conn: u64,
 }
 
 /// What handling a request produced.
@@ -144,6 +159,30 @@ struct Node {
     rec: NodeRecord,
     last_seen_ms: u64,
     networks: Vec<u16>,
+    /// The daemon process serving the node, if one named itself (memory only).
+    instance: Option<Instance>,
+}
+
+/// The daemon process that serves a node: the one whose `register` or `heartbeat` carrying
+/// an instance ID was last accepted (extension). It is live while the connection it spoke on
+/// is open and the node was heard from within [`STALE_MS`]; while it is live, requests naming
+/// another instance are refused with [`Code::DuplicateInstance`], so a second daemon started
+/// from a copy of the node's identity never takes the node over. A daemon that stops closes
+/// its connection, so its successor (a restart) is accepted at once; one that vanishes
+/// without closing it (host lost) is replaced after [`STALE_MS`].
+#[derive(Debug, Clone)]
+struct Instance {
+    id: String,
+    /// The connection it last spoke on (0: in-process, never closes).
+    conn: u64,
+    /// Whether that connection is open.
+    connected: bool,
+    /// Its endpoint, as registered.
+    endpoint: SocketAddr,
+    /// Unix seconds when it first served the node.
+    since: u64,
+    /// The last refused rival, not yet reported in a heartbeat reply.
+    notice: Option<Value>,
 }
 
 #[derive(Debug)]
@@ -184,6 +223,8 @@ pub struct State {
     beacons: BTreeMap<u32, (String, u64)>,
     next_node: u32,
     next_net: u32,
+    /// Open connections a node's instance spoke on: connection -> node.
+    instance_conns: HashMap<u64, u32>,
 }
 
 fn address(net: u16, node: u32) -> String {
@@ -221,6 +262,7 @@ impl State {
             beacons: BTreeMap::new(),
             next_node: snap.next_node.max(1),
             next_net: snap.next_net.max(1),
+            instance_conns: HashMap::new(),
         };
         st.networks.insert(
             0,
@@ -253,6 +295,7 @@ impl State {
                     rec,
                     last_seen_ms: now_ms,
                     networks: Vec::new(),
+                    instance: None,
                 },
             );
         }
@@ -384,6 +427,11 @@ impl State {
         };
         n.rec.active = false;
         n.rec.real_addr = None;
+        if let Some(i) = n.instance.take() {
+            if self.instance_conns.get(&i.conn) == Some(&id) {
+                self.instance_conns.remove(&i.conn);
+            }
+        }
         if let Some(h) = n.rec.hostname.take() {
             self.by_hostname.remove(&h);
         }
@@ -398,6 +446,102 @@ impl State {
             });
         }
         out.push(Mutation::Node(n.rec.clone()));
+    }
+
+    /// The connection `conn` closed: the instance that last spoke on it is no longer live, so
+    /// another (its restart) may take the node at once.
+    pub fn connection_closed(&mut self, conn: u64) {
+        let Some(id) = self.instance_conns.remove(&conn) else {
+            return;
+        };
+        if let Some(i) = self.nodes.get_mut(&id).and_then(|n| n.instance.as_mut()) {
+            if i.conn == conn {
+                i.connected = false;
+            }
+        }
+    }
+
+    /// Refuses `claim` when another instance serves node `id` and is live (see [`Instance`]):
+    /// the refusal tells the rival which daemon holds the node, the live one is told of the
+    /// rival by a push and in its next heartbeat reply. `endpoint` is the rival's.
+    fn check_instance(
+        &mut self,
+        id: u32,
+        claim: &str,
+        endpoint: SocketAddr,
+        kind: &str,
+        ctx: &Ctx,
+        out: &mut Outcome,
+    ) -> Result<(), Reject> {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
+        let fresh = n.rec.active && ctx.now_ms.saturating_sub(n.last_seen_ms) <= STALE_MS;
+        let Some(live) = n.instance.as_mut() else {
+            return Ok(());
+        };
+        if live.id == claim || !live.connected || !fresh {
+            return Ok(());
+        }
+        let ago = ctx.unix.saturating_sub(live.since);
+        let message = format!(
+            "node {id} is served by another live pilotd with the same identity (instance {}, \
+            endpoint {}, since unix time {} ({ago} s ago)); this daemon's {kind} was refused \
+            and it does not take the node over. Stop the other daemon, or, if this daemon's \
+            identity directory was copied from it, give this daemon its own identity",
+            live.id, live.endpoint, live.since
+        );
+        let notice = json!({
+            "type": "duplicate_instance",
+            "node_id": id,
+            "instance": claim,
+            "endpoint": endpoint.to_string(),
+            "at": ctx.unix,
+            "message": format!(
+                "another pilotd with this node's identity (node {id}, instance {claim}, \
+                endpoint {endpoint}) sent a {kind} at unix time {}; it was refused and this \
+                daemon keeps the node. Stop that daemon, or, if its identity directory was \
+                copied from this one, give it its own identity",
+                ctx.unix
+            ),
+        });
+        live.notice = Some(notice.clone());
+        out.pushes.push((id, notice));
+        reject(Code::DuplicateInstance, message)
+    }
+
+    /// Records `claim` as the instance serving node `id`, on the request's connection.
+    /// Returns a refused rival not yet reported to this instance.
+    fn claim_instance(
+        &mut self,
+        id: u32,
+        claim: &str,
+        endpoint: SocketAddr,
+        ctx: &Ctx,
+    ) -> Option<Value> {
+        let n = self.nodes.get_mut(&id)?;
+        let (previous, since, notice) = match n.instance.take() {
+            Some(i) if i.id == claim => (Some(i.conn), i.since, i.notice),
+            Some(i) => (Some(i.conn), ctx.unix, None),
+            None => (None, ctx.unix, None),
+        };
+        n.instance = Some(Instance {
+            id: claim.to_owned(),
+            conn: ctx.conn,
+            connected: true,
+            endpoint,
+            since,
+            notice: None,
+        });
+        if let Some(old) = previous.filter(|c| *c != ctx.conn) {
+            if self.instance_conns.get(&old) == Some(&id) {
+                self.instance_conns.remove(&old);
+            }
+        }
+        if ctx.conn != 0 {
+            self.instance_conns.insert(ctx.conn, id);
+        }
+        notice
     }
 
     /// Handles one request. `ctx.authed` must already hold the proven signer, if any.
@@ -454,8 +598,18 @@ impl State {
                 public_key,
                 owner,
                 hostname,
+                instance,
                 ..
-            } => self.register(&listen_addr, &public_key, owner, hostname, ctx, out),
+            } => {
+                let registration = Registration {
+                    listen_addr: &listen_addr,
+                    public_key: &public_key,
+                    owner,
+                    hostname,
+                    instance: instance.as_deref(),
+                };
+                self.register(registration, ctx, out)
+            }
             Lookup { node_id } => {
                 let n = self.active(node_id)?;
                 let mut v = json!({
@@ -500,12 +654,29 @@ impl State {
                 };
                 Ok(json!({"type": "resolve_ok", "node_id": node_id, "real_addr": addr.to_string()}))
             }
-            Heartbeat { node_id, .. } => {
+            Heartbeat {
+                node_id, instance, ..
+            } => {
+                let n = self.active(node_id)?;
+                let endpoint = n.rec.real_addr.unwrap_or(ctx.peer);
+                let mut v = json!({"type": "heartbeat_ok", "time": ctx.unix});
+                if let Some(claim) = instance.as_deref() {
+                    self.check_instance(node_id, claim, ctx.peer, "heartbeat", ctx, out)?;
+                    let notice = self.claim_instance(node_id, claim, endpoint, ctx);
+                    if let Some(notice) = notice {
+                        v["duplicate_instance"] = notice;
+                    }
+                }
                 let n = self.active_mut(node_id)?;
                 n.last_seen_ms = ctx.now_ms;
-                Ok(json!({"type": "heartbeat_ok", "time": ctx.unix}))
+                Ok(v)
             }
-            Deregister { node_id, .. } => {
+            Deregister {
+                node_id, instance, ..
+            } => {
+                if let Some(claim) = instance.as_deref() {
+                    self.check_instance(node_id, claim, ctx.peer, "deregister", ctx, out)?;
+                }
                 if self.nodes.get(&node_id).is_some_and(|n| n.rec.active) {
                     self.deactivate(node_id, &mut out.mutations);
                 }
@@ -1050,13 +1221,25 @@ impl State {
 
     fn register(
         &mut self,
-        listen_addr: &str,
-        public_key: &str,
-        owner: Option<String>,
-        hostname: Option<String>,
+        r: Registration<'_>,
         ctx: &Ctx,
         out: &mut Outcome,
     ) -> Result<Value, Reject> {
+        let Registration {
+            listen_addr,
+            public_key,
+            owner,
+            hostname,
+            instance,
+        } = r;
+        if let Some(claim) = instance {
+            if claim.is_empty() || claim.len() > MAX_INSTANCE {
+                return reject(
+                    Code::BadRequest,
+                    format!("instance must be 1 to {MAX_INSTANCE} bytes"),
+                );
+            }
+        }
         let key =
             decode_key(public_key).map_err(|e| Reject::new(Code::BadRequest, e.to_string()))?;
         let owner = owner.filter(|o| !o.is_empty());
@@ -1087,6 +1270,12 @@ impl State {
                         );
                     }
                 }
+                if let Some(claim) = instance {
+                    self.check_instance(id, claim, real_addr, "register", ctx, out)?;
+                }
+                let Some(n) = self.nodes.get_mut(&id) else {
+                    return reject(Code::Internal, "key index names a missing node");
+                };
                 if !n.rec.active {
                     // Back after deregistration or reaping: same ID, fresh attributes (v1).
                     n.rec.public = false;
@@ -1145,6 +1334,7 @@ impl State {
                         rec,
                         last_seen_ms: ctx.now_ms,
                         networks: Vec::new(),
+                        instance: None,
                     },
                 );
                 id
@@ -1172,6 +1362,9 @@ impl State {
         }
         if ctx.register_proven {
             out.bind_session = Some(id);
+        }
+        if let Some(claim) = instance {
+            self.claim_instance(id, claim, real_addr, ctx);
         }
         let Some(n) = self.nodes.get_mut(&id) else {
             return reject(Code::Internal, "registered node vanished");
@@ -1315,5 +1508,55 @@ impl State {
             present: true,
         });
         Ok(ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ctx(now_ms: u64, conn: u64) -> Ctx {
+        Ctx {
+            peer: "127.0.0.1:9".parse().unwrap(),
+            authed: None,
+            register_proven: true,
+            now_ms,
+            unix: 1_000 + now_ms / 1000,
+            conn,
+        }
+    }
+
+    fn register(st: &mut State, instance: &str, ctx: &Ctx) -> Result<Value, Reject> {
+        let req = Request::Register {
+            listen_addr: "0.0.0.0:4000".into(),
+            // The public key of the all-zero secret key.
+            public_key: b64(ed25519_dalek::SigningKey::from_bytes(&[0; 32])
+                .verifying_key()
+                .as_bytes()),
+            owner: None,
+            hostname: None,
+            proof: None,
+            instance: Some(instance.into()),
+        };
+        st.handle(req, ctx).reply.unwrap()
+    }
+
+    #[test]
+    fn a_silent_instance_gives_way_after_the_liveness_window() {
+        let mut st = State::from_snapshot(Snapshot::default(), Policy::default(), 0);
+        register(&mut st, "a", &ctx(0, 1)).unwrap();
+        // Its connection is still open (a host that vanished): refused within the window...
+        let e = register(&mut st, "b", &ctx(STALE_MS, 2)).unwrap_err();
+        assert_eq!(e.code, Code::DuplicateInstance);
+        // ...and accepted after it, with no heartbeat from the silent instance.
+        register(&mut st, "b", &ctx(STALE_MS + 1, 2)).unwrap();
+        let e = register(&mut st, "a", &ctx(STALE_MS + 2, 3)).unwrap_err();
+        assert_eq!(e.code, Code::DuplicateInstance);
+        // A closed connection frees the node at once; another connection's close does not.
+        st.connection_closed(1);
+        assert!(register(&mut st, "a", &ctx(STALE_MS + 3, 3)).is_err());
+        st.connection_closed(2);
+        register(&mut st, "a", &ctx(STALE_MS + 4, 3)).unwrap();
     }
 }

@@ -1177,3 +1177,169 @@ async fn tls_carries_the_same_protocol() {
     let _ = tx.send(());
     served.await.unwrap();
 }
+
+/// The refusal's code and message.
+fn refusal(r: Result<Value, ClientError>) -> (String, String) {
+    match r {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Registers `k` with a proof as daemon instance `instance`, listening on `port`.
+async fn register_as(
+    c: &mut Client<TcpStream>,
+    k: &SigningKey,
+    port: u16,
+    instance: &str,
+) -> Result<Value, ClientError> {
+    c.register_instance(k, &format!("0.0.0.0:{port}"), None, Some(instance))
+        .await
+}
+
+#[tokio::test]
+async fn a_second_live_daemon_of_one_node_is_refused_and_the_first_is_told() {
+    let s = Server::start(open_config(), None).await;
+    let k = key(21);
+    // The serving daemon: its session, and its watching connection.
+    let mut first = s.client().await;
+    let id = id_of(&register_as(&mut first, &k, 4000, "aaaa").await.unwrap());
+    set_public(&mut first, &k, id, true).await;
+    let mut watch = s.client().await;
+    watch.authenticate(id, &k).await.unwrap();
+    watch.call(&json!({"type": "watch"})).await.unwrap();
+
+    // A copy of its identity, started elsewhere: refused, with who holds the node and why.
+    let mut second = s.client().await;
+    let (code, message) = refusal(register_as(&mut second, &k, 5000, "bbbb").await);
+    assert_eq!(code, "duplicate_instance");
+    for part in [
+        format!("node {id}"),
+        "instance aaaa".into(),
+        "endpoint 127.0.0.1:4000".into(),
+        "since unix time".into(),
+        "Stop the other daemon".into(),
+        "identity directory was copied".into(),
+    ] {
+        assert!(message.contains(&part), "{part:?} not in {message:?}");
+    }
+
+    // The first daemon is told at once on its watching connection...
+    let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("the refusal is pushed to the serving daemon")
+        .unwrap();
+    assert_eq!(ev["type"], "duplicate_instance");
+    assert_eq!(ev["node_id"], id);
+    assert_eq!(ev["instance"], "bbbb");
+    assert_eq!(ev["endpoint"], "127.0.0.1:5000");
+    assert!(ev["message"].as_str().unwrap().contains("it was refused"));
+    // ...and in its next heartbeat reply, once.
+    let hb = json!({"type": "heartbeat", "node_id": id, "instance": "aaaa"});
+    let v = first.call(&hb).await.unwrap();
+    assert_eq!(v["duplicate_instance"]["instance"], "bbbb");
+    let v = first.call(&hb).await.unwrap();
+    assert!(v.get("duplicate_instance").is_none(), "{v}");
+
+    // The refused daemon changes nothing: its endpoint is not taken, and even on a session
+    // it authenticates with the shared key, its heartbeats and its deregistration are
+    // refused.
+    let mut c = s.client().await;
+    let look = c
+        .call(&json!({"type": "lookup", "node_id": id}))
+        .await
+        .unwrap();
+    assert_eq!(look["real_addr"], "127.0.0.1:4000");
+    second.authenticate(id, &k).await.unwrap();
+    let r = second
+        .call(&json!({"type": "heartbeat", "node_id": id, "instance": "bbbb"}))
+        .await;
+    assert_eq!(refusal(r).0, "duplicate_instance");
+    let r = second
+        .call(&json!({"type": "deregister", "node_id": id, "instance": "bbbb"}))
+        .await;
+    assert_eq!(refusal(r).0, "duplicate_instance");
+    let look = c
+        .call(&json!({"type": "lookup", "node_id": id}))
+        .await
+        .unwrap();
+    assert_eq!(look["real_addr"], "127.0.0.1:4000");
+    assert_eq!(look["public"], true);
+    first.call(&hb).await.unwrap();
+
+    // An instance ID is bounded.
+    let mut third = s.client().await;
+    let long = "x".repeat(65);
+    assert_eq!(
+        refusal(register_as(&mut third, &k, 5000, &long).await).0,
+        "bad_request"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_daemon_takes_the_node_once_the_live_one_is_gone() {
+    let s = Server::start(open_config(), None).await;
+    let k = key(22);
+    let mut first = s.client().await;
+    let id = id_of(&register_as(&mut first, &k, 4000, "aaaa").await.unwrap());
+    // The same daemon reconnecting (a new session, same instance) is never refused.
+    let mut again = s.client().await;
+    assert_eq!(
+        id_of(&register_as(&mut again, &k, 4000, "aaaa").await.unwrap()),
+        id
+    );
+    // It stops (or is killed): its connections close, and its successor is accepted at once,
+    // with no wait for the liveness window.
+    drop(first);
+    drop(again);
+    let mut restarted = s.client().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        match register_as(&mut restarted, &k, 4001, "cccc").await {
+            Err(e) if Instant::now() < deadline => {
+                // The registry has not yet seen the connections close.
+                assert_eq!(refusal(Err(e)).0, "duplicate_instance");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => break r.unwrap(),
+        }
+    };
+    assert_eq!(id_of(&r), id);
+    // The old instance, coming back, is now the rival.
+    let mut old = s.client().await;
+    assert_eq!(
+        refusal(register_as(&mut old, &k, 4000, "aaaa").await).0,
+        "duplicate_instance"
+    );
+    // A deregistration by the live instance frees the node for any other.
+    restarted
+        .call(&json!({"type": "deregister", "node_id": id, "instance": "cccc"}))
+        .await
+        .unwrap();
+    let mut next = s.client().await;
+    assert_eq!(
+        id_of(&register_as(&mut next, &k, 4002, "dddd").await.unwrap()),
+        id
+    );
+    // Requests that name no instance (v1 daemons, older pilotd) are served as before.
+    let mut plain = s.client().await;
+    assert_eq!(
+        id_of(&plain.register_proven(&k, ":4003", None).await.unwrap()),
+        id
+    );
+    plain
+        .call(&json!({"type": "heartbeat", "node_id": id}))
+        .await
+        .unwrap();
+    let mut v1 = s.client().await;
+    let kv1 = key(23);
+    let v1_id = register_id(&mut v1, &kv1).await;
+    let mut v1b = s.client().await;
+    assert_eq!(register_id(&mut v1b, &kv1).await, v1_id);
+    v1b.call(&json!({"type": "deregister", "node_id": v1_id,
+        "signature": sign_v1(&kv1, &format!("deregister:{v1_id}"))}))
+        .await
+        .unwrap();
+    s.stop().await;
+}

@@ -1065,6 +1065,11 @@ pub struct RegistryLinkInfo {
     pub since_secs: u64,
     /// Why the last attempt or session failed, while not connected.
     pub error: Option<String>,
+    /// Another daemon with this node's identity, as the registry explained it: this daemon
+    /// was refused, or one was refused while this daemon serves the node (absent when there
+    /// is none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
 }
 
 /// The beacon as [`Info::beacon`] reports it.

@@ -453,6 +453,8 @@ struct LinkState {
     since: Instant,
     /// Why the last attempt or session failed, while not connected.
     error: Option<String>,
+    /// Another daemon with this node's identity, as the registry explained it.
+    conflict: Option<String>,
 }
 
 /// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
@@ -546,6 +548,7 @@ impl Engine {
                 connected: false,
                 since: Instant::now(),
                 error: None,
+                conflict: None,
             },
             shutting_down: false,
             node_tx,
@@ -721,6 +724,7 @@ impl Engine {
                     connected: true,
                     since: Instant::now(),
                     error: None,
+                    conflict: self.registry_link.conflict.take(),
                 };
                 self.discover();
             }
@@ -750,6 +754,7 @@ impl Engine {
                 }
                 l.error = Some(why);
             }
+            LinkEvent::Conflict(c) => self.registry_link.conflict = c,
             LinkEvent::Rotated(key) => {
                 self.node.set_identity(now, (*key).clone());
                 self.config.events.emit(
@@ -831,6 +836,7 @@ impl Engine {
                 "connected": self.registry_link.connected,
                 "since_secs": self.registry_link.since.elapsed().as_secs(),
                 "error": self.registry_link.error,
+                "conflict": self.registry_link.conflict,
             }),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,

@@ -83,6 +83,15 @@ pub enum ClientError {
 impl ClientError {
     /// The code a refusal without a `code` field gets (v1 registries send none, wire §4.2).
     pub const V1_CODE: &'static str = "request_failed";
+    /// The code of a refusal because another daemon process with the node's identity is
+    /// live (extension).
+    pub const DUPLICATE_INSTANCE: &'static str = "duplicate_instance";
+
+    /// Whether the registry refused because another daemon with this node's identity is
+    /// live.
+    pub fn is_duplicate_instance(&self) -> bool {
+        matches!(self, ClientError::Refused { code, .. } if code == Self::DUPLICATE_INSTANCE)
+    }
 
     /// Whether this is a refusal in v1's form: an `error` string and no `code`.
     pub fn is_v1_refusal(&self) -> bool {
@@ -264,6 +273,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         listen_addr: &str,
         hostname: Option<&str>,
     ) -> Result<Value, ClientError> {
+        self.register_instance(key, listen_addr, hostname, None)
+            .await
+    }
+
+    /// [`Client::register_proven`] naming the daemon process that registers (`instance`, at
+    /// most [`tunnel::registry::proto::MAX_INSTANCE`] bytes): while that instance is live,
+    /// the registry refuses any other instance of the node with the code
+    /// [`ClientError::DUPLICATE_INSTANCE`].
+    pub async fn register_instance(
+        &mut self,
+        key: &SigningKey,
+        listen_addr: &str,
+        hostname: Option<&str>,
+        instance: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let nonce = self.unused_nonce().await?;
         let pk = b64(key.verifying_key().as_bytes());
         let proof = b64(&key
@@ -272,6 +296,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut req = json!({"type": "register", "listen_addr": listen_addr, "public_key": pk, "proof": proof});
         if let Some(h) = hostname {
             req["hostname"] = json!(h);
+        }
+        if let Some(i) = instance {
+            req["instance"] = json!(i);
         }
         self.call(&req).await
     }

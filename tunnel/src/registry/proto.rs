@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_FRAME: usize = 1 << 20;
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;
+/// Longest daemon instance ID (extension). A daemon picks a random ID at start and sends it
+/// with `register`, `heartbeat` and `deregister` once `hello` succeeded, never to a v1
+/// registry; the registry refuses a second live instance of one node (`duplicate_instance`).
+pub const MAX_INSTANCE: usize = 64;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +103,9 @@ pub enum Request {
         /// Proof of key possession over the session nonce (extension; see [`super::auth`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         proof: Option<String>,
+        /// The registering daemon process (extension; see [`MAX_INSTANCE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<String>,
     },
     /// Public facts about a node.
     Lookup {
@@ -122,6 +129,9 @@ pub enum Request {
         /// Signature.
         #[serde(default)]
         signature: String,
+        /// The daemon process sending it (extension; see [`MAX_INSTANCE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<String>,
     },
     /// Removes the node.
     Deregister {
@@ -130,6 +140,9 @@ pub enum Request {
         /// Signature.
         #[serde(default)]
         signature: String,
+        /// The daemon process sending it (extension; see [`MAX_INSTANCE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<String>,
     },
     /// Public or private.
     SetVisibility {
@@ -466,6 +479,17 @@ impl Request {
         })
     }
 
+    /// The daemon instance named by a `register`, `heartbeat` or `deregister` (extension).
+    pub fn instance(&self) -> Option<&str> {
+        use Request::*;
+        match self {
+            Register { instance, .. }
+            | Heartbeat { instance, .. }
+            | Deregister { instance, .. } => instance.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The request's `signature` field, if it has one.
     pub fn signature(&self) -> Option<&str> {
         use Request::*;
@@ -609,6 +633,10 @@ mod tests {
                 Some("set_tags:7"),
             ),
             (r#"{"type":"list_networks"}"#, None),
+            (
+                r#"{"type":"heartbeat","node_id":7,"signature":"","instance":"00ff"}"#,
+                Some("heartbeat:7"),
+            ),
             (
                 r#"{"type":"beacon_register","beacon_id":2,"addr":":9001"}"#,
                 None,
