@@ -6,7 +6,7 @@
 //! told of the second in its log and Info; stopping the second leaves the first registered.
 //! Once the first stops, the copy registers.
 
-mod support;
+use crate::support;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};

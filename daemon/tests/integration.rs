@@ -7,6 +7,7 @@ mod support;
 
 mod daemons;
 mod dataexchange;
+mod duplicate_identity;
 mod engine;
 mod eventstream;
 mod ipc;
