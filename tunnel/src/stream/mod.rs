@@ -1153,11 +1153,7 @@ impl Connection {
         }
         // One delivery-rate sample per ACK, in or out of recovery.
         let pipe = self.send.pipe();
-        if let Some(rs) = self
-            .send
-            .delivery()
-            .generate(now, self.rtt.min_rtt(), pipe)
-        {
+        if let Some(rs) = self.send.delivery().generate(now, self.rtt.min_rtt(), pipe) {
             self.cc.on_rate_sample(now, &rs);
         }
         // Everything acknowledged: nothing to time out, unless our FIN is still unanswered.

@@ -227,7 +227,10 @@ mod tests {
         // Ten 1,000-byte segments, one per millisecond; each acknowledged 100 ms later.
         let mut stamps = Vec::new();
         for i in 0..10u32 {
-            stamps.push((d.on_send(t0 + ms * i, u64::from(i) * 1000, 1000), t0 + ms * i));
+            stamps.push((
+                d.on_send(t0 + ms * i, u64::from(i) * 1000, 1000),
+                t0 + ms * i,
+            ));
         }
         let mut last = None;
         for (i, (stamp, sent)) in stamps.iter().enumerate() {

@@ -287,7 +287,8 @@ impl SendBuffer {
                     self.lost_bytes -= u64::from(s.len);
                     newly += u64::from(s.len);
                     sample = None;
-                    self.delivery.on_delivered(now, u64::from(s.len), &s.stamp, sent, false);
+                    self.delivery
+                        .on_delivered(now, u64::from(s.len), &s.stamp, sent, false);
                 }
                 SegState::Sacked => sample = None,
             }
