@@ -10,8 +10,9 @@
 //! `bw = min(max_bw, bw_lo)`. The state machine (§4.3): Startup (gain 2.77) until the
 //! delivery rate stops growing by 25 % for three rounds or the loss rate of a round exceeds
 //! 2 %; Drain (gain 0.35) until the queue it built is gone; ProbeBW cycling DOWN (0.9),
-//! CRUISE (1.0), REFILL (1.0) and UP (1.25), probing every 2 to 3 s or after as many rounds as
-//! a Reno flow would need (at most 63); ProbeRTT (cwnd = BDP / 2 for 200 ms and a round)
+//! CRUISE (1.0), REFILL (1.0) and UP (1.25, until the bandwidth stops growing by 25 % for
+//! three rounds or the probe loses more than 2 %), probing every 2 to 3 s or after as many
+//! rounds as a Reno flow would need (at most 63); ProbeRTT (cwnd = BDP / 2 for 200 ms and a round)
 //! when `min_rtt` was not refreshed for 5 s.
 //!
 //! Loss bounds (§4.5.10): during a bandwidth probe, a sample whose loss exceeds 2 % of what
@@ -162,6 +163,10 @@ pub struct Bbr {
     full_bw: f64,
     full_bw_count: u32,
     full_bw_reached: bool,
+    /// ProbeBW_UP's own plateau detection: the bandwidth at the last 25 % growth and the
+    /// rounds since.
+    probe_full_bw: f64,
+    probe_full_bw_count: u32,
 
     cycle_stamp: Option<Instant>,
     ack_phase: AckPhase,
@@ -218,6 +223,8 @@ impl Bbr {
             full_bw: 0.0,
             full_bw_count: 0,
             full_bw_reached: false,
+            probe_full_bw: 0.0,
+            probe_full_bw_count: 0,
             cycle_stamp: None,
             ack_phase: AckPhase::Init,
             rounds_since_bw_probe: 0,
@@ -482,6 +489,8 @@ impl Bbr {
 
     fn start_probe_bw_refill(&mut self, rs: &RateSample) {
         self.reset_lower_bounds();
+        self.probe_full_bw = 0.0;
+        self.probe_full_bw_count = 0;
         self.bw_probe_up_rounds = 0;
         self.bw_probe_up_acks = 0;
         self.ack_phase = AckPhase::Refilling;
@@ -529,10 +538,26 @@ impl Bbr {
         rs.bytes_in_flight <= self.bdp_multiple(self.max_bw, 1.0)
     }
 
-    fn is_time_to_go_down(&self, now: Instant, rs: &RateSample) -> bool {
-        let min_rtt = self.min_rtt.unwrap_or(Duration::ZERO);
-        self.has_elapsed_in_phase(now, min_rtt)
-            && rs.bytes_in_flight >= self.bdp_multiple(self.max_bw, PROBE_UP_PACING_GAIN)
+    /// §4.3.3.6 IsTimeToGoDown: UP lasts until the bandwidth stops growing by 25 % for
+    /// three rounds (loss above the threshold ends it earlier). While the window is what
+    /// holds the probe back at `inflight_hi`, the plateau count restarts.
+    fn is_time_to_go_down(&mut self, rs: &RateSample) -> bool {
+        let cwnd_limited = rs.bytes_in_flight + rs.newly_acked + self.mss >= self.cwnd;
+        if cwnd_limited && self.cwnd >= self.inflight_hi {
+            self.probe_full_bw = self.max_bw;
+            self.probe_full_bw_count = 0;
+            return false;
+        }
+        if !self.round_start || rs.is_app_limited {
+            return false;
+        }
+        if self.max_bw >= self.probe_full_bw * FULL_BW_GROWTH {
+            self.probe_full_bw = self.max_bw;
+            self.probe_full_bw_count = 0;
+            return false;
+        }
+        self.probe_full_bw_count += 1;
+        self.probe_full_bw_count >= FULL_BW_COUNT
     }
 
     fn raise_inflight_hi_slope(&mut self) {
@@ -638,7 +663,7 @@ impl Bbr {
                 }
             }
             ProbeBwPhase::Up => {
-                if self.is_time_to_go_down(now, rs) {
+                if self.is_time_to_go_down(rs) {
                     self.start_probe_bw_down(now, rs);
                 }
             }
