@@ -108,6 +108,11 @@ pub fn initial_window(mss: u64) -> u64 {
     (10 * mss).min((2 * mss).max(14_600))
 }
 
+/// Slow-start growth with Appropriate Byte Counting (RFC 3465 §2.2, L = 2).
+pub(crate) fn slow_start_increase(bytes: u64, mss: u64) -> u64 {
+    bytes.min(2 * mss)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,9 +128,4 @@ mod tests {
             Err(UnknownAlgorithm("vegas".into()))
         );
     }
-}
-
-/// Slow-start growth with Appropriate Byte Counting (RFC 3465 §2.2, L = 2).
-pub(crate) fn slow_start_increase(bytes: u64, mss: u64) -> u64 {
-    bytes.min(2 * mss)
 }
