@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::Parser;
 use pilot_registry_client::{Fingerprint, Transport};
 use serde_json::Value;
+use tunnel::stream::congestion::{Algorithm, UnknownAlgorithm};
+use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 
 pub use pilot_driver::config::{parse_duration, SOCKET_FILE, SYSTEM_HOME, SYSTEM_SOCKET};
 
@@ -117,6 +119,10 @@ pub struct Cli {
     /// Close connections idle this long (e.g. 120s). [default: 120s]
     #[arg(long, global = true, env = "PILOT_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Congestion control of stream connections: cubic, bbr (model-based: keeps its rate
+    /// under random loss and keeps queues short) or newreno. [default: cubic]
+    #[arg(long, global = true, env = "PILOT_CONGESTION")]
+    pub congestion: Option<String>,
     /// Most new inbound connections per second from all peers together, 0 for no limit
     /// (each second's worth may come at once). [default: 1000]
     #[arg(long, global = true, env = "PILOT_SYN_RATE_LIMIT")]
@@ -246,6 +252,9 @@ pub struct Config {
     /// Idle connection timeout.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// Congestion control of stream connections.
+    #[serde(serialize_with = "by_name")]
+    pub congestion: Algorithm,
     /// New inbound connections per second (0: no limit).
     pub syn_rate_limit: u32,
     /// New inbound connections per second from one peer (0: no limit).
@@ -290,6 +299,27 @@ impl Config {
         match (self.registry_tls, &self.registry_fingerprint) {
             (true, Some(fp)) => fp.parse().map_or(Transport::Tcp, Transport::TlsPinned),
             _ => Transport::Tcp,
+        }
+    }
+}
+
+fn by_name<S: serde::Serializer>(a: &Algorithm, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(a)
+}
+
+impl Config {
+    /// The transport settings these options give.
+    pub fn endpoint_config(&self) -> EndpointConfig {
+        let stream = StreamConfig {
+            idle_timeout: self.idle_timeout,
+            congestion: self.congestion,
+            ..StreamConfig::default()
+        };
+        EndpointConfig {
+            stream,
+            max_conns_per_port: self.max_conns_per_port,
+            max_conns: self.max_conns_total,
+            ..EndpointConfig::default()
         }
     }
 }
@@ -603,6 +633,12 @@ impl Cli {
             None => crate::inside::resolver::DnsMode::Auto,
             Some(s) => s.parse().map_err(|e: String| invalid("dns", e))?,
         };
+        let congestion = match get(self.congestion.clone(), "congestion") {
+            None => Algorithm::default(),
+            Some(s) => s
+                .parse()
+                .map_err(|e: UnknownAlgorithm| invalid("congestion", e.to_string()))?,
+        };
         let socket_group = nonempty(get(self.socket_group.clone(), "socket-group"));
         if let Some(g) = &socket_group {
             crate::service::group_id(g).map_err(|e| match e {
@@ -696,6 +732,7 @@ impl Cli {
             expose,
             firewall,
             dns,
+            congestion,
         })
     }
 }
@@ -756,6 +793,7 @@ const KNOWN_KEYS: &[&str] = &[
     "expose",
     "firewall",
     "dns",
+    "congestion",
 ];
 
 #[cfg(test)]
@@ -879,6 +917,30 @@ mod tests {
         assert_eq!(c.firewall, FirewallMode::Nftables);
         let e = cli(&["--firewall", "iptables"]).resolve().unwrap_err();
         assert!(e.to_string().starts_with("firewall:"), "{e}");
+    }
+
+    #[test]
+    fn congestion_control_reaches_the_endpoint_config() {
+        let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
+        assert_eq!(c.congestion, Algorithm::Cubic);
+        assert_eq!(c.endpoint_config().stream.congestion, Algorithm::Cubic);
+        for (arg, want) in [
+            ("bbr", Algorithm::Bbr),
+            ("cubic", Algorithm::Cubic),
+            ("newreno", Algorithm::NewReno),
+        ] {
+            let c = cli(&["--congestion", arg]).resolve().unwrap();
+            assert_eq!(c.endpoint_config().stream.congestion, want);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.json");
+        std::fs::write(&f, r#"{"congestion": "bbr", "idle-timeout": "50s"}"#).unwrap();
+        let c = cli(&["--config", f.to_str().unwrap()]).resolve().unwrap();
+        let e = c.endpoint_config();
+        assert_eq!(e.stream.congestion, Algorithm::Bbr);
+        assert_eq!(e.stream.idle_timeout, Duration::from_secs(50));
+        let e = cli(&["--congestion", "vegas"]).resolve().unwrap_err();
+        assert!(e.to_string().starts_with("congestion:"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::lookup_host;
 use tokio::sync::mpsc;
-use tunnel::stream::{Config as StreamConfig, EndpointConfig};
 
 use crate::config::Config;
 use crate::dataexchange::{DataExchange, DataExchangeConfig};
@@ -159,16 +158,7 @@ impl Daemon {
         };
         let (push_tx, push_rx) = mpsc::channel(256);
         tokio::spawn(registry_link::run(link_config, link_rx, ev_tx, push_tx));
-        let stream = StreamConfig {
-            idle_timeout: config.idle_timeout,
-            ..StreamConfig::default()
-        };
-        let endpoint = EndpointConfig {
-            stream,
-            max_conns_per_port: config.max_conns_per_port,
-            max_conns: config.max_conns_total,
-            ..EndpointConfig::default()
-        };
+        let endpoint = config.endpoint_config();
         let node = NodeCore::new(
             0,
             (*identity.key()).clone(),

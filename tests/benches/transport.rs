@@ -1,10 +1,12 @@
 //! Transport benchmarks (print numbers; no pass/fail).
 //!
 //! 1. Goodput in the simulator as a percentage of link capacity, for 1 Gbit/s x 20 ms and
-//!    100 Mbit/s x 100 ms links with a drop-tail queue of one bandwidth-delay product, at 0 %,
-//!    0.1 % and 1 % random loss, for NewReno and CUBIC. The link carries Pilot packets (34-byte
-//!    header + payload); the layers below are not counted, so with the default segment size
-//!    (1,153 bytes) the best possible goodput is 1153 / 1187 = 97.1 %.
+//!    100 Mbit/s x 100 ms links with a drop-tail queue of one bandwidth-delay product, and a
+//!    deep-buffer 100 Mbit/s x 20 ms link with a queue of ten, at 0 %, 0.1 % and 1 % random
+//!    loss, for NewReno, CUBIC and BBR; with the 95th percentile of the queueing delay at the
+//!    bottleneck (the time each packet the queue accepted waited there). The link carries
+//!    Pilot packets (34-byte header + payload); the layers below are not counted, so with the
+//!    default segment size (1,153 bytes) the best possible goodput is 1153 / 1187 = 97.1 %.
 //! 2. Raw state-machine speed: bytes per second through a connection pair over an infinitely
 //!    fast, lossless link on one core, no crypto (header emit, CRC-32 and parse included), for
 //!    the default segment size and for 4,096-byte segments. The application writes 64 KiB per
@@ -28,11 +30,14 @@ use tunnel::{Addr, SocketAddr};
 struct GoodputCase {
     mbit: u64,
     rtt_ms: u64,
+    /// Bottleneck queue in bandwidth-delay products.
+    queue_bdp: usize,
     seconds: f64,
 }
 
-/// Bytes delivered in order to the receiving application within `seconds` of virtual time.
-fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> f64 {
+/// Bytes delivered in order to the receiving application within `seconds` of virtual time,
+/// as a percentage of capacity, and the 95th percentile of the bottleneck queueing delay.
+fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> (f64, Duration) {
     let mut cfg = EndpointConfig::default();
     cfg.stream.congestion = algo;
     // Buffers above the bandwidth-delay product plus queue, so windows never limit.
@@ -42,11 +47,9 @@ fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> f64 {
     let mut sim = Sim::new(seed);
     let a = sim.add_node(Addr::new(0, 1), cfg);
     let b = sim.add_node(Addr::new(0, 2), cfg);
-    sim.connect(
-        a,
-        b,
-        LinkConfig::new(case.mbit, Duration::from_millis(case.rtt_ms)).loss(loss),
-    );
+    let mut link = LinkConfig::new(case.mbit, Duration::from_millis(case.rtt_ms)).loss(loss);
+    link.queue = (case.queue_bdp * bdp).max(link.queue);
+    sim.connect(a, b, link);
     sim.node(b).ep.listen(5001, None).unwrap();
     let now = sim.now();
     let client = sim
@@ -82,7 +85,10 @@ fn goodput(case: &GoodputCase, loss: f64, algo: Algorithm, seed: u64) -> f64 {
         sim.elapsed() >= limit
     });
     let capacity = case.mbit as f64 * 1e6 / 8.0 * sim.elapsed().as_secs_f64();
-    100.0 * received as f64 / capacity
+    (
+        100.0 * received as f64 / capacity,
+        sim.queue_delay_percentile(a, b, 95.0),
+    )
 }
 
 /// Moves data between two endpoints with no link at all; returns bytes per second.
@@ -159,35 +165,61 @@ fn main() {
         GoodputCase {
             mbit: 1000,
             rtt_ms: 20,
+            queue_bdp: 1,
             seconds: 10.0 * scale,
         },
         GoodputCase {
             mbit: 100,
             rtt_ms: 100,
+            queue_bdp: 1,
             seconds: 30.0 * scale,
+        },
+        GoodputCase {
+            mbit: 100,
+            rtt_ms: 20,
+            queue_bdp: 10,
+            seconds: 20.0 * scale,
         },
     ];
     if only != "raw" {
         println!(
-            "goodput in the simulator, % of link capacity (segment {DEFAULT_MSS} B, queue = 1 \
-             BDP, best possible 97.1 %)"
+            "goodput in the simulator, % of link capacity (segment {DEFAULT_MSS} B, best \
+             possible 97.1 %), and p95 queueing delay at the bottleneck in ms"
         );
         println!(
-            "{:<22} {:>8} {:>10} {:>10} {:>12}",
-            "link", "loss", "NewReno", "CUBIC", "sim seconds"
+            "{:<30} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}",
+            "link (queue)",
+            "loss",
+            "NewReno",
+            "CUBIC",
+            "BBR",
+            "q NewReno",
+            "q CUBIC",
+            "q BBR",
+            "sim s"
         );
     }
     for case in cases.iter().filter(|_| only != "raw") {
         for loss in [0.0, 0.001, 0.01] {
             let t = Instant::now();
-            let reno = goodput(case, loss, Algorithm::NewReno, 11);
-            let cubic = goodput(case, loss, Algorithm::Cubic, 11);
+            let (reno, q_reno) = goodput(case, loss, Algorithm::NewReno, 11);
+            let (cubic, q_cubic) = goodput(case, loss, Algorithm::Cubic, 11);
+            let (bbr, q_bbr) = goodput(case, loss, Algorithm::Bbr, 11);
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             println!(
-                "{:<22} {:>7.1}% {:>9.1}% {:>9.1}% {:>12.1}   ({:.1} s of CPU)",
-                format!("{} Mbit/s x {} ms", case.mbit, case.rtt_ms),
+                "{:<30} {:>5.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>9.1} {:>9.1} {:>9.1} {:>8.1}   \
+                 ({:.1} s of CPU)",
+                format!(
+                    "{} Mbit/s x {} ms ({} BDP)",
+                    case.mbit, case.rtt_ms, case.queue_bdp
+                ),
                 loss * 100.0,
                 reno,
                 cubic,
+                bbr,
+                ms(q_reno),
+                ms(q_cubic),
+                ms(q_bbr),
                 case.seconds,
                 t.elapsed().as_secs_f64()
             );

@@ -7,6 +7,10 @@
 //!
 //! A link carries Pilot packets (34-byte header + payload); `overhead` adds the bytes of the
 //! layers below (tunnel framing, UDP, IP) to what the link serializes.
+//!
+//! Several node pairs can share one link each way ([`Sim::connect_shared`]): their packets
+//! wait in one drop-tail queue, as flows through one bottleneck router do. Every link records
+//! the queueing delay of each packet it accepts ([`Sim::queue_delay_percentile`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -121,6 +125,8 @@ struct Link {
     busy_until: Instant,
     rng: Rng,
     up: bool,
+    /// Time each accepted packet waited behind earlier ones, in nanoseconds.
+    queue_delays: Vec<u64>,
 }
 
 /// Counters of one link.
@@ -179,7 +185,9 @@ pub struct Sim {
     now: Instant,
     nodes: Vec<Node>,
     by_addr: HashMap<Addr, usize>,
-    links: HashMap<(usize, usize), Link>,
+    /// (from, to) -> index into `link_table`.
+    links: HashMap<(usize, usize), usize>,
+    link_table: Vec<Link>,
     link_stats: HashMap<(usize, usize), LinkStats>,
     queue: BinaryHeap<Reverse<InFlight>>,
     order: u64,
@@ -208,6 +216,7 @@ impl Sim {
             nodes: Vec::new(),
             by_addr: HashMap::new(),
             links: HashMap::new(),
+            link_table: Vec::new(),
             link_stats: HashMap::new(),
             queue: BinaryHeap::new(),
             order: 0,
@@ -252,25 +261,57 @@ impl Sim {
 
     /// Sets the link from `a` to `b`.
     pub fn link_one_way(&mut self, a: usize, b: usize, cfg: LinkConfig) {
+        self.shared_one_way(&[(a, b)], cfg);
+    }
+
+    /// One link each way shared by every pair `(a, b)` in `pairs`: packets from any `a` to
+    /// its `b` queue together, and so do the answers from each `b` to its `a`.
+    pub fn connect_shared(&mut self, pairs: &[(usize, usize)], cfg: LinkConfig) {
+        self.shared_one_way(pairs, cfg);
+        let back: Vec<(usize, usize)> = pairs.iter().map(|&(a, b)| (b, a)).collect();
+        self.shared_one_way(&back, cfg);
+    }
+
+    fn shared_one_way(&mut self, pairs: &[(usize, usize)], cfg: LinkConfig) {
+        let Some(&(a, b)) = pairs.first() else {
+            return;
+        };
         let seed = self.seed ^ ((a as u64) << 32 | b as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
-        self.links.insert(
-            (a, b),
-            Link {
-                cfg,
-                busy_until: self.now,
-                rng: Rng::new(seed),
-                up: true,
-            },
-        );
+        let i = self.link_table.len();
+        self.link_table.push(Link {
+            cfg,
+            busy_until: self.now,
+            rng: Rng::new(seed),
+            up: true,
+            queue_delays: Vec::new(),
+        });
+        for &k in pairs {
+            self.links.insert(k, i);
+        }
     }
 
     /// Cuts (or restores) both directions between `a` and `b`: packets are silently lost.
     pub fn set_link_up(&mut self, a: usize, b: usize, up: bool) {
         for k in [(a, b), (b, a)] {
-            if let Some(l) = self.links.get_mut(&k) {
-                l.up = up;
+            if let Some(&i) = self.links.get(&k) {
+                self.link_table[i].up = up;
             }
         }
+    }
+
+    /// The `p`-th percentile (0 to 100) of the queueing delay of packets the link from `a` to
+    /// `b` accepted, zero when it accepted none.
+    pub fn queue_delay_percentile(&self, a: usize, b: usize, p: f64) -> Duration {
+        let Some(&i) = self.links.get(&(a, b)) else {
+            return Duration::ZERO;
+        };
+        let mut d = self.link_table[i].queue_delays.clone();
+        if d.is_empty() {
+            return Duration::ZERO;
+        }
+        let k = ((p / 100.0 * (d.len() - 1) as f64).round() as usize).min(d.len() - 1);
+        let (_, v, _) = d.select_nth_unstable(k);
+        Duration::from_nanos(*v)
     }
 
     /// Counters of the link from `a` to `b`.
@@ -284,9 +325,10 @@ impl Sim {
         };
         let stats = self.link_stats.entry((from, to)).or_default();
         stats.offered += 1;
-        let Some(link) = self.links.get_mut(&(from, to)) else {
+        let Some(&li) = self.links.get(&(from, to)) else {
             return;
         };
+        let link = &mut self.link_table[li];
         if !link.up || link.rng.chance(link.cfg.loss) {
             stats.lost += 1;
             return;
@@ -302,6 +344,7 @@ impl Sim {
                 stats.queue_drops += 1;
                 return;
             }
+            link.queue_delays.push(backlog.as_nanos() as u64);
             let tx = Duration::from_nanos((size as u64 * 8 * 1_000_000_000) / link.cfg.bandwidth);
             link.busy_until = link.busy_until.max(now) + tx;
             link.busy_until

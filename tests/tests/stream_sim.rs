@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pilot_tests::sim::{LinkConfig, Sim};
 use pilot_tests::transfer::BulkTransfer;
+use tunnel::stream::congestion::Algorithm;
 use tunnel::stream::{ConnError, ConnHandle, EndpointConfig, ReadError, State};
 use tunnel::{Addr, SocketAddr};
 
@@ -46,7 +47,25 @@ fn open(sim: &mut Sim, a: usize, b: usize, port: u16) -> (ConnHandle, ConnHandle
 
 /// Runs a bulk transfer to completion and a clean close; returns it and the simulator.
 fn bulk(seed: u64, link: LinkConfig, total: u64, limit: Duration) -> (BulkTransfer, Sim) {
-    let (mut sim, a, b) = pair(seed, link, EndpointConfig::default());
+    bulk_with(seed, link, EndpointConfig::default(), total, limit)
+}
+
+/// An endpoint configuration whose connections use `algo`.
+fn with_congestion(algo: Algorithm) -> EndpointConfig {
+    let mut cfg = EndpointConfig::default();
+    cfg.stream.congestion = algo;
+    cfg
+}
+
+/// [`bulk`] with both endpoints configured by `config`.
+fn bulk_with(
+    seed: u64,
+    link: LinkConfig,
+    config: EndpointConfig,
+    total: u64,
+    limit: Duration,
+) -> (BulkTransfer, Sim) {
+    let (mut sim, a, b) = pair(seed, link, config);
     let mut t = BulkTransfer::start(&mut sim, a, b, 1001, total);
     let ok = sim.run_until(limit, |sim| {
         t.drive(sim);
@@ -779,4 +798,159 @@ fn an_undecided_deferred_dial_is_refused_after_the_timeout() {
     );
     let stats = sim.node(b).ep.deferred_stats();
     assert_eq!((stats.expired, stats.pending, stats.deferred), (1, 0, 1));
+}
+
+// ---- BBR ---------------------------------------------------------------------------------
+
+#[test]
+fn bbr_16mib_no_loss() {
+    let link = LinkConfig::new(100, Duration::from_millis(50));
+    let (t, sim) = bulk_with(
+        21,
+        link,
+        with_congestion(Algorithm::Bbr),
+        16 * MIB,
+        Duration::from_secs(60),
+    );
+    // 16 MiB at 100 Mbit/s takes 1.35 s; Startup, the handshake and the close add a few
+    // round trips.
+    let took = t.finished_at.unwrap() - (sim.now() - sim.elapsed());
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+#[test]
+fn bbr_16mib_1pct_loss_with_reordering_and_duplication() {
+    let link = LinkConfig::new(100, Duration::from_millis(50))
+        .loss(0.01)
+        .reorder(0.02, Duration::from_millis(5))
+        .duplicate(0.01);
+    bulk_with(
+        22,
+        link,
+        with_congestion(Algorithm::Bbr),
+        16 * MIB,
+        Duration::from_secs(300),
+    );
+}
+
+#[test]
+fn bbr_16mib_5pct_loss() {
+    let link = LinkConfig::new(100, Duration::from_millis(50)).loss(0.05);
+    bulk_with(
+        23,
+        link,
+        with_congestion(Algorithm::Bbr),
+        16 * MIB,
+        Duration::from_secs(900),
+    );
+}
+
+#[test]
+fn bbr_16mib_10pct_loss_with_reordering_duplication_corruption() {
+    let link = LinkConfig::new(100, Duration::from_millis(50))
+        .loss(0.10)
+        .reorder(0.05, Duration::from_millis(10))
+        .duplicate(0.02)
+        .corrupt(0.001);
+    bulk_with(
+        24,
+        link,
+        with_congestion(Algorithm::Bbr),
+        16 * MIB,
+        Duration::from_secs(1800),
+    );
+}
+
+/// Two long transfers, the first from a sender running `first`, the second from one running
+/// `second`, through one shared bottleneck (50 Mbit/s, 40 ms, queue of one BDP). The second
+/// starts `stagger` after the first. Returns the bytes each delivered between `from` and
+/// `until` (virtual time since the start).
+fn two_flows(
+    seed: u64,
+    first: Algorithm,
+    second: Algorithm,
+    stagger: Duration,
+    from: Duration,
+    until: Duration,
+) -> (u64, u64) {
+    let mut sim = Sim::new(seed);
+    let a1 = sim.add_node(Addr::new(0, 1), with_congestion(first));
+    let a2 = sim.add_node(Addr::new(0, 2), with_congestion(second));
+    let b1 = sim.add_node(Addr::new(0, 3), EndpointConfig::default());
+    let b2 = sim.add_node(Addr::new(0, 4), EndpointConfig::default());
+    sim.connect_shared(
+        &[(a1, b1), (a2, b2)],
+        LinkConfig::new(50, Duration::from_millis(40)),
+    );
+    let total = 1 << 40;
+    let mut t1 = BulkTransfer::start(&mut sim, a1, b1, 1001, total);
+    sim.run_until(stagger, |sim| {
+        t1.drive(sim);
+        false
+    });
+    let mut t2 = BulkTransfer::start(&mut sim, a2, b2, 1002, total);
+    let mut at_from = None;
+    sim.run_until(until - sim.elapsed(), |sim| {
+        t1.drive(sim);
+        t2.drive(sim);
+        if at_from.is_none() && sim.elapsed() >= from {
+            at_from = Some((t1.received, t2.received));
+        }
+        sim.elapsed() >= until
+    });
+    let (r1, r2) = at_from.unwrap();
+    let shares = (t1.received - r1, t2.received - r2);
+    let capacity = 50e6 / 8.0 * (until - from).as_secs_f64();
+    eprintln!(
+        "{first:?} {} ({:.1} % of the link), {second:?} {} ({:.1} %); queue p95 {:?}",
+        shares.0,
+        100.0 * shares.0 as f64 / capacity,
+        shares.1,
+        100.0 * shares.1 as f64 / capacity,
+        sim.queue_delay_percentile(a1, b1, 95.0)
+    );
+    // Together they use the link.
+    assert!(
+        (shares.0 + shares.1) as f64 > 0.8 * capacity,
+        "{shares:?} of {capacity}"
+    );
+    shares
+}
+
+#[test]
+fn two_bbr_flows_converge_to_a_fair_share() {
+    // The second flow starts 2 s late, at a twentieth of the link; the shares converge over
+    // about 40 s of bandwidth probing (every 2 to 3 s).
+    let (x, y) = two_flows(
+        31,
+        Algorithm::Bbr,
+        Algorithm::Bbr,
+        Duration::from_secs(2),
+        Duration::from_secs(45),
+        Duration::from_secs(90),
+    );
+    let (lo, hi) = (x.min(y) as f64, x.max(y) as f64);
+    assert!(
+        lo >= 0.8 * hi,
+        "BBR {x} and BBR {y} differ by more than 20 %"
+    );
+}
+
+#[test]
+#[ignore = "not met yet: BBR takes about 85 % against CUBIC on a one-BDP drop-tail queue"]
+fn bbr_leaves_cubic_at_least_a_fifth() {
+    let (bbr, cubic) = two_flows(
+        32,
+        Algorithm::Bbr,
+        Algorithm::Cubic,
+        Duration::from_secs(2),
+        Duration::from_secs(45),
+        Duration::from_secs(90),
+    );
+    let share = bbr as f64 / (bbr + cubic) as f64;
+    assert!(
+        share <= 0.8,
+        "BBR took {:.1} % (CUBIC {cubic}, BBR {bbr})",
+        share * 100.0
+    );
 }

@@ -37,6 +37,7 @@
 pub mod congestion;
 mod endpoint;
 pub mod pacing;
+mod rate;
 mod recv;
 pub mod rtt;
 pub mod sack;
@@ -458,7 +459,7 @@ impl Connection {
             remote,
             state,
             error: None,
-            send: SendBuffer::new(config.send_buffer),
+            send: SendBuffer::new(config.send_buffer, now),
             recv: RecvBuffer::new(config.recv_buffer),
             peer_isn: 0,
             peer_window: 0,
@@ -1077,7 +1078,7 @@ impl Connection {
         if off > una {
             let was_cwnd_limited =
                 self.send.pipe() + u64::from(self.config.mss) >= self.cc.window();
-            let (newly, sample) = self.send.ack_to(off);
+            let (newly, sample) = self.send.ack_to(off, now);
             if let Some(sent) = sample {
                 let r = now.saturating_duration_since(sent);
                 self.rtt.update(r);
@@ -1119,7 +1120,7 @@ impl Connection {
             let mut newly_sacked = 0;
             for b in blocks.iter() {
                 if let (Some(l), Some(r)) = (self.ack_offset(b.left), self.ack_offset(b.right)) {
-                    newly_sacked += self.send.sack(l, r);
+                    newly_sacked += self.send.sack(l, r, now);
                 }
             }
             // Newly SACKed data shows the path delivers: the retransmission timer is for
@@ -1149,6 +1150,11 @@ impl Connection {
             self.stats.fast_retransmits += 1;
             self.cc
                 .on_congestion_event(now, self.send.pipe() + self.send.lost_bytes());
+        }
+        // One delivery-rate sample per ACK, in or out of recovery.
+        let pipe = self.send.pipe();
+        if let Some(rs) = self.send.delivery().generate(now, self.rtt.min_rtt(), pipe) {
+            self.cc.on_rate_sample(now, &rs);
         }
         // Everything acknowledged: nothing to time out, unless our FIN is still unanswered.
         if self.send.all_acked() && !(self.fin_sent && self.fin_pending) {
@@ -1545,11 +1551,17 @@ impl Connection {
         if !self.config.pacing || !self.rtt.has_sample() {
             return true;
         }
-        let window = self.cc.window();
-        let slow_start = self.cc.in_slow_start();
-        let srtt = self.rtt.srtt();
         let mss = u64::from(self.config.mss);
-        match self.pacer.check(now, bytes, window, srtt, slow_start, mss) {
+        let allowed = match self.cc.pacing_rate() {
+            Some(rate) => self.pacer.check_rate(now, bytes, rate, mss),
+            None => {
+                let window = self.cc.window();
+                let slow_start = self.cc.in_slow_start();
+                let srtt = self.rtt.srtt();
+                self.pacer.check(now, bytes, window, srtt, slow_start, mss)
+            }
+        };
+        match allowed {
             Ok(()) => true,
             Err(at) => {
                 self.set_timer(Timer::Pacing, Some(at));
@@ -1591,6 +1603,12 @@ impl Connection {
 
         let unsent = self.send.unsent();
         if unsent == 0 {
+            // Nothing to send with room in the window: rate samples until what is in flight
+            // is delivered show the application's pace, not the path's.
+            let pipe = self.send.pipe();
+            if pipe < cwnd {
+                self.send.delivery().on_app_limited(pipe);
+            }
             return None;
         }
         let nxt = self.send.nxt();

@@ -1,8 +1,9 @@
 //! A token-bucket pacer that spreads a window of segments over a round trip instead of
 //! sending it in one burst, so drop-tail queues on the path do not overflow.
 //!
-//! Rate = window / SRTT x gain (2 in slow start, 1.25 after), burst = max(10 segments,
-//! 1 ms of sending at that rate).
+//! Rate = window / SRTT x gain (2 in slow start, 1.25 after), or the rate a model-based
+//! controller sets ([`Pacer::check_rate`]); burst = max(10 segments, 1 ms of sending at that
+//! rate).
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,18 @@ impl Pacer {
         let rate = (window as u128 * gain_num as u128 * 1_000_000_000
             / (gain_den as u128 * srtt_ns as u128))
             .max(1) as u64;
+        self.check_rate(now, bytes, rate, mss)
+    }
+
+    /// Whether `bytes` may go now at `rate` bytes per second. On `Err` it returns when.
+    pub fn check_rate(
+        &mut self,
+        now: Instant,
+        bytes: u64,
+        rate: u64,
+        mss: u64,
+    ) -> Result<(), Instant> {
+        let rate = rate.max(1);
         let burst = (MIN_BURST_SEGMENTS * mss).max(rate / 1000);
         let refill = match self.last {
             Some(last) => {

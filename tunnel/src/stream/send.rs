@@ -9,9 +9,15 @@
 //! Bytes in flight ("pipe", RFC 6675) are kept as a running total, so no per-ACK scan is
 //! needed: a segment is either outstanding (counted), SACKed, or marked lost (not counted
 //! until it is retransmitted).
+//!
+//! Every transmission also carries a [`SendStamp`] of the delivery counters, so that each ACK
+//! yields a delivery-rate sample (see [`super::rate`]); deliveries and losses found here are
+//! reported to the buffer's [`DeliveryState`] as they are found.
 
 use std::collections::VecDeque;
 use std::time::Instant;
+
+use super::rate::{DeliveryState, SendStamp};
 
 /// What is known about one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +38,8 @@ pub(crate) struct Segment {
     pub sent: Instant,
     pub transmissions: u8,
     pub state: SegState,
+    /// Delivery counters at the latest transmission.
+    pub stamp: SendStamp,
 }
 
 impl Segment {
@@ -61,10 +69,12 @@ pub(crate) struct SendBuffer {
     retransmitted: VecDeque<(u64, Instant)>,
     /// Latest send time of any segment known delivered (acknowledged or SACKed).
     delivered_sent: Option<Instant>,
+    /// Delivery-rate estimation.
+    delivery: DeliveryState,
 }
 
 impl SendBuffer {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, now: Instant) -> Self {
         SendBuffer {
             data: VecDeque::new(),
             una: 0,
@@ -77,7 +87,13 @@ impl SendBuffer {
             loss_scanned: 0,
             retransmitted: VecDeque::new(),
             delivered_sent: None,
+            delivery: DeliveryState::new(now),
         }
+    }
+
+    /// Delivery-rate estimation state.
+    pub fn delivery(&mut self) -> &mut DeliveryState {
+        &mut self.delivery
     }
 
     /// Appends what fits; returns the bytes taken.
@@ -153,12 +169,14 @@ impl SendBuffer {
 
     /// Records a new segment `[nxt, nxt + len)` sent at `now`.
     pub fn on_new_segment(&mut self, len: u32, now: Instant) {
+        let stamp = self.delivery.on_send(now, self.pipe, u64::from(len));
         self.segments.push_back(Segment {
             offset: self.nxt,
             len,
             sent: now,
             transmissions: 1,
             state: SegState::Outstanding,
+            stamp,
         });
         self.nxt += u64::from(len);
         self.pipe += u64::from(len);
@@ -186,6 +204,12 @@ impl SendBuffer {
     /// Records the retransmission of segment `i`.
     pub fn on_retransmit(&mut self, i: usize, now: Instant) {
         let s = &mut self.segments[i];
+        let pipe_before = if s.state == SegState::Outstanding {
+            self.pipe - u64::from(s.len)
+        } else {
+            self.pipe
+        };
+        s.stamp = self.delivery.on_send(now, pipe_before, u64::from(s.len));
         if s.state == SegState::Lost {
             self.lost_bytes -= u64::from(s.len);
             self.pipe += u64::from(s.len);
@@ -224,6 +248,7 @@ impl SendBuffer {
                     s.state = SegState::Lost;
                     self.pipe -= u64::from(s.len);
                     self.lost_bytes += u64::from(s.len);
+                    self.delivery.on_lost(u64::from(s.len));
                     newly += u64::from(s.len);
                 }
             }
@@ -233,8 +258,9 @@ impl SendBuffer {
 
     /// Cumulative acknowledgment up to `offset` (`una < offset <= nxt`). Returns the bytes
     /// newly acknowledged and, when the newest segment acknowledged was sent once and
-    /// never SACKed, its send time for an RTT sample (Karn's rule).
-    pub fn ack_to(&mut self, offset: u64) -> (u64, Option<Instant>) {
+    /// never SACKed, its send time for an RTT sample (Karn's rule). Deliveries are counted
+    /// at `now` for rate estimation.
+    pub fn ack_to(&mut self, offset: u64, now: Instant) -> (u64, Option<Instant>) {
         let mut sample = None;
         let mut newly = 0;
         let mut delivered = None;
@@ -249,11 +275,20 @@ impl SendBuffer {
                     newly += u64::from(s.len);
                     sample = (s.transmissions == 1).then_some(s.sent);
                     delivered = Some(delivered.map_or(sent, |d: Instant| d.max(sent)));
+                    self.delivery.on_delivered(
+                        now,
+                        u64::from(s.len),
+                        &s.stamp,
+                        sent,
+                        s.transmissions == 1,
+                    );
                 }
                 SegState::Lost => {
                     self.lost_bytes -= u64::from(s.len);
                     newly += u64::from(s.len);
                     sample = None;
+                    self.delivery
+                        .on_delivered(now, u64::from(s.len), &s.stamp, sent, false);
                 }
                 SegState::Sacked => sample = None,
             }
@@ -270,6 +305,9 @@ impl SendBuffer {
                     SegState::Sacked => {}
                 }
                 newly += u64::from(cut);
+                if s.state != SegState::Sacked {
+                    self.delivery.on_delivered_unstamped(now, u64::from(cut));
+                }
                 s.offset = offset;
                 s.len -= cut;
             }
@@ -283,8 +321,9 @@ impl SendBuffer {
         (newly, sample)
     }
 
-    /// Marks segments inside `[left, right)` as SACKed. Returns the bytes newly SACKed.
-    pub fn sack(&mut self, left: u64, right: u64) -> u64 {
+    /// Marks segments inside `[left, right)` as SACKed at `now`. Returns the bytes newly
+    /// SACKed.
+    pub fn sack(&mut self, left: u64, right: u64, now: Instant) -> u64 {
         if right <= left || right <= self.una || left >= self.nxt {
             return 0;
         }
@@ -300,10 +339,19 @@ impl SendBuffer {
                     self.pipe -= u64::from(s.len);
                     newly += u64::from(s.len);
                     delivered = Some(delivered.map_or(s.sent, |d| d.max(s.sent)));
+                    self.delivery.on_delivered(
+                        now,
+                        u64::from(s.len),
+                        &s.stamp,
+                        s.sent,
+                        s.transmissions == 1,
+                    );
                 }
                 SegState::Lost => {
                     self.lost_bytes -= u64::from(s.len);
                     newly += u64::from(s.len);
+                    self.delivery
+                        .on_delivered(now, u64::from(s.len), &s.stamp, s.sent, false);
                 }
                 SegState::Sacked => continue,
             }
@@ -336,6 +384,7 @@ impl SendBuffer {
                 s.state = SegState::Lost;
                 self.pipe -= u64::from(s.len);
                 self.lost_bytes += u64::from(s.len);
+                self.delivery.on_lost(u64::from(s.len));
                 newly += u64::from(s.len);
             }
             self.loss_scanned = s.end();
@@ -352,6 +401,7 @@ impl SendBuffer {
         s.state = SegState::Lost;
         self.pipe -= u64::from(s.len);
         self.lost_bytes += u64::from(s.len);
+        self.delivery.on_lost(u64::from(s.len));
         true
     }
 
@@ -362,6 +412,7 @@ impl SendBuffer {
                 s.state = SegState::Lost;
                 self.pipe -= u64::from(s.len);
                 self.lost_bytes += u64::from(s.len);
+                self.delivery.on_lost(u64::from(s.len));
             }
         }
         self.loss_scanned = self.una;
@@ -375,14 +426,14 @@ mod tests {
     #[test]
     fn pipe_accounting() {
         let now = Instant::now();
-        let mut b = SendBuffer::new(100_000);
+        let mut b = SendBuffer::new(100_000, now);
         assert_eq!(b.write(&[7u8; 10_000]), 10_000);
         for _ in 0..10 {
             b.on_new_segment(1000, now);
         }
         assert_eq!(b.pipe(), 10_000);
         // Segments 2..=5 SACKed: 4000 bytes leave the pipe.
-        assert_eq!(b.sack(2000, 6000), 4000);
+        assert_eq!(b.sack(2000, 6000, now), 4000);
         assert_eq!(b.pipe(), 6000);
         // Segments 2..=5 were delivered; 0 and 1, sent no later, count as lost at once
         // with a zero reordering window.
@@ -395,26 +446,26 @@ mod tests {
         assert_eq!(b.first_lost(), Some(0));
         b.on_retransmit(0, now);
         assert_eq!((b.pipe(), b.lost_bytes()), (5000, 1000));
-        let (newly, sample) = b.ack_to(6000);
+        let (newly, sample) = b.ack_to(6000, now);
         // Segment 0 (retransmitted) 1000 + segment 1 (lost) 1000; no RTT sample.
         assert_eq!((newly, sample), (2000, None));
         assert_eq!((b.pipe(), b.lost_bytes()), (4000, 0));
-        let (newly, sample) = b.ack_to(7000);
+        let (newly, sample) = b.ack_to(7000, now);
         assert_eq!((newly, sample), (1000, Some(now)));
         b.mark_all_lost();
         assert_eq!((b.pipe(), b.lost_bytes()), (0, 3000));
-        b.ack_to(10_000);
+        b.ack_to(10_000, now);
         assert!(b.all_acked());
         assert_eq!((b.pipe(), b.lost_bytes()), (0, 0));
     }
 
     #[test]
     fn copy_out_across_the_ring_seam() {
-        let mut b = SendBuffer::new(16);
-        b.write(&[1; 12]);
         let now = Instant::now();
+        let mut b = SendBuffer::new(16, now);
+        b.write(&[1; 12]);
         b.on_new_segment(10, now);
-        b.ack_to(10);
+        b.ack_to(10, now);
         b.write(&(0..14).collect::<Vec<u8>>());
         let mut out = [0u8; 16];
         b.copy_out(10, &mut out);
@@ -425,18 +476,18 @@ mod tests {
     #[test]
     fn ack_inside_a_segment_trims_it() {
         let now = Instant::now();
-        let mut b = SendBuffer::new(1000);
+        let mut b = SendBuffer::new(1000, now);
         b.write(&(0..100).collect::<Vec<u8>>());
         b.on_new_segment(60, now);
         b.on_new_segment(40, now);
-        assert_eq!(b.ack_to(30), (30, None));
+        assert_eq!(b.ack_to(30, now), (30, None));
         assert_eq!(b.pipe(), 70);
         assert_eq!((b.segment(0).offset, b.segment(0).len), (30, 30));
         let mut out = [0u8; 30];
         b.copy_out(30, &mut out);
         assert_eq!(out[0], 30);
         b.mark_all_lost();
-        assert_eq!(b.ack_to(70).0, 40);
+        assert_eq!(b.ack_to(70, now).0, 40);
         assert_eq!((b.pipe(), b.lost_bytes()), (0, 30));
     }
 }
