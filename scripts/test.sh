@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
+# Every target but the binaries' own test harnesses (they have no unit tests: `test = false`).
+cargo test --workspace --tests --benches --examples --locked 2>&1 | tee "$log"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 # The TUN interface, data path and package tests need root (network namespaces, /dev/net/tun,
 # containers): they are ignored in the
@@ -14,15 +15,17 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 # not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
-    # pilotd's ignored tests are all root-only: pilot0 in network namespaces (tun_*) and the
-    # beacon relay tests of daemons.rs (nftables rules on loopback).
-    cargo test -p pilotd --test integration --locked -- --ignored 2>&1 | tee -a "$log"
+    # Each run below selects its tests by name in every crate's integration binary; with
+    # --workspace, features resolve as in the run above, so nothing is built again.
+    # pilot0 in network namespaces (tun_*) and the beacon relay tests of daemons.rs (nftables
+    # rules on loopback).
+    cargo test --workspace --test integration --locked -- --ignored tun_ daemons:: 2>&1 | tee -a "$log"
     # The NAT lab: pilotd pairs behind nftables NATs in network namespaces.
-    cargo test -p pilot-tests --test integration --locked -- --ignored nat_lab:: 2>&1 | tee -a "$log"
+    cargo test --workspace --test integration --locked -- --ignored nat_lab:: 2>&1 | tee -a "$log"
     # The .deb and .rpm built by scripts/package.sh, installed in booted systemd containers.
-    cargo test -p pilot-tests --test integration --locked -- --ignored packages:: 2>&1 | tee -a "$log"
+    cargo test --workspace --test integration --locked -- --ignored packages:: 2>&1 | tee -a "$log"
     # The README's "Using a node" commands, as written, right after the main job.
-    cargo test -p pilot-tests --test integration --locked -- --ignored readme_commands:: 2>&1 | tee -a "$log"
+    cargo test --workspace --test integration --locked -- --ignored readme_commands:: 2>&1 | tee -a "$log"
 fi
 # Sum cargo's per-binary "test result" lines into one closing line.
 awk '/^== root-only tests ==$/ { root = 1; next }
