@@ -86,7 +86,8 @@ pub struct Cli {
     /// the datagrams on the wire are the same either way. [default: true]
     #[arg(long, global = true, env = "PILOT_UDP_OFFLOAD", num_args = 0..=1, default_missing_value = "true")]
     pub udp_offload: Option<bool>,
-    /// Owner string sent at registration (an e-mail address, say).
+    /// Owner string (an e-mail address, say) sent when registering with a v1 registry.
+    /// pilot-registry registers a node by proof of its key and takes no owner string.
     #[arg(long, global = true, env = "PILOT_OWNER")]
     pub owner: Option<String>,
     /// Hostname to claim after registering.

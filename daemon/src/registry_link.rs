@@ -792,8 +792,9 @@ async fn register(c: &mut Session, config: &LinkConfig) -> Result<(u32, Value), 
         tracing::warn!(error = e, "hostname not set");
     }
     if config.owner.is_some() && c.protocol == RegistryProtocol::Pilot {
-        tracing::debug!(
-            "owner strings are sent only with v1 registration; ignored with a proven one"
+        tracing::info!(
+            "--owner applies to v1 registries only; pilot-registry registers by key proof and \
+             takes no owner string"
         );
     }
     apply(c, node, &want, &mut reply).await?;
