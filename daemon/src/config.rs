@@ -88,6 +88,7 @@ pub struct Cli {
     pub udp_offload: Option<bool>,
     /// Owner string (an e-mail address, say) sent when registering with a v1 registry.
     /// pilot-registry registers a node by proof of its key and takes no owner string.
+    /// [default: none]
     #[arg(long, global = true, env = "PILOT_OWNER")]
     pub owner: Option<String>,
     /// Hostname to claim after registering.

@@ -40,6 +40,8 @@ struct V1State {
     inbox: Vec<(u32, u32)>,
     /// `request_handshake` refused because the target's inbox held one from the sender.
     duplicate_requests: u32,
+    /// The `owner` of every `register` that carried one.
+    owners: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -123,6 +125,9 @@ fn answer(st: &mut V1State, req: &Value, peer_ip: std::net::IpAddr) -> Value {
                 st.next += 1;
                 st.next
             });
+            if let Some(o) = req["owner"].as_str() {
+                st.owners.push(o.to_owned());
+            }
             let hostname = req["hostname"].as_str().unwrap_or_default().to_owned();
             st.nodes.insert(
                 id,
@@ -233,10 +238,12 @@ async fn v1_registry() -> (String, Arc<Mutex<V1State>>) {
     (addr, state)
 }
 
+/// A public node named `hostname` with the owner string `<hostname>@example.com`.
 async fn start_node(registry: &str, home: &Path, hostname: &str) -> Node {
     let cli = Cli {
         public: Some(true),
         hostname: Some(hostname.into()),
+        owner: Some(format!("{hostname}@example.com")),
         keepalive: Some("1s".into()),
         ..support::loopback_cli(registry, home)
     };
@@ -291,6 +298,11 @@ async fn pilotd_registers_with_a_v1_registry_in_v1_forms_and_reaches_a_peer() {
             "unsigned or badly signed requests: {:?}",
             st.bad_signatures
         );
+        // `--owner` goes with each v1 registration.
+        let mut owners = st.owners.clone();
+        owners.sort();
+        owners.dedup();
+        assert_eq!(owners, ["alice@example.com", "bob@example.com"]);
         // Each connection asked `hello` once and then spoke only v1's forms: no `auth`, no
         // `watch`, no registration proof, no instance.
         assert!(

@@ -85,6 +85,16 @@ impl Pair {
         self.b.http_server(self.up_b.ula, EXPOSED, dir, None)
     }
 
+    /// curl from A to B's ULA fails within 3 s: B's firewall keeps it out.
+    fn assert_curl_blocked(&self) {
+        let (out, _) = self.curl(3);
+        assert!(
+            !out.status.success(),
+            "curl got through the dropping firewall: {}",
+            text(&out.stdout)
+        );
+    }
+
     /// curl from A to B's ULA, at most `max` seconds.
     fn curl(&self, max: u64) -> (Output, Duration) {
         let url = format!("http://[{}]:{EXPOSED}/hello.txt", self.up_b.ula);
@@ -122,12 +132,7 @@ fn the_tcp_probe_sees_a_firewall_that_drops_only_new_connections() {
     // The warning is right: a connection through pilot0 does not get in.
     let site = site();
     let _server = p.http_server(site.path());
-    let (out, _) = p.curl(3);
-    assert!(
-        !out.status.success(),
-        "curl got through the dropping firewall: {}",
-        text(&out.stdout)
-    );
+    p.assert_curl_blocked();
 }
 
 #[test]
@@ -162,12 +167,7 @@ fn the_self_test_names_the_rule_and_the_rule_lets_connections_in() {
 
     let site = site();
     let _server = p.http_server(site.path());
-    let (out, _) = p.curl(3);
-    assert!(
-        !out.status.success(),
-        "curl got through the dropping firewall: {}",
-        text(&out.stdout)
-    );
+    p.assert_curl_blocked();
 
     // The rule the warning names, as a user would run it.
     let out = p.b.exec("nft", &[&rules[0]]).output().unwrap();

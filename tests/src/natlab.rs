@@ -75,7 +75,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
 }
 
 /// Whether this process runs as root and `nft` works: what the lab needs. When not, the
-/// reason, for a SKIP line.
+/// reason.
 pub fn unavailable() -> Option<String> {
     let root = std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()

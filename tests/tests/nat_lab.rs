@@ -9,7 +9,8 @@
 //! registry.
 //!
 //! These need root (network namespaces, nftables), so they are ignored by default and run by
-//! the root section of `scripts/test.sh`; without root or `nft` they print a SKIP line.
+//! the root section of `scripts/test.sh`; asked for without root or `nft`, they fail at once
+//! naming what is missing.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -24,14 +25,12 @@ const MIB: usize = 1 << 20;
 /// One test at a time: they share the machine's CPU, and timings are printed.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Whether the lab can run here; prints the SKIP line when not.
-fn runnable(test: &str) -> bool {
-    match unavailable() {
-        Some(why) => {
-            println!("SKIP {test}: {why}");
-            false
-        }
-        None => true,
+/// Fails `test` at once, naming what is missing, when the lab cannot run here. The tests are
+/// ignored unless asked for (`--ignored`, which `scripts/test.sh` does only as root), so without
+/// root they count as skipped; asked for where they cannot run, they fail instead of passing.
+fn require_lab(test: &str) {
+    if let Some(why) = unavailable() {
+        panic!("{test} cannot run here: {why} (it needs root and nft)");
     }
 }
 
@@ -123,9 +122,7 @@ fn ms(d: Option<Duration>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn nat_matrix() {
-    if !runnable("nat_matrix") {
-        return;
-    }
+    require_lab("nat_matrix");
     let _serial = SERIAL.lock().await;
     let mut lab = Lab::start().unwrap();
     let mut hosts: Vec<[Host; 2]> = Vec::new();
@@ -208,9 +205,7 @@ async fn nat_matrix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn transfers_under_loss() {
-    if !runnable("transfers_under_loss") {
-        return;
-    }
+    require_lab("transfers_under_loss");
     let _serial = SERIAL.lock().await;
     let mut lab = Lab::start().unwrap();
     let a = lab.host(Nat::PortRestricted).await.unwrap();
@@ -293,9 +288,7 @@ async fn more_round_trips(rx: &mut tokio::sync::watch::Receiver<u64>, n: u64, wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn relay_then_direct() {
-    if !runnable("relay_then_direct") {
-        return;
-    }
+    require_lab("relay_then_direct");
     let _serial = SERIAL.lock().await;
     let mut lab = Lab::start().unwrap();
     let a = lab.host(Nat::PortRestricted).await.unwrap();
@@ -340,9 +333,7 @@ async fn relay_then_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn beacon_and_registry_restart_during_transfer() {
-    if !runnable("beacon_and_registry_restart_during_transfer") {
-        return;
-    }
+    require_lab("beacon_and_registry_restart_during_transfer");
     let _serial = SERIAL.lock().await;
     let mut lab = Lab::start().unwrap();
     let a = lab.host(Nat::FullCone).await.unwrap();
@@ -409,9 +400,7 @@ async fn beacon_and_registry_restart_during_transfer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn same_nat_without_hairpin() {
-    if !runnable("same_nat_without_hairpin") {
-        return;
-    }
+    require_lab("same_nat_without_hairpin");
     let _serial = SERIAL.lock().await;
     let mut lab = Lab::start().unwrap();
     let mut site = lab.site(Nat::PortRestricted).unwrap();
