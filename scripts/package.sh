@@ -4,6 +4,10 @@
 # copyright, all from the one list packaging/files.txt. Output: $PILOT_DIST (default dist/),
 # pilot_<version>-<release>_<arch>.deb and pilot-<version>-<release>.<arch>.rpm; it prints
 # their paths. Needs dpkg-dev, rpm and binutils (scripts/setup.sh installs them).
+#
+# PILOT_BIN_DIR=DIR packages the pilotd, pilot-registry, pilot-beacon and pilotctl already
+# built in DIR instead of building release ones (scripts/test.sh passes the binaries of its
+# own test build); PILOT_PACKAGE_LINT=1 runs lintian and rpmlint on the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -17,13 +21,21 @@ for tool in dpkg-deb dpkg-shlibdeps rpmbuild strip gzip; do
     command -v "$tool" >/dev/null || { echo "package: $tool not found (scripts/setup.sh installs it)" >&2; exit 1; }
 done
 
-cargo build --release --locked -p pilotd -p pilot-registry -p pilot-beacon -p pilotctl
+if [ -n "${PILOT_BIN_DIR:-}" ]; then
+    bindir=$PILOT_BIN_DIR
+else
+    cargo build --release --locked -p pilotd -p pilot-registry -p pilot-beacon -p pilotctl
+    bindir=$target/release
+fi
+for b in pilotd pilot-registry pilot-beacon pilotctl; do
+    [ -x "$bindir/$b" ] || { echo "package: $bindir/$b is missing" >&2; exit 1; }
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/gen" "$dist"
 for b in pilotd pilot-registry pilot-beacon pilotctl; do
-    strip --strip-unneeded -o "$work/bin/$b" "$target/release/$b"
+    strip --strip-unneeded -o "$work/bin/$b" "$bindir/$b"
 done
 gen=$work/gen
 "$work/bin/pilotd" --man-page | gzip -9n >"$gen/pilotd.8.gz"

@@ -12,11 +12,20 @@
 #
 # Prints `pilotctl info` and keeps everything running until Ctrl-C (or for $PILOT_RUN_SECS
 # seconds when set). State and logs go under $PILOT_HOME (default ${TMPDIR:-/tmp}/pilot-demo).
+# It builds release binaries, unless PILOT_BIN_DIR names a directory holding built ones
+# (scripts/test.sh passes those of its test build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked -p pilot-registry -p pilot-beacon -p pilotd -p pilotctl
-bin="${CARGO_TARGET_DIR:-$(pwd)/target}/release"
+if [ -n "${PILOT_BIN_DIR:-}" ]; then
+    bin=$(cd "$PILOT_BIN_DIR" && pwd)
+else
+    cargo build --release --locked -p pilot-registry -p pilot-beacon -p pilotd -p pilotctl
+    bin="${CARGO_TARGET_DIR:-$(pwd)/target}/release"
+fi
+for b in pilot-registry pilot-beacon pilotd pilotctl; do
+    [ -x "$bin/$b" ] || { echo "run: $bin/$b is missing" >&2; exit 1; }
+done
 home="${PILOT_HOME:-${TMPDIR:-/tmp}/pilot-demo}"
 mkdir -p "$home"
 chmod 700 "$home"
@@ -104,7 +113,7 @@ else
         sock_a="$home/a/pilotd.sock"
     fi
     link=/usr/local/bin/pilotctl
-    if [ ! -e "$link" ] || [[ "$(readlink "$link")" == */release/pilotctl ]]; then
+    if [ ! -e "$link" ] || [[ "$(readlink "$link")" == */release/pilotctl || "$(readlink "$link")" == */debug/pilotctl ]]; then
         ln -sfn "$bin/pilotctl" "$link"
         echo "run: $link -> $bin/pilotctl"
     elif [ "$(readlink -f "$link")" != "$(readlink -f "$bin/pilotctl")" ]; then

@@ -81,13 +81,7 @@ fn resolved_routes_pilot_names_to_the_answerer_and_forgets_them_at_stop() {
     let b = Netns::new();
     a.link_to(&b, "prs0", "10.81.0.1", "10.81.0.2");
     let reg = a.registry_at("10.81.0.1:0");
-    let root = debian_rootfs(&[
-        "systemd",
-        "systemd-sysv",
-        "dbus",
-        "systemd-resolved",
-        "iproute2",
-    ]);
+    let root = debian_rootfs("resolved");
     std::fs::copy(
         env!("CARGO_BIN_EXE_pilotd"),
         root.path().join("usr/local/bin/pilotd"),
@@ -172,7 +166,7 @@ fn without_resolved_a_resolvconf_record_names_the_answerer_first() {
     let b = Netns::new();
     a.link_to(&b, "prc0", "10.82.0.1", "10.82.0.2");
     let reg = a.registry_at("10.82.0.1:0");
-    let root = debian_rootfs(&["systemd", "systemd-sysv", "dbus", "openresolv", "iproute2"]);
+    let root = debian_rootfs("resolvconf");
     std::fs::copy(
         env!("CARGO_BIN_EXE_pilotd"),
         root.path().join("usr/local/bin/pilotd"),

@@ -6,9 +6,14 @@
 //! One test is cheap and runs everywhere: every unit a unit names exists or is a standard
 //! target, and every file a unit references is in the one file list of both packages. The
 //! others need root (containers, network namespaces) and are ignored in the plain run;
-//! scripts/test.sh runs them as root. The rootfs is made once and kept as a tarball under the
-//! target directory (`pilot-packages/`); each container gets a fresh copy in a temporary
-//! directory that is deleted when the test ends.
+//! scripts/test.sh runs them as root. The rootfs is made once by scripts/rootfs.sh and kept as a
+//! tarball under the target directory (`pilot-rootfs/`); each container gets a fresh copy in a
+//! temporary directory that is deleted when the test ends.
+//!
+//! scripts/package.sh builds release binaries, unless `PILOT_BIN_DIR` names a directory of
+//! built ones: scripts/test.sh passes the binaries its own test build made, so the test command
+//! does not compile the workspace a second time with the release profile's LTO. The release
+//! build itself is packaged and linted by CI (`.ci/run`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -221,34 +226,15 @@ fn packages() -> &'static Packages {
     })
 }
 
-/// What the rootfs holds besides minbase: systemd to boot, iproute2 to look at pilot0, curl and
-/// busybox (httpd) for traffic through it, rpm to install the .rpm.
-const ROOTFS_INCLUDE: &str = "systemd,systemd-sysv,dbus,iproute2,curl,busybox,rpm";
-
-/// The rootfs tarball, made once and kept in the target directory.
+/// The rootfs tarball of the package tests (the set `packages` of scripts/rootfs.sh, which
+/// lists its packages), made once and kept in the target directory.
 fn rootfs_tar() -> &'static Path {
     static T: OnceLock<PathBuf> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = target_dir().join("pilot-packages");
-        std::fs::create_dir_all(&dir).unwrap();
-        let tar = dir.join(format!("bookworm-{}.tar", ROOTFS_INCLUDE.replace(',', "-")));
-        if !tar.exists() {
-            let t = Instant::now();
-            let partial = dir.join("rootfs.tar.partial");
-            run(Command::new("mmdebstrap").args([
-                "--quiet",
-                "--variant=minbase",
-                // The output's name does not end in .tar, so the format is named.
-                "--format=tar",
-                &format!("--include={ROOTFS_INCLUDE}"),
-                "bookworm",
-                partial.to_str().unwrap(),
-                "http://deb.debian.org/debian",
-            ]));
-            std::fs::rename(&partial, &tar).unwrap();
-            println!("mmdebstrap took {:.0?}", t.elapsed());
-        }
-        tar
+        let t = Instant::now();
+        let out = run(Command::new(repo().join("scripts/rootfs.sh")).arg("packages"));
+        println!("rootfs ready after {:.0?}", t.elapsed());
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     })
 }
 

@@ -1,6 +1,7 @@
 //! Booted systemd containers for the tests that need a real init and D-Bus (root): a Debian
-//! root file system made by `mmdebstrap` in a temporary directory, booted by `systemd-nspawn`
-//! in one of this process's network namespaces, powered off and deleted on drop.
+//! root file system (a tarball made once by scripts/rootfs.sh) unpacked in a temporary
+//! directory, booted by `systemd-nspawn` in one of this process's network namespaces, powered
+//! off and deleted on drop.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::fs::File;
@@ -13,25 +14,42 @@ use super::Netns;
 /// How long a container may take to boot or to power off.
 pub const BOOT_WAIT: Duration = Duration::from_secs(60);
 
-/// A minimal Debian bookworm root file system with `packages` (and what they depend on).
-pub fn debian_rootfs(packages: &[&str]) -> tempfile::TempDir {
+/// The path of the repository's root (daemon/ is one level below it).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A Debian bookworm root file system in a temporary directory: the tarball of `set` (named
+/// and listed in scripts/rootfs.sh, made once and kept under the target directory), unpacked.
+pub fn debian_rootfs(set: &str) -> tempfile::TempDir {
+    let out = Command::new(repo().join("scripts/rootfs.sh"))
+        .arg(set)
+        .stdin(Stdio::null())
+        .output()
+        .expect("scripts/rootfs.sh");
+    assert!(
+        out.status.success(),
+        "scripts/rootfs.sh {set}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tar = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let dir = tempfile::Builder::new()
         .prefix("pilot-rootfs-")
         .tempdir()
         .unwrap();
-    let out = Command::new("mmdebstrap")
-        .args([
-            "--variant=minbase",
-            "--quiet",
-            &format!("--include={}", packages.join(",")),
-            "bookworm",
-        ])
+    let out = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
         .arg(dir.path())
         .output()
-        .expect("mmdebstrap (scripts/setup.sh installs it)");
+        .unwrap();
     assert!(
         out.status.success(),
-        "mmdebstrap: {}",
+        "tar -xf {tar}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     dir
