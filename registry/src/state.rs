@@ -429,7 +429,7 @@ impl State {
             stats.nodes_truncated = true;
         }
         ids.sort_unstable();
-        let index: HashMap<u32, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let index = |id: &u32| ids.binary_search(id).ok();
         let mut trust = vec![0u64; ids.len()];
         let mut pairs = Vec::new();
         for &(a, b) in self.consents.keys() {
@@ -437,9 +437,9 @@ impl State {
                 continue;
             }
             stats.total_trust_links += 1;
-            let (ia, ib) = (index.get(&a), index.get(&b));
+            let (ia, ib) = (index(&a), index(&b));
             for i in [ia, ib].into_iter().flatten() {
-                trust[*i] += 1;
+                trust[i] += 1;
             }
             if ia.is_some() && ib.is_some() {
                 pairs.push((a, b));
