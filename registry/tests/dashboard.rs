@@ -223,8 +223,8 @@ fn chromium() -> PathBuf {
 }
 
 /// Runs headless Chromium on `url` with `args`, giving up after 120 s.
-fn run_chromium(profile: &Path, url: &str, args: &[String]) -> Output {
-    let mut child = Command::new(chromium())
+fn run_chromium(browser: &Path, profile: &Path, url: &str, args: &[String]) -> Output {
+    let mut child = Command::new(browser)
         .args([
             "--headless",
             "--no-sandbox",
@@ -287,6 +287,7 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
 
 #[tokio::test]
 async fn dashboard_in_headless_chromium_shows_counts_and_draws_the_trust_graph() {
+    let browser = chromium();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _registry = spawn_registry(addr, http);
@@ -376,7 +377,7 @@ async fn dashboard_in_headless_chromium_shows_counts_and_draws_the_trust_graph()
     // The page in headless Chromium, after its scripts ran.
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://{http}/");
-    let out = run_chromium(profile.path(), &url, &["--dump-dom".into()]);
+    let out = run_chromium(&browser, profile.path(), &url, &["--dump-dom".into()]);
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && dom.contains("data-ready=\"true\""),
@@ -447,6 +448,7 @@ async fn dashboard_in_headless_chromium_shows_counts_and_draws_the_trust_graph()
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let out = run_chromium(
+        &browser,
         profile.path(),
         &url,
         &[
