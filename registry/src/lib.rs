@@ -8,11 +8,15 @@
 //! - [`state`]: the rules, over in-memory state, without I/O;
 //! - [`store`]: the durable [`store::Store`] trait and its embedded implementation;
 //! - [`server`]: connections, sessions, group commit, pushes, reaping, TLS, metrics;
+//! - [`http`], [`dashboard`]: the HTTP listener: the dashboard page, `/api/stats` (v1's
+//!   fields), `/metrics`;
 //! - [`import`]: one-shot import of a v1 JSON snapshot.
 //!
 //! The client (tests, tools, the daemon and the beacon) is the separate crate
 //! `pilot-registry-client`, so nodes link none of this server.
 
+pub mod dashboard;
+pub mod http;
 pub mod import;
 pub mod metrics;
 pub mod server;

@@ -44,9 +44,12 @@ struct Cli {
     /// File holding the token beacons present to ask whether two nodes may reach each other.
     #[arg(long, env = "PILOT_REGISTRY_BEACON_TOKEN_FILE")]
     beacon_token_file: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (keep it on loopback).
-    #[arg(long, env = "PILOT_REGISTRY_METRICS", num_args = 0..=1, default_missing_value = "127.0.0.1:9100")]
-    metrics: Option<SocketAddr>,
+    /// Serve HTTP on ADDR (default 127.0.0.1:9100 when given without a value): the dashboard
+    /// at / (node counts, networks and members, trust graph, request rate; no IPs or keys),
+    /// v1's dashboard JSON at /api/stats and Prometheus metrics at /metrics. Keep it on
+    /// loopback (a warning is logged otherwise). --metrics is an alias.
+    #[arg(long, visible_alias = "metrics", value_name = "ADDR", env = "PILOT_REGISTRY_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:9100")]
+    http: Option<SocketAddr>,
     /// Registrations of new keys per source IP per minute (0: unlimited).
     #[arg(long, env = "PILOT_REGISTRY_REGISTER_PER_MINUTE", default_value_t = 10)]
     register_per_minute: u32,
@@ -265,15 +268,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("listening on {}: {e}", cli.addr))?;
     let bound = listener.local_addr().unwrap_or(cli.addr);
     tracing::info!(addr = %bound, store = %if cli.ephemeral { "memory".into() } else { store_path.display().to_string() }, "registry listening");
-    if let Some(m) = cli.metrics {
-        if !m.ip().is_loopback() {
-            tracing::warn!(addr = %m, "metrics listener is not on loopback");
+    if let Some(h) = cli.http {
+        if !h.ip().is_loopback() {
+            tracing::warn!(addr = %h, "HTTP listener is not on loopback: anyone who reaches it sees the dashboard, node addresses, networks and metrics");
         }
-        let l = tokio::net::TcpListener::bind(m)
+        let l = tokio::net::TcpListener::bind(h)
             .await
-            .map_err(|e| format!("metrics listener {m}: {e}"))?;
-        tracing::info!(addr = %m, "metrics at /metrics");
-        tokio::spawn(server::serve_metrics(
+            .map_err(|e| format!("HTTP listener {h}: {e}"))?;
+        let bound = l.local_addr().unwrap_or(h);
+        tracing::info!(addr = %bound, "HTTP: dashboard at http://{bound}/, /api/stats, /metrics");
+        tokio::spawn(pilot_registry::http::serve(
             reg.clone(),
             l,
             std::future::pending(),

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the registry (text format 0.0.4), served on an optional HTTP listener
 //! bound to loopback by default.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,8 @@ pub struct Metrics {
     pending: Gauge,
     connections: Gauge,
     uptime: Gauge,
+    /// Requests of every type, for the dashboard.
+    total: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,6 +78,7 @@ impl Metrics {
             pending: Gauge::default(),
             connections: Gauge::default(),
             uptime: Gauge::default(),
+            total: Arc::default(),
         };
         r.register("pilot_requests", "Requests by type", m.requests.clone());
         r.register("pilot_errors", "Refused requests by type", m.errors.clone());
@@ -140,6 +144,7 @@ impl Metrics {
 
     /// Records one handled request.
     pub fn request(&self, kind: &str, ok: bool, started: Instant) {
+        self.total.fetch_add(1, Ordering::Relaxed);
         let l = vec![("type".to_owned(), kind.to_owned())];
         self.requests.get_or_create(&l).inc();
         if !ok {
@@ -148,6 +153,11 @@ impl Metrics {
         self.duration
             .get_or_create(&l)
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Requests handled since start, every type.
+    pub fn requests_total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Counts something dropped.

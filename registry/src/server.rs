@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{b64, decode_key, register_message, session_message, verify};
+use crate::dashboard::{Limits, Stats};
 use crate::metrics::Metrics;
 use crate::proto::{encode_frame, FrameDecoder, Request};
 use crate::state::{Code, Ctx, Policy, Reject, State};
@@ -254,6 +255,21 @@ impl Registry {
                 .load(std::sync::atomic::Ordering::Relaxed),
             self.inner.started.elapsed().as_secs(),
         )
+    }
+
+    /// The dashboard's statistics (v1 `/api/stats`) but `request_rate`, which needs samples
+    /// over time (see [`crate::http`]). Holds the state lock for one pass over the state.
+    pub fn stats(&self, limits: Limits) -> Stats {
+        let now = self.now_ms();
+        let mut stats = self.state().dashboard(now, limits);
+        stats.total_requests = self.inner.metrics.requests_total();
+        stats.uptime_secs = self.inner.started.elapsed().as_secs();
+        stats
+    }
+
+    /// Requests handled since start, every type.
+    pub fn requests_total(&self) -> u64 {
+        self.inner.metrics.requests_total()
     }
 
     /// Reaps silent nodes and trims limiter tables until the last handle to the registry is
@@ -792,44 +808,4 @@ pub fn fingerprint(der: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve_metrics(
-    reg: Registry,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    tokio::pin!(shutdown);
-    loop {
-        let (sock, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-        };
-        let reg = reg.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let reg = reg.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            hyper::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(Bytes::from(reg.metrics_text())))
-                        } else {
-                            hyper::Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        resp.map_err(std::io::Error::other)
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(sock);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
 }

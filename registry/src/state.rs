@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tunnel::Addr;
 
 use crate::auth::{b64, decode_key};
+use crate::dashboard::{Edge, Limits, NetworkStats, NodeStats, Stats};
 use crate::names::{default_hostname, normalize_tags, validate_hostname, validate_network_name};
 use crate::proto::{Request, MAX_INSTANCE};
 use crate::store::{
@@ -402,6 +403,101 @@ impl State {
             networks: self.networks.len(),
             pending_requests: self.inbox.values().map(BTreeMap::len).sum(),
         }
+    }
+
+    /// The dashboard's view (v1 `/api/stats`, wire §4.10), without the fields the server
+    /// knows (`total_requests`, `uptime_secs`, `request_rate`, left at 0). One pass over the
+    /// nodes, the consents and the network members; only the listed nodes are copied, so the
+    /// lock is held for a time linear in the registry's size with small constants.
+    pub fn dashboard(&self, now_ms: u64, limits: Limits) -> Stats {
+        let fresh = |n: &Node| now_ms.saturating_sub(n.last_seen_ms) <= STALE_MS;
+        let mut stats = Stats::default();
+        let mut ids = Vec::new();
+        let mut tags: HashSet<&str> = HashSet::new();
+        for n in self.nodes.values().filter(|n| n.rec.active) {
+            stats.total_nodes += 1;
+            stats.active_nodes += u64::from(fresh(n));
+            stats.task_executors += u64::from(n.rec.task_exec);
+            tags.extend(n.rec.tags.iter().map(String::as_str));
+            ids.push(n.rec.id);
+        }
+        stats.unique_tags = tags.len() as u64;
+        if ids.len() > limits.nodes {
+            // The lowest IDs are the lowest addresses (all on the backbone).
+            ids.select_nth_unstable(limits.nodes);
+            ids.truncate(limits.nodes);
+            stats.nodes_truncated = true;
+        }
+        ids.sort_unstable();
+        let index = |id: &u32| ids.binary_search(id).ok();
+        let mut trust = vec![0u64; ids.len()];
+        let mut pairs = Vec::new();
+        for &(a, b) in self.consents.keys() {
+            if a >= b || !self.consents.contains_key(&(b, a)) {
+                continue;
+            }
+            stats.total_trust_links += 1;
+            let (ia, ib) = (index(&a), index(&b));
+            for i in [ia, ib].into_iter().flatten() {
+                trust[i] += 1;
+            }
+            if ia.is_some() && ib.is_some() {
+                pairs.push((a, b));
+            }
+        }
+        pairs.sort_unstable();
+        if pairs.len() > limits.edges {
+            pairs.truncate(limits.edges);
+            stats.edges_truncated = true;
+        }
+        stats.edges = pairs
+            .into_iter()
+            .map(|(a, b)| Edge {
+                source: address(0, a),
+                target: address(0, b),
+            })
+            .collect();
+        stats.nodes = ids
+            .iter()
+            .zip(trust)
+            .filter_map(|(id, trust_links)| {
+                let n = self.nodes.get(id)?;
+                let mut networks = n.networks.clone();
+                networks.sort_unstable();
+                Some(NodeStats {
+                    address: address(0, *id),
+                    tags: n.rec.tags.clone(),
+                    online: fresh(n),
+                    trust_links,
+                    task_exec: n.rec.task_exec,
+                    polo_score: n.rec.polo_score,
+                    networks,
+                })
+            })
+            .collect();
+        stats.networks = self
+            .networks
+            .values()
+            .map(|net| {
+                let (members, online_members) = if net.rec.id == 0 {
+                    (stats.total_nodes, stats.active_nodes)
+                } else {
+                    let online = net
+                        .members
+                        .iter()
+                        .filter(|m| self.nodes.get(m).is_some_and(fresh))
+                        .count();
+                    (net.members.len() as u64, online as u64)
+                };
+                NetworkStats {
+                    id: net.rec.id,
+                    name: net.rec.name.clone(),
+                    members,
+                    online_members,
+                }
+            })
+            .collect();
+        stats
     }
 
     /// Marks nodes silent for longer than [`STALE_MS`] as gone: their hostnames are freed and

@@ -4,5 +4,6 @@
 
 mod config_file;
 mod crash;
+mod dashboard;
 mod import;
 mod protocol;

@@ -88,7 +88,7 @@ struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with = "registry")]
     store: Option<PathBuf>,
     /// Extra argument for the started registry; repeat for several (e.g.
-    /// --registry-arg=--metrics).
+    /// --registry-arg=--http).
     #[arg(
         long = "registry-arg",
         value_name = "ARG",
