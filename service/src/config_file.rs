@@ -187,14 +187,21 @@ fn file_args(
     let allowed = keys(cmd, config_flag);
     let mut out = Vec::new();
     for (key, value) in file {
-        let arg = allowed
-            .contains(&key)
-            .then(|| cmd.get_arguments().find(|a| a.get_long() == Some(&key)))
-            .flatten()
+        // A key is a flag's long name or one of its long aliases (a renamed flag keeps its old
+        // name as an alias, so old files keep working).
+        let arg = cmd
+            .get_arguments()
+            .find(|a| {
+                a.get_long().is_some_and(|l| allowed.iter().any(|k| k == l))
+                    && (a.get_long() == Some(&key)
+                        || a.get_all_aliases()
+                            .is_some_and(|al| al.contains(&key.as_str())))
+            })
             .ok_or_else(|| ConfigFileError::UnknownKey {
                 path: path.to_owned(),
                 key: key.clone(),
             })?;
+        let key = arg.get_long().unwrap_or(&key).to_owned();
         if matches!(
             matches.value_source(arg.get_id().as_str()),
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
@@ -290,7 +297,7 @@ mod tests {
         config: Option<PathBuf>,
         #[arg(long, env = "PILOT_SERVICE_TEST_ADDR", default_value = "[::]:9000")]
         addr: std::net::SocketAddr,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, visible_alias = "max")]
         limit: u32,
         #[arg(long)]
         open: bool,
@@ -337,6 +344,21 @@ mod tests {
         };
         assert!(!d.open);
         assert_eq!(d.limit, 10);
+    }
+
+    #[test]
+    fn a_flags_alias_is_a_key_too_and_flags_still_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(&dir, r#"{"max": 4}"#);
+        let Parsed::Ok((d, _)) = parse::<Demo>(args(&["--config", &f]), "config") else {
+            panic!("does not parse")
+        };
+        assert_eq!(d.limit, 4);
+        let Parsed::Ok((d, _)) = parse::<Demo>(args(&["--config", &f, "--limit", "9"]), "config")
+        else {
+            panic!("does not parse")
+        };
+        assert_eq!(d.limit, 9);
     }
 
     #[test]
