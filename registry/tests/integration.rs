@@ -5,4 +5,6 @@
 mod config_file;
 mod crash;
 mod import;
+mod pg_cluster;
+mod postgresql_store;
 mod protocol;
