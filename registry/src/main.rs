@@ -206,7 +206,12 @@ fn main() -> ExitCode {
 fn check_files(cli: &Cli) -> Result<(), String> {
     read_secret(&cli.admin_token_file, "admin token file")?;
     read_secret(&cli.beacon_token_file, "beacon token file")?;
-    if let Some(url) = cli.store.as_ref().and_then(|s| s.to_str()).filter(|s| pg::is_url(s)) {
+    if let Some(url) = cli
+        .store
+        .as_ref()
+        .and_then(|s| s.to_str())
+        .filter(|s| pg::is_url(s))
+    {
         pg::check_url(url).map_err(|e| e.to_string())?;
     }
     for p in [&cli.tls_cert, &cli.tls_key].into_iter().flatten() {

@@ -2,8 +2,8 @@
 //! A registry process killed with SIGKILL in the middle of a stream of mutations loses none
 //! that it acknowledged, on redb and on PostgreSQL.
 
-use std::net::{SocketAddr, TcpListener};
 use std::ffi::OsStr;
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -16,10 +16,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use pilot_registry::store::pg::PgStore;
 
-/// The `#[ignore]` reason of the tests that start a cluster.
-#[allow(dead_code)]
-pub const IGNORE: &str = "root: starts a PostgreSQL cluster (initdb, pg_ctl) as user nobody";
-
 const NOBODY: u32 = 65534;
 
 /// A running cluster.
@@ -186,24 +182,34 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// The server's port.
-    #[allow(dead_code)]
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Creates database `name` (when missing) and returns its URL.
     pub fn database(&self, name: &str) -> String {
         let exists = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(["-d", "postgres", "-tAc"])
-            .arg(format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"))
+            .arg(format!(
+                "SELECT 1 FROM pg_database WHERE datname = '{name}'"
+            ))
             .output()
             .unwrap();
         check("psql", &exists);
         if String::from_utf8_lossy(&exists.stdout).trim() != "1" {
             let out = Command::new(self.bin.join("createdb"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .arg(name)
                 .output()
                 .unwrap();
@@ -222,7 +228,14 @@ impl Cluster {
     #[allow(dead_code)]
     pub fn sql(&self, db: &str, command: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-tAc", command])
             .output()
             .unwrap();
@@ -237,7 +250,14 @@ impl Drop for Cluster {
             let data = self.dir.path().join("data");
             let out = as_nobody(
                 &self.bin.join("pg_ctl"),
-                &["-D", data.to_str().unwrap_or(""), "-m", "immediate", "-w", "stop"],
+                &[
+                    "-D",
+                    data.to_str().unwrap_or(""),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
             );
             if !out.status.success() {
                 eprintln!(
@@ -269,12 +289,6 @@ pub fn with_postgresql(test: fn()) {
     ACTIVE.with(|a| *a.borrow_mut() = Some(cluster));
     let _reset = Reset;
     test();
-}
-
-/// Whether the current thread's tests run on PostgreSQL.
-#[allow(dead_code)]
-pub fn active() -> bool {
-    ACTIVE.with(|a| a.borrow().is_some())
 }
 
 /// A store for a protocol test: on the thread's cluster when there is one (a new database

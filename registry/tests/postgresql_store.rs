@@ -178,7 +178,10 @@ fn postgresql_holds_what_redb_holds_across_connections() {
         "1>2"
     );
     assert_eq!(
-        cluster.sql(db, "SELECT array_to_string(tags, ',') FROM nodes WHERE id = 1"),
+        cluster.sql(
+            db,
+            "SELECT array_to_string(tags, ',') FROM nodes WHERE id = 1"
+        ),
         "gpu,a-b,t1"
     );
 }
@@ -204,7 +207,10 @@ fn postgresql_a_batch_breaking_a_constraint_writes_nothing() {
         Mutation::NextNet(9),
     ];
     let bad = [
-        ("nodes_hostname_unique", Mutation::Node(node(9, Some("alpha")))),
+        (
+            "nodes_hostname_unique",
+            Mutation::Node(node(9, Some("alpha"))),
+        ),
         (
             "nodes_public_key_unique",
             Mutation::Node(NodeRecord {
@@ -256,7 +262,10 @@ fn postgresql_schema_is_migrated_once_and_a_newer_one_refused() {
     drop(PgStore::connect(&url).unwrap());
     drop(PgStore::connect(&url).unwrap());
     assert_eq!(
-        cluster.sql(&db, "SELECT string_agg(version::text, ',') FROM schema_version"),
+        cluster.sql(
+            &db,
+            "SELECT string_agg(version::text, ',') FROM schema_version"
+        ),
         SCHEMA_VERSION.to_string()
     );
     cluster.sql(
@@ -314,7 +323,10 @@ fn postgresql_unreachable_stops_the_registry_at_start_without_the_password() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!all.contains("s3cret-pw"), "{all}");
-    assert!(all.contains("postgresql://pilot@127.0.0.1:1/registry"), "{all}");
+    assert!(
+        all.contains("postgresql://pilot@127.0.0.1:1/registry"),
+        "{all}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_pilot-registry"))
         .args(["--store", UNREACHABLE, "--check-config"])
         .output()

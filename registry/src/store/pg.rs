@@ -416,7 +416,7 @@ impl Conn {
         op: impl Fn(&mut Client, &Statements) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         match op(&mut self.client, &self.stmts) {
-            Err(Failure::Pg(e)) if self.client.is_closed() => {
+            Err(Failure::Pg(e)) if self.client.is_closed() || connection_lost(&e) => {
                 tracing::warn!(store = %self.target, error = %db_error(&e), "{context} failed");
                 self.reconnect()?;
                 op(&mut self.client, &self.stmts).map_err(|f| f.into_store(&self.target, context))
@@ -438,6 +438,18 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether `e` means the connection is gone: closed, or ended by the server (SQLSTATE class
+/// 08, connection exception, or 57P, the server shutting down or terminating the session).
+fn connection_lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        c.starts_with("08") || c.starts_with("57P")
+    })
 }
 
 /// Why an operation on one connection failed.
@@ -585,7 +597,10 @@ fn load(c: &mut Client, _: &Statements) -> Result<Snapshot, Failure> {
         let at = unix_of("consents", pair(a, b), row.try_get(2)?)?;
         s.consents.insert((a, b), at);
     }
-    for row in tx.query("SELECT target, requester, justification, at FROM inbox", &[])? {
+    for row in tx.query(
+        "SELECT target, requester, justification, at FROM inbox",
+        &[],
+    )? {
         let (a, b) = pair_of("inbox", row.try_get(0)?, row.try_get(1)?)?;
         let entry = InboxEntry {
             justification: row.try_get(2)?,
@@ -593,7 +608,10 @@ fn load(c: &mut Client, _: &Statements) -> Result<Snapshot, Failure> {
         };
         s.inbox.insert((a, b), entry);
     }
-    for row in tx.query("SELECT requester, responder, accept, at FROM responses", &[])? {
+    for row in tx.query(
+        "SELECT requester, responder, accept, at FROM responses",
+        &[],
+    )? {
         let (a, b) = pair_of("responses", row.try_get(0)?, row.try_get(1)?)?;
         let entry = ResponseEntry {
             accept: row.try_get(2)?,
@@ -634,11 +652,15 @@ fn split<K: Copy, V: Clone>(m: &BTreeMap<K, Option<V>>) -> (Vec<K>, Vec<(K, V)>)
 }
 
 fn ids(keys: &[(u32, u32)]) -> (Vec<i64>, Vec<i64>) {
-    keys.iter().map(|&(a, b)| (i64::from(a), i64::from(b))).unzip()
+    keys.iter()
+        .map(|&(a, b)| (i64::from(a), i64::from(b)))
+        .unzip()
 }
 
 fn net_ids(keys: &[(u16, u32)]) -> (Vec<i32>, Vec<i64>) {
-    keys.iter().map(|&(a, b)| (i32::from(a), i64::from(b))).unzip()
+    keys.iter()
+        .map(|&(a, b)| (i32::from(a), i64::from(b)))
+        .unzip()
 }
 
 fn commit(c: &mut Client, st: &Statements, ch: &Changes) -> Result<(), Failure> {
