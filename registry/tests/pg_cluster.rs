@@ -225,7 +225,6 @@ impl Cluster {
     }
 
     /// Runs one SQL command as the superuser on `db` and returns its unaligned output.
-    #[allow(dead_code)]
     pub fn sql(&self, db: &str, command: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
             .args([
@@ -277,7 +276,6 @@ thread_local! {
 
 /// Runs `test` (a `#[tokio::test]` function, which builds its runtime on this thread) with its
 /// stores on a new cluster, then stops the cluster, also when `test` panics.
-#[allow(dead_code)]
 pub fn with_postgresql(test: fn()) {
     struct Reset;
     impl Drop for Reset {
@@ -293,7 +291,6 @@ pub fn with_postgresql(test: fn()) {
 
 /// A store for a protocol test: on the thread's cluster when there is one (a new database
 /// for `None`, the same database for the same `path`), else redb (in memory for `None`).
-#[allow(dead_code)]
 pub fn store(path: Option<&Path>) -> Box<dyn pilot_registry::store::Store> {
     use pilot_registry::store::RedbStore;
     let url = ACTIVE.with(|a| {
