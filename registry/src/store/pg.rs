@@ -3,8 +3,9 @@
 //! Layer: storage, below the registry's state; it knows records and keys, never protocol rules.
 //!
 //! Invariants:
-//! - every [`Store::commit`] is one transaction, committed before `commit` returns; when any
-//!   statement of it fails (a constraint, a lost connection), nothing of the batch is written;
+//! - every [`Store::commit`] is one transaction, committed before `commit` returns (with
+//!   `synchronous_commit` at least `on` for the session); when any statement of it fails (a
+//!   constraint, a lost connection), nothing of the batch is written;
 //! - a batch is first folded to the last change of each key, so a commit runs at most one
 //!   upsert and one delete per table whatever its size, and applying the same batch twice
 //!   leaves the same rows: after a lost connection the commit is retried once on a new one;
@@ -371,6 +372,37 @@ fn migrate(c: &mut Client, target: &str) -> Result<(), StoreError> {
     tx.commit().map_err(err)
 }
 
+/// Opens a session: connects, makes its commits durable, prepares the statements.
+fn session(
+    cfg: &postgres::Config,
+    target: &str,
+    migrate_first: bool,
+) -> Result<(Client, Statements), StoreError> {
+    let mut client = cfg
+        .connect(NoTls)
+        .map_err(|e| pg_error(target, "connecting", &e))?;
+    // An acknowledged change must survive a crash of the database server: a server or role
+    // configured with `synchronous_commit = off` is overridden for this session (stronger
+    // settings, such as `remote_apply`, are kept).
+    let err = |e: postgres::Error| pg_error(target, "setting up the session", &e);
+    let sync: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .map_err(err)?
+        .get(0);
+    if sync == "off" {
+        client
+            .batch_execute("SET synchronous_commit TO on")
+            .map_err(err)?;
+        tracing::info!(store = %target, "synchronous_commit is off on the server; on for the registry's session");
+    }
+    if migrate_first {
+        migrate(&mut client, target)?;
+    }
+    let stmts = Statements::prepare(&mut client)
+        .map_err(|e| pg_error(target, "preparing statements", &e))?;
+    Ok((client, stmts))
+}
+
 /// One open connection, its prepared statements, and what it takes to open it again.
 struct Conn {
     cfg: postgres::Config,
@@ -381,12 +413,7 @@ struct Conn {
 
 impl Conn {
     fn open(cfg: postgres::Config, target: String) -> Result<Conn, StoreError> {
-        let mut client = cfg
-            .connect(NoTls)
-            .map_err(|e| pg_error(&target, "connecting", &e))?;
-        migrate(&mut client, &target)?;
-        let stmts = Statements::prepare(&mut client)
-            .map_err(|e| pg_error(&target, "preparing statements", &e))?;
+        let (client, stmts) = session(&cfg, &target, true)?;
         Ok(Conn {
             cfg,
             target,
@@ -397,12 +424,7 @@ impl Conn {
 
     fn reconnect(&mut self) -> Result<(), StoreError> {
         tracing::warn!(store = %self.target, "store connection lost; reconnecting");
-        let mut client = self
-            .cfg
-            .connect(NoTls)
-            .map_err(|e| pg_error(&self.target, "reconnecting", &e))?;
-        let stmts = Statements::prepare(&mut client)
-            .map_err(|e| pg_error(&self.target, "preparing statements", &e))?;
+        let (client, stmts) = session(&self.cfg, &self.target, false)?;
         self.client = client;
         self.stmts = stmts;
         Ok(())
