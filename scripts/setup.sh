@@ -18,10 +18,12 @@ need_root() {
 # rpm (rpmbuild), binutils (strip), lintian and rpmlint for scripts/package.sh and its checks;
 # mmdebstrap and systemd-container (systemd-nspawn) for the package tests and the
 # systemd-resolved test in booted containers; chromium (headless) for the registry dashboard
-# test, which loads the page, checks what its scripts drew and saves a screenshot.
+# test, which loads the page, checks what its scripts drew and saves a screenshot; postgresql
+# (initdb, pg_ctl, psql, createdb) for pilot-registry's PostgreSQL store tests, which start
+# throwaway clusters of their own (the package's default cluster is not used).
 APT_PACKAGES=(pkg-config nftables iproute2 procps util-linux curl iputils-ping python3 iperf3
     openssh-server openssh-client dpkg-dev rpm binutils lintian rpmlint mmdebstrap
-    systemd-container chromium)
+    systemd-container chromium postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -18,9 +18,10 @@ fi
 # Every target but the binaries' own test harnesses (they have no unit tests: `test = false`).
 cargo test --workspace --tests --benches --examples --locked 2>&1 | tee "$log"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
-# The TUN interface, data path and package tests need root (network namespaces, /dev/net/tun,
-# containers): they are ignored in the run above, counted as skipped there, and run here when
-# we are root (then they count as run, not as skipped).
+# The TUN interface, data path, package and PostgreSQL tests need root (network namespaces,
+# /dev/net/tun, containers, running the database as another user): they are ignored in the
+# run above, counted as skipped there, and run here when we are root (then they count as run,
+# not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
     # The package and main-job tests package and run the binaries this build made (test
@@ -37,6 +38,9 @@ if [ "$(id -u)" -eq 0 ]; then
     cargo test --workspace --test integration --locked -- --ignored packages:: 2>&1 | tee -a "$log"
     # The README's "Using a node" commands, as written, right after the main job.
     cargo test --workspace --test integration --locked -- --ignored readme_commands:: 2>&1 | tee -a "$log"
+    # pilot-registry on PostgreSQL: the store, the protocol suite and the SIGKILL test, each
+    # on a throwaway cluster (initdb and pg_ctl as user nobody on a free loopback port).
+    cargo test --workspace --test integration --locked -- --ignored postgresql 2>&1 | tee -a "$log"
     wait "$prefetch" || sed 's/^/rootfs prefetch: /' "$rootfs_log" >&2
     prefetch=
 fi

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pilot_registry::state::Policy;
+use pilot_registry::store::pg::{self, PgStore};
 use pilot_registry::store::{RedbStore, Store};
 use pilot_registry::{server, Config, Registry};
 
@@ -17,9 +18,12 @@ struct Cli {
     /// TCP address to listen on.
     #[arg(long, env = "PILOT_REGISTRY_ADDR", default_value = "[::]:9000")]
     addr: SocketAddr,
-    /// Store file (created if missing). Default: /var/lib/pilot/registry.redb as root,
-    /// otherwise $PILOT_HOME/registry.redb or ~/.pilot/registry.redb.
-    #[arg(long, env = "PILOT_REGISTRY_STORE")]
+    /// Where the state is kept: a file (redb, created if missing), or a PostgreSQL database
+    /// as postgres://USER[:PASSWORD]@HOST[:PORT]/DB (tables are created or migrated at start;
+    /// one registry instance per database; the password is never logged, and PGPASSWORD is
+    /// used when the URL has none). Default: /var/lib/pilot/registry.redb as root, otherwise
+    /// $PILOT_HOME/registry.redb or ~/.pilot/registry.redb.
+    #[arg(long, env = "PILOT_REGISTRY_STORE", value_name = "PATH|URL")]
     store: Option<PathBuf>,
     /// Keep state in memory only: everything is lost at exit.
     #[arg(long, env = "PILOT_REGISTRY_EPHEMERAL", conflicts_with = "store")]
@@ -171,7 +175,12 @@ fn main() -> ExitCode {
             eprintln!("pilot-registry: {e}");
             return ExitCode::from(2);
         }
-        let settings = config_file::effective(&Cli::command(), &matches, "config");
+        let mut settings = config_file::effective(&Cli::command(), &matches, "config");
+        if let Some(serde_json::Value::String(s)) = settings.get_mut("store") {
+            if pg::is_url(s) {
+                *s = pg::redact_url(s);
+            }
+        }
         println!("{:#}", serde_json::Value::Object(settings));
         return ExitCode::SUCCESS;
     }
@@ -200,6 +209,14 @@ fn main() -> ExitCode {
 fn check_files(cli: &Cli) -> Result<(), String> {
     read_secret(&cli.admin_token_file, "admin token file")?;
     read_secret(&cli.beacon_token_file, "beacon token file")?;
+    if let Some(url) = cli
+        .store
+        .as_ref()
+        .and_then(|s| s.to_str())
+        .filter(|s| pg::is_url(s))
+    {
+        pg::check_url(url).map_err(|e| e.to_string())?;
+    }
     for p in [&cli.tls_cert, &cli.tls_key].into_iter().flatten() {
         std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
@@ -210,9 +227,18 @@ fn check_files(cli: &Cli) -> Result<(), String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     let store_path = cli.store.clone().unwrap_or_else(default_store);
+    // What the logs and reports call the store (a database without its password).
+    let store_name;
     let store: Box<dyn Store> = if cli.ephemeral {
+        store_name = "memory".to_owned();
         Box::new(RedbStore::in_memory().map_err(|e| e.to_string())?)
+    } else if let Some(url) = store_path.to_str().filter(|s| pg::is_url(s)) {
+        // Connecting blocks this thread (a few round trips); nothing else runs yet.
+        let st = PgStore::connect(url).map_err(|e| e.to_string())?;
+        store_name = st.target().to_owned();
+        Box::new(st)
     } else {
+        store_name = store_path.display().to_string();
         Box::new(RedbStore::open(&store_path).map_err(|e| e.to_string())?)
     };
     if let Some(Command::ImportV1 { snapshot }) = &cli.command {
@@ -232,7 +258,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             rep.trust_pairs,
             rep.handshakes,
             rep.skipped,
-            store_path.display()
+            store_name
         );
         return Ok(());
     }
@@ -267,7 +293,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| format!("listening on {}: {e}", cli.addr))?;
     let bound = listener.local_addr().unwrap_or(cli.addr);
-    tracing::info!(addr = %bound, store = %if cli.ephemeral { "memory".into() } else { store_path.display().to_string() }, "registry listening");
+    tracing::info!(addr = %bound, store = %store_name, "registry listening");
     if let Some(h) = cli.http {
         if !h.ip().is_loopback() {
             tracing::warn!(addr = %h, "HTTP listener is not on loopback: anyone who reaches it sees the dashboard, node addresses, networks and metrics");

@@ -6,8 +6,8 @@
 //! replies only after the commit returns. Liveness (heartbeats) is never stored.
 //!
 //! [`RedbStore`] is the embedded implementation (one file, copy-on-write B-trees, fsync on
-//! commit). A shared SQL store for several registries serving one network implements the same
-//! two methods.
+//! commit), and the default. [`pg::PgStore`] keeps the same records in relational PostgreSQL
+//! tables (one registry instance per database for now).
 //!
 //! ```text
 //! table        key                         value
@@ -28,6 +28,8 @@ use std::path::Path;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub mod pg;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +44,17 @@ pub enum StoreError {
         /// Key.
         key: u64,
         /// Why.
+        reason: String,
+    },
+    /// PostgreSQL refused or failed an operation. `target` names the database without its
+    /// password.
+    #[error("store {target}: {context}: {reason}")]
+    Postgres {
+        /// The database, as `postgresql://USER@HOST:PORT/DB`.
+        target: String,
+        /// What the store was doing.
+        context: &'static str,
+        /// The error PostgreSQL or the client reported.
         reason: String,
     },
 }

@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! A registry process killed with SIGKILL in the middle of a stream of mutations loses none
-//! that it acknowledged.
+//! that it acknowledged, on redb and on PostgreSQL.
 
+use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(store: &Path, port: u16) -> Child {
+fn spawn(store: &OsStr, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_pilot-registry"))
         .args(["--addr", &format!("127.0.0.1:{port}"), "--store"])
         .arg(store)
@@ -100,9 +100,28 @@ async fn worker(addr: SocketAddr, w: u32, acked: Acked) {
 async fn sigkill_loses_no_acknowledged_mutation() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("registry.redb");
+    sigkill_during_registrations(store.as_os_str()).await;
+}
+
+#[test]
+#[ignore = "root: starts a PostgreSQL cluster (initdb, pg_ctl) as user nobody"]
+fn sigkill_loses_no_acknowledged_mutation_on_postgresql() {
+    let cluster = crate::pg_cluster::Cluster::start();
+    let url = cluster.fresh_database();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(sigkill_during_registrations(OsStr::new(&url)));
+}
+
+/// Registrations and tag changes from 8 clients; SIGKILL once 400 are acknowledged; a new
+/// process on the same store must have every acknowledged one.
+async fn sigkill_during_registrations(store: &OsStr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = spawn(&store, port);
+    let mut child = spawn(store, port);
     connect(addr).await;
 
     let acked: Acked = Arc::default();
@@ -129,7 +148,7 @@ async fn sigkill_loses_no_acknowledged_mutation() {
 
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = spawn(&store, port);
+    let mut child = spawn(store, port);
     let mut c = connect(addr).await;
     let mut max_id = 0;
     for (id, k, tag) in &acked {

@@ -1,13 +1,17 @@
 #![allow(clippy::unwrap_used)]
 //! `pilot-registry import-v1`: a v1 JSON snapshot becomes a durable store, every pair and
-//! pending request included, and invalid entries are skipped rather than fatal.
+//! pending request included, and invalid entries are skipped rather than fatal; into redb and
+//! into PostgreSQL.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
-use pilot_registry::store::RedbStore;
+use pilot_registry::store::pg::{self, PgStore};
+use pilot_registry::store::{RedbStore, Store};
 use pilot_registry::{Config, Registry};
 use pilot_registry_client::sign_v1;
 use serde_json::{json, Value};
@@ -28,8 +32,32 @@ async fn ask(reg: &Registry, v: Value) -> Value {
 #[tokio::test]
 async fn v1_snapshot_imports_once() {
     let dir = tempfile::tempdir().unwrap();
-    let snapshot = dir.path().join("registry.json");
     let store = dir.path().join("registry.redb");
+    let other = dir.path().join("other.redb");
+    imports_once(dir.path(), store.as_os_str(), other.as_os_str()).await;
+}
+
+#[test]
+#[ignore = "root: starts a PostgreSQL cluster (initdb, pg_ctl) as user nobody"]
+fn v1_snapshot_imports_once_on_postgresql() {
+    let cluster = crate::pg_cluster::Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, other) = (cluster.fresh_database(), cluster.fresh_database());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(imports_once(
+            dir.path(),
+            OsStr::new(&store),
+            OsStr::new(&other),
+        ));
+}
+
+/// Imports a v1 snapshot into `store` (a redb path or a PostgreSQL URL), twice, and a bad
+/// file into `other`; then serves `store` and checks what came along.
+async fn imports_once(dir: &Path, store: &OsStr, other: &OsStr) {
+    let snapshot = dir.join("registry.json");
     let v1 = json!({
         "next_node": 8,
         "next_net": 2,
@@ -54,7 +82,7 @@ async fn v1_snapshot_imports_once() {
     let bin = env!("CARGO_BIN_EXE_pilot-registry");
     let out = Command::new(bin)
         .arg("--store")
-        .arg(&store)
+        .arg(store)
         .arg("import-v1")
         .arg(&snapshot)
         .output()
@@ -69,7 +97,7 @@ async fn v1_snapshot_imports_once() {
     // A second import into the same store is refused, non-zero.
     let again = Command::new(bin)
         .arg("--store")
-        .arg(&store)
+        .arg(store)
         .arg("import-v1")
         .arg(&snapshot)
         .output()
@@ -77,21 +105,21 @@ async fn v1_snapshot_imports_once() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
     // Not a snapshot: a clear error.
-    std::fs::write(dir.path().join("bad.json"), b"[1,2").unwrap();
+    std::fs::write(dir.join("bad.json"), b"[1,2").unwrap();
     let bad = Command::new(bin)
         .arg("--store")
-        .arg(dir.path().join("other.redb"))
+        .arg(other)
         .arg("import-v1")
-        .arg(dir.path().join("bad.json"))
+        .arg(dir.join("bad.json"))
         .output()
         .unwrap();
     assert!(!bad.status.success());
 
-    let reg = Registry::open(
-        Box::new(RedbStore::open(&store).unwrap()),
-        Config::default(),
-    )
-    .unwrap();
+    let opened: Box<dyn Store> = match store.to_str().filter(|s| pg::is_url(s)) {
+        Some(url) => Box::new(PgStore::connect(url).unwrap()),
+        None => Box::new(RedbStore::open(Path::new(store)).unwrap()),
+    };
+    let reg = Registry::open(opened, Config::default()).unwrap();
     let l = ask(&reg, json!({"type": "lookup", "node_id": 1})).await;
     assert_eq!(l["hostname"], "alpha");
     assert_eq!(l["public"], true);

@@ -6,4 +6,6 @@ mod config_file;
 mod crash;
 mod dashboard;
 mod import;
+mod pg_cluster;
+mod postgresql_store;
 mod protocol;

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! The registry over real TCP: every message of the v1 catalogue and of the extensions, and
 //! every refusal (privacy, trust, tokens, names, frames, garbage, replayed signatures).
+//! Each test runs on redb, and again on PostgreSQL in `on_postgresql` (root only).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use pilot_registry::auth::b64;
 use pilot_registry::state::Policy;
-use pilot_registry::store::RedbStore;
 use pilot_registry::{Config, Registry};
 use pilot_registry_client::{sign_v1, Client, ClientError};
 use serde_json::{json, Value};
@@ -26,10 +26,8 @@ struct Server {
 
 impl Server {
     async fn start(config: Config, path: Option<&Path>) -> Server {
-        let store: Box<dyn pilot_registry::store::Store> = match path {
-            Some(p) => Box::new(RedbStore::open(p).unwrap()),
-            None => Box::new(RedbStore::in_memory().unwrap()),
-        };
+        // redb, or PostgreSQL when run from `on_postgresql` below.
+        let store = crate::pg_cluster::store(path);
         let reg = Registry::open(store, config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1141,7 +1139,7 @@ async fn tls_carries_the_same_protocol() {
     let (cert, key_pem, _fp) = pilot_registry::server::self_signed().unwrap();
     let acceptor =
         pilot_registry::server::tls_from_pem(cert.as_bytes(), key_pem.as_bytes()).unwrap();
-    let reg = Registry::open(Box::new(RedbStore::in_memory().unwrap()), open_config()).unwrap();
+    let reg = Registry::open(crate::pg_cluster::store(None), open_config()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -1342,4 +1340,39 @@ async fn a_new_daemon_takes_the_node_once_the_live_one_is_gone() {
         .await
         .unwrap();
     s.stop().await;
+}
+
+/// Every test above again, with its stores on PostgreSQL: a cluster of its own per test
+/// (`crate::pg_cluster`), a fresh database per `Server::start(_, None)` and one database per
+/// path, so `state_survives_a_restart` restarts on the same database.
+mod on_postgresql {
+    macro_rules! on_postgresql {
+        ($($test:ident),* $(,)?) => {$(
+            #[test]
+            #[ignore = "root: starts a PostgreSQL cluster (initdb, pg_ctl) as user nobody"]
+            fn $test() {
+                crate::pg_cluster::with_postgresql(super::$test);
+            }
+        )*};
+    }
+
+    on_postgresql!(
+        registration_lookup_and_privacy,
+        keys_are_validated_and_never_issued,
+        hostnames_tags_and_task_exec,
+        trust_needs_both_sides,
+        one_requester_cannot_fill_an_inbox,
+        handshake_requests_are_pushed_to_a_watching_target,
+        authenticated_nodes_refuse_replayed_fixed_signatures,
+        owners_and_key_rotation,
+        networks_with_each_join_rule,
+        tokens_gate_administration_scores_and_beacons,
+        punch_needs_the_resolve_rule,
+        garbage_and_oversized_frames_never_disturb_other_clients,
+        rate_limits_answer_throttled,
+        state_survives_a_restart,
+        tls_carries_the_same_protocol,
+        a_second_live_daemon_of_one_node_is_refused_and_the_first_is_told,
+        a_new_daemon_takes_the_node_once_the_live_one_is_gone,
+    );
 }
