@@ -34,7 +34,8 @@
 //! peer that sent PILT and has no session is answered in PILT, as a v1 daemon with encryption
 //! off ignores key exchanges); the inner source node must
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
-//! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
+//! session (only a PILS, which is replay-protected, moves an endpoint: roaming, and only the
+//! newest one yet, so a late or held-back frame never moves it back or elsewhere); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
 //! a peer that leaves [`HALF_KEYED_PILAS`] of our PILAs unanswered while we have no session
 //! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
@@ -854,8 +855,8 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 let Some(frame_mut) = buf.get_mut(offset..) else {
                     return self.drop(Drop::Malformed);
                 };
-                let inner_len = match session.open(frame_mut) {
-                    Ok(inner) => inner.len(),
+                let (inner_len, newest) = match session.open_ordered(frame_mut) {
+                    Ok((inner, newest)) => (inner.len(), newest),
                     Err(OpenError::Authentication) => {
                         self.answer_unknown_session(now, node, src, relayed);
                         return self.drop(Drop::Undecryptable);
@@ -880,13 +881,18 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 peer.last_rx = Some(now);
                 peer.unanswered_since = None;
                 if !relayed {
-                    // An authenticated, replay-checked frame: its source is where the peer is
-                    // now (roaming), and the direct path works.
-                    peer.last_direct_rx = Some(now);
-                    peer.endpoint = Some(src);
-                    if peer.path == Path::Relay {
-                        peer.path = Path::Direct;
-                        peer.stats.path_changes += 1;
+                    // An authenticated, replay-checked frame, the newest of the peer's yet: its
+                    // source is where the peer is now (roaming), and the direct path works. A
+                    // late frame (reordered, or held back and sent on from elsewhere) from
+                    // another source moves nothing: it would move the peer back to where it
+                    // was, or to whoever held it back.
+                    if newest || peer.endpoint == Some(src) {
+                        peer.last_direct_rx = Some(now);
+                        peer.endpoint = Some(src);
+                        if peer.path == Path::Relay {
+                            peer.path = Path::Direct;
+                            peer.stats.path_changes += 1;
+                        }
                     }
                 } else if peer.path == Path::Direct
                     && peer
@@ -2009,6 +2015,48 @@ mod tests {
         send(now, &mut a, 2, b"moved");
         assert_eq!(pump(now, &mut a, &mut b), 1);
         assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+    }
+
+    #[test]
+    fn only_the_newest_pils_moves_an_endpoint() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        let old = a.addr;
+        // Sealed at the old address and held back (reordered, or by someone on the path).
+        let late: Vec<Out> = (0..2)
+            .map(|_| {
+                send(now, &mut a, 2, b"late");
+                a.sent.pop_back().unwrap()
+            })
+            .collect();
+        // A moves; its next frame moves B's view of it.
+        let roamed: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+        a.addr = roamed;
+        send(now, &mut a, 2, b"moved");
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+        // The held-back frames are still packets (inside the replay window), but they move A
+        // neither back to its old address nor to a third one.
+        let holder: SocketAddr = "203.0.113.5:666".parse().unwrap();
+        for (from, frame) in [old, holder].into_iter().zip(&late) {
+            let mut bytes = frame.bytes.clone();
+            let got = b.t.handle(now, from, &mut bytes);
+            assert!(matches!(got, Received::Packet { peer: 1, .. }), "{got:?}");
+            assert_eq!(
+                b.t.peers()[0].endpoint,
+                Some(roamed),
+                "moved by a late frame"
+            );
+        }
+        // A frame newer than all before moves it again.
+        a.addr = holder;
+        send(now, &mut a, 2, b"again");
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(holder));
     }
 
     #[test]
