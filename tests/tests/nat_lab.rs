@@ -663,7 +663,8 @@ fn keygen(path: &std::path::Path) {
 /// Roaming with `pilotd up`: an idle ssh session from A to B's TUN address (port-restricted
 /// A, full-cone B) stays open while A moves to a new public address and NAT mapping; the line
 /// sent after the move is answered on the same session (one connection, the same ID before
-/// and after), and B shows A at its new endpoint.
+/// and after), and B shows A at its new endpoint. After a second move B speaks first, which
+/// reaches A only once A's new mapping is known (within 90 s; the time is printed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces, nftables and /dev/net/tun"]
 async fn roam_with_idle_ssh_through_pilot0() {
@@ -752,7 +753,11 @@ async fn roam_with_idle_ssh_through_pilot0() {
                 "LogLevel=ERROR",
             ])
             .arg(format!("root@{ula}"))
-            .arg("echo ready; read line; echo \"got $line\"; read end")
+            .arg(format!(
+                "echo ready; read line; echo \"got $line\"; \
+             while [ ! -e {flag} ]; do sleep 0.05; done; echo 'B first'; read end || true",
+                flag = k("flag").display()
+            ))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&ssh_log).unwrap())
@@ -805,6 +810,26 @@ async fn roam_with_idle_ssh_through_pilot0() {
         "the ssh session's connection changed across the move"
     );
     let new_ep = wait_endpoint_on(&p.b, p.a.node_id, &new_ip, Duration::from_secs(10)).await;
+
+    // A second move, after a second of silence (past A's delayed acknowledgments), after
+    // which B speaks first. A has sent nothing from its new mapping, and nothing tells it the
+    // mapping changed: B's frames go to the old one, and the beacon drops A's datagrams from
+    // the new one as spoofed, until A's next discover (its registry heartbeat, or its
+    // re-registration once the registry connection, broken by the move, resets). Then the
+    // beacon relays to A, and A's answers move B. The session must survive that.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let newer_ip = p.a.site_mut().unwrap().roam().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flagged = Instant::now();
+    std::fs::write(k("flag"), b"").unwrap();
+    assert_eq!(next_line(Duration::from_secs(90)), "B first");
+    let b_first = flagged.elapsed();
+    assert_eq!(
+        conn_ids(&p.a, &p.b, SSH_PORT).await,
+        conns,
+        "the ssh session's connection changed across the second move"
+    );
+    let newer_ep = peer_view(&p.b, p.a.node_id).await;
     drop(stdin);
     let t0 = Instant::now();
     let status = loop {
@@ -821,8 +846,10 @@ async fn roam_with_idle_ssh_through_pilot0() {
     );
     println!(
         "idle ssh across a move: B sees A at {old_ep}, then {new_ep}; the line sent 3 s after \
-         the move was answered in {} ms",
-        answer.as_millis()
+         the move was answered in {} ms; after a second move (to {newer_ip}) B's line reached A \
+         after {} ms, B then sees A at {newer_ep:?}",
+        answer.as_millis(),
+        b_first.as_millis()
     );
     let _ = sshd.kill();
     let _ = sshd.wait();
