@@ -253,15 +253,15 @@ async fn transfers_under_loss() {
     )
     .await;
     let (a, b, d, lab) = (&p.a, &p.b, &p.d, &p.lab);
-    echo_first_byte(&d, b.addr(ECHO_PORT)).await.unwrap();
-    wait_path(&a, b.node_id, false, Duration::from_secs(30))
+    echo_first_byte(d, b.addr(ECHO_PORT)).await.unwrap();
+    wait_path(a, b.node_id, false, Duration::from_secs(30))
         .await
         .unwrap();
     for (percent, mib) in [(1u8, 32usize), (5, 16)] {
         lab.set_loss(percent).unwrap();
         let t = tokio::time::timeout(
             Duration::from_secs(300),
-            hashed_transfer(&d, b.addr(SINK_PORT), mib * MIB, u64::from(percent)),
+            hashed_transfer(d, b.addr(SINK_PORT), mib * MIB, u64::from(percent)),
         )
         .await
         .unwrap_or_else(|_| panic!("{mib} MiB at {percent} % loss: not within 300 s"))
@@ -337,12 +337,12 @@ async fn relay_then_direct() {
     .await;
     let (a, b, d, lab) = (&p.a, &p.b, &p.d, &p.lab);
     lab.block_direct_udp(true).unwrap();
-    let ttfb = echo_first_byte(&d, b.addr(ECHO_PORT)).await.unwrap();
+    let ttfb = echo_first_byte(d, b.addr(ECHO_PORT)).await.unwrap();
     let s = d.dial(b.addr(ECHO_PORT)).await.unwrap();
     let (mut count, task) = keep_echoing(s);
     more_round_trips(&mut count, 3, Duration::from_secs(20)).await;
     assert_eq!(a.relayed(b.node_id).await.unwrap(), Some(true));
-    let t = hashed_transfer(&d, b.addr(SINK_PORT), 16 * MIB, 3)
+    let t = hashed_transfer(d, b.addr(SINK_PORT), 16 * MIB, 3)
         .await
         .unwrap();
     println!(
@@ -351,12 +351,12 @@ async fn relay_then_direct() {
         t.as_millis()
     );
     lab.block_direct_udp(false).unwrap();
-    let direct = wait_path(&a, b.node_id, false, Duration::from_secs(30))
+    let direct = wait_path(a, b.node_id, false, Duration::from_secs(30))
         .await
         .unwrap_or_else(|last| panic!("not direct within 30 s of the unblock: {last:?}"));
     println!("unblocked: direct after {} ms", direct.as_millis());
     more_round_trips(&mut count, 10, Duration::from_secs(20)).await;
-    let t = hashed_transfer(&d, b.addr(SINK_PORT), 16 * MIB, 4)
+    let t = hashed_transfer(d, b.addr(SINK_PORT), 16 * MIB, 4)
         .await
         .unwrap();
     println!("direct: 16 MiB in {} ms", t.as_millis());
