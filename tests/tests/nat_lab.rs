@@ -815,8 +815,9 @@ async fn roam_with_idle_ssh_through_pilot0() {
     // which B speaks first. A has sent nothing from its new mapping, and nothing tells it the
     // mapping changed: B's frames go to the old one, and the beacon drops A's datagrams from
     // the new one as spoofed, until A's next discover (its registry heartbeat, or its
-    // re-registration once the registry connection, broken by the move, resets). Then the
-    // beacon relays to A, and A's answers move B. The session must survive that.
+    // re-registration once the registry connection, broken by the move, resets). Then A's
+    // moved notice moves B's view, the beacon relays to A again, and B's next retransmission
+    // gets through. The session must survive that.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let newer_ip = p.a.site_mut().unwrap().roam().unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
