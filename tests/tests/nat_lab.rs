@@ -39,13 +39,14 @@ fn require_lab(test: &str) {
 
 /// The set-up most lab tests share: the serial lock, a lab, host A behind one NAT and host B
 /// behind another (each on its own site, registered), B serving the echo and the hashing
-/// sink, and a driver connection to A.
+/// sink (which marks what it reads in `sunk`), and a driver connection to A.
 struct Pair {
     // Declared before `lab`: the hosts and their sites go before the internet namespace.
     a: Host,
     b: Host,
     d: Driver,
     server: tokio::task::JoinHandle<()>,
+    sunk: std::sync::Arc<pilot_tests::natlab::Progress>,
     lab: Lab,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
@@ -62,13 +63,15 @@ impl Pair {
         let mut lab = Lab::start().unwrap();
         let a = lab.host_with(a.0, a.1).await.unwrap();
         let b = lab.host_with(b.0, b.1).await.unwrap();
-        let server = b.serve().await.unwrap();
+        let sunk = std::sync::Arc::default();
+        let server = b.serve_tracked(std::sync::Arc::clone(&sunk)).await.unwrap();
         let d = a.driver().await.unwrap();
         Pair {
             a,
             b,
             d,
             server,
+            sunk,
             lab,
             _serial: serial,
         }
@@ -533,9 +536,7 @@ async fn roam_during_transfer() {
     use std::sync::Arc;
 
     let mut p = Pair::start("roam_during_transfer", Nat::PortRestricted, Nat::FullCone).await;
-    let sunk = Arc::new(Progress::default());
-    p.server.abort();
-    p.server = p.b.serve_tracked(sunk.clone()).await.unwrap();
+    let sunk = Arc::clone(&p.sunk);
     echo_first_byte(&p.d, p.b.addr(ECHO_PORT)).await.unwrap();
     wait_path(&p.a, p.b.node_id, false, Duration::from_secs(30))
         .await
