@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use pilot_driver::{Driver, PilotStream};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel::ipc::{ConnInfo, PeerInfo};
 use tunnel::{Addr, SocketAddr as PilotAddr};
 
 /// The registry's address in the internet namespace.
@@ -289,7 +290,7 @@ impl Netns {
     }
 
     /// Whether a socket of `proto` ("t" or "u") is bound to `port` here.
-    fn is_bound(&self, proto: &str, port: u16) -> bool {
+    pub fn is_bound(&self, proto: &str, port: u16) -> bool {
         let filter = format!("sport = :{port}");
         self.exec("ss")
             .args([&format!("-Hln{proto}"), filter.as_str()])
@@ -597,6 +598,7 @@ impl Lab {
             index: i,
             public_ip,
             hosts: 0,
+            roams: 0,
             dir: self.dir.path().join(format!("site{i}")),
             registry: REGISTRY.into(),
             beacon: BEACON.into(),
@@ -608,8 +610,13 @@ impl Lab {
 
     /// A site of `kind` with one host on it, started and registered.
     pub async fn host(&mut self, kind: Nat) -> Result<Host, LabError> {
+        self.host_with(kind, &[]).await
+    }
+
+    /// Like [`Lab::host`], with `extra` arguments for `pilotd` (see [`Site::host_with`]).
+    pub async fn host_with(&mut self, kind: Nat, extra: &[&str]) -> Result<Host, LabError> {
         let mut site = self.site(kind)?;
-        let host = site.host()?;
+        let host = site.host_with(extra)?;
         let mut host = host.with_site(site);
         host.wait_registered().await?;
         Ok(host)
@@ -669,6 +676,8 @@ pub struct Site {
     /// The address the site's traffic leaves the NAT with.
     pub public_ip: String,
     hosts: u32,
+    /// Times [`Site::roam`] moved the site.
+    roams: u32,
     dir: PathBuf,
     registry: String,
     beacon: String,
@@ -686,11 +695,66 @@ impl Site {
             .unwrap_or_else(|| unreachable!("a site has at least one NAT"))
     }
 
+    /// Moves the site to a new public address and new NAT mappings, as when the uplink of a
+    /// host changes under it: the outer NAT's `wan` gets 198.18.<site>.<2 + n> (n: the count
+    /// of moves), its masquerade maps UDP to ports from 20000 + 1000 n on (random among them
+    /// for [`Nat::Symmetric`]), and the old address goes, with which the kernel forgets every
+    /// mapping made with it. Datagrams to the old public endpoint are lost from then on.
+    /// Returns the new public address.
+    pub fn roam(&mut self) -> Result<String, LabError> {
+        self.roams += 1;
+        let (i, n) = (self.index, self.roams);
+        assert!(n < 40, "at most 39 moves per site");
+        let new_ip = format!("198.18.{i}.{}", 2 + n);
+        let outer = self
+            .nats
+            .first()
+            .unwrap_or_else(|| unreachable!("a site has at least one NAT"));
+        // Deleting the primary address must keep the new one (a secondary of the same
+        // prefix) rather than take it along.
+        outer.sysctl("net.ipv4.conf.wan.promote_secondaries", "1")?;
+        outer.ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "wan"])?;
+        let lo = 20000 + 1000 * n;
+        let random = if self.kind == Nat::Symmetric {
+            " fully-random"
+        } else {
+            ""
+        };
+        outer.nft(&format!(
+            "flush chain ip natlab natpost\n\
+             add rule ip natlab natpost oifname \"wan\" meta l4proto udp masquerade to :{lo}-{}{random}\n\
+             add rule ip natlab natpost oifname \"wan\" masquerade{random}\n",
+            lo + 999
+        ))?;
+        outer.ip(&[
+            "addr",
+            "del",
+            &format!("{}/24", self.public_ip),
+            "dev",
+            "wan",
+        ])?;
+        outer.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &format!("198.18.{i}.1"),
+        ])?;
+        self.public_ip = new_ip.clone();
+        Ok(new_ip)
+    }
+
     /// A new host on the LAN (10.<site>.0.10, .11, ...) running `pilotd` on [`HOST_PORT`]
     /// as a public node; not yet registered (see [`Host::wait_registered`]). Only the first
     /// host of a site gets the inbound forwarding of the full-cone and address-restricted
     /// kinds.
     pub fn host(&mut self) -> Result<Host, LabError> {
+        self.host_with(&[])
+    }
+
+    /// Like [`Site::host`], with `extra` arguments after `pilotd`'s own (e.g. `["up",
+    /// "--expose", "22"]` for the TUN interface).
+    pub fn host_with(&mut self, extra: &[&str]) -> Result<Host, LabError> {
         let i = self.index;
         let j = self.hosts;
         self.hosts += 1;
@@ -714,6 +778,7 @@ impl Site {
             registry: self.registry.clone(),
             beacon: self.beacon.clone(),
             bin: self.bins.join("pilotd"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             pilotd: None,
             ns,
             site: None,
@@ -735,6 +800,8 @@ pub struct Host {
     registry: String,
     beacon: String,
     bin: PathBuf,
+    /// Arguments after the lab's own (see [`Site::host_with`]).
+    extra: Vec<String>,
     // Declared before `ns` and `site`: the daemon dies before its namespaces go.
     pub pilotd: Option<Proc>,
     pub ns: Netns,
@@ -752,6 +819,11 @@ impl Host {
         self.site.as_ref()
     }
 
+    /// The site this host owns, to change it (e.g. [`Site::roam`]).
+    pub fn site_mut(&mut self) -> Option<&mut Site> {
+        self.site.as_mut()
+    }
+
     /// Starts `pilotd` (same home, so the same identity).
     pub fn start(&mut self) -> Result<(), LabError> {
         let mut c = self.ns.exec(&self.bin);
@@ -762,6 +834,7 @@ impl Host {
             .args(["--registry", &self.registry, "--beacon", &self.beacon])
             .args(["--listen", &format!("0.0.0.0:{HOST_PORT}")])
             .args(["--public", "true", "--log-level", &log_level()])
+            .args(&self.extra)
             .env("PILOT_DNS", "off");
         self.pilotd = Some(Proc::spawn(
             &format!("pilotd {}", self.name),
@@ -820,6 +893,26 @@ impl Host {
             .unwrap_or_default()
     }
 
+    /// What the daemon shows of tunnel peer `peer` (`None`: no tunnel to it).
+    pub async fn peer_info(&self, peer: u32) -> Result<Option<PeerInfo>, LabError> {
+        let info = self.driver().await?.info().await?;
+        Ok(info.peer_list.into_iter().find(|p| p.node_id == peer))
+    }
+
+    /// The daemon's connections (its `conn_list`).
+    pub async fn connections(&self) -> Result<Vec<ConnInfo>, LabError> {
+        Ok(self.driver().await?.info().await?.conn_list)
+    }
+
+    /// The address of the TUN interface of a host started with `up` (from the daemon's
+    /// `up: <address>` log line), once it is up.
+    pub fn ula(&self) -> Option<std::net::Ipv6Addr> {
+        let log = std::fs::read_to_string(self.pilotd.as_ref()?.log.as_path()).ok()?;
+        log.lines()
+            .find_map(|l| l.split_once(" up: ").map(|(_, r)| r.to_owned()))
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+    }
+
     /// Whether this daemon reaches `peer` through the relay (`None`: no tunnel to it).
     pub async fn relayed(&self, peer: u32) -> Result<Option<bool>, LabError> {
         let info = self.driver().await?.info().await?;
@@ -833,6 +926,15 @@ impl Host {
     /// Runs the echo service on [`ECHO_PORT`] and the hashing sink on [`SINK_PORT`] until
     /// the returned task is aborted.
     pub async fn serve(&self) -> Result<tokio::task::JoinHandle<()>, LabError> {
+        self.serve_tracked(std::sync::Arc::default()).await
+    }
+
+    /// [`Host::serve`], with the sink marking in `progress` what it has read (of all its
+    /// streams together).
+    pub async fn serve_tracked(
+        &self,
+        progress: std::sync::Arc<Progress>,
+    ) -> Result<tokio::task::JoinHandle<()>, LabError> {
         let d = self.driver().await?;
         let mut echo = d.listen(ECHO_PORT).await?;
         let mut sink = d.listen(SINK_PORT).await?;
@@ -848,7 +950,7 @@ impl Host {
                         });
                     }
                     Ok((s, _)) = sink.accept() => {
-                        tokio::spawn(hash_sink(s));
+                        tokio::spawn(hash_sink(s, progress.clone()));
                     }
                     else => break,
                 }
@@ -857,15 +959,21 @@ impl Host {
     }
 }
 
-/// Reads to EOF, then writes the SHA-256 of what it read and closes.
-async fn hash_sink(s: PilotStream) {
+/// Reads to EOF, then writes the SHA-256 of what it read and closes; marks what it read in
+/// `progress`.
+async fn hash_sink(s: PilotStream, progress: std::sync::Arc<Progress>) {
     let (mut r, mut w) = tokio::io::split(s);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut read = progress.written();
     loop {
         match r.read(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                read += n;
+                progress.mark(read);
+            }
             Err(_) => return,
         }
     }
@@ -921,6 +1029,65 @@ pub async fn echo_first_byte(d: &Driver, dst: PilotAddr) -> Result<Duration, Lab
     Ok(ttfb)
 }
 
+/// When the writer of a transfer got each chunk into its stream: how far it is, and how
+/// long it went without progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// (time, bytes by then), in order.
+    marks: std::sync::Mutex<Vec<(Instant, usize)>>,
+    /// A writer marking here writes at most this many bytes per second.
+    pace: Option<f64>,
+}
+
+impl Progress {
+    /// Progress of a writer that writes at most `bytes_per_sec` (so that a transfer lasts
+    /// long enough for something to happen in its middle).
+    pub fn paced(bytes_per_sec: f64) -> Progress {
+        Progress {
+            pace: Some(bytes_per_sec),
+            ..Progress::default()
+        }
+    }
+
+    /// When a paced writer that started at `start` and has written `written` bytes may
+    /// write more.
+    fn due(&self, start: Instant, written: usize) -> Option<Instant> {
+        self.pace
+            .map(|rate| start + Duration::from_secs_f64(written as f64 / rate))
+    }
+
+    fn mark(&self, written: usize) {
+        if let Ok(mut m) = self.marks.lock() {
+            m.push((Instant::now(), written));
+        }
+    }
+
+    /// Bytes so far (written by a writer, read by a sink).
+    pub fn written(&self) -> usize {
+        self.marks
+            .lock()
+            .ok()
+            .and_then(|m| m.last().map(|&(_, n)| n))
+            .unwrap_or(0)
+    }
+
+    /// The longest time between two successive marks of which the second fell in
+    /// `from..until`, and when it ended.
+    pub fn longest_stall(&self, from: Instant, until: Instant) -> Option<(Duration, Instant)> {
+        let m = self.marks.lock().ok()?;
+        m.windows(2)
+            .filter(|w| (from..until).contains(&w[1].0))
+            .map(|w| (w[1].0.duration_since(w[0].0), w[1].0))
+            .max_by_key(|&(gap, _)| gap)
+    }
+
+    /// The first mark at or after `t`.
+    pub fn first_after(&self, t: Instant) -> Option<Instant> {
+        let m = self.marks.lock().ok()?;
+        m.iter().map(|&(at, _)| at).find(|&at| at >= t)
+    }
+}
+
 /// Sends `total` pseudo-random bytes to the hashing sink of `dst` and checks the SHA-256 it
 /// answers; returns the time from the dial to the answer.
 pub async fn hashed_transfer(
@@ -929,9 +1096,21 @@ pub async fn hashed_transfer(
     total: usize,
     seed: u64,
 ) -> Result<Duration, LabError> {
+    hashed_transfer_tracked(d, dst, total, seed, std::sync::Arc::default()).await
+}
+
+/// [`hashed_transfer`] marking each chunk written in `progress`.
+pub async fn hashed_transfer_tracked(
+    d: &Driver,
+    dst: PilotAddr,
+    total: usize,
+    seed: u64,
+    progress: std::sync::Arc<Progress>,
+) -> Result<Duration, LabError> {
     const CHUNK: usize = 256 * 1024;
     let t0 = Instant::now();
     let s = d.dial(PilotAddr::new(dst.addr, SINK_PORT)).await?;
+    progress.mark(0);
     let (mut r, mut w) = tokio::io::split(s);
     let writer = tokio::spawn(async move {
         let mut rng = Prng::new(seed);
@@ -944,6 +1123,10 @@ pub async fn hashed_transfer(
             h.update(&buf[..n]);
             w.write_all(&buf[..n]).await?;
             left -= n;
+            progress.mark(total - left);
+            if let Some(due) = progress.due(t0, total - left) {
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
         w.shutdown().await?;
         Ok::<_, std::io::Error>((<[u8; 32]>::from(h.finalize()), w))

@@ -6,7 +6,9 @@
 //! first byte and transfer time per pair is printed, visible with `--nocapture`); transfers
 //! at 1 % and 5 % loss between the NATs; a relayed pair moving to the direct path while a
 //! stream runs once direct UDP is unblocked; a transfer across restarts of the beacon and the
-//! registry.
+//! registry; roaming (a host's public address and NAT mapping change under a 64 MiB transfer
+//! and under an idle ssh session through `pilotd up`'s TUN interface: both go on, on the same
+//! connection).
 //!
 //! These need root (network namespaces, nftables), so they are ignored by default and run by
 //! the root section of `scripts/test.sh`; asked for without root or `nft`, they fail at once
@@ -15,6 +17,7 @@
 
 use std::time::{Duration, Instant};
 
+use pilot_driver::Driver;
 use pilot_tests::natlab::{
     echo_first_byte, hashed_transfer, unavailable, Host, Lab, LabError, Nat, ECHO_PORT, SINK_PORT,
 };
@@ -31,6 +34,47 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn require_lab(test: &str) {
     if let Some(why) = unavailable() {
         panic!("{test} cannot run here: {why} (it needs root and nft)");
+    }
+}
+
+/// The set-up most lab tests share: the serial lock, a lab, host A behind one NAT and host B
+/// behind another (each on its own site, registered), B serving the echo and the hashing
+/// sink (which marks what it reads in `sunk`), and a driver connection to A.
+struct Pair {
+    // Declared before `lab`: the hosts and their sites go before the internet namespace.
+    a: Host,
+    b: Host,
+    d: Driver,
+    server: tokio::task::JoinHandle<()>,
+    sunk: std::sync::Arc<pilot_tests::natlab::Progress>,
+    lab: Lab,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Pair {
+    async fn start(test: &str, a: Nat, b: Nat) -> Pair {
+        Pair::start_with(test, (a, &[]), (b, &[])).await
+    }
+
+    /// Like [`Pair::start`], with extra `pilotd` arguments for each host.
+    async fn start_with(test: &str, a: (Nat, &[&str]), b: (Nat, &[&str])) -> Pair {
+        require_lab(test);
+        let serial = SERIAL.lock().await;
+        let mut lab = Lab::start().unwrap();
+        let a = lab.host_with(a.0, a.1).await.unwrap();
+        let b = lab.host_with(b.0, b.1).await.unwrap();
+        let sunk = std::sync::Arc::default();
+        let server = b.serve_tracked(std::sync::Arc::clone(&sunk)).await.unwrap();
+        let d = a.driver().await.unwrap();
+        Pair {
+            a,
+            b,
+            d,
+            server,
+            sunk,
+            lab,
+            _serial: serial,
+        }
     }
 }
 
@@ -205,22 +249,22 @@ async fn nat_matrix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn transfers_under_loss() {
-    require_lab("transfers_under_loss");
-    let _serial = SERIAL.lock().await;
-    let mut lab = Lab::start().unwrap();
-    let a = lab.host(Nat::PortRestricted).await.unwrap();
-    let b = lab.host(Nat::PortRestricted).await.unwrap();
-    let _server = b.serve().await.unwrap();
-    let d = a.driver().await.unwrap();
-    echo_first_byte(&d, b.addr(ECHO_PORT)).await.unwrap();
-    wait_path(&a, b.node_id, false, Duration::from_secs(30))
+    let p = Pair::start(
+        "transfers_under_loss",
+        Nat::PortRestricted,
+        Nat::PortRestricted,
+    )
+    .await;
+    let (a, b, d, lab) = (&p.a, &p.b, &p.d, &p.lab);
+    echo_first_byte(d, b.addr(ECHO_PORT)).await.unwrap();
+    wait_path(a, b.node_id, false, Duration::from_secs(30))
         .await
         .unwrap();
     for (percent, mib) in [(1u8, 32usize), (5, 16)] {
         lab.set_loss(percent).unwrap();
         let t = tokio::time::timeout(
             Duration::from_secs(300),
-            hashed_transfer(&d, b.addr(SINK_PORT), mib * MIB, u64::from(percent)),
+            hashed_transfer(d, b.addr(SINK_PORT), mib * MIB, u64::from(percent)),
         )
         .await
         .unwrap_or_else(|_| panic!("{mib} MiB at {percent} % loss: not within 300 s"))
@@ -288,20 +332,20 @@ async fn more_round_trips(rx: &mut tokio::sync::watch::Receiver<u64>, n: u64, wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn relay_then_direct() {
-    require_lab("relay_then_direct");
-    let _serial = SERIAL.lock().await;
-    let mut lab = Lab::start().unwrap();
-    let a = lab.host(Nat::PortRestricted).await.unwrap();
-    let b = lab.host(Nat::PortRestricted).await.unwrap();
-    let _server = b.serve().await.unwrap();
+    let p = Pair::start(
+        "relay_then_direct",
+        Nat::PortRestricted,
+        Nat::PortRestricted,
+    )
+    .await;
+    let (a, b, d, lab) = (&p.a, &p.b, &p.d, &p.lab);
     lab.block_direct_udp(true).unwrap();
-    let d = a.driver().await.unwrap();
-    let ttfb = echo_first_byte(&d, b.addr(ECHO_PORT)).await.unwrap();
+    let ttfb = echo_first_byte(d, b.addr(ECHO_PORT)).await.unwrap();
     let s = d.dial(b.addr(ECHO_PORT)).await.unwrap();
     let (mut count, task) = keep_echoing(s);
     more_round_trips(&mut count, 3, Duration::from_secs(20)).await;
     assert_eq!(a.relayed(b.node_id).await.unwrap(), Some(true));
-    let t = hashed_transfer(&d, b.addr(SINK_PORT), 16 * MIB, 3)
+    let t = hashed_transfer(d, b.addr(SINK_PORT), 16 * MIB, 3)
         .await
         .unwrap();
     println!(
@@ -310,12 +354,12 @@ async fn relay_then_direct() {
         t.as_millis()
     );
     lab.block_direct_udp(false).unwrap();
-    let direct = wait_path(&a, b.node_id, false, Duration::from_secs(30))
+    let direct = wait_path(a, b.node_id, false, Duration::from_secs(30))
         .await
         .unwrap_or_else(|last| panic!("not direct within 30 s of the unblock: {last:?}"));
     println!("unblocked: direct after {} ms", direct.as_millis());
     more_round_trips(&mut count, 10, Duration::from_secs(20)).await;
-    let t = hashed_transfer(&d, b.addr(SINK_PORT), 16 * MIB, 4)
+    let t = hashed_transfer(d, b.addr(SINK_PORT), 16 * MIB, 4)
         .await
         .unwrap();
     println!("direct: 16 MiB in {} ms", t.as_millis());
@@ -333,23 +377,20 @@ async fn relay_then_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces and nftables"]
 async fn beacon_and_registry_restart_during_transfer() {
-    require_lab("beacon_and_registry_restart_during_transfer");
-    let _serial = SERIAL.lock().await;
-    let mut lab = Lab::start().unwrap();
-    let a = lab.host(Nat::FullCone).await.unwrap();
-    let mut b = lab.host(Nat::PortRestricted).await.unwrap();
-    let server = b.serve().await.unwrap();
-    let d = a.driver().await.unwrap();
-    echo_first_byte(&d, b.addr(ECHO_PORT)).await.unwrap();
-    let dst = b.addr(SINK_PORT);
-    let transfer = tokio::spawn(async move {
-        let d = d;
-        hashed_transfer(&d, dst, 64 * MIB, 9).await
-    });
+    let mut p = Pair::start(
+        "beacon_and_registry_restart_during_transfer",
+        Nat::FullCone,
+        Nat::PortRestricted,
+    )
+    .await;
+    echo_first_byte(&p.d, p.b.addr(ECHO_PORT)).await.unwrap();
+    let dst = p.b.addr(SINK_PORT);
+    let d = p.a.driver().await.unwrap();
+    let transfer = tokio::spawn(async move { hashed_transfer(&d, dst, 64 * MIB, 9).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    lab.start_beacon().unwrap();
+    p.lab.start_beacon().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    lab.start_registry().unwrap();
+    p.lab.start_registry().unwrap();
     let t = tokio::time::timeout(Duration::from_secs(300), transfer)
         .await
         .expect("64 MiB across the restarts: not within 300 s")
@@ -361,15 +402,14 @@ async fn beacon_and_registry_restart_during_transfer() {
     );
     // The registry kept nothing: both daemons register again; new streams work.
     let t0 = Instant::now();
-    let mut a = a;
     let deadline = Instant::now() + Duration::from_secs(60);
     let ttfb = loop {
-        a.wait_registered().await.unwrap();
-        b.wait_registered().await.unwrap();
-        let d = a.driver().await.unwrap();
+        p.a.wait_registered().await.unwrap();
+        p.b.wait_registered().await.unwrap();
+        let d = p.a.driver().await.unwrap();
         match tokio::time::timeout(
             Duration::from_secs(10),
-            echo_first_byte(&d, b.addr(ECHO_PORT)),
+            echo_first_byte(&d, p.b.addr(ECHO_PORT)),
         )
         .await
         {
@@ -378,8 +418,8 @@ async fn beacon_and_registry_restart_during_transfer() {
                 assert!(
                     Instant::now() < deadline,
                     "no echo within 60 s of the registry restart: {other:?}\n{}\n{}",
-                    a.log_tail(30),
-                    b.log_tail(30)
+                    p.a.log_tail(30),
+                    p.b.log_tail(30)
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -390,7 +430,7 @@ async fn beacon_and_registry_restart_during_transfer() {
         t0.elapsed().as_millis(),
         ttfb.as_millis()
     );
-    server.abort();
+    p.server.abort();
 }
 
 /// Two hosts behind one port-restricted NAT that does not hairpin (Linux masquerade: a
@@ -435,4 +475,384 @@ async fn same_nat_without_hairpin() {
         Some(true),
         "a direct path through a NAT that does not hairpin"
     );
+}
+
+/// What `host` shows of tunnel peer `peer`: its endpoint and whether it is relayed.
+async fn peer_view(host: &Host, peer: u32) -> (String, bool) {
+    let p = host
+        .peer_info(peer)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} has no tunnel to {peer}", host.name));
+    (p.endpoint, p.relay)
+}
+
+/// Waits up to `within` for `host` to show `peer` directly at an endpoint on `ip`; returns
+/// that endpoint.
+async fn wait_endpoint_on(host: &Host, peer: u32, ip: &str, within: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let (ep, relay) = peer_view(host, peer).await;
+        if !relay && ep.starts_with(&format!("{ip}:")) {
+            return ep;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{} does not show {peer} directly on {ip} within {within:?}: endpoint {ep}, \
+             relayed {relay}\n{}",
+            host.name,
+            host.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The IDs of `host`'s live connections to `peer`'s virtual port `port`.
+async fn conn_ids(host: &Host, peer: &Host, port: u16) -> Vec<u32> {
+    let remote = peer.addr(port).addr.to_string();
+    host.connections()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c.remote_addr == remote
+                && c.remote_port == port
+                && c.state.eq_ignore_ascii_case("established")
+        })
+        .map(|c| c.id)
+        .collect()
+}
+
+/// Roaming: host A (port-restricted) moves to a new public address and NAT mapping in the
+/// middle of a 64 MiB transfer to B (full cone, so A's new mapping reaches it). The transfer
+/// completes on the one stream it dialed (the same connection ID before and after, no
+/// other), the hash matches, the path stays direct, and B shows A at its new endpoint. The
+/// sink's longest time without progress after the move is printed against the longest
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces and nftables"]
+async fn roam_during_transfer() {
+    use pilot_tests::natlab::{hashed_transfer_tracked, Progress};
+    use std::sync::Arc;
+
+    let mut p = Pair::start("roam_during_transfer", Nat::PortRestricted, Nat::FullCone).await;
+    let sunk = Arc::clone(&p.sunk);
+    echo_first_byte(&p.d, p.b.addr(ECHO_PORT)).await.unwrap();
+    wait_path(&p.a, p.b.node_id, false, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|last| panic!("A -> B not direct within 30 s: {last:?}"));
+    let old_ip = p.a.site().unwrap().public_ip.clone();
+    let old_ep = wait_endpoint_on(&p.b, p.a.node_id, &old_ip, Duration::from_secs(10)).await;
+
+    // Paced (8 MiB/s, 8 s in all) so that the move falls in the middle with data in flight.
+    let total = 64 * MIB;
+    let written = Arc::new(Progress::paced(8.0 * MIB as f64));
+    let (d, dst, w) = (
+        p.a.driver().await.unwrap(),
+        p.b.addr(SINK_PORT),
+        written.clone(),
+    );
+    let transfer =
+        tokio::spawn(async move { hashed_transfer_tracked(&d, dst, total, 21, w).await });
+    let t0 = Instant::now();
+    while sunk.written() < 16 * MIB {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "16 MiB not within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conns = conn_ids(&p.a, &p.b, SINK_PORT).await;
+    assert_eq!(conns.len(), 1, "A's connections to the sink: {conns:?}");
+
+    let moved_at = Instant::now();
+    let at_move = sunk.written();
+    let new_ip = p.a.site_mut().unwrap().roam().unwrap();
+    let move_took = moved_at.elapsed();
+    // Progress after the move, on the same connection.
+    while sunk.written() < at_move + 8 * MIB {
+        assert!(
+            moved_at.elapsed() < Duration::from_secs(60),
+            "no 8 MiB progress within 60 s of the move ({} bytes)\nA:\n{}\nB:\n{}",
+            sunk.written() - at_move,
+            p.a.log_tail(30),
+            p.b.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        conn_ids(&p.a, &p.b, SINK_PORT).await,
+        conns,
+        "the transfer's connection changed across the move"
+    );
+    let t = tokio::time::timeout(Duration::from_secs(300), transfer)
+        .await
+        .expect("64 MiB across the move: not within 300 s")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("64 MiB across the move: {e}"));
+    let new_ep = wait_endpoint_on(&p.b, p.a.node_id, &new_ip, Duration::from_secs(10)).await;
+    assert_eq!(p.a.relayed(p.b.node_id).await.unwrap(), Some(false));
+    // Without progress at the sink: the gap around the move (from the last read before it
+    // to the first after it was done), the longest in the 5 s after it, and the longest before.
+    let moved = moved_at + move_took;
+    let resumed = sunk
+        .first_after(moved)
+        .expect("the sink read after the move");
+    let ms = |d: Duration| d.as_millis();
+    let (near, near_end) = sunk
+        .longest_stall(moved_at, moved_at + Duration::from_secs(5))
+        .expect("the sink read after the move");
+    let before = sunk
+        .longest_stall(t0, moved_at)
+        .map(|(gap, _)| gap)
+        .unwrap_or_default();
+    println!(
+        "roam during 64 MiB: B sees A at {old_ep}, then {new_ep}; transfer {} ms; the move took \
+         {} ms; first read after it {} ms after its end; longest time without progress at the \
+         sink in the 5 s after the move {} ms (ending {} ms after it), before the move {} ms",
+        ms(t),
+        ms(move_took),
+        ms(resumed.duration_since(moved)),
+        ms(near),
+        ms(near_end.duration_since(moved_at)),
+        ms(before)
+    );
+}
+
+/// The port of the sshd on B's TUN address in [`roam_with_idle_ssh_through_pilot0`].
+const SSH_PORT: u16 = 2222;
+
+/// What the ssh test needs beyond the lab, when something is missing.
+fn ssh_unavailable() -> Option<String> {
+    let in_path = |tool: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    };
+    let missing: Vec<&str> = [
+        (
+            "/dev/net/tun",
+            std::path::Path::new("/dev/net/tun").exists(),
+        ),
+        (
+            "/usr/sbin/sshd",
+            std::path::Path::new("/usr/sbin/sshd").is_file(),
+        ),
+        ("ssh", in_path("ssh")),
+        ("ssh-keygen", in_path("ssh-keygen")),
+    ]
+    .into_iter()
+    .filter(|&(_, there)| !there)
+    .map(|(what, _)| what)
+    .collect();
+    (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")))
+}
+
+/// `ssh-keygen` of an ed25519 key without passphrase at `path` (and `path`.pub).
+fn keygen(path: &std::path::Path) {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "natlab", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh-keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Roaming with `pilotd up`: an idle ssh session from A to B's TUN address (port-restricted
+/// A, full-cone B) stays open while A moves to a new public address and NAT mapping; the line
+/// sent after the move is answered on the same session (one connection, the same ID before
+/// and after), and B shows A at its new endpoint. After a second move B speaks first, which
+/// reaches A only once A's new mapping is known (within 90 s; the time is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, nftables and /dev/net/tun"]
+async fn roam_with_idle_ssh_through_pilot0() {
+    use std::io::{BufRead as _, Write as _};
+    use std::process::Stdio;
+
+    if let Some(why) = ssh_unavailable() {
+        panic!("roam_with_idle_ssh_through_pilot0 cannot run here: {why}");
+    }
+    let expose = SSH_PORT.to_string();
+    let mut p = Pair::start_with(
+        "roam_with_idle_ssh_through_pilot0",
+        (Nat::PortRestricted, &["up"]),
+        (Nat::FullCone, &["up", "--expose", &expose]),
+    )
+    .await;
+    let mut ulas = Vec::new();
+    for h in [&p.a, &p.b] {
+        let t0 = Instant::now();
+        ulas.push(loop {
+            if let Some(ula) = h.ula() {
+                break ula;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{} not up within 30 s:\n{}",
+                h.name,
+                h.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+    }
+    let ula = ulas[1];
+
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name);
+    keygen(&k("id"));
+    keygen(&k("host"));
+    std::fs::copy(k("id.pub"), k("authorized_keys")).unwrap();
+    // sshd's privilege separation directory; it holds nothing.
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    std::fs::write(
+        k("sshd_config"),
+        format!(
+            "ListenAddress [{ula}]:{SSH_PORT}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+            k("host").display(),
+            k("authorized_keys").display(),
+        ),
+    )
+    .unwrap();
+    let sshd_log = k("sshd.log");
+    let mut sshd =
+        p.b.ns
+            .exec("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(k("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&sshd_log).unwrap())
+            .spawn()
+            .unwrap();
+    pilot_tests::natlab::wait_until("sshd listening", Duration::from_secs(20), || {
+        Ok(p.b.ns.is_bound("t", SSH_PORT))
+    })
+    .unwrap();
+
+    let ssh_log = k("ssh.log");
+    let mut ssh =
+        p.a.ns
+            .exec("ssh")
+            .args(["-p", &expose, "-F", "/dev/null", "-i"])
+            .arg(k("id"))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=20",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("root@{ula}"))
+            .arg(format!(
+                "echo ready; read line; echo \"got $line\"; \
+             while [ ! -e {flag} ]; do sleep 0.05; done; echo 'B first'; read end || true",
+                flag = k("flag").display()
+            ))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&ssh_log).unwrap())
+            .spawn()
+            .unwrap();
+    let mut stdin = ssh.stdin.take().unwrap();
+    let stdout = ssh.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |within: Duration| {
+        tokio::task::block_in_place(|| lines.recv_timeout(within))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no line from ssh within {within:?} ({e}):\nssh: {}\nsshd: {}",
+                    std::fs::read_to_string(&ssh_log).unwrap_or_default(),
+                    std::fs::read_to_string(&sshd_log).unwrap_or_default()
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(next_line(Duration::from_secs(30)), "ready");
+    let conns = conn_ids(&p.a, &p.b, SSH_PORT).await;
+    assert_eq!(conns.len(), 1, "A's connections to B's sshd: {conns:?}");
+
+    // Idle across the move: nothing is sent from a second before it to three seconds after.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old_ip = p.a.site().unwrap().public_ip.clone();
+    let old_ep = peer_view(&p.b, p.a.node_id).await.0;
+    assert!(
+        old_ep.starts_with(&format!("{old_ip}:")),
+        "B sees A at {old_ep}"
+    );
+    let new_ip = p.a.site_mut().unwrap().roam().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let sent = Instant::now();
+    stdin.write_all(b"after the move\n").unwrap();
+    stdin.flush().unwrap();
+    assert_eq!(next_line(Duration::from_secs(30)), "got after the move");
+    let answer = sent.elapsed();
+    assert_eq!(
+        conn_ids(&p.a, &p.b, SSH_PORT).await,
+        conns,
+        "the ssh session's connection changed across the move"
+    );
+    let new_ep = wait_endpoint_on(&p.b, p.a.node_id, &new_ip, Duration::from_secs(10)).await;
+
+    // A second move, after a second of silence (past A's delayed acknowledgments), after
+    // which B speaks first. A has sent nothing from its new mapping, and nothing tells it the
+    // mapping changed: B's frames go to the old one, and the beacon drops A's datagrams from
+    // the new one as spoofed, until A's next discover (its registry heartbeat, or its
+    // re-registration once the registry connection, broken by the move, resets). Then A's
+    // moved notice moves B's view, the beacon relays to A again, and B's next retransmission
+    // gets through. The session must survive that.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let newer_ip = p.a.site_mut().unwrap().roam().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flagged = Instant::now();
+    std::fs::write(k("flag"), b"").unwrap();
+    assert_eq!(next_line(Duration::from_secs(90)), "B first");
+    let b_first = flagged.elapsed();
+    assert_eq!(
+        conn_ids(&p.a, &p.b, SSH_PORT).await,
+        conns,
+        "the ssh session's connection changed across the second move"
+    );
+    let newer_ep = peer_view(&p.b, p.a.node_id).await;
+    drop(stdin);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = ssh.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "ssh did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.success(),
+        "ssh: {status}\n{}",
+        std::fs::read_to_string(&ssh_log).unwrap_or_default()
+    );
+    println!(
+        "idle ssh across a move: B sees A at {old_ep}, then {new_ep}; the line sent 3 s after \
+         the move was answered in {} ms; after a second move (to {newer_ip}) B's line reached A \
+         after {} ms, B then sees A at {newer_ep:?}",
+        answer.as_millis(),
+        b_first.as_millis()
+    );
+    let _ = sshd.kill();
+    let _ = sshd.wait();
 }

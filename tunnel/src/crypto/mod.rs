@@ -238,6 +238,17 @@ impl Session {
     /// not yet parsed). The frame's node ID is not checked here: the caller picked this
     /// session by it. Nothing changes unless the frame authenticates.
     pub fn open<'a>(&mut self, frame: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
+        self.open_ordered(frame).map(|(body, _)| body)
+    }
+
+    /// [`Session::open`], also telling whether the frame is the newest of the peer's yet: the
+    /// first of a new sending context (nonce prefix), or a counter above every one opened
+    /// before in the current one. A frame that is not the newest arrived late (reordered, or
+    /// held back and sent on by someone else).
+    pub fn open_ordered<'a>(
+        &mut self,
+        frame: &'a mut [u8],
+    ) -> Result<(&'a mut [u8], bool), OpenError> {
         let view = Encrypted::new_checked(&*frame)?;
         let prefix = view.nonce_prefix();
         let counter = view.counter();
@@ -263,11 +274,12 @@ impl Session {
             .map_err(|_| OpenError::Authentication)?;
 
         // Authenticated: only now does the receive state move.
+        let newest = !same_context || counter > self.recv.window.highest();
         if !same_context {
             self.recv.switch_to(prefix);
         }
         self.recv.window.record(counter)?;
-        Ok(body)
+        Ok((body, newest))
     }
 }
 

@@ -797,6 +797,10 @@ impl<R: RngCore + CryptoRng> Node<R> {
             Received::Discovered(ep) => {
                 self.last_discovered = Some(now);
                 if self.public_endpoint != Some(ep) {
+                    // Not the first answer: we moved. Peers learn it from us at once.
+                    if self.public_endpoint.is_some() {
+                        self.tunnels.announce_moved();
+                    }
                     self.public_endpoint = Some(ep);
                     self.events.push_back(Event::Discovered(ep));
                 }

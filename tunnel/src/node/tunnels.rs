@@ -34,7 +34,8 @@
 //! peer that sent PILT and has no session is answered in PILT, as a v1 daemon with encryption
 //! off ignores key exchanges); the inner source node must
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
-//! session (only a PILS, which is replay-protected, moves an endpoint: roaming); an
+//! session (only a PILS, which is replay-protected, moves an endpoint: roaming, and only the
+//! newest one yet, so a late or held-back frame never moves it back or elsewhere); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
 //! a peer that leaves [`HALF_KEYED_PILAS`] of our PILAs unanswered while we have no session
 //! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
@@ -60,7 +61,8 @@ use crate::wire::frame::{
     AuthKeyExchangeRepr, Frame, ENCRYPTED_HEADER_LEN, ENCRYPTED_OVERHEAD, MAGIC_LEN, MAGIC_PLAIN,
     MAGIC_PUNCH, TAG_LEN, X25519_KEY_LEN,
 };
-use crate::wire::header::{Packet, HEADER_LEN};
+use crate::wire::header::{Flags, Packet, PacketRepr, Protocol, HEADER_LEN};
+use crate::{Addr, SocketAddr as PilotAddr};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand_core::{CryptoRng, RngCore};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -342,7 +344,15 @@ enum Pending {
     Discover { beacon: SocketAddr, unix_ms: u64 },
     /// The next packet queued for `node` while its session was being set up.
     Flush(u32),
+    /// An empty control packet to `node`, sealed: tells it where we are now (see
+    /// [`Tunnels::announce_moved`]).
+    Moved(u32),
 }
+
+/// The virtual port both ends of a moved notice carry ([`Tunnels::announce_moved`]): the
+/// control port, where nothing listens. v1 answers only control packets to port 0 (pings) and
+/// ignores the rest (v1 wire §3.8), as we do.
+pub const MOVED_PORT: u16 = 1;
 
 /// Least time between two wakes [`Tunnels::poll_timeout`] asks for, so a peer whose due work
 /// cannot be done now (no node ID yet) never makes the caller spin.
@@ -711,7 +721,51 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     _ => None,
                 }
             }
+            Pending::Moved(node) => {
+                let p = self.peers.get(&node)?;
+                if p.session.is_none() || p.path != Path::Direct {
+                    return None;
+                }
+                let repr = PacketRepr {
+                    flags: Flags::empty(),
+                    protocol: Protocol::Control,
+                    src: PilotAddr::new(Addr::new(0, self.me), MOVED_PORT),
+                    dst: PilotAddr::new(Addr::new(0, node), MOVED_PORT),
+                    seq: 0,
+                    ack: 0,
+                    window: 0,
+                    payload_len: 0,
+                };
+                let len = repr.emit(buf.get_mut(HEADROOM..)?).ok()?;
+                if buf.len() < HEADROOM + len + TAILROOM {
+                    return None;
+                }
+                match self.seal(now, node, buf, len) {
+                    Sent::Now { dst, range } => Some(Transmit {
+                        dst,
+                        offset: range.0,
+                        len: range.1 - range.0,
+                    }),
+                    _ => None,
+                }
+            }
         }
+    }
+
+    /// Our public endpoint changed (the beacon sees us at a new address or port: our NAT's
+    /// mapping, or our own address, moved). Every peer we reach directly over a session gets
+    /// one sealed, empty control packet from the new endpoint, which it ignores as a packet but
+    /// which, authenticated and newer than all before, moves its view of us at once, rather
+    /// than when we next have something to send: until then its packets go to the old mapping,
+    /// and the beacon's relay refuses ours from the new one until our discover reaches it.
+    pub fn announce_moved(&mut self) {
+        let nodes: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.session.is_some() && p.path == Path::Direct)
+            .map(|(&n, _)| n)
+            .collect();
+        self.out.extend(nodes.into_iter().map(Pending::Moved));
     }
 
     fn drop(&mut self, why: Drop) -> Received {
@@ -854,8 +908,8 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 let Some(frame_mut) = buf.get_mut(offset..) else {
                     return self.drop(Drop::Malformed);
                 };
-                let inner_len = match session.open(frame_mut) {
-                    Ok(inner) => inner.len(),
+                let (inner_len, newest) = match session.open_ordered(frame_mut) {
+                    Ok((inner, newest)) => (inner.len(), newest),
                     Err(OpenError::Authentication) => {
                         self.answer_unknown_session(now, node, src, relayed);
                         return self.drop(Drop::Undecryptable);
@@ -880,13 +934,18 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 peer.last_rx = Some(now);
                 peer.unanswered_since = None;
                 if !relayed {
-                    // An authenticated, replay-checked frame: its source is where the peer is
-                    // now (roaming), and the direct path works.
-                    peer.last_direct_rx = Some(now);
-                    peer.endpoint = Some(src);
-                    if peer.path == Path::Relay {
-                        peer.path = Path::Direct;
-                        peer.stats.path_changes += 1;
+                    // An authenticated, replay-checked frame, the newest of the peer's yet: its
+                    // source is where the peer is now (roaming), and the direct path works. A
+                    // late frame (reordered, or held back and sent on from elsewhere) from
+                    // another source moves nothing: it would move the peer back to where it
+                    // was, or to whoever held it back.
+                    if newest || peer.endpoint == Some(src) {
+                        peer.last_direct_rx = Some(now);
+                        peer.endpoint = Some(src);
+                        if peer.path == Path::Relay {
+                            peer.path = Path::Direct;
+                            peer.stats.path_changes += 1;
+                        }
                     }
                 } else if peer.path == Path::Direct
                     && peer
@@ -1449,8 +1508,6 @@ pub const MIN_PILS: usize = ENCRYPTED_OVERHEAD + HEADER_LEN;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::wire::header::{Flags, PacketRepr, Protocol};
-    use crate::{Addr, SocketAddr as PilotAddr};
 
     use crate::node::tests::SeededRng;
 
@@ -2009,6 +2066,84 @@ mod tests {
         send(now, &mut a, 2, b"moved");
         assert_eq!(pump(now, &mut a, &mut b), 1);
         assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+    }
+
+    #[test]
+    fn only_the_newest_pils_moves_an_endpoint() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        let old = a.addr;
+        // Sealed at the old address and held back (reordered, or by someone on the path).
+        let late: Vec<Out> = (0..2)
+            .map(|_| {
+                send(now, &mut a, 2, b"late");
+                a.sent.pop_back().unwrap()
+            })
+            .collect();
+        // A moves; its next frame moves B's view of it.
+        let roamed: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+        a.addr = roamed;
+        send(now, &mut a, 2, b"moved");
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(roamed));
+        // The held-back frames are still packets (inside the replay window), but they move A
+        // neither back to its old address nor to a third one.
+        let holder: SocketAddr = "203.0.113.5:666".parse().unwrap();
+        for (from, frame) in [old, holder].into_iter().zip(&late) {
+            let mut bytes = frame.bytes.clone();
+            let got = b.t.handle(now, from, &mut bytes);
+            assert!(matches!(got, Received::Packet { peer: 1, .. }), "{got:?}");
+            assert_eq!(
+                b.t.peers()[0].endpoint,
+                Some(roamed),
+                "moved by a late frame"
+            );
+        }
+        // A frame newer than all before moves it again.
+        a.addr = holder;
+        send(now, &mut a, 2, b"again");
+        assert_eq!(pump(now, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(holder));
+    }
+
+    #[test]
+    fn a_moved_notice_moves_the_peers_view_and_is_an_ignored_control_packet() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        pump(now, &mut b, &mut a);
+        pump(now, &mut a, &mut b);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        // A learns its mapping moved: B hears it from the new endpoint without A sending
+        // anything else.
+        a.addr = "127.0.0.1:5001".parse().unwrap();
+        a.t.announce_moved();
+        let tx = a.poll(now).expect("a notice for B");
+        assert_eq!(tx.dst, b.addr);
+        assert!(a.poll(now).is_none(), "one notice per peer");
+        let mut bytes = tx.bytes.clone();
+        let Received::Packet { peer: 1, range } = b.t.handle(now, a.addr, &mut bytes) else {
+            panic!("the notice is not a packet from A");
+        };
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        let p = Packet::new_checked(&bytes[range]).unwrap();
+        assert_eq!(p.protocol(), Protocol::Control);
+        assert_eq!((p.src_port(), p.dst_port()), (MOVED_PORT, MOVED_PORT));
+        assert_eq!(p.total_len(), HEADER_LEN);
+        // A peer without a session gets none.
+        let c = node(3, 3, 4003, None);
+        a.t.set_key(now, 3, c.t.identity.verifying_key());
+        a.t.set_endpoint(now, 3, c.addr);
+        while a.poll(now).is_some() {}
+        a.t.announce_moved();
+        let notices: Vec<Out> = std::iter::from_fn(|| a.poll(now)).collect();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].dst, b.addr);
     }
 
     #[test]
