@@ -200,7 +200,16 @@ fn main() -> ExitCode {
             eprintln!("pilot-beacon: log-level {:?}: {e}", cli.log_level);
             return ExitCode::from(2);
         }
-        let settings = config_file::effective(&Cli::command(), &matches, "config");
+        let mut settings = config_file::effective(&Cli::command(), &matches, "config");
+        // The registry addresses as parsed: one prints as the string it always was, several
+        // as a list.
+        if let Some(r) = &registry {
+            let v = match r.as_slice() {
+                [one] => serde_json::json!(one),
+                many => serde_json::json!(many),
+            };
+            settings.insert("registry".into(), v);
+        }
         println!("{:#}", serde_json::Value::Object(settings));
         return ExitCode::SUCCESS;
     }

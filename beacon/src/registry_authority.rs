@@ -30,8 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use pilot_registry_client::{
-    jitter_sample, Backoff, Client, ClientError, RegistryAddrs, RegistryStream, Rotation,
-    Transport,
+    jitter_sample, Backoff, Client, ClientError, RegistryAddrs, RegistryStream, Rotation, Transport,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -310,12 +309,10 @@ async fn run_worker(
         let next = rx.lock().await.recv().await;
         let Some(f) = next else { return };
         let addr = config.registry.get(rotation.current());
-        let outcome = tokio::time::timeout(
-            config.request_timeout,
-            fetch(&mut client, addr, &config, f),
-        )
-        .await
-        .unwrap_or_else(|_| Outcome::Failed("request timed out".into()));
+        let outcome =
+            tokio::time::timeout(config.request_timeout, fetch(&mut client, addr, &config, f))
+                .await
+                .unwrap_or_else(|_| Outcome::Failed("request timed out".into()));
         let mut wait = None;
         let result = match outcome {
             Outcome::Reply(v) => {

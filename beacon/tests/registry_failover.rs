@@ -82,3 +82,25 @@ fn a_registry_list_with_a_bad_entry_stops_the_beacon_at_start() {
         );
     }
 }
+
+#[test]
+fn check_config_prints_several_registries_as_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pilot-beacon"))
+        .args(["--registry", "127.0.0.1:9000, 127.0.0.1:9002"])
+        .args(["--registry", "[::1]:9000"])
+        .arg("--beacon-token-file")
+        .arg(&token)
+        .arg("--check-config")
+        .env_remove("PILOT_BEACON_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["registry"],
+        serde_json::json!(["127.0.0.1:9000", "127.0.0.1:9002", "[::1]:9000"])
+    );
+}

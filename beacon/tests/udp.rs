@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use pilot_beacon::{
-    Authority, CacheConfig, Config, DropReason, RegistryAddrs, RegistryAuthority, Server, StaticAuthority, Stats,
-    StatsHandle,
+    Authority, CacheConfig, Config, DropReason, RegistryAddrs, RegistryAuthority, Server,
+    StaticAuthority, Stats, StatsHandle,
 };
 use serde_json::json;
 use tokio::net::UdpSocket;

@@ -49,7 +49,12 @@ pub struct Cli {
     /// or a lost session the daemon moves to the next address (after a whole round of
     /// failures, with a jittered backoff growing to 10s), registers again there and keeps
     /// using it while it works. [default: 127.0.0.1:9000]
-    #[arg(long, global = true, env = "PILOT_REGISTRY", value_name = "HOST:PORT[,HOST:PORT...]")]
+    #[arg(
+        long,
+        global = true,
+        env = "PILOT_REGISTRY",
+        value_name = "HOST:PORT[,HOST:PORT...]"
+    )]
     pub registry: Vec<String>,
     /// Beacon address (host:port); "" disables NAT traversal through a beacon.
     #[arg(long, global = true, env = "PILOT_BEACON")]
@@ -1103,9 +1108,16 @@ mod tests {
     fn several_registries_come_from_commas_repeated_flags_or_a_file_list() {
         let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
         assert_eq!(c.registry.as_slice(), ["127.0.0.1:9000"]);
-        let c = cli(&["--home", "/tmp/x", "--registry", "a:1, b:2", "--registry", "c:3"])
-            .resolve()
-            .unwrap();
+        let c = cli(&[
+            "--home",
+            "/tmp/x",
+            "--registry",
+            "a:1, b:2",
+            "--registry",
+            "c:3",
+        ])
+        .resolve()
+        .unwrap();
         assert_eq!(c.registry.as_slice(), ["a:1", "b:2", "c:3"]);
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["registry"], serde_json::json!(["a:1", "b:2", "c:3"]));

@@ -562,11 +562,7 @@ async fn call(s: &mut Session, v: &Value) -> Result<Value, ClientError> {
 
 /// Logs the protocol the registry speaks when it is not the one spoken before (once per
 /// change, not per reconnection).
-fn report_protocol(
-    addr: &str,
-    spoken: &mut Option<RegistryProtocol>,
-    now: RegistryProtocol,
-) {
+fn report_protocol(addr: &str, spoken: &mut Option<RegistryProtocol>, now: RegistryProtocol) {
     if *spoken == Some(now) {
         return;
     }
@@ -621,12 +617,10 @@ async fn session(
             format!("{what} timed out"),
         ))
     };
-    let mut client = tokio::time::timeout(
-        CALL_TIMEOUT,
-        Client::connect_with(addr, &config.transport),
-    )
-    .await
-    .map_err(|_| timed_out("connect"))??;
+    let mut client =
+        tokio::time::timeout(CALL_TIMEOUT, Client::connect_with(addr, &config.transport))
+            .await
+            .map_err(|_| timed_out("connect"))??;
     let protocol = tokio::time::timeout(CALL_TIMEOUT, client.negotiate())
         .await
         .map_err(|_| timed_out("hello"))??;
@@ -1059,7 +1053,9 @@ async fn watch(
         .await;
         match r {
             Ok(()) => return,
-            Err(e) => tracing::debug!(registry = addr, error = %e, "registry watch ended; retrying"),
+            Err(e) => {
+                tracing::debug!(registry = addr, error = %e, "registry watch ended; retrying")
+            }
         }
         let _ = lost.try_send(());
         tokio::time::sleep(BACKOFF.delay(round, jitter_sample())).await;

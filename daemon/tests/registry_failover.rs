@@ -242,7 +242,10 @@ async fn daemons_move_to_a_standby_registry_and_keep_their_addresses() {
         on(i, &b)
     })
     .await;
-    eprintln!("both daemons on the standby {:?} after it started", started.elapsed());
+    eprintln!(
+        "both daemons on the standby {:?} after it started",
+        started.elapsed()
+    );
     for (before, after) in [(&before_x, &after_x), (&before_y, &after_y)] {
         assert_eq!(after["node_id"], before["node_id"]);
         assert_eq!(after["address"], before["address"]);
@@ -255,7 +258,10 @@ async fn daemons_move_to_a_standby_registry_and_keep_their_addresses() {
     let dy = Driver::connect(home_y.join("pilotd.sock")).await.unwrap();
     let found = dy.resolve_hostname("failover-x").await.unwrap();
     assert_eq!(found["node_id"], after_x["node_id"], "{found}");
-    assert!(found.get("stale").is_none(), "answered from the cache: {found}");
+    assert!(
+        found.get("stale").is_none(),
+        "answered from the cache: {found}"
+    );
     let node_x = u32::try_from(after_x["node_id"].as_u64().unwrap()).unwrap();
     let got = echo(&dy, node_x, b"after the move").await.unwrap();
     assert_eq!(got, b"after the move");

@@ -353,14 +353,20 @@ mod tests {
             let hi = B.delay(round, u64::MAX);
             let mid = B.delay(round, u64::MAX / 2);
             assert_eq!(lo, full / 2, "round {round}");
-            assert!(hi <= full && hi + Duration::from_nanos(1) >= full, "round {round}");
+            assert!(
+                hi <= full && hi + Duration::from_nanos(1) >= full,
+                "round {round}"
+            );
             assert!(lo <= mid && mid <= hi, "round {round}");
             assert!(hi <= B.cap);
         }
         assert_eq!(B.delay(0, 0), Duration::from_millis(125));
         assert_eq!(B.delay(3, 0), Duration::from_secs(1));
         assert_eq!(B.delay(30, 0), Duration::from_secs(5));
-        assert_eq!(B.delay(u32::MAX, u64::MAX / 2 + 1), Duration::from_millis(7500));
+        assert_eq!(
+            B.delay(u32::MAX, u64::MAX / 2 + 1),
+            Duration::from_millis(7500)
+        );
         // Different samples spread the waits.
         assert_ne!(B.delay(2, 1 << 60), B.delay(2, 3 << 62));
         assert!(B.hop(u64::MAX) <= B.base / 2);
