@@ -50,10 +50,15 @@ pub struct RegistryAddrs(Vec<String>);
 
 impl RegistryAddrs {
     /// Parses values each holding one address or several separated by commas (blank
-    /// entries between commas are refused, surrounding spaces are not significant).
+    /// entries between commas are refused, surrounding spaces are not significant; nothing
+    /// but blanks is [`AddrListError::Empty`]).
     pub fn parse_all<S: AsRef<str>>(
         values: impl IntoIterator<Item = S>,
     ) -> Result<RegistryAddrs, AddrListError> {
+        let values: Vec<S> = values.into_iter().collect();
+        if values.iter().all(|v| v.as_ref().trim().is_empty()) {
+            return Err(AddrListError::Empty);
+        }
         let mut out: Vec<String> = Vec::new();
         for value in values {
             for entry in value.as_ref().split(',') {
@@ -79,9 +84,6 @@ impl RegistryAddrs {
 
     /// Parses one value: an address, or several separated by commas.
     pub fn parse(value: &str) -> Result<RegistryAddrs, AddrListError> {
-        if value.trim().is_empty() {
-            return Err(AddrListError::Empty);
-        }
         RegistryAddrs::parse_all([value])
     }
 
