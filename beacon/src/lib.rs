@@ -23,6 +23,7 @@ pub mod state;
 pub mod stats;
 
 pub use authority::{Answer, Authority, OpenAuthority, StaticAuthority};
+pub use pilot_registry_client::RegistryAddrs;
 pub use registry_authority::{check_token, CacheConfig, RegistryAuthority, TokenCheck};
 pub use server::{bind, serve, Server};
 pub use state::{Beacon, Config, NodeEntry, Now, Output};

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use pilot_beacon::{
-    check_token, Authority, CacheConfig, Config, OpenAuthority, RegistryAuthority, TokenCheck,
+    check_token, Authority, CacheConfig, Config, OpenAuthority, RegistryAddrs, RegistryAuthority,
+    TokenCheck,
 };
 use pilot_registry_client::{Fingerprint, Transport};
 
@@ -27,15 +28,19 @@ struct Cli {
     #[arg(long, env = "PILOT_BEACON_ADDR", default_value = "[::]:9001")]
     addr: SocketAddr,
     /// Registry to ask about nodes (HOST:PORT; plain TCP unless --registry-tls). Needs
-    /// --beacon-token-file.
+    /// --beacon-token-file. Several addresses of one registry (comma-separated, or the flag
+    /// repeated; a list in the config file), first preferred: a failed request moves to the
+    /// next, and after every address failed in a row the beacon backs off (jittered, up to
+    /// 6.4s). With --registry-tls one fingerprint pins them all.
     #[arg(
         long,
         env = "PILOT_BEACON_REGISTRY",
-        value_name = "HOST:PORT",
+        value_name = "HOST:PORT[,HOST:PORT...]",
+        value_delimiter = ',',
         requires = "beacon_token_file",
         conflicts_with = "open"
     )]
-    registry: Option<String>,
+    registry: Vec<String>,
     /// Talk TLS to the registry, accepting only the certificate pinned by
     /// --registry-fingerprint (no check against system roots).
     #[arg(
@@ -46,7 +51,8 @@ struct Cli {
     )]
     registry_tls: bool,
     /// SHA-256 of the registry's TLS certificate, 64 hex digits (pilot-registry logs it at
-    /// start as fingerprint=...). Needs --registry-tls.
+    /// start as fingerprint=...). Needs --registry-tls. Pins every --registry address: give
+    /// the registry's instances the same certificate.
     #[arg(
         long,
         env = "PILOT_BEACON_REGISTRY_FINGERPRINT",
@@ -168,10 +174,21 @@ fn main() -> ExitCode {
     if cli.man_page {
         return pilot_service::man::print_daemon_page(Cli::command(), "pilot-beacon");
     }
-    if cli.registry.is_none() && !cli.open {
+    if cli.registry.is_empty() && !cli.open {
         eprintln!("pilot-beacon: {NO_AUTHORITY}");
         return ExitCode::from(2);
     }
+    let registry = if cli.registry.is_empty() {
+        None
+    } else {
+        match RegistryAddrs::parse_all(&cli.registry) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("pilot-beacon: --registry: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     if cli.check_config {
         if let Some(f) = &cli.beacon_token_file {
             if let Err(e) = read_token(f) {
@@ -183,7 +200,16 @@ fn main() -> ExitCode {
             eprintln!("pilot-beacon: log-level {:?}: {e}", cli.log_level);
             return ExitCode::from(2);
         }
-        let settings = config_file::effective(&Cli::command(), &matches, "config");
+        let mut settings = config_file::effective(&Cli::command(), &matches, "config");
+        // The registry addresses as parsed: one prints as the string it always was, several
+        // as a list.
+        if let Some(r) = &registry {
+            let v = match r.as_slice() {
+                [one] => serde_json::json!(one),
+                many => serde_json::json!(many),
+            };
+            settings.insert("registry".into(), v);
+        }
         println!("{:#}", serde_json::Value::Object(settings));
         return ExitCode::SUCCESS;
     }
@@ -198,7 +224,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, registry)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pilot-beacon: {e}");
@@ -207,8 +233,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
-    let authority: Arc<dyn Authority> = match (&cli.registry, &cli.beacon_token_file) {
+async fn run(cli: Cli, registry: Option<RegistryAddrs>) -> Result<(), String> {
+    let authority: Arc<dyn Authority> = match (registry, &cli.beacon_token_file) {
         (Some(registry), Some(token_file)) => {
             let token = read_token(token_file)?;
             let transport = match cli.registry_fingerprint {

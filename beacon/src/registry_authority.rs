@@ -19,13 +19,19 @@
 //!   `positive_ttl + stale_for` plus one fetch.
 //! - The cache holds at most [`CacheConfig::max_entries`] answers of each kind.
 //! - Workers stop when the last [`RegistryAuthority`] handle is dropped.
+//! - [`CacheConfig::registry`] may list several addresses of one registry, first preferred.
+//!   Each worker keeps its connection to one of them; a failed fetch moves that worker to the
+//!   next address, and once every address failed in a row it waits with a jittered backoff
+//!   growing to [`BACKOFF`]'s cap ([`Rotation`]). A worker stays on an address that works.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use pilot_registry_client::{Client, ClientError, RegistryStream, Transport};
+use pilot_registry_client::{
+    jitter_sample, Backoff, Client, ClientError, RegistryAddrs, RegistryStream, Rotation, Transport,
+};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -34,8 +40,8 @@ use crate::authority::{Answer, Authority};
 /// Settings of a [`RegistryAuthority`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// Registry address, `host:port`.
-    pub registry: String,
+    /// Registry addresses (`host:port`), first preferred.
+    pub registry: RegistryAddrs,
     /// Plain TCP, or TLS pinned to the registry's certificate.
     pub transport: Transport,
     /// The token the registry expects in `reachable` requests.
@@ -58,9 +64,9 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// Defaults for `registry` and `beacon_token`.
-    pub fn new(registry: impl Into<String>, beacon_token: impl Into<String>) -> CacheConfig {
+    pub fn new(registry: RegistryAddrs, beacon_token: impl Into<String>) -> CacheConfig {
         CacheConfig {
-            registry: registry.into(),
+            registry,
             transport: Transport::Tcp,
             beacon_token: beacon_token.into(),
             positive_ttl: Duration::from_secs(30),
@@ -283,6 +289,13 @@ enum Outcome {
     Failed(String),
 }
 
+/// A worker's wait after a failed fetch: after each round of failures (every address
+/// failed), doubling from `base` to `cap`, jittered.
+pub const BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_millis(6400),
+};
+
 async fn run_worker(
     worker: usize,
     shared: Weak<Shared>,
@@ -290,24 +303,27 @@ async fn run_worker(
     config: CacheConfig,
 ) {
     let mut client: Option<Client<RegistryStream>> = None;
-    let mut failures = 0u32;
+    let mut rotation = Rotation::new(config.registry.len(), BACKOFF);
     let mut last_warn: Option<Instant> = None;
     loop {
         let next = rx.lock().await.recv().await;
         let Some(f) = next else { return };
-        let outcome = tokio::time::timeout(config.request_timeout, fetch(&mut client, &config, f))
-            .await
-            .unwrap_or_else(|_| Outcome::Failed("request timed out".into()));
+        let addr = config.registry.get(rotation.current());
+        let outcome =
+            tokio::time::timeout(config.request_timeout, fetch(&mut client, addr, &config, f))
+                .await
+                .unwrap_or_else(|_| Outcome::Failed("request timed out".into()));
+        let mut wait = None;
         let result = match outcome {
             Outcome::Reply(v) => {
-                failures = 0;
+                rotation.handle_success();
                 if v.get("code").and_then(Value::as_str) == Some("forbidden")
                     && matches!(f, Fetch::Reach(..))
                     && last_warn.is_none_or(|t| t.elapsed() >= crate::stats::LOG_EVERY)
                 {
                     last_warn = Some(Instant::now());
                     tracing::error!(
-                        registry = %config.registry,
+                        registry = addr,
                         "registry refused the beacon token: every punch and relay is refused"
                     );
                 }
@@ -315,10 +331,11 @@ async fn run_worker(
             }
             Outcome::Failed(e) => {
                 client = None;
-                failures = failures.saturating_add(1);
+                wait = Some(rotation.handle_failure(jitter_sample()));
                 if last_warn.is_none_or(|t| t.elapsed() >= crate::stats::LOG_EVERY) {
                     last_warn = Some(Instant::now());
-                    tracing::warn!(worker, registry = %config.registry, error = %e, "registry fetch failed");
+                    let next = config.registry.get(rotation.current());
+                    tracing::warn!(worker, registry = addr, next, error = %e, "registry fetch failed");
                 }
                 None
             }
@@ -326,23 +343,23 @@ async fn run_worker(
         let Some(s) = shared.upgrade() else { return };
         s.complete(f, result);
         drop(s);
-        if failures > 0 {
+        if let Some(wait) = wait {
             // Back off while the registry is unreachable; misses meanwhile stay pending.
-            let ms = 100u64.saturating_mul(1 << failures.min(6));
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            tokio::time::sleep(wait).await;
         }
     }
 }
 
 async fn fetch(
     client: &mut Option<Client<RegistryStream>>,
+    addr: &str,
     config: &CacheConfig,
     f: Fetch,
 ) -> Outcome {
     if client.is_none() {
-        match Client::connect_with(&config.registry, &config.transport).await {
+        match Client::connect_with(addr, &config.transport).await {
             Ok(c) => *client = Some(c),
-            Err(e) => return Outcome::Failed(format!("connecting: {e}")),
+            Err(e) => return Outcome::Failed(format!("connecting to {addr}: {e}")),
         }
     }
     let Some(c) = client.as_mut() else {
@@ -390,44 +407,60 @@ pub enum TokenCheck {
 
 /// Asks the registry once whether it takes [`CacheConfig::beacon_token`] (a `reachable`
 /// question about node 0, which the registry answers only for a right token), within
-/// [`CacheConfig::request_timeout`].
+/// [`CacheConfig::request_timeout`] per address: the addresses in order until one answers.
 pub async fn check_token(config: &CacheConfig) -> Result<(), TokenCheck> {
+    let mut last = None;
+    for addr in config.registry.as_slice() {
+        match tokio::time::timeout(config.request_timeout, check_one(config, addr)).await {
+            Ok(Err(e @ TokenCheck::Unreachable { .. })) => last = Some(e),
+            Ok(r) => return r,
+            Err(_) => {
+                last = Some(TokenCheck::Unreachable {
+                    registry: addr.clone(),
+                    reason: "no answer in time".into(),
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| TokenCheck::Unreachable {
+        registry: config.registry.to_string(),
+        reason: "no address".into(),
+    }))
+}
+
+/// [`check_token`] at one address.
+async fn check_one(config: &CacheConfig, addr: &str) -> Result<(), TokenCheck> {
     let unreachable = |reason: String| TokenCheck::Unreachable {
-        registry: config.registry.clone(),
+        registry: addr.to_owned(),
         reason,
     };
-    let ask = async {
-        let mut c = Client::connect_with(&config.registry, &config.transport)
-            .await
-            .map_err(|e| unreachable(format!("connecting: {e}")))?;
-        let req = json!({"type": "reachable", "from": 0, "to": 0,
-                         "beacon_token": config.beacon_token});
-        let v = c
-            .call_raw(&req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        if v.get("type").and_then(Value::as_str) != Some("error") {
-            return Ok(());
-        }
-        let text = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        if text("code") == "forbidden" {
-            return Err(TokenCheck::Refused {
-                registry: config.registry.clone(),
-                reason: text("error"),
-            });
-        }
-        // Anything else (a v1 registry without `reachable`, a throttled request) says
-        // nothing about the token.
-        Err(unreachable(format!("{} ({})", text("error"), text("code"))))
-    };
-    tokio::time::timeout(config.request_timeout, ask)
+    let mut c = Client::connect_with(addr, &config.transport)
         .await
-        .unwrap_or_else(|_| Err(unreachable("no answer in time".into())))
+        .map_err(|e| unreachable(format!("connecting: {e}")))?;
+    let req = json!({"type": "reachable", "from": 0, "to": 0,
+                     "beacon_token": config.beacon_token});
+    let v = c
+        .call_raw(&req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    if v.get("type").and_then(Value::as_str) != Some("error") {
+        return Ok(());
+    }
+    let text = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if text("code") == "forbidden" {
+        return Err(TokenCheck::Refused {
+            registry: addr.to_owned(),
+            reason: text("error"),
+        });
+    }
+    // Anything else (a v1 registry without `reachable`, a throttled request) says nothing
+    // about the token.
+    Err(unreachable(format!("{} ({})", text("error"), text("code"))))
 }
 
 #[cfg(test)]

@@ -4,5 +4,6 @@
 
 mod config_file;
 mod logs;
+mod registry_failover;
 mod token_check;
 mod udp;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use pilot_beacon::{
-    Authority, CacheConfig, Config, DropReason, RegistryAuthority, Server, StaticAuthority, Stats,
-    StatsHandle,
+    Authority, CacheConfig, Config, DropReason, RegistryAddrs, RegistryAuthority, Server,
+    StaticAuthority, Stats, StatsHandle,
 };
 use serde_json::json;
 use tokio::net::UdpSocket;
@@ -394,7 +394,7 @@ async fn registry_authority_over_tcp() {
         .await
         .unwrap();
 
-    let auth = RegistryAuthority::spawn(CacheConfig::new(reg_addr.to_string(), token));
+    let auth = RegistryAuthority::spawn(CacheConfig::new(RegistryAddrs::single(reg_addr), token));
     let b = start(Arc::new(auth.clone())).await;
     let (a, bb) = (node_socket().await, node_socket().await);
     // The first discovers miss the cache: answered at once, stored once the keys arrive.
@@ -485,7 +485,7 @@ async fn registry_authority_over_pinned_tls() {
         let pin: pilot_registry_client::Fingerprint = fp.parse().unwrap();
         RegistryAuthority::spawn(CacheConfig {
             transport: pilot_registry_client::Transport::TlsPinned(pin),
-            ..CacheConfig::new(reg_addr.to_string(), token)
+            ..CacheConfig::new(RegistryAddrs::single(reg_addr), token)
         })
     };
     let right = authority(&fp);

@@ -36,7 +36,7 @@ fn cli(registry: &str, home: &std::path::Path, offload: bool, idle: usize) -> Cl
         syn_rate_limit: (idle > 0).then_some(0),
         syn_rate_limit_per_peer: (idle > 0).then_some(0),
         udp_offload: Some(offload),
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use pilot_registry_client::{Fingerprint, Transport};
+use pilot_registry_client::{Fingerprint, RegistryAddrs, Transport};
 use serde_json::Value;
 use tunnel::stream::congestion::{Algorithm, UnknownAlgorithm};
 use tunnel::stream::{Config as StreamConfig, EndpointConfig};
@@ -44,9 +44,18 @@ pub struct Cli {
     /// Print the man page (roff) and exit.
     #[arg(long, hide = true)]
     pub man_page: bool,
-    /// Registry address (host:port).
-    #[arg(long, global = true, env = "PILOT_REGISTRY")]
-    pub registry: Option<String>,
+    /// Registry address (host:port), or several in order of preference: separated by commas
+    /// or with the flag repeated (a config file takes a string or a list). On a failed connect
+    /// or a lost session the daemon moves to the next address (after a whole round of
+    /// failures, with a jittered backoff growing to 10s), registers again there and keeps
+    /// using it while it works. [default: 127.0.0.1:9000]
+    #[arg(
+        long,
+        global = true,
+        env = "PILOT_REGISTRY",
+        value_name = "HOST:PORT[,HOST:PORT...]"
+    )]
+    pub registry: Vec<String>,
     /// Beacon address (host:port); "" disables NAT traversal through a beacon.
     #[arg(long, global = true, env = "PILOT_BEACON")]
     pub beacon: Option<String>,
@@ -153,7 +162,9 @@ pub struct Cli {
     /// Registry connection over TLS (needs --registry-fingerprint). [default: false]
     #[arg(long, global = true, env = "PILOT_REGISTRY_TLS", num_args = 0..=1, default_missing_value = "true")]
     pub registry_tls: Option<bool>,
-    /// SHA-256 of the registry's certificate, lowercase hex (pins the registry).
+    /// SHA-256 of the registry's certificate, lowercase hex (pins the registry). With several
+    /// --registry addresses the one fingerprint pins every one of them: give the instances
+    /// the same certificate.
     #[arg(long, global = true, env = "PILOT_REGISTRY_FINGERPRINT")]
     pub registry_fingerprint: Option<String>,
     /// Webhook URL for daemon events ("" disables).
@@ -210,8 +221,9 @@ pub enum Command {
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
-    /// Registry address.
-    pub registry: String,
+    /// Registry addresses, first preferred (a string when there is one, as before).
+    #[serde(serialize_with = "registry_addrs")]
+    pub registry: RegistryAddrs,
     /// Beacon address, if NAT traversal through a beacon is on.
     pub beacon: Option<String>,
     /// Tunnel socket address.
@@ -302,6 +314,14 @@ impl Config {
             (true, Some(fp)) => fp.parse().map_or(Transport::Tcp, Transport::TlsPinned),
             _ => Transport::Tcp,
         }
+    }
+}
+
+fn registry_addrs<S: serde::Serializer>(a: &RegistryAddrs, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match a.as_slice() {
+        [one] => s.serialize_str(one),
+        many => many.serialize(s),
     }
 }
 
@@ -556,11 +576,7 @@ impl Cli {
                 ))
             }
         };
-        let registry =
-            get(self.registry.clone(), "registry").unwrap_or_else(|| "127.0.0.1:9000".into());
-        if registry.trim().is_empty() {
-            return Err(invalid("registry", "a registry address is required"));
-        }
+        let registry = registry_list(&self.registry, file.get("registry"))?;
         let registry_tls = bool_of(self.registry_tls, "registry-tls", false)?;
         let registry_fingerprint = nonempty(get(
             self.registry_fingerprint.clone(),
@@ -739,6 +755,36 @@ impl Cli {
     }
 }
 
+/// The registry addresses: the flags (each one address or several separated by commas), else
+/// the file's `registry` (a string like the flag's, or a list of them), else the default.
+fn registry_list(flags: &[String], file: Option<&Value>) -> Result<RegistryAddrs, ConfigError> {
+    let bad = |e: pilot_registry_client::AddrListError| invalid("registry", e.to_string());
+    if !flags.is_empty() {
+        return RegistryAddrs::parse_all(flags).map_err(bad);
+    }
+    match file {
+        None => RegistryAddrs::parse("127.0.0.1:9000").map_err(bad),
+        Some(Value::Array(items)) => {
+            let strings = items
+                .iter()
+                .map(|v| {
+                    v.as_str().ok_or_else(|| {
+                        invalid("registry", format!("list entry {v} is not a string"))
+                    })
+                })
+                .collect::<Result<Vec<&str>, _>>()?;
+            RegistryAddrs::parse_all(strings).map_err(bad)
+        }
+        Some(v) => match file_str(v) {
+            Some(s) => RegistryAddrs::parse(&s).map_err(bad),
+            None => Err(invalid(
+                "registry",
+                "must be a string (host:port, several separated by commas) or a list of them",
+            )),
+        },
+    }
+}
+
 /// Parses a comma-separated list of ports (1 to 65535), sorted and without repeats; an empty
 /// string is no ports.
 fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
@@ -860,7 +906,7 @@ mod tests {
         ])
         .resolve()
         .unwrap();
-        assert_eq!(c.registry, "10.0.0.1:9000");
+        assert_eq!(c.registry.to_string(), "10.0.0.1:9000");
         assert_eq!(c.listen, "[::]:4100".parse().unwrap());
         assert_eq!(c.keepalive, Duration::from_secs(10));
         assert!(c.public);
@@ -1056,6 +1102,73 @@ mod tests {
         assert!(e.to_string().starts_with("registry-fingerprint:"), "{e}");
         let e = cli(&["--log-format", "xml"]).resolve().unwrap_err();
         assert!(e.to_string().starts_with("log-format:"), "{e}");
+    }
+
+    #[test]
+    fn several_registries_come_from_commas_repeated_flags_or_a_file_list() {
+        let c = cli(&["--home", "/tmp/x"]).resolve().unwrap();
+        assert_eq!(c.registry.as_slice(), ["127.0.0.1:9000"]);
+        let c = cli(&[
+            "--home",
+            "/tmp/x",
+            "--registry",
+            "a:1, b:2",
+            "--registry",
+            "c:3",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.registry.as_slice(), ["a:1", "b:2", "c:3"]);
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["registry"], serde_json::json!(["a:1", "b:2", "c:3"]));
+        let one = cli(&["--home", "/tmp/x", "--registry", "a:1"])
+            .resolve()
+            .unwrap();
+        assert_eq!(serde_json::to_value(&one).unwrap()["registry"], "a:1");
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"registry": ["10.0.0.1:9000", "10.0.0.2:9000"]}"#).unwrap();
+        let path = f.to_str().unwrap();
+        let c = cli(&["--config", path, "--home", "/tmp/y"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.registry.as_slice(), ["10.0.0.1:9000", "10.0.0.2:9000"]);
+        // A flag replaces the file's whole list.
+        let c = cli(&["--config", path, "--home", "/tmp/y", "--registry", "h:9"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.registry.as_slice(), ["h:9"]);
+    }
+
+    #[test]
+    fn a_registry_list_with_a_bad_entry_is_refused_naming_it() {
+        let e = cli(&["--home", "/tmp/x", "--registry", "a:1,b"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "registry: registry address \"b\" (entry 2 of the list): no port: write host:port"
+        );
+        let e = cli(&["--home", "/tmp/x", "--registry", "a:1,a:1"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = cli(&["--home", "/tmp/x", "--registry", ""])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a registry address is required"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("daemon.json");
+        std::fs::write(&f, r#"{"registry": ["10.0.0.1:9000", 7]}"#).unwrap();
+        let e = cli(&["--config", f.to_str().unwrap(), "--home", "/tmp/y"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("7 is not a string"), "{e}");
     }
 
     #[test]

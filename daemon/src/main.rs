@@ -35,11 +35,13 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         // Addresses that cannot resolve would only show later as a node that never registers.
-        let named = [
-            ("registry", Some(config.registry.as_str())),
-            ("beacon", config.beacon.as_deref()),
-        ];
-        for (what, addr) in named.into_iter().filter_map(|(w, a)| Some((w, a?))) {
+        let named = config
+            .registry
+            .as_slice()
+            .iter()
+            .map(|r| ("registry", r.as_str()))
+            .chain(config.beacon.as_deref().map(|b| ("beacon", b)));
+        for (what, addr) in named {
             if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(addr) {
                 eprintln!("pilotd: {what} {addr:?} does not resolve: {e}");
                 return ExitCode::from(2);

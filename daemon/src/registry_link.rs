@@ -39,6 +39,23 @@
 //! watching connection and in its next heartbeat reply), logs it as an error and reports it
 //! in Info until no rival has been refused for [`RIVAL_QUIET`].
 //!
+//! # Several registries
+//!
+//! [`LinkConfig::registry`] lists one or more addresses of the same registry (instances on one
+//! database, or a standby on the same store), first preferred. A connect that fails, a
+//! session that is lost, and a certificate that is not the pinned one move the link to the
+//! next address ([`Rotation`]); once every address has failed in a row it backs off
+//! exponentially up to [`BACKOFF`]'s cap, with random jitter. A registry that answers and
+//! refuses (a heartbeat for a reaped node, say) is asked again at the same address. The link
+//! stays on an address while it works, and reports the address in use in Info
+//! ([`LinkEvent::Registered`]). Moving is a new session: the link proves its key and
+//! registers again, and the node keeps its address, and the desired state is applied again,
+//! as after any reconnection.
+//!
+//! The session notices a registry that went away at once: the watching connection's end
+//! makes the session send a heartbeat now, and a heartbeat on a connection that is closed or
+//! broken ends the session (a heartbeat that only times out ends it on the third in a row).
+//!
 //! # Registry outages
 //!
 //! The link remembers what the registry told it about other nodes ([`PeerCache`]). While the
@@ -53,7 +70,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use pilot_registry_client::{
-    sign_request_v1, sign_v1, Client, ClientError, RegistryProtocol, RegistryStream, Transport,
+    jitter_sample, sign_request_v1, sign_v1, Backoff, Client, ClientError, RegistryAddrs,
+    RegistryProtocol, RegistryStream, Rotation, Transport,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -64,8 +82,12 @@ use crate::desired::{Desired, DesiredState};
 use crate::identity::{NodeIdentity, RotateError};
 use crate::peer_cache::PeerCache;
 
-/// Backoff between reconnection attempts: doubles from the first to the last.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(10));
+/// Backoff between reconnection attempts: after each round of failures (every address
+/// failed), doubles from `base` to `cap`, each wait jittered down by up to half.
+pub const BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(250),
+    cap: Duration::from_secs(10),
+};
 /// How long one registry request may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wait before registering again after the registry refused this daemon because another one
@@ -200,8 +222,8 @@ pub async fn request(
 /// What the link needs to know.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// Registry address.
-    pub registry: String,
+    /// Registry addresses, first preferred.
+    pub registry: RegistryAddrs,
     /// Plain TCP or TLS pinned to the registry's certificate.
     pub transport: Transport,
     /// Identity key (replaced by a rotation).
@@ -247,6 +269,8 @@ pub enum LinkEvent {
         reply: Value,
         /// The protocol the registry speaks.
         protocol: RegistryProtocol,
+        /// The registry address of the session.
+        registry: String,
     },
     /// A heartbeat succeeded (time to refresh the beacon mapping).
     Heartbeat,
@@ -304,11 +328,14 @@ pub async fn run(
 ) {
     let mut cache = PeerCache::new();
     let mut waiters = Waiters::new();
-    let mut backoff = BACKOFF.0;
     let mut seen = Seen::default();
+    let mut rotation = Rotation::new(config.registry.len(), BACKOFF);
     loop {
-        match session(
+        let addr = config.registry.get(rotation.current()).to_owned();
+        let outcome = session(
             &config,
+            &addr,
+            &mut rotation,
             &mut cmds,
             &events,
             &pushes,
@@ -316,8 +343,8 @@ pub async fn run(
             &mut waiters,
             &mut seen,
         )
-        .await
-        {
+        .await;
+        let backoff = match outcome {
             Ok(End::Stopped) => return,
             Ok(End::Deregistered) => {
                 tracing::info!("deregistered; registering again on a register request");
@@ -338,12 +365,11 @@ pub async fn run(
                         Some(c) => fail(c, Down::Deregistered, &cache, &events).await,
                     }
                 }
-                backoff = BACKOFF.0;
                 continue;
             }
             Err(e) if e.is_duplicate_instance() => {
                 if seen.refused.is_none() {
-                    tracing::error!(registry = %config.registry, instance = %config.instance, error = %e, "registration refused: another daemon with this identity serves the node; retrying every {}s", RIVAL_RETRY.as_secs());
+                    tracing::error!(registry = %addr, instance = %config.instance, error = %e, "registration refused: another daemon with this identity serves the node; retrying every {}s", RIVAL_RETRY.as_secs());
                 } else {
                     tracing::debug!(error = %e, "registration still refused");
                 }
@@ -358,13 +384,20 @@ pub async fn run(
                 if told.is_err() {
                     return;
                 }
-                backoff = RIVAL_RETRY;
+                RIVAL_RETRY
             }
             Err(e) => {
-                if matches!(e, ClientError::FingerprintMismatch { .. }) {
-                    tracing::error!(registry = %config.registry, error = %e, "registry refused: certificate not pinned; retrying");
+                let wait = if refused(&e) {
+                    rotation.handle_refusal(jitter_sample())
                 } else {
-                    tracing::warn!(registry = %config.registry, error = %e, "registry link down; reconnecting");
+                    rotation.handle_failure(jitter_sample())
+                };
+                let next = config.registry.get(rotation.current());
+                let retry_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                if matches!(e, ClientError::FingerprintMismatch { .. }) {
+                    tracing::error!(registry = %addr, next, retry_ms, error = %e, "registry refused: certificate not pinned; trying again");
+                } else {
+                    tracing::warn!(registry = %addr, next, retry_ms, error = %e, "registry link down; reconnecting");
                 }
                 for w in waiters.drain(..) {
                     let _ = w.send(Err(LinkError::Connection(e.to_string())));
@@ -376,8 +409,9 @@ pub async fn run(
                 {
                     return;
                 }
+                wait
             }
-        }
+        };
         // Commands that arrive while down are answered at once (from the cache where it
         // can) rather than left waiting; a register request ends the wait.
         let sleep = tokio::time::sleep(backoff);
@@ -395,7 +429,6 @@ pub async fn run(
                 },
             }
         }
-        backoff = (backoff * 2).min(BACKOFF.1);
     }
 }
 
@@ -529,30 +562,31 @@ async fn call(s: &mut Session, v: &Value) -> Result<Value, ClientError> {
 
 /// Logs the protocol the registry speaks when it is not the one spoken before (once per
 /// change, not per reconnection).
-fn report_protocol(
-    config: &LinkConfig,
-    spoken: &mut Option<RegistryProtocol>,
-    now: RegistryProtocol,
-) {
+fn report_protocol(addr: &str, spoken: &mut Option<RegistryProtocol>, now: RegistryProtocol) {
     if *spoken == Some(now) {
         return;
     }
     match now {
         RegistryProtocol::V1 => tracing::warn!(
-            registry = %config.registry,
+            registry = addr,
             protocol = %now,
             "the registry refused the session extensions (a v1 registry): using v1's forms \
              with fixed-string signatures, which anyone who sees them can replay; handshake \
              requests arrive by polling"
         ),
         RegistryProtocol::Pilot if spoken.is_some() => tracing::info!(
-            registry = %config.registry,
+            registry = addr,
             protocol = %now,
             "the registry speaks the session extensions again"
         ),
         RegistryProtocol::Pilot => {}
     }
     *spoken = Some(now);
+}
+
+/// Whether `e` is a request that got no answer in time (the connection may still work).
+fn timed_out_error(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 fn refused(e: &ClientError) -> bool {
@@ -565,8 +599,11 @@ fn kind(req: &Value) -> &str {
 
 /// One connected session; returns `Ok` when the command channel closed or the node was
 /// deregistered.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &LinkConfig,
+    addr: &str,
+    rotation: &mut Rotation,
     cmds: &mut mpsc::Receiver<LinkCmd>,
     events: &mpsc::Sender<LinkEvent>,
     pushes: &mpsc::Sender<Value>,
@@ -580,16 +617,14 @@ async fn session(
             format!("{what} timed out"),
         ))
     };
-    let mut client = tokio::time::timeout(
-        CALL_TIMEOUT,
-        Client::connect_with(&config.registry, &config.transport),
-    )
-    .await
-    .map_err(|_| timed_out("connect"))??;
+    let mut client =
+        tokio::time::timeout(CALL_TIMEOUT, Client::connect_with(addr, &config.transport))
+            .await
+            .map_err(|_| timed_out("connect"))??;
     let protocol = tokio::time::timeout(CALL_TIMEOUT, client.negotiate())
         .await
         .map_err(|_| timed_out("hello"))??;
-    report_protocol(config, &mut seen.protocol, protocol);
+    report_protocol(addr, &mut seen.protocol, protocol);
     let mut c = Session {
         client,
         protocol,
@@ -598,6 +633,8 @@ async fn session(
     };
     settle_rotation(&mut c, config, events).await?;
     let (node, reply) = register(&mut c, config).await?;
+    rotation.handle_success();
+    tracing::info!(registry = addr, node, "registry session established");
     if seen.refused.take().is_some() {
         tracing::info!(
             "the other daemon with this identity is gone; this daemon serves the node now"
@@ -612,6 +649,7 @@ async fn session(
             node,
             reply,
             protocol,
+            registry: addr.to_owned(),
         })
         .await
         .is_err()
@@ -620,12 +658,15 @@ async fn session(
     }
     // A v1 registry pushes nothing: the trust service's polling delivers handshakes.
     let (rivals_tx, mut rivals) = mpsc::channel(8);
+    let (lost_tx, mut lost) = mpsc::channel(1);
     let _guard = (protocol == RegistryProtocol::Pilot).then(|| {
         AbortOnDrop(tokio::spawn(watch(
             config.clone(),
+            addr.to_owned(),
             node,
             pushes.clone(),
             rivals_tx,
+            lost_tx,
         )))
     });
     let mut tick = tokio::time::interval(config.keepalive);
@@ -647,6 +688,10 @@ async fn session(
                         // Reaped or unknown: register again on a fresh session.
                         return Err(e);
                     }
+                    Err(e) if !timed_out_error(&e) => {
+                        // The connection is closed or broken: no later heartbeat can pass.
+                        return Err(e);
+                    }
                     Err(e) => {
                         failures += 1;
                         if failures >= 3 {
@@ -656,6 +701,9 @@ async fn session(
                 }
             }
             Some(notice) = rivals.recv() => seen.rival(&notice, events).await,
+            // The watching connection ended: ask whether the registry is still there now
+            // rather than at the next tick.
+            Some(()) = lost.recv() => tick.reset_immediately(),
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { return Ok(End::Stopped) };
                 match cmd {
@@ -720,7 +768,7 @@ async fn session(
                     LinkCmd::Register(reply) => match register(&mut c, config).await {
                         Ok((again, answer)) => {
                             let _ = reply.send(Ok(answer.clone()));
-                            let _ = events.send(LinkEvent::Registered { node: again, reply: answer, protocol }).await;
+                            let _ = events.send(LinkEvent::Registered { node: again, reply: answer, protocol, registry: addr.to_owned() }).await;
                         }
                         Err(e) => {
                             let _ = reply.send(Err(LinkError::from_client(&e)));
@@ -972,20 +1020,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A second connection, authenticated as `node`, receiving pushed events: handshake events go
-/// to `pushes`, reports of a refused rival daemon to `rivals`.
+/// A second connection to the session's registry `addr`, authenticated as `node`, receiving
+/// pushed events: handshake events go to `pushes`, reports of a refused rival daemon to
+/// `rivals`. Each time it ends, `lost` is told (the session then checks its own connection).
 async fn watch(
     config: LinkConfig,
+    addr: String,
     node: u32,
     pushes: mpsc::Sender<Value>,
     rivals: mpsc::Sender<Value>,
+    lost: mpsc::Sender<()>,
 ) {
-    let mut backoff = BACKOFF.0;
+    let mut round = 0;
     loop {
         let r: Result<(), ClientError> = async {
-            let mut c = Client::connect_with(&config.registry, &config.transport).await?;
+            let mut c = Client::connect_with(&addr, &config.transport).await?;
             c.authenticate(node, &config.identity.key()).await?;
             c.call(&json!({"type": "watch"})).await?;
+            round = 0;
             loop {
                 let ev = c.next().await?;
                 let to = if kind(&ev) == "duplicate_instance" {
@@ -1001,10 +1053,13 @@ async fn watch(
         .await;
         match r {
             Ok(()) => return,
-            Err(e) => tracing::debug!(error = %e, "registry watch ended; retrying"),
+            Err(e) => {
+                tracing::debug!(registry = addr, error = %e, "registry watch ended; retrying")
+            }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF.1);
+        let _ = lost.try_send(());
+        tokio::time::sleep(BACKOFF.delay(round, jitter_sample())).await;
+        round = round.saturating_add(1);
     }
 }
 

@@ -17,7 +17,7 @@ use support::registry;
 
 async fn daemon(registry: &str, home: &std::path::Path, public: bool) -> Daemon {
     let cli = Cli {
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),
@@ -326,7 +326,7 @@ async fn a_busy_listen_port_fails_before_an_identity_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("n");
     let cli = Cli {
-        registry: Some(reg),
+        registry: vec![reg],
         beacon: Some(String::new()),
         listen: Some(busy.local_addr().unwrap().to_string()),
         home: Some(home.clone()),

@@ -12,6 +12,7 @@ mod engine;
 mod eventstream;
 mod ipc;
 mod nameserver;
+mod registry_failover;
 mod registry_state;
 mod registry_tls;
 mod registry_v1;

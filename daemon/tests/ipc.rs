@@ -31,7 +31,7 @@ struct Node {
 
 async fn node(registry: &str, home: &Path) -> Node {
     let cli = Cli {
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),

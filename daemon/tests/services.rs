@@ -175,7 +175,7 @@ async fn syn_rate_limits_drop_new_attempts_and_dialers_retry() {
     let a = node(&reg, &dir.path().join("a"), true).await;
     let home = dir.path().join("b");
     let cli = Cli {
-        registry: Some(reg.clone()),
+        registry: vec![reg.clone()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         socket: Some(home.join("pilotd.sock")),

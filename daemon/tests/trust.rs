@@ -36,7 +36,7 @@ struct Node {
 
 async fn start_daemon(registry: &str, home: &Path, public: bool) -> Daemon {
     let cli = Cli {
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),

@@ -465,7 +465,7 @@ async fn a_node_posts_its_events() {
     let start = |name: &str, hook: Option<String>, public: bool| {
         let home = dir.path().join(name);
         let cli = Cli {
-            registry: Some(reg.clone()),
+            registry: vec![reg.clone()],
             beacon: Some(String::new()),
             listen: Some("127.0.0.1:0".into()),
             socket: Some(home.join("pilotd.sock")),

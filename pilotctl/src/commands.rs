@@ -499,8 +499,13 @@ async fn info(ctx: &Ctx) -> Result<Output, CtlError> {
     );
     if let Some(r) = &i.registry {
         let since = fmt_duration(Duration::from_secs(r.since_secs));
+        let at = r
+            .address
+            .as_deref()
+            .map(|a| format!(" ({})", crate::services::clean(a)))
+            .unwrap_or_default();
         let _ = match (r.connected, &r.error) {
-            (true, _) => writeln!(text, "Registry:     connected for {since}"),
+            (true, _) => writeln!(text, "Registry:     connected for {since}{at}"),
             (false, Some(e)) => writeln!(
                 text,
                 "Registry:     NOT CONNECTED for {since}: {}; retrying",

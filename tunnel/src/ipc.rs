@@ -1070,6 +1070,11 @@ pub struct RegistryLinkInfo {
     /// is none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conflict: Option<String>,
+    /// The registry address (`host:port`) of the session, or of the last one while not
+    /// connected: with several `--registry` addresses, the one in use (absent before the
+    /// first session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// The beacon as [`Info::beacon`] reports it.

@@ -455,6 +455,8 @@ struct LinkState {
     error: Option<String>,
     /// Another daemon with this node's identity, as the registry explained it.
     conflict: Option<String>,
+    /// The registry address of the current session (of the last one, while not connected).
+    address: Option<String>,
 }
 
 /// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
@@ -549,6 +551,7 @@ impl Engine {
                 since: Instant::now(),
                 error: None,
                 conflict: None,
+                address: None,
             },
             shutting_down: false,
             node_tx,
@@ -710,6 +713,7 @@ impl Engine {
                 node,
                 reply,
                 protocol,
+                registry,
             } => {
                 self.config.events.emit(
                     "node.registered",
@@ -725,6 +729,7 @@ impl Engine {
                     since: Instant::now(),
                     error: None,
                     conflict: self.registry_link.conflict.take(),
+                    address: Some(registry),
                 };
                 self.discover();
             }
@@ -837,6 +842,7 @@ impl Engine {
                 "since_secs": self.registry_link.since.elapsed().as_secs(),
                 "error": self.registry_link.error,
                 "conflict": self.registry_link.conflict,
+                "address": self.registry_link.address,
             }),
             "uptime_secs": self.started.elapsed().as_secs(),
             "connections": live,

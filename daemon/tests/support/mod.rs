@@ -41,7 +41,7 @@ pub async fn registry_at(bind: &str) -> String {
 #[allow(dead_code)]
 pub fn loopback_cli(registry: &str, home: &std::path::Path) -> pilotd::config::Cli {
     pilotd::config::Cli {
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),

@@ -23,8 +23,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tunnel::registry::auth::{b64, register_message, session_message};
 use tunnel::registry::proto::{encode_frame, FrameDecoder, FrameError, Request};
 
+pub mod failover;
 pub mod tls;
 
+pub use failover::{jitter_sample, AddrListError, Backoff, RegistryAddrs, Rotation};
 pub use tls::{BadFingerprint, Fingerprint, RegistryStream, Transport};
 
 /// Why a call failed.
