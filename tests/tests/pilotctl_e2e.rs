@@ -78,7 +78,7 @@ async fn start(registry: &str, home: &Path, public: bool) -> TestNode {
 async fn start_with(registry: &str, home: &Path, public: bool, no_echo: bool) -> TestNode {
     let sock = home.join("pilotd.sock");
     let cli = Cli {
-        registry: Some(registry.into()),
+        registry: vec![registry.into()],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.into()),
@@ -1513,7 +1513,7 @@ async fn info_reports_the_registry_link() {
     let home = dir.path().join("down");
     let sock = home.join("pilotd.sock");
     let cli = Cli {
-        registry: Some(nowhere),
+        registry: vec![nowhere],
         beacon: Some(String::new()),
         listen: Some("127.0.0.1:0".into()),
         home: Some(home.clone()),
