@@ -1828,7 +1828,10 @@ mod tests {
         a.t.handle_timeout(t1);
         assert_eq!(a.t.poll_resolve(), Some(2));
         assert_eq!(a.t.poll_resolve(), None);
-        assert!(!a.t.take_unanswered(), "no session: not a peer that stopped answering");
+        assert!(
+            !a.t.take_unanswered(),
+            "no session: not a peer that stopped answering"
+        );
         a.t.handle_timeout(t1 + Duration::from_secs(1));
         assert_eq!(a.t.poll_resolve(), None, "once per interval");
         a.t.handle_timeout(t1 + RERESOLVE_INTERVAL);
@@ -2250,7 +2253,10 @@ mod tests {
         let registered: SocketAddr = "127.0.0.1:4001".parse().unwrap();
         assert!(!b.t.set_endpoint(t0, 1, registered));
         assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
-        assert!(b.poll(t0).is_none(), "nothing sent toward the refused endpoint");
+        assert!(
+            b.poll(t0).is_none(),
+            "nothing sent toward the refused endpoint"
+        );
         // B sends and A stops answering: before DIRECT_TIMEOUT the endpoint holds, then the
         // registry's answer is the fallback.
         let t1 = t0 + Duration::from_secs(5);
