@@ -833,6 +833,7 @@ async fn roam_with_idle_ssh_through_pilot0() {
         "the ssh session's connection changed across the second move"
     );
     let newer_ep = peer_view(&p.b, p.a.node_id).await;
+    let a_sees_b = peer_view(&p.a, p.b.node_id).await;
     drop(stdin);
     let t0 = Instant::now();
     let status = loop {
@@ -850,7 +851,8 @@ async fn roam_with_idle_ssh_through_pilot0() {
     println!(
         "idle ssh across a move: B sees A at {old_ep}, then {new_ep}; the line sent 3 s after \
          the move was answered in {} ms; after a second move (to {newer_ip}) B's line reached A \
-         after {} ms, B then sees A at {newer_ep:?}",
+         after {} ms, B then sees A at {newer_ep:?} (endpoint, relayed) and A sees B at \
+         {a_sees_b:?}",
         answer.as_millis(),
         b_first.as_millis()
     );
