@@ -2283,6 +2283,60 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_notice_after_the_relay_fallback_moves_the_peer_back_to_direct() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let mut b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        b.t.set_key(t0, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(t0, 2, b.addr);
+        pump(t0, &mut a, &mut b);
+        pump(t0, &mut b, &mut a);
+        pump(t0, &mut a, &mut b);
+        // A moves; B speaks first, into the old mapping: after DIRECT_TIMEOUT B relays and
+        // asks the registry, whose answer (A's listen port at a stale address) it takes.
+        let t1 = t0 + Duration::from_secs(2);
+        send(t1, &mut b, 1, b"lost");
+        while b.poll(t1).is_some() {}
+        let t2 = t1 + DIRECT_TIMEOUT;
+        b.t.handle_timeout(t2);
+        assert_eq!(b.t.poll_resolve(), Some(1));
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        let stale: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        assert!(b.t.set_endpoint(t2, 1, stale));
+        while b.poll(t2).is_some() {}
+        // A learns it moved: its notice moves B back to direct, at A's new endpoint, and a
+        // later registry answer does not undo it.
+        let t3 = t2 + Duration::from_secs(4);
+        a.addr = "127.0.0.1:5001".parse().unwrap();
+        a.t.announce_moved();
+        pump(t3, &mut a, &mut b);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        b.t.handle_timeout(t3 + Duration::from_secs(2));
+        assert!(!b.t.set_endpoint(t3 + Duration::from_secs(2), 1, stale));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        // B's next packet (behind its PILA: B went silent toward A) goes to A's new endpoint.
+        let t4 = t3 + Duration::from_secs(2);
+        send(t4, &mut b, 1, b"found");
+        let outs: Vec<Out> = std::iter::from_fn(|| b.poll(t4)).collect();
+        assert!(outs.iter().all(|o| o.dst == a.addr), "sent elsewhere");
+        let packets = outs
+            .iter()
+            .filter(|o| {
+                let mut bytes = o.bytes.clone();
+                matches!(
+                    a.t.handle(t4, b.addr, &mut bytes),
+                    Received::Packet { peer: 2, .. }
+                )
+            })
+            .count();
+        assert_eq!(packets, 1, "A got B's packet");
+    }
+
+    #[test]
     fn an_unauthenticated_endpoint_gives_way_to_the_registry() {
         let (mut a, mut b) = pair();
         let now = Instant::now();
