@@ -461,6 +461,15 @@ struct LinkState {
 
 /// Discovers the beacon left unanswered in a row before pilotd warns that it is silent.
 const BEACON_SILENT_AFTER: u32 = 3;
+/// Between registry heartbeats, a discover goes out when none did for this long: our NAT's
+/// mapping can change under us (a new public address, a NAT restart) with nothing else to
+/// tell us, and until a discover's answer shows it, peers' packets go to the dead mapping and
+/// the beacon refuses to relay ours from the new one. It also keeps the mapping to the beacon
+/// open on NATs that forget idle UDP mappings sooner than the heartbeat.
+const MAPPING_CHECK: Duration = Duration::from_secs(10);
+/// Least time between two discovers sent early, on a hint that our mapping moved (the
+/// registry connection broke, a peer stopped answering).
+const REDISCOVER_MIN: Duration = Duration::from_secs(2);
 
 /// Whether the beacon answers the discovers sent at each heartbeat: one warning when it falls
 /// silent, one line when it answers again.
@@ -585,6 +594,9 @@ impl Engine {
                 .node
                 .poll_timeout()
                 .unwrap_or(now + Duration::from_secs(1));
+            if let Some(check) = self.next_mapping_check() {
+                deadline = deadline.min(check);
+            }
             if let Some(d) = shutdown_deadline {
                 // Shutdown checks again at least this often.
                 deadline = deadline.min(d).min(now + Duration::from_millis(20));
@@ -634,7 +646,14 @@ impl Engine {
                     self.control.on_room(permit);
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    self.node.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    self.node.handle_timeout(now);
+                    if self.node.take_peers_unanswered() {
+                        self.discover_soon(now);
+                    }
+                    if self.next_mapping_check().is_some_and(|t| t <= now) {
+                        self.discover();
+                    }
                 }
             }
             self.drain(Instant::now()).await;
@@ -758,6 +777,9 @@ impl Engine {
                     l.since = Instant::now();
                 }
                 l.error = Some(why);
+                // A broken registry connection may be our mapping moving (the NAT forgot
+                // its state with its old address).
+                self.discover_soon(now);
             }
             LinkEvent::Conflict(c) => self.registry_link.conflict = c,
             LinkEvent::Rotated(key) => {
@@ -767,6 +789,34 @@ impl Engine {
                     json!({"public_key": tunnel::registry::auth::b64(key.verifying_key().as_bytes())}),
                 );
             }
+        }
+    }
+
+    /// When the next discover of [`MAPPING_CHECK`] is due: registered, with a beacon and no
+    /// fixed public endpoint.
+    fn next_mapping_check(&self) -> Option<Instant> {
+        if self.registered.is_none()
+            || self.node.beacon().is_none()
+            || self.config.endpoint_override.is_some()
+        {
+            return None;
+        }
+        Some(self.beacon_watch.last_sent? + MAPPING_CHECK)
+    }
+
+    /// A discover now, on a hint that our mapping moved, unless one went out within
+    /// [`REDISCOVER_MIN`]. Only once registered (the first discover follows registration).
+    fn discover_soon(&mut self, now: Instant) {
+        if self.registered.is_none() || self.node.beacon().is_none() {
+            return;
+        }
+        if self
+            .beacon_watch
+            .last_sent
+            .is_none_or(|t| now.duration_since(t) >= REDISCOVER_MIN)
+        {
+            tracing::debug!("our mapping may have moved: discovering now");
+            self.discover();
         }
     }
 

@@ -492,6 +492,13 @@ impl<R: RngCore + CryptoRng> Node<R> {
         self.public_endpoint
     }
 
+    /// Whether a direct peer we have a session with stopped answering since the last call
+    /// (see [`Tunnels::take_unanswered`]): our own mapping may have moved, and a discover
+    /// shows it.
+    pub fn take_peers_unanswered(&mut self) -> bool {
+        self.tunnels.take_unanswered()
+    }
+
     /// When the beacon last answered a discover (any answer, changed endpoint or not).
     pub fn last_discovered(&self) -> Option<Instant> {
         self.last_discovered

@@ -35,7 +35,9 @@
 //! off ignores key exchanges); the inner source node must
 //! be the peer that sealed the frame; a replayed PILA never moves an endpoint or resets a
 //! session (only a PILS, which is replay-protected, moves an endpoint: roaming, and only the
-//! newest one yet, so a late or held-back frame never moves it back or elsewhere); an
+//! newest one yet, so a late or held-back frame never moves it back or elsewhere; a registry
+//! answer does not replace an endpoint so learned until it goes silent, see
+//! [`Tunnels::set_endpoint`]); an
 //! undecryptable PILS is answered, rate-limited, with our PILA so a restarted peer re-keys;
 //! a peer that leaves [`HALF_KEYED_PILAS`] of our PILAs unanswered while we have no session
 //! gets a fresh X25519 key of ours (its own, apart from the table's), because a v1 peer
@@ -121,6 +123,10 @@ pub enum Path {
 #[derive(Debug)]
 struct Peer {
     endpoint: Option<SocketAddr>,
+    /// `endpoint` was set by an authenticated packet from the peer (a PILS, or a PILA with a
+    /// new key), not by the registry or an unauthenticated frame: see
+    /// [`Tunnels::set_endpoint`].
+    endpoint_learned: bool,
     path: Path,
     session: Option<Session>,
     peer_x25519: Option<[u8; X25519_KEY_LEN]>,
@@ -385,6 +391,9 @@ pub struct Tunnels<R> {
     next_timeout: Option<Instant>,
     /// Peers whose endpoint should be looked up again.
     resolve: VecDeque<u32>,
+    /// A direct peer with a session stopped answering since [`Tunnels::take_unanswered`]
+    /// last looked (see there).
+    unanswered: bool,
     drops: HashMap<Drop, u64>,
     /// Our PILA for the current node ID (it changes only with the node ID).
     pila: Vec<u8>,
@@ -419,6 +428,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             out: VecDeque::new(),
             next_timeout: None,
             resolve: VecDeque::new(),
+            unanswered: false,
             drops: HashMap::new(),
             pila: Vec::new(),
         }
@@ -541,8 +551,21 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     /// a punch request through the beacon and our PILA straight to the endpoint. A relayed
     /// peer is probed at once: the PILA goes straight to the endpoint, and the peer's direct
     /// answer moves the path back (see [`Tunnels::handle_timeout`]).
-    pub fn set_endpoint(&mut self, now: Instant, node: u32, endpoint: SocketAddr) {
+    ///
+    /// An endpoint the peer itself showed us (its authenticated packets came from it) wins
+    /// over the registry's while it is live: the registry holds what the peer registered (its
+    /// listen port, or an endpoint its own discovery has not yet updated), which behind a NAT
+    /// is often not where its packets come from. Such an endpoint gives way only once it went
+    /// silent ([`Tunnels::endpoint_live`]): then the registry's answer is the fallback.
+    /// Returns whether the endpoint was taken.
+    pub fn set_endpoint(&mut self, now: Instant, node: u32, endpoint: SocketAddr) -> bool {
         let p = self.peer(now, node);
+        if p.endpoint.is_some_and(|e| e != endpoint) && learned_endpoint_live(p, now) {
+            return false;
+        }
+        if p.endpoint != Some(endpoint) {
+            p.endpoint_learned = false;
+        }
         p.endpoint = Some(endpoint);
         if p.path == Path::Relay {
             p.last_probe = Some(now);
@@ -552,6 +575,17 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             self.send_pila(now, node, true);
         }
         self.schedule(node);
+        true
+    }
+
+    /// Whether the endpoint of `node` was shown by its authenticated packets and has not
+    /// gone silent: we have a session, reach it directly, and it answered within
+    /// [`DIRECT_TIMEOUT`] of our first unanswered send (a peer we do not send to stays live).
+    /// A registry answer does not replace such an endpoint ([`Tunnels::set_endpoint`]).
+    pub fn endpoint_live(&self, now: Instant, node: u32) -> bool {
+        self.peers
+            .get(&node)
+            .is_some_and(|p| learned_endpoint_live(p, now))
     }
 
     /// `node` may have dropped its keys for us while we keep our session: a v1 peer removes
@@ -776,6 +810,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
     fn peer(&mut self, now: Instant, node: u32) -> &mut Peer {
         self.peers.entry(node).or_insert_with(|| Peer {
             endpoint: None,
+            endpoint_learned: false,
             path: Path::Direct,
             session: None,
             peer_x25519: None,
@@ -942,6 +977,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     if newest || peer.endpoint == Some(src) {
                         peer.last_direct_rx = Some(now);
                         peer.endpoint = Some(src);
+                        peer.endpoint_learned = true;
                         if peer.path == Path::Relay {
                             peer.path = Path::Direct;
                             peer.stats.path_changes += 1;
@@ -1058,6 +1094,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                 }
             } else {
                 p.endpoint = Some(src);
+                p.endpoint_learned = true;
             }
         } else if !relayed {
             let p = self.peer(now, pila.node);
@@ -1336,6 +1373,7 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
                     if stuck && direct_silent && resolve_due && p.endpoint.is_some() {
                         p.last_resolve = Some(now);
                         self.resolve.push_back(node);
+                        self.unanswered |= p.session.is_some();
                         // The peer may have dropped its keys for us without our knowing (a
                         // v1 peer's revoke that never reached us): the next packets go
                         // behind our PILA even if the registry refuses the look-up.
@@ -1390,6 +1428,14 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
         }
     }
 
+    /// Whether a direct peer we have a session with stopped answering (nothing heard for
+    /// [`DIRECT_TIMEOUT`] while we send) since the last call, at most once per peer per
+    /// [`RERESOLVE_INTERVAL`]. Either the peer moved, or we did: our NAT's mapping may have
+    /// changed under us, which only the beacon's next discover answer shows.
+    pub fn take_unanswered(&mut self) -> bool {
+        std::mem::take(&mut self.unanswered)
+    }
+
     /// A peer whose endpoint [`Tunnels::handle_timeout`] wants looked up again in the
     /// registry (the answer goes to [`Tunnels::set_endpoint`]).
     pub fn poll_resolve(&mut self) -> Option<u32> {
@@ -1409,6 +1455,22 @@ impl<R: RngCore + CryptoRng> Tunnels<R> {
             });
         }
     }
+}
+
+/// See [`Tunnels::endpoint_live`]: mirrors the silence test of [`Tunnels::handle_timeout`]
+/// (nothing direct heard for [`DIRECT_TIMEOUT`] while a send waits as long for an answer).
+fn learned_endpoint_live(p: &Peer, now: Instant) -> bool {
+    let stuck = p
+        .unanswered_since
+        .is_some_and(|t| now.duration_since(t) >= DIRECT_TIMEOUT);
+    let direct_silent = p
+        .last_direct_rx
+        .is_none_or(|t| now.duration_since(t) >= DIRECT_TIMEOUT);
+    p.endpoint_learned
+        && p.endpoint.is_some()
+        && p.session.is_some()
+        && p.path == Path::Direct
+        && !(stuck && direct_silent)
 }
 
 /// The earliest time [`Tunnels::handle_timeout`] acts on `p`: mirrors its conditions. A
@@ -1766,10 +1828,36 @@ mod tests {
         a.t.handle_timeout(t1);
         assert_eq!(a.t.poll_resolve(), Some(2));
         assert_eq!(a.t.poll_resolve(), None);
+        assert!(
+            !a.t.take_unanswered(),
+            "no session: not a peer that stopped answering"
+        );
         a.t.handle_timeout(t1 + Duration::from_secs(1));
         assert_eq!(a.t.poll_resolve(), None, "once per interval");
         a.t.handle_timeout(t1 + RERESOLVE_INTERVAL);
         assert_eq!(a.t.poll_resolve(), Some(2));
+    }
+
+    #[test]
+    fn a_keyed_peer_that_stops_answering_is_reported_once_per_interval() {
+        let (mut a, mut b) = pair();
+        let t0 = Instant::now();
+        a.t.set_endpoint(t0, 2, b.addr);
+        pump(t0, &mut a, &mut b);
+        pump(t0, &mut b, &mut a);
+        pump(t0, &mut a, &mut b);
+        assert!(a.t.peers()[0].encrypted);
+        let t1 = t0 + Duration::from_secs(1);
+        send(t1, &mut a, 2, b"unanswered");
+        a.t.handle_timeout(t1 + DIRECT_TIMEOUT - Duration::from_millis(1));
+        assert!(!a.t.take_unanswered(), "not silent long enough");
+        a.t.handle_timeout(t1 + DIRECT_TIMEOUT);
+        assert!(a.t.take_unanswered());
+        assert!(!a.t.take_unanswered(), "taken");
+        a.t.handle_timeout(t1 + DIRECT_TIMEOUT + Duration::from_secs(1));
+        assert!(!a.t.take_unanswered(), "once per interval");
+        a.t.handle_timeout(t1 + DIRECT_TIMEOUT + RERESOLVE_INTERVAL);
+        assert!(a.t.take_unanswered());
     }
 
     #[test]
@@ -2144,6 +2232,126 @@ mod tests {
         let notices: Vec<Out> = std::iter::from_fn(|| a.poll(now)).collect();
         assert_eq!(notices.len(), 1);
         assert_eq!(notices[0].dst, b.addr);
+    }
+
+    #[test]
+    fn a_learned_endpoint_wins_over_the_registry_until_it_goes_silent() {
+        let (mut a, mut b) = pair();
+        let t0 = Instant::now();
+        a.t.set_endpoint(t0, 2, b.addr);
+        pump(t0, &mut a, &mut b);
+        pump(t0, &mut b, &mut a);
+        pump(t0, &mut a, &mut b);
+        // A moves; its moved notice, authenticated, moves B's view.
+        a.addr = "127.0.0.1:5001".parse().unwrap();
+        a.t.announce_moved();
+        pump(t0, &mut a, &mut b);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert!(b.t.endpoint_live(t0, 1));
+        // The registry still has A's listen port at its new address (B had asked while A's
+        // old mapping was dead): the answer does not replace what A's packets showed.
+        let registered: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        assert!(!b.t.set_endpoint(t0, 1, registered));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert!(
+            b.poll(t0).is_none(),
+            "nothing sent toward the refused endpoint"
+        );
+        // B sends and A stops answering: before DIRECT_TIMEOUT the endpoint holds, then the
+        // registry's answer is the fallback.
+        let t1 = t0 + Duration::from_secs(5);
+        send(t1, &mut b, 1, b"unanswered");
+        while b.poll(t1).is_some() {}
+        let almost = t1 + DIRECT_TIMEOUT - Duration::from_millis(1);
+        assert!(!b.t.set_endpoint(almost, 1, registered));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        let silent = t1 + DIRECT_TIMEOUT;
+        assert!(!b.t.endpoint_live(silent, 1));
+        assert!(b.t.set_endpoint(silent, 1, registered));
+        assert_eq!(b.t.peers()[0].endpoint, Some(registered));
+        // A registry endpoint is no learned one: the next answer replaces it.
+        let other: SocketAddr = "127.0.0.1:4444".parse().unwrap();
+        assert!(b.t.set_endpoint(silent, 1, other));
+        assert_eq!(b.t.peers()[0].endpoint, Some(other));
+        // A's next authenticated packet shows where it is, and wins again.
+        while b.poll(silent).is_some() {}
+        send(silent, &mut a, 2, b"here");
+        assert_eq!(pump(silent, &mut a, &mut b), 1);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert!(!b.t.set_endpoint(silent, 1, registered));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+    }
+
+    #[test]
+    fn a_moved_notice_after_the_relay_fallback_moves_the_peer_back_to_direct() {
+        let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        let mut a = node(1, 1, 4001, Some(beacon));
+        let mut b = node(2, 2, 4002, Some(beacon));
+        let t0 = Instant::now();
+        a.t.set_key(t0, 2, b.t.identity.verifying_key());
+        b.t.set_key(t0, 1, a.t.identity.verifying_key());
+        a.t.set_endpoint(t0, 2, b.addr);
+        pump(t0, &mut a, &mut b);
+        pump(t0, &mut b, &mut a);
+        pump(t0, &mut a, &mut b);
+        // A moves; B speaks first, into the old mapping: after DIRECT_TIMEOUT B relays and
+        // asks the registry, whose answer (A's listen port at a stale address) it takes.
+        let t1 = t0 + Duration::from_secs(2);
+        send(t1, &mut b, 1, b"lost");
+        while b.poll(t1).is_some() {}
+        let t2 = t1 + DIRECT_TIMEOUT;
+        b.t.handle_timeout(t2);
+        assert_eq!(b.t.poll_resolve(), Some(1));
+        assert_eq!(b.t.path(1), Some(Path::Relay));
+        let stale: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        assert!(b.t.set_endpoint(t2, 1, stale));
+        while b.poll(t2).is_some() {}
+        // A learns it moved: its notice moves B back to direct, at A's new endpoint, and a
+        // later registry answer does not undo it.
+        let t3 = t2 + Duration::from_secs(4);
+        a.addr = "127.0.0.1:5001".parse().unwrap();
+        a.t.announce_moved();
+        pump(t3, &mut a, &mut b);
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        b.t.handle_timeout(t3 + Duration::from_secs(2));
+        assert!(!b.t.set_endpoint(t3 + Duration::from_secs(2), 1, stale));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        assert_eq!(b.t.path(1), Some(Path::Direct));
+        // B's next packet (behind its PILA: B went silent toward A) goes to A's new endpoint.
+        let t4 = t3 + Duration::from_secs(2);
+        send(t4, &mut b, 1, b"found");
+        let outs: Vec<Out> = std::iter::from_fn(|| b.poll(t4)).collect();
+        assert!(outs.iter().all(|o| o.dst == a.addr), "sent elsewhere");
+        let packets = outs
+            .iter()
+            .filter(|o| {
+                let mut bytes = o.bytes.clone();
+                matches!(
+                    a.t.handle(t4, b.addr, &mut bytes),
+                    Received::Packet { peer: 2, .. }
+                )
+            })
+            .count();
+        assert_eq!(packets, 1, "A got B's packet");
+    }
+
+    #[test]
+    fn an_unauthenticated_endpoint_gives_way_to_the_registry() {
+        let (mut a, mut b) = pair();
+        let now = Instant::now();
+        // B has A's endpoint from the registry only: a later answer replaces it at once.
+        b.t.set_endpoint(now, 1, "127.0.0.1:4999".parse().unwrap());
+        assert!(!b.t.endpoint_live(now, 1));
+        assert!(b.t.set_endpoint(now, 1, a.addr));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
+        // Keyed, B's view learned from A's PILA stays.
+        while b.poll(now).is_some() {}
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, &mut a, &mut b);
+        assert!(b.t.endpoint_live(now, 1));
+        assert!(!b.t.set_endpoint(now, 1, "127.0.0.1:4999".parse().unwrap()));
+        assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
     }
 
     #[test]
