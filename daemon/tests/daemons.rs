@@ -11,6 +11,8 @@
 //! The tests run one at a time (they share the machine's CPU and the relay test blocks
 //! loopback ports), each with its own registry, beacon and daemons.
 
+use crate::support;
+
 use std::io::Write as _;
 use std::net::{SocketAddr as NetAddr, UdpSocket as StdUdp};
 use std::path::{Path, PathBuf};
@@ -101,7 +103,7 @@ impl Cluster {
             name: name.into(),
             socket: home.join("pilotd.sock"),
             home,
-            port: free_udp_port(),
+            port: support::free_udp_port(),
             public,
             registry: self.registry.clone(),
             beacon: self.beacon.to_string(),
@@ -116,14 +118,6 @@ impl Cluster {
 /// The daemons' log filter: `PILOT_TEST_LOG_LEVEL`, else info.
 fn log_level() -> String {
     std::env::var("PILOT_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into())
-}
-
-fn free_udp_port() -> u16 {
-    StdUdp::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `pilotd` child process. Dropping it kills the process; after a panic its log is printed.

@@ -8,7 +8,6 @@
 
 use crate::support;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,20 +15,7 @@ use std::time::{Duration, Instant};
 use pilot_driver::Driver;
 use pilot_registry_client::Client;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::ipc::{ExtReply, ExtRequest};
-use tunnel::{Addr, SocketAddr as PilotAddr};
-
-/// The built-in echo service's port.
-const ECHO_PORT: u16 = 7;
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `pilotd` child process, killed on drop (its log printed after a panic).
 struct Pilotd {
@@ -42,7 +28,7 @@ struct Pilotd {
 impl Pilotd {
     fn spawn(name: &'static str, home: &Path, registry: &str) -> Pilotd {
         std::fs::create_dir_all(home).unwrap();
-        let port = free_udp_port();
+        let port = support::free_udp_port();
         let log = std::fs::File::create(home.join("pilotd.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pilotd"))
             .arg("--home")
@@ -165,23 +151,6 @@ async fn lookup(registry: &str, node: u32) -> Value {
         .unwrap()
 }
 
-/// An echo round trip from `from` to `node`'s echo service.
-async fn echo(from: &Driver, node: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
-    let dst = PilotAddr::new(Addr::new(0, node), ECHO_PORT);
-    let run = async {
-        let s = from.dial(dst).await.map_err(|e| format!("dial: {e}"))?;
-        let (mut r, mut w) = tokio::io::split(s);
-        w.write_all(payload).await.map_err(|e| e.to_string())?;
-        w.shutdown().await.map_err(|e| e.to_string())?;
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
-        Ok(got)
-    };
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .map_err(|_| "no echo within 10 s".to_owned())?
-}
-
 /// Packets the daemon has received on its tunnel socket.
 fn pkts_recv(info: &Value) -> u64 {
     info["pkts_recv"].as_u64().unwrap()
@@ -197,7 +166,7 @@ async fn a_copied_identity_is_refused_and_never_takes_the_node_over() {
     peer.registered().await;
     let peer_driver = peer.driver().await.unwrap();
     assert_eq!(
-        echo(&peer_driver, node, b"before").await.unwrap(),
+        support::echo(&peer_driver, node, b"before").await.unwrap(),
         b"before"
     );
 
@@ -247,7 +216,7 @@ async fn a_copied_identity_is_refused_and_never_takes_the_node_over() {
     // Traffic for the node still reaches the first daemon.
     let before = pkts_recv(&first.info().await.unwrap());
     assert_eq!(
-        echo(&peer_driver, node, b"during").await.unwrap(),
+        support::echo(&peer_driver, node, b"during").await.unwrap(),
         b"during"
     );
     assert!(pkts_recv(&first.info().await.unwrap()) > before);
@@ -260,7 +229,10 @@ async fn a_copied_identity_is_refused_and_never_takes_the_node_over() {
     let info = first.info().await.unwrap();
     assert_eq!(info["node_id"], node);
     assert_eq!(info["registry"]["connected"], true);
-    assert_eq!(echo(&peer_driver, node, b"after").await.unwrap(), b"after");
+    assert_eq!(
+        support::echo(&peer_driver, node, b"after").await.unwrap(),
+        b"after"
+    );
 
     // Once the first daemon stops, the copy may serve the node at once, with no wait for the
     // registry's liveness window (`pilotctl register` cuts its retry interval short).

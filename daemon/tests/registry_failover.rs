@@ -5,28 +5,18 @@
 //! Info names B, and one still finds the other by name (answered by B, not from the cache) and
 //! reaches it. A list with a bad entry stops `pilotd` (and `--check-config`) at start.
 
-use std::net::{TcpListener, UdpSocket};
+use crate::support;
+
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pilot_driver::Driver;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnel::{Addr, SocketAddr as PilotAddr};
 
-/// The built-in echo service's port.
-const ECHO_PORT: u16 = 7;
 /// How long a daemon may take to be registered on the standby once it serves.
 const MOVE_WITHIN: Duration = Duration::from_secs(20);
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn free_tcp_addr() -> String {
     TcpListener::bind("127.0.0.1:0")
@@ -139,7 +129,7 @@ fn spawn_registry(name: &'static str, dir: &Path, store: &Path, addr: &str) -> P
 /// A public `pilotd` named `hostname` with `registry` (one flag value, comma-separated).
 fn spawn_pilotd(name: &'static str, home: &Path, registry: &str, hostname: &str) -> Proc {
     std::fs::create_dir_all(home).unwrap();
-    let port = free_udp_port();
+    let port = support::free_udp_port();
     Proc::spawn(
         name,
         Command::new(env!("CARGO_BIN_EXE_pilotd"))
@@ -190,23 +180,6 @@ fn on(i: &Value, addr: &str) -> bool {
     i["node_id"].as_u64().is_some_and(|n| n != 0)
         && i["registry"]["connected"] == true
         && i["registry"]["address"] == addr
-}
-
-/// An echo round trip from `from` to `node`'s echo service.
-async fn echo(from: &Driver, node: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
-    let dst = PilotAddr::new(Addr::new(0, node), ECHO_PORT);
-    let run = async {
-        let s = from.dial(dst).await.map_err(|e| format!("dial: {e}"))?;
-        let (mut r, mut w) = tokio::io::split(s);
-        w.write_all(payload).await.map_err(|e| e.to_string())?;
-        w.shutdown().await.map_err(|e| e.to_string())?;
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
-        Ok(got)
-    };
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .map_err(|_| "no echo within 10 s".to_owned())?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +236,7 @@ async fn daemons_move_to_a_standby_registry_and_keep_their_addresses() {
         "answered from the cache: {found}"
     );
     let node_x = u32::try_from(after_x["node_id"].as_u64().unwrap()).unwrap();
-    let got = echo(&dy, node_x, b"after the move").await.unwrap();
+    let got = support::echo(&dy, node_x, b"after the move").await.unwrap();
     assert_eq!(got, b"after the move");
 }
 

@@ -184,35 +184,9 @@ impl Cluster {
 
     /// Creates database `name` (when missing) and returns its URL.
     pub fn database(&self, name: &str) -> String {
-        let exists = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", "postgres", "-tAc"])
-            .arg(format!(
-                "SELECT 1 FROM pg_database WHERE datname = '{name}'"
-            ))
-            .output()
-            .unwrap();
-        check("psql", &exists);
-        if String::from_utf8_lossy(&exists.stdout).trim() != "1" {
-            let out = Command::new(self.bin.join("createdb"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
-                .arg(name)
-                .output()
-                .unwrap();
+        let query = format!("SELECT 1 FROM pg_database WHERE datname = '{name}'");
+        if self.sql("postgres", &query) != "1" {
+            let out = self.client("createdb").arg(name).output().unwrap();
             check("createdb", &out);
         }
         self.url(name)
@@ -226,20 +200,28 @@ impl Cluster {
 
     /// Runs one SQL command as the superuser on `db` and returns its unaligned output.
     pub fn sql(&self, db: &str, command: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .client("psql")
             .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-tAc", command])
             .output()
             .unwrap();
         check("psql", &out);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A client `tool` of the cluster's installation (psql, createdb), connecting to this
+    /// cluster as the superuser.
+    fn client(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(tool));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        cmd
     }
 }
 

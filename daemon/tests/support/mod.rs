@@ -68,3 +68,37 @@ pub async fn bare_node(registry: &str, home: &std::path::Path) -> pilotd::node::
         .await
         .unwrap()
 }
+
+/// A UDP port free on loopback right now.
+#[allow(dead_code)]
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One round trip through `node`'s built-in echo service (port 7) from `from`, within 10 s:
+/// what came back, or what failed.
+#[allow(dead_code)]
+pub async fn echo(
+    from: &pilot_driver::Driver,
+    node: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dst = tunnel::SocketAddr::new(tunnel::Addr::new(0, node), 7);
+    let run = async {
+        let s = from.dial(dst).await.map_err(|e| format!("dial: {e}"))?;
+        let (mut r, mut w) = tokio::io::split(s);
+        w.write_all(payload).await.map_err(|e| e.to_string())?;
+        w.shutdown().await.map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+        Ok(got)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), run)
+        .await
+        .map_err(|_| "no echo within 10 s".to_owned())?
+}

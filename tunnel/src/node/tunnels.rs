@@ -1633,12 +1633,25 @@ mod tests {
     }
 
     fn pair() -> (Node, Node) {
-        let mut a = node(1, 1, 4001, None);
-        let mut b = node(2, 2, 4002, None);
+        pair_via(None)
+    }
+
+    /// Nodes 1 and 2 (on ports 4001 and 4002), each knowing the other's key, with `beacon`.
+    fn pair_via(beacon: Option<SocketAddr>) -> (Node, Node) {
+        let mut a = node(1, 1, 4001, beacon);
+        let mut b = node(2, 2, 4002, beacon);
         let now = Instant::now();
         a.t.set_key(now, 2, b.t.identity.verifying_key());
         b.t.set_key(now, 1, a.t.identity.verifying_key());
         (a, b)
+    }
+
+    /// A dials B directly and the handshake completes: both hold a session.
+    fn handshake(now: Instant, a: &mut Node, b: &mut Node) {
+        a.t.set_endpoint(now, 2, b.addr);
+        pump(now, a, b);
+        pump(now, b, a);
+        pump(now, a, b);
     }
 
     fn packet(from: u32, to: u32, payload: &[u8]) -> Vec<u8> {
@@ -1842,10 +1855,7 @@ mod tests {
     fn a_keyed_peer_that_stops_answering_is_reported_once_per_interval() {
         let (mut a, mut b) = pair();
         let t0 = Instant::now();
-        a.t.set_endpoint(t0, 2, b.addr);
-        pump(t0, &mut a, &mut b);
-        pump(t0, &mut b, &mut a);
-        pump(t0, &mut a, &mut b);
+        handshake(t0, &mut a, &mut b);
         assert!(a.t.peers()[0].encrypted);
         let t1 = t0 + Duration::from_secs(1);
         send(t1, &mut a, 2, b"unanswered");
@@ -2114,10 +2124,7 @@ mod tests {
     fn unknown_session_is_answered_with_our_key_exchange() {
         let (mut a, mut b) = pair();
         let now = Instant::now();
-        a.t.set_endpoint(now, 2, b.addr);
-        pump(now, &mut a, &mut b);
-        pump(now, &mut b, &mut a);
-        pump(now, &mut a, &mut b);
+        handshake(now, &mut a, &mut b);
         // B restarts: new X25519 key, no sessions.
         let key_a = a.t.identity.verifying_key();
         b = node(2, 2, 4002, None);
@@ -2160,10 +2167,7 @@ mod tests {
     fn only_the_newest_pils_moves_an_endpoint() {
         let (mut a, mut b) = pair();
         let now = Instant::now();
-        a.t.set_endpoint(now, 2, b.addr);
-        pump(now, &mut a, &mut b);
-        pump(now, &mut b, &mut a);
-        pump(now, &mut a, &mut b);
+        handshake(now, &mut a, &mut b);
         let old = a.addr;
         // Sealed at the old address and held back (reordered, or by someone on the path).
         let late: Vec<Out> = (0..2)
@@ -2202,10 +2206,7 @@ mod tests {
     fn a_moved_notice_moves_the_peers_view_and_is_an_ignored_control_packet() {
         let (mut a, mut b) = pair();
         let now = Instant::now();
-        a.t.set_endpoint(now, 2, b.addr);
-        pump(now, &mut a, &mut b);
-        pump(now, &mut b, &mut a);
-        pump(now, &mut a, &mut b);
+        handshake(now, &mut a, &mut b);
         assert_eq!(b.t.peers()[0].endpoint, Some(a.addr));
         // A learns its mapping moved: B hears it from the new endpoint without A sending
         // anything else.
@@ -2238,10 +2239,7 @@ mod tests {
     fn a_learned_endpoint_wins_over_the_registry_until_it_goes_silent() {
         let (mut a, mut b) = pair();
         let t0 = Instant::now();
-        a.t.set_endpoint(t0, 2, b.addr);
-        pump(t0, &mut a, &mut b);
-        pump(t0, &mut b, &mut a);
-        pump(t0, &mut a, &mut b);
+        handshake(t0, &mut a, &mut b);
         // A moves; its moved notice, authenticated, moves B's view.
         a.addr = "127.0.0.1:5001".parse().unwrap();
         a.t.announce_moved();
@@ -2285,15 +2283,9 @@ mod tests {
     #[test]
     fn a_moved_notice_after_the_relay_fallback_moves_the_peer_back_to_direct() {
         let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let mut a = node(1, 1, 4001, Some(beacon));
-        let mut b = node(2, 2, 4002, Some(beacon));
+        let (mut a, mut b) = pair_via(Some(beacon));
         let t0 = Instant::now();
-        a.t.set_key(t0, 2, b.t.identity.verifying_key());
-        b.t.set_key(t0, 1, a.t.identity.verifying_key());
-        a.t.set_endpoint(t0, 2, b.addr);
-        pump(t0, &mut a, &mut b);
-        pump(t0, &mut b, &mut a);
-        pump(t0, &mut a, &mut b);
+        handshake(t0, &mut a, &mut b);
         // A moves; B speaks first, into the old mapping: after DIRECT_TIMEOUT B relays and
         // asks the registry, whose answer (A's listen port at a stale address) it takes.
         let t1 = t0 + Duration::from_secs(2);
@@ -2357,11 +2349,8 @@ mod tests {
     #[test]
     fn relayed_peers_return_to_direct_after_a_direct_probe() {
         let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let mut a = node(1, 1, 4001, Some(beacon));
-        let mut b = node(2, 2, 4002, Some(beacon));
+        let (mut a, mut b) = pair_via(Some(beacon));
         let t0 = Instant::now();
-        a.t.set_key(t0, 2, b.t.identity.verifying_key());
-        b.t.set_key(t0, 1, a.t.identity.verifying_key());
         a.t.set_endpoint(t0, 2, b.addr);
         b.t.set_endpoint(t0, 1, a.addr);
         // The direct path is down: everything direct is lost, relays get through.
@@ -2393,11 +2382,8 @@ mod tests {
     #[test]
     fn a_relayed_peer_without_an_endpoint_is_looked_up_until_found_then_probed() {
         let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let mut a = node(1, 1, 4001, Some(beacon));
-        let mut b = node(2, 2, 4002, Some(beacon));
+        let (mut a, mut b) = pair_via(Some(beacon));
         let t0 = Instant::now();
-        a.t.set_key(t0, 2, b.t.identity.verifying_key());
-        b.t.set_key(t0, 1, a.t.identity.verifying_key());
         // A's own look-up of B was refused: a peer made only by our packets is forgotten.
         assert_eq!(send(t0, &mut a, 2, b"early"), Sent::NeedEndpoint);
         assert!(a.t.remove_if_unknown(2));
@@ -2446,11 +2432,8 @@ mod tests {
     #[test]
     fn silent_direct_path_falls_back_to_relay_and_back() {
         let beacon: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        let mut a = node(1, 1, 4001, Some(beacon));
-        let mut b = node(2, 2, 4002, Some(beacon));
+        let (mut a, mut b) = pair_via(Some(beacon));
         let t0 = Instant::now();
-        a.t.set_key(t0, 2, b.t.identity.verifying_key());
-        b.t.set_key(t0, 1, a.t.identity.verifying_key());
         a.t.set_endpoint(t0, 2, b.addr);
         send(t0, &mut a, 2, b"hi");
         while a.poll(t0).is_some() {} // direct traffic is lost
