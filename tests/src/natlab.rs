@@ -407,10 +407,11 @@ pub fn wait_until(
 }
 
 /// The directory holding the `pilotd`, `pilot-registry` and `pilot-beacon` binaries:
-/// `$PILOT_NATLAB_BIN_DIR`, else the target directory of the running test
-/// (target/<profile>/deps/<test> -> target/<profile>), where they are built when missing.
+/// `$PILOT_BIN_DIR` (as for scripts/package.sh and scripts/run.sh), else the target directory
+/// of the running test (target/<profile>/deps/<test> -> target/<profile>), where they are
+/// built when missing.
 pub fn bin_dir() -> Result<PathBuf, LabError> {
-    if let Some(d) = std::env::var_os("PILOT_NATLAB_BIN_DIR") {
+    if let Some(d) = std::env::var_os("PILOT_BIN_DIR") {
         return Ok(PathBuf::from(d));
     }
     let exe = std::env::current_exe().map_err(io_err("current_exe"))?;
