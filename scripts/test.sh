@@ -24,8 +24,8 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 # not as skipped).
 if [ "$(id -u)" -eq 0 ]; then
     echo "== root-only tests ==" >>"$log"
-    # The package and main-job tests package and run the binaries this build made (test
-    # profile) instead of compiling the workspace again with the release profile's LTO.
+    # The package, main-job and NAT lab tests package and run the binaries this build made
+    # (test profile) instead of compiling the workspace again with the release profile's LTO.
     export PILOT_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug"
     # Each run below selects its tests by name in every crate's integration binary; with
     # --workspace, features resolve as in the run above, so nothing is built again.
